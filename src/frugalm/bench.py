@@ -1,0 +1,111 @@
+"""`frugalm bench`: measure one model on the standardized benchmark and store the run.
+
+Everything the user gave is checked here, in the parent, before a child process starts and
+before anything is stored: a bad model path, text, workload, metric or profile fails fast with
+one line, and leaves no trace in the store.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from frugalm.data import read_text, split_documents
+from frugalm.errors import DataError
+from frugalm.measure.cost import get_profile
+from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement, check_metric_names
+from frugalm.measure.quality import PerplexityProtocol, describe_text
+from frugalm.measure.runner import ChildCrash, Progress, run_child
+from frugalm.measure.scorecard import BenchSpec
+from frugalm.measure.workloads import DEFAULT_WORKLOADS, fit_to_context, get_workloads
+from frugalm.models import context_length, read_config, resolve_model, torch_device, torch_dtype
+from frugalm.store import Run, Store
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    data: str | None = None
+    """Evaluation text (UTF-8; documents split at `<|endoftext|>` lines). None: the built-in held-out text."""
+    workloads: tuple[str, ...] = DEFAULT_WORKLOADS
+    device: str = "cpu"
+    dtype: str = "float32"
+    reference: str | None = None
+    """A model with the same tokenizer to measure fidelity against (KL divergence, top-1 agreement)."""
+    metrics: tuple[str, ...] | None = None
+    """Metrics to report (None: all)."""
+    profile: str | None = None
+    profiles_file: str | None = None
+    protocol: PerplexityProtocol = field(default_factory=PerplexityProtocol)
+    warmup: int = 1
+    repetitions: int = 5
+    scale_workloads: bool = False
+    timeout_s: float = 3600.0
+
+
+@dataclass
+class BenchResult:
+    run: Run
+    measurements: list[Measurement]
+
+
+def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
+    """Validate every input and build the child's spec. Raises FrugalmError with the fix."""
+    metrics = check_metric_names(config.metrics) if config.metrics else list(METRICS)
+    workloads = get_workloads(config.workloads)
+    config.protocol.check()
+    if config.repetitions < 1 or config.warmup < 0:
+        raise DataError(f"repetitions must be >= 1 and warmup >= 0 (got {config.repetitions}, {config.warmup})")
+    device = torch_device(config.device)
+    torch_dtype(config.dtype)
+    profile = get_profile(config.profile, device.type, config.profiles_file)
+    source = resolve_model(model)
+    context = context_length(read_config(source))
+    fitted = [fit_to_context(w, context, scale=config.scale_workloads) for w in workloads]
+    reference = resolve_model(config.reference).path if config.reference else None
+    text, data_path = _evaluation_text(config.data)
+    return BenchSpec(
+        model_ref=source.ref, model_path=str(source.path), device=str(device), dtype=config.dtype,
+        docs=split_documents(text), data_desc=describe_text(data_path, text),
+        workloads=[w.to_dict() for w in fitted], profile=profile.to_dict(), metrics=metrics,
+        reference_path=str(reference) if reference else None, protocol=asdict(config.protocol),
+        warmup=config.warmup, repetitions=config.repetitions,
+    )
+
+
+def _evaluation_text(path: str | None) -> tuple[str, str | None]:
+    if path is not None:
+        return read_text(path), str(path)
+    from frugalm.default_model import default_eval_path
+
+    return read_text(default_eval_path()), None
+
+
+def bench(model: str | os.PathLike | None = None, config: BenchConfig = BenchConfig(), *, store: Store | str | os.PathLike | None = None, progress: Progress | None = None) -> BenchResult:
+    """Measure `model` (None: the built-in default) in a fresh child process and store the run.
+
+    `store` is an open Store, or the path of one (None: the default store), opened only once
+    every input has been checked.
+    """
+    spec = prepare(model, config)
+    if not isinstance(store, Store):
+        with Store(store) as own:
+            return _measure_and_store(spec, config, own, progress)
+    return _measure_and_store(spec, config, store, progress)
+
+
+def _measure_and_store(spec: BenchSpec, config: BenchConfig, store: Store, progress: Progress | None) -> BenchResult:
+    recorded = {**asdict(config), "workloads": spec.workloads, "data": spec.data_desc, "profile": spec.profile}
+    run = Run(model_ref=spec.model_ref, model_path=spec.model_path, benchmark_version=BENCHMARK_VERSION, config=recorded, environment={})
+    t0 = time.perf_counter()
+    try:
+        payload = run_child(spec, timeout_s=config.timeout_s, progress=progress)
+    except ChildCrash as exc:  # recorded as failed, so the store says what happened
+        run.status, run.error, run.wall_s = "failed", str(exc), time.perf_counter() - t0
+        store.add_run(run, [])
+        raise
+    run.wall_s = time.perf_counter() - t0
+    run.environment = {**payload["environment"], "baseline_rss_bytes": payload["baseline_rss_bytes"]}
+    measurements = [Measurement(**m) for m in payload["measurements"]]
+    store.add_run(run, measurements)
+    return BenchResult(run, measurements)

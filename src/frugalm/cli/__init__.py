@@ -1,0 +1,47 @@
+"""The `frugalm` command: one small module per subcommand, each parsing, calling the API, printing.
+
+A FrugalmError is printed as one line on stderr with exit status 2; anything else is a bug and
+keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from frugalm import __version__
+from frugalm.errors import FrugalmError
+
+SUBCOMMANDS = {
+    "bench": "frugalm.cli.bench",
+    "ls": "frugalm.cli.ls",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="frugalm", description="Make causal LMs cheaper to train, adapt and run, and prove by how much.")
+    parser.add_argument("--version", action="version", version=f"frugalm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in SUBCOMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except FrugalmError as exc:
+        print(f"frugalm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print(f"frugalm {args.command}: interrupted; nothing partial was stored", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""User-facing errors. The CLI prints a FrugalmError as one line and exits 2; anything else is a bug."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class FrugalmError(Exception):
+    """A mistake the user can fix: the message names the bad value, where it came from, and the fix."""
+
+
+class ModelError(FrugalmError):
+    """A model reference that cannot be loaded."""
+
+
+class DataError(FrugalmError):
+    """Evaluation or training text that cannot be used."""
+
+
+class ConfigError(FrugalmError):
+    """A bad option, workload, metric, profile or recipe."""
+
+
+class MeasurementError(FrugalmError):
+    """A measurement that could not be completed (the child failed, timed out or was killed)."""
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """"; did you mean 'X'?" when a close match exists, else ""."""
+    close = difflib.get_close_matches(value, list(choices), n=1)
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def suggest(value: str, choices: Iterable[str]) -> str:
+    """The did-you-mean hint, then the valid choices: append to "unknown X 'value'"."""
+    choices = sorted(choices)
+    return f"{did_you_mean(value, choices)} Valid choices: {', '.join(choices)}"

@@ -1,0 +1,125 @@
+"""Computation: counted FLOPs per token, and timed generation (TTFT, TPOT, throughput).
+
+Generation is a plain greedy loop over the model's forward with its KV cache, so each step can
+be timed alone, with device synchronization around it. It never stops early at EOS: every
+workload produces exactly its stated number of tokens.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from frugalm.measure.workloads import Workload
+
+aten = torch.ops.aten
+
+
+def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """FLOPs of softmax(QK^T)V: two matmuls, counted in full (a causal mask is not discounted).
+
+    Works for grouped-query attention, where key/value have fewer heads than the query.
+    """
+    *batch_heads, s_q, d_qk = query_shape
+    s_k, d_v = key_shape[-2], value_shape[-1]
+    bh = 1
+    for n in batch_heads:
+        bh *= n
+    return 2 * bh * s_q * s_k * d_qk + 2 * bh * s_q * s_k * d_v
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one that sdpa dispatches to.
+_EXTRA_FLOP_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _forward_kwargs(model) -> dict:
+    # Real serving computes logits for the last position only; ask for that where supported.
+    params = inspect.signature(model.forward).parameters
+    return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+
+
+@torch.inference_mode()
+def flops_per_token(model, workload: Workload, device) -> tuple[int, int]:
+    """(prefill FLOPs per prompt token, FLOPs of one decode step) for one sequence of the workload."""
+    ids = _prompt_ids(model, 1, workload.prompt_tokens, device)
+    kw = _forward_kwargs(model)
+    out = {}
+
+    def prefill():
+        out["o"] = model(ids, use_cache=True, **kw)
+
+    prefill_flops = count_flops(prefill)
+    nxt = out["o"].logits[:, -1].argmax(-1, keepdim=True)
+    decode_flops = count_flops(lambda: model(nxt, past_key_values=out["o"].past_key_values, use_cache=True, **kw))
+    return prefill_flops // workload.prompt_tokens, decode_flops
+
+
+def _prompt_ids(model, batch: int, length: int, device, seed: int = 0) -> torch.Tensor:
+    """Seeded random token ids (avoiding the special ids at the bottom of most vocabularies)."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(min(4, vocab - 1), vocab, (batch, length), generator=g).to(device)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class GenerationTiming:
+    """Raw samples of one workload: one prefill time per repetition, every decode step's time."""
+
+    prefill_s: list[float] = field(default_factory=list)
+    decode_step_s: list[list[float]] = field(default_factory=list)  # per repetition
+
+    @property
+    def decode_s(self) -> list[float]:
+        return [sum(steps) for steps in self.decode_step_s]
+
+
+@torch.inference_mode()
+def generate_timed(model, ids: torch.Tensor, n_new: int, device) -> tuple[float, list[float]]:
+    """Greedy-generate `n_new` tokens; return (time to first token, time of each later step), seconds."""
+    kw = _forward_kwargs(model)
+    synchronize(device)
+    t0 = time.perf_counter()
+    out = model(ids, use_cache=True, **kw)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (batch, 1)
+    synchronize(device)
+    ttft = time.perf_counter() - t0
+    steps = []
+    past = out.past_key_values
+    for _ in range(n_new - 1):
+        t = time.perf_counter()
+        out = model(nxt, past_key_values=past, use_cache=True, **kw)
+        past = out.past_key_values
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        synchronize(device)
+        steps.append(time.perf_counter() - t)
+    return ttft, steps
+
+
+def time_workload(model, workload: Workload, device, *, warmup: int, repetitions: int, on_rep: Callable[[int], None] | None = None) -> GenerationTiming:
+    """Warm up, then time `repetitions` full generations of the workload on fresh prompts."""
+    timing = GenerationTiming()
+    for rep in range(warmup + repetitions):
+        ids = _prompt_ids(model, workload.batch_size, workload.prompt_tokens, device, seed=rep)
+        ttft, steps = generate_timed(model, ids, workload.output_tokens, device)
+        if rep >= warmup:
+            timing.prefill_s.append(ttft)
+            timing.decode_step_s.append(steps)
+        if on_rep:
+            on_rep(rep + 1)
+    return timing

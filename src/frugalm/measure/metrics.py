@@ -1,0 +1,109 @@
+"""Every metric of the benchmark, declared once: name (with its unit), unit, direction, method.
+
+Pareto fronts, report arrows and regression checks read `higher_is_better` from here; nobody
+flips signs elsewhere. A metric's `method` is how its figures are normally obtained; a single
+figure may carry another (energy is `measured` with a hardware counter, `estimated` without),
+and the stored figure's own method is what counts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from frugalm.errors import ConfigError, did_you_mean, suggest
+
+BENCHMARK_NAME = "frugalm-bench"
+BENCHMARK_VERSION = "frugalm-bench v1"
+Method = Literal["measured", "estimated", "counted"]
+RESOURCES = ("quality", "computation", "memory", "energy", "money", "network")
+
+
+@dataclass(frozen=True)
+class Metric:
+    name: str
+    unit: str
+    higher_is_better: bool
+    method: Method
+    resource: str
+    description: str
+    per_workload: bool = False
+    """True when the figure depends on the workload (prompt, output length, batch)."""
+
+
+@dataclass
+class Measurement:
+    """One stored figure: a value with its unit, method, repetitions, spread and protocol."""
+
+    metric: str
+    value: float
+    unit: str
+    method: Method
+    workload: str | None = None
+    n: int = 1
+    """Number of repetitions the value summarises (1 for a count or a single pass)."""
+    spread: float | None = None
+    """Sample standard deviation of the per-repetition values, in the metric's unit."""
+    protocol: dict = field(default_factory=dict)
+    samples: list[float] | None = None
+    """Raw samples, in the metric's unit, when the figure is a statistic of repeated timings."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _m(name, unit, hib, method, resource, description, per_workload=False) -> Metric:
+    return Metric(name, unit, hib, method, resource, description, per_workload)
+
+
+_ALL = [
+    # quality
+    _m("ppl_tok", "ppl", False, "measured", "quality", "Perplexity per token over rolling windows of the evaluation text."),
+    _m("ppl_word", "ppl", False, "measured", "quality", "Perplexity per whitespace-separated word: exp(total NLL / words); compares models with different tokenizers."),
+    _m("ppl_byte", "ppl", False, "measured", "quality", "Perplexity per UTF-8 byte: exp(total NLL / bytes); compares models with different tokenizers."),
+    _m("kl_ref_nats", "nats", False, "measured", "quality", "Mean next-token KL divergence KL(reference || model) over the evaluated positions."),
+    _m("top1_agree_frac", "fraction", True, "measured", "quality", "Fraction of evaluated positions where the model's argmax equals the reference's."),
+    _m("robust_ppl_ratio", "ratio", False, "measured", "quality", "Per-byte perplexity under seeded character-level noise divided by the clean figure on the same text."),
+    # computation
+    _m("flops_per_tok_prefill", "FLOP/tok", False, "counted", "computation", "Forward FLOPs per prompt token of the workload's prefill, counted with torch's FLOP counter.", True),
+    _m("flops_per_tok_decode", "FLOP/tok", False, "counted", "computation", "Forward FLOPs of one decode step after the workload's prompt, with the KV cache, counted with torch's FLOP counter.", True),
+    _m("ttft_p50_ms", "ms", False, "measured", "computation", "Time to first token (prefill + first token), median over repetitions.", True),
+    _m("ttft_p90_ms", "ms", False, "measured", "computation", "Time to first token, 90th percentile over repetitions.", True),
+    _m("ttft_p99_ms", "ms", False, "measured", "computation", "Time to first token, 99th percentile over repetitions.", True),
+    _m("tpot_p50_ms", "ms", False, "measured", "computation", "Time per output token after the first (one decode step), median over all steps of all repetitions.", True),
+    _m("tpot_p90_ms", "ms", False, "measured", "computation", "Time per output token, 90th percentile.", True),
+    _m("tpot_p99_ms", "ms", False, "measured", "computation", "Time per output token, 99th percentile.", True),
+    _m("decode_tok_s", "tok/s", True, "measured", "computation", "Decode throughput: tokens generated after the first, over the batch, per second of decode time.", True),
+    _m("prefill_tok_s", "tok/s", True, "measured", "computation", "Prefill throughput: prompt tokens over the batch per second of prefill time.", True),
+    # memory
+    _m("params_count", "params", False, "counted", "memory", "Number of parameters (tied weights counted once)."),
+    _m("weights_mib", "MiB", False, "counted", "memory", "Bytes of parameters and buffers as stored in memory, in MiB."),
+    _m("artifact_mib", "MiB", False, "counted", "memory", "Size of the model folder on disk, in MiB."),
+    _m("peak_mem_mib", "MiB", False, "measured", "memory", "Peak memory while running the workload: CUDA allocator peak on GPU; on CPU peak RSS of the fresh child process minus its interpreter baseline.", True),
+    # energy
+    _m("energy_j_per_tok", "J/tok", False, "measured", "energy", "Energy of the workload per generated token: NVML or RAPL counters when readable (measured), else a documented power model (estimated).", True),
+    _m("carbon_g_per_mtok", "gCO2e/Mtok", False, "estimated", "energy", "Carbon per million generated tokens: energy times the profile's grid intensity.", True),
+    # money
+    _m("cost_usd_per_mtok", "USD/Mtok", False, "estimated", "money", "USD per million generated tokens: the profile's hourly price times measured time, plus energy times its electricity price.", True),
+    _m("cost_usd_per_mtok_per_bparam", "USD/Mtok/Bparam", False, "estimated", "money", "Cost per million generated tokens per billion parameters: what each parameter costs to serve.", True),
+    # network
+    _m("ship_mib", "MiB", False, "counted", "network", "Bytes to ship the model artifact (every file of the folder), in MiB."),
+    _m("ship_compressed_mib", "MiB", False, "counted", "network", "Bytes to ship the artifact compressed (zlib level 6 over every file), in MiB."),
+]
+
+METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
+
+
+def get_metric(name: str) -> Metric:
+    try:
+        return METRICS[name]
+    except KeyError:
+        raise ConfigError(f"unknown metric '{name}'{suggest(name, METRICS)}") from None
+
+
+def check_metric_names(names) -> list[str]:
+    """Validate a user's metric selection, reporting all unknown names at once."""
+    bad = [n for n in names if n not in METRICS]
+    if bad:
+        raise ConfigError("; ".join(f"unknown metric '{n}'{did_you_mean(n, METRICS)}" for n in bad) + f". Valid choices: {', '.join(METRICS)} (see `frugalm ls metrics`)")
+    return list(names)

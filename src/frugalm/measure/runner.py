@@ -1,0 +1,148 @@
+"""Measure a model in a fresh child process, with a timeout, and get typed messages back.
+
+The child (`python -m frugalm.measure.runner SPEC FD`) writes JSON lines to a dedicated pipe:
+`{"progress": [step, done, total]}` while it works, then exactly one `{"ok": ...}` or
+`{"error": ...}`. The parent blocks on that pipe with a deadline (no spinning), kills the child
+when the deadline passes, and treats an end of the pipe without a final message as a crash.
+The child's stdout and stderr go to a log whose tail is shown if it fails. The child dies with
+its parent (PR_SET_PDEATHSIG), so a killed parent leaves no orphan measuring in the background.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+from frugalm import errors
+from frugalm.errors import FrugalmError, MeasurementError
+
+Progress = Callable[[str, int, int], None]
+
+
+class ChildCrash(MeasurementError):
+    """The measuring child died, timed out, or hit a bug; the run is recorded as failed."""
+
+
+def run_child(spec, *, timeout_s: float, progress: Progress | None = None) -> dict:
+    """Run the benchmark of `spec` (a BenchSpec) in a fresh interpreter; return its `ok` payload."""
+    with tempfile.TemporaryDirectory(prefix="frugalm-child-") as tmp:
+        spec_path, log_path = Path(tmp) / "spec.json", Path(tmp) / "child.log"
+        spec_path.write_text(json.dumps(asdict(spec)))
+        read_fd, write_fd = os.pipe()
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "frugalm.measure.runner", str(spec_path), str(write_fd)],
+                pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"},
+            )
+        os.close(write_fd)
+        try:
+            message, timed_out = _wait_for_result(proc, read_fd, time.monotonic() + timeout_s, progress)
+        finally:
+            os.close(read_fd)
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        if message is None:
+            raise ChildCrash(_crash_message(proc.returncode, timed_out, timeout_s, log_path))
+        if "error" in message:
+            raise _rebuild_error(message["error"])
+        return message["ok"]
+
+
+def _wait_for_result(proc, fd: int, deadline: float, progress: Progress | None) -> tuple[dict | None, bool]:
+    """Read JSON lines until the final message, EOF (child gone) or the deadline (timed out)."""
+    buffer = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not sel.select(timeout=remaining):
+                break
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return None, False
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                msg = json.loads(line)
+                if "progress" in msg:
+                    if progress:
+                        progress(*msg["progress"])
+                else:
+                    return msg, False
+    proc.kill()
+    return None, True
+
+
+def _crash_message(code: int | None, timed_out: bool, timeout_s: float, log_path: Path) -> str:
+    if timed_out:
+        return f"measuring took longer than the timeout ({timeout_s:.0f} s) and was stopped; raise --timeout or measure fewer workloads"
+    how = f"was killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exited with code {code}"
+    if code == -signal.SIGKILL:
+        how += " (out of memory?)"
+    tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
+    return f"the measuring child process {how} before finishing{'; last output: ' + tail if tail else ''}"
+
+
+def _rebuild_error(err: dict) -> Exception:
+    """A user error from the child becomes the same FrugalmError here; a bug keeps its traceback."""
+    if err["kind"] == "user":
+        cls = getattr(errors, err["type"], FrugalmError)
+        return cls(err["message"]) if isinstance(cls, type) and issubclass(cls, FrugalmError) else FrugalmError(err["message"])
+    return ChildCrash(f"bug in the measuring child ({err['type']}: {err['message']}); traceback:\n{err['traceback']}")
+
+
+# --- child side ------------------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def child_main(spec_path: str, fd: int) -> None:
+    _die_with_parent()
+    out = os.fdopen(fd, "w", buffering=1)
+
+    def send(msg: dict) -> None:
+        out.write(json.dumps(msg) + "\n")
+
+    try:
+        import torch  # noqa: F401  (imported before the baseline, so it counts in it)
+        import transformers
+
+        from frugalm.measure.memory import current_rss_bytes
+        from frugalm.measure.scorecard import BenchSpec, environment, measure_model
+
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        baseline = current_rss_bytes()
+        spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
+        emit = lambda step, done, total: send({"progress": [step, done, total]})  # noqa: E731
+        measurements = measure_model(spec, emit, baseline)
+        send({"ok": {"measurements": [m.to_dict() for m in measurements], "environment": environment(spec.device), "baseline_rss_bytes": baseline}})
+    except FrugalmError as exc:
+        send({"error": {"kind": "user", "type": type(exc).__name__, "message": str(exc)}})
+    except Exception as exc:  # a bug: report it with its traceback rather than dying silently
+        send({"error": {"kind": "bug", "type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}})
+    finally:
+        out.close()
+
+
+if __name__ == "__main__":
+    child_main(sys.argv[1], int(sys.argv[2]))

@@ -1,0 +1,196 @@
+"""The benchmark proper, as run inside the measuring child: one model -> a list of Measurements.
+
+The measurement code never changes a model. Order matters only for memory hygiene: static
+counts first, then quality passes, then each workload with the peak-memory mark reset.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from frugalm.measure import compute, memory, network
+from frugalm.measure.cost import HardwareProfile, grams_co2e, usd
+from frugalm.measure.energy import EnergyMeter
+from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement
+from frugalm.measure.quality import PerplexityProtocol, measure_quality
+from frugalm.measure.stats import percentile, spread
+from frugalm.measure.workloads import Workload
+
+Emit = Callable[[str, int, int], None]
+
+
+@dataclass
+class BenchSpec:
+    """Everything the child needs, as plain data (it travels as JSON)."""
+
+    model_ref: str
+    model_path: str
+    device: str
+    dtype: str
+    docs: list[str]
+    data_desc: dict
+    workloads: list[dict]
+    profile: dict
+    metrics: list[str] = field(default_factory=lambda: list(METRICS))
+    reference_path: str | None = None
+    protocol: dict = field(default_factory=dict)
+    warmup: int = 1
+    repetitions: int = 5
+
+
+def _want(spec: BenchSpec, resource: str) -> bool:
+    return any(METRICS[m].resource == resource for m in spec.metrics)
+
+
+def measure_model(spec: BenchSpec, emit: Emit, baseline_rss: int) -> list[Measurement]:
+    from frugalm.models import load_model
+
+    emit("loading model", 0, 1)
+    lm = load_model(spec.model_path, device=spec.device, dtype=spec.dtype)
+    emit("loading model", 1, 1)
+    out = _static(lm.model, Path(spec.model_path), spec)
+    if _want(spec, "quality"):
+        out += _quality(lm, spec, emit)
+    profile = HardwareProfile(**spec.profile)
+    for wd in spec.workloads:
+        out += _workload(lm.model, Workload(**{**wd, "scaled_from": tuple(wd["scaled_from"]) if wd["scaled_from"] else None}), lm.device, spec, profile, baseline_rss, emit)
+    return [m for m in out if m.metric in spec.metrics]
+
+
+def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:
+    mib = memory.MIB
+    out = [
+        Measurement("params_count", memory.params_count(model), "params", "counted", protocol={"tied_weights": "counted once"}),
+        Measurement("weights_mib", memory.weights_bytes(model) / mib, "MiB", "counted", protocol={"what": "parameters and buffers in memory", "dtype": spec.dtype}),
+        Measurement("artifact_mib", memory.folder_bytes(folder) / mib, "MiB", "counted", protocol={"folder": str(folder)}),
+    ]
+    if _want(spec, "network"):
+        files = network.artifact_files(folder)
+        out += [
+            Measurement("ship_mib", sum(f.stat().st_size for f in files) / mib, "MiB", "counted", protocol={"files": len(files)}),
+            Measurement("ship_compressed_mib", network.compressed_bytes(folder) / mib, "MiB", "counted", protocol={"codec": "zlib level 6 per file"}),
+        ]
+    return out
+
+
+def _quality(lm, spec: BenchSpec, emit: Emit) -> list[Measurement]:
+    from frugalm.models import context_length, load_model
+
+    reference = None
+    if spec.reference_path:
+        ref = load_model(spec.reference_path, device=spec.device, dtype=spec.dtype)
+        _check_same_tokenizer(lm.tokenizer, ref.tokenizer, spec.reference_path)
+        reference = ref.model
+    protocol = PerplexityProtocol(**spec.protocol)
+    desc = {**spec.data_desc, "reference": spec.reference_path}
+    return measure_quality(lm.model, lm.tokenizer, spec.docs, protocol, context=context_length(lm.model.config), data_desc=desc, reference=reference, progress=emit)
+
+
+def _check_same_tokenizer(tok, ref_tok, ref_path: str) -> None:
+    from frugalm.errors import ModelError
+
+    if tok.get_vocab() != ref_tok.get_vocab():
+        raise ModelError(f"reference model '{ref_path}' has a different tokenizer; fidelity (KL, top-1 agreement) needs the same vocabulary: pass a reference with the same tokenizer")
+
+
+def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProfile, baseline_rss: int, emit: Emit) -> list[Measurement]:
+    label = f"workload {w.name}"
+    wp = {"workload": w.to_dict(), "warmup": spec.warmup, "repetitions": spec.repetitions, "device": str(device), "dtype": spec.dtype}
+    out = []
+    if _want(spec, "computation"):
+        prefill_flops, decode_flops = compute.flops_per_token(model, w, device)
+        fp = {**wp, "counter": "torch.utils.flop_counter.FlopCounterMode (+ CPU sdpa formula)", "context_tokens": w.prompt_tokens}
+        out += [
+            Measurement("flops_per_tok_prefill", prefill_flops, "FLOP/tok", "counted", w.name, protocol=fp),
+            Measurement("flops_per_tok_decode", decode_flops, "FLOP/tok", "counted", w.name, protocol=fp),
+        ]
+    total = spec.warmup + spec.repetitions
+    progress = lambda rep: emit(label, rep, total)  # noqa: E731
+    with memory.PeakMemory(device, baseline_rss) as peak:
+        compute.time_workload(model, w, device, warmup=spec.warmup, repetitions=0, on_rep=progress)
+        with EnergyMeter(device, profile) as energy:
+            timing = compute.time_workload(model, w, device, warmup=0, repetitions=spec.repetitions, on_rep=lambda r: progress(spec.warmup + r))
+    out += _timing_measurements(w, timing, wp)
+    out.append(Measurement("peak_mem_mib", peak.peak_over_baseline_mib, "MiB", "measured", w.name, protocol={**wp, **peak.protocol()}))
+    out += _energy_money(model, w, spec, energy, profile, wp)
+    return out
+
+
+def _summary(metric: str, unit: str, workload: str, per_rep: list[float], protocol: dict, value: float | None = None) -> Measurement:
+    """Median of per-repetition values (unless `value` is given), their spread, and the raw samples."""
+    v = percentile(per_rep, 50) if value is None else value
+    return Measurement(metric, v, unit, "measured", workload, n=len(per_rep), spread=spread(per_rep), protocol=protocol, samples=per_rep)
+
+
+def _timing_measurements(w: Workload, timing: compute.GenerationTiming, wp: dict) -> list[Measurement]:
+    ttft_ms = [s * 1e3 for s in timing.prefill_s]
+    out = [_summary(f"ttft_p{q}_ms", "ms", w.name, ttft_ms, wp, percentile(ttft_ms, q)) for q in (50, 90, 99)]
+    out.append(_summary("prefill_tok_s", "tok/s", w.name, [w.batch_size * w.prompt_tokens / s for s in timing.prefill_s], wp))
+    if w.output_tokens > 1:
+        steps_ms = [[s * 1e3 for s in rep] for rep in timing.decode_step_s]
+        pooled = [s for rep in steps_ms for s in rep]
+        tp = {**wp, "decode_steps": len(pooled), "spread": "std of the per-repetition percentile"}
+        for q in (50, 90, 99):
+            per_rep = [percentile(rep, q) for rep in steps_ms]
+            out.append(Measurement(f"tpot_p{q}_ms", percentile(pooled, q), "ms", "measured", w.name, n=len(per_rep), spread=spread(per_rep), protocol=tp, samples=pooled))
+        tok_s = [w.batch_size * (w.output_tokens - 1) / s for s in timing.decode_s]
+        out.append(_summary("decode_tok_s", "tok/s", w.name, tok_s, wp))
+    return out
+
+
+def _energy_money(model, w: Workload, spec: BenchSpec, energy: EnergyMeter, profile: HardwareProfile, wp: dict) -> list[Measurement]:
+    tokens = spec.repetitions * w.batch_size * w.output_tokens
+    j_per_tok = energy.joules / tokens
+    ep = {**wp, **energy.protocol(), "generated_tokens": tokens}
+    money = usd(profile, energy.wall_s, energy.joules) / tokens * 1e6
+    mp = {**ep, "profile": profile.to_dict(), "formula": "usd_per_hour * wall_h + usd_per_kwh * kWh, per generated token"}
+    bparams = memory.params_count(model) / 1e9
+    return [
+        Measurement("energy_j_per_tok", j_per_tok, "J/tok", energy.method, w.name, n=spec.repetitions, protocol=ep),
+        Measurement("carbon_g_per_mtok", grams_co2e(profile, j_per_tok * 1e6), "gCO2e/Mtok", "estimated", w.name, protocol={**ep, "gco2e_per_kwh": profile.gco2e_per_kwh, "energy_method": energy.method}),
+        Measurement("cost_usd_per_mtok", money, "USD/Mtok", "estimated", w.name, protocol=mp),
+        Measurement("cost_usd_per_mtok_per_bparam", money / bparams, "USD/Mtok/Bparam", "estimated", w.name, protocol=mp),
+    ]
+
+
+def environment(device: str) -> dict:
+    """Hardware and software the figures were taken on."""
+    import transformers
+
+    import frugalm
+
+    env = {
+        "benchmark_version": BENCHMARK_VERSION,
+        "frugalm": frugalm.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1) if hasattr(os, "sysconf") else None,
+        "device": device,
+        "executable": sys.executable,
+    }
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        env.update(gpu=props.name, gpu_memory_gib=round(props.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

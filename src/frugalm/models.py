@@ -1,0 +1,158 @@
+"""Load causal LMs and their tokenizers from a local Hugging Face folder or a hub id.
+
+Every model reference is first resolved to a local folder (`resolve_model`): the benchmark
+measures the artifact on disk as well as the model in memory, so a hub id is fetched (or found
+in the local cache) before anything else happens. Loading itself is the transformers Auto
+classes; nothing here is architecture-specific.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from frugalm.errors import ConfigError, ModelError, suggest
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+    from torch import nn
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MODEL_NAME = "frugalm-default"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# Files a loadable model folder needs; the weights come in one of these formats.
+_WEIGHT_GLOBS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: the reference the user gave and the local folder it resolved to."""
+
+    ref: str
+    path: Path
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object  # a transformers PreTrainedTokenizerBase
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+
+
+def resolve_model(ref: str | os.PathLike | None) -> ModelSource:
+    """Resolve a model reference to a local folder, without loading weights.
+
+    None means the built-in default model. An existing path must be a model folder. Anything
+    that looks like a hub id ("org/name") is looked up in the local hub cache, then downloaded.
+    """
+    if ref is None or str(ref) == DEFAULT_MODEL_NAME:
+        from frugalm.default_model import default_model_dir
+
+        return ModelSource(DEFAULT_MODEL_NAME, check_model_folder(default_model_dir(), DEFAULT_MODEL_NAME))
+    text = str(ref)
+    path = Path(text).expanduser()
+    if path.exists():
+        return ModelSource(text, check_model_folder(path.resolve(), text))
+    if not _HUB_ID.match(text) or text.startswith((".", "~")):
+        raise ModelError(f"model path '{text}' does not exist; pass a folder saved with save_pretrained or a hub id like 'HuggingFaceTB/SmolLM2-135M'")
+    return ModelSource(text, _download(text))
+
+
+def check_model_folder(path: Path, ref: str) -> Path:
+    if not path.is_dir():
+        raise ModelError(f"'{ref}' is a file, not a model folder; pass the folder that holds config.json and the weights")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"'{ref}' is not a model folder: it has no config.json; pass a folder saved with save_pretrained")
+    if not any(any(path.glob(g)) for g in _WEIGHT_GLOBS):
+        raise ModelError(f"'{ref}' has a config.json but no weights (*.safetensors or pytorch_model*.bin); save the model with save_pretrained")
+    return path
+
+
+def _download(repo_id: str) -> Path:
+    """Fetch a hub repo's model files (or find them in the cache) and return the local folder."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError:
+        raise ModelError(
+            f"model '{repo_id}' is not a local folder and is not in the Hugging Face cache, and the hub "
+            f"cannot be reached (offline?); download it where there is network "
+            f"(`hf download {repo_id} --local-dir DIR`) and pass DIR"
+        ) from None
+    except HfHubHTTPError as exc:
+        status = getattr(exc.response, "status_code", "?")
+        raise ModelError(f"model '{repo_id}' could not be fetched from the Hugging Face hub (HTTP {status}); check the id, or pass a local folder") from None
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    if name not in DTYPES:
+        raise ConfigError(f"unknown dtype '{name}'{suggest(name, DTYPES)}")
+    return getattr(torch, name)
+
+
+def torch_device(name: str) -> torch.device:
+    import torch
+
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device '{name}'{suggest(name, ('cpu', 'cuda'))}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu, or install a CUDA build of torch (see README)")
+    return torch.device(name)
+
+
+def load_model(ref: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode on `device`, in `dtype`."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(ref)
+    dev, dt = torch_device(device), torch_dtype(dtype)
+    tokenizer = load_tokenizer(source)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dt)
+    except (OSError, ValueError, KeyError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"'{source.ref}' could not be loaded as a causal LM by transformers: {first_line}") from None
+    model.to(dev).eval()
+    return LoadedModel(model, tokenizer, source, dev, dt)
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"'{source.ref}' has no usable tokenizer ({type(exc).__name__}); save one beside the model with tokenizer.save_pretrained") from None
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # no pad token: pad with EOS, as generation does
+    return tokenizer
+
+
+def context_length(config) -> int | None:
+    """The longest sequence the model's position scheme supports, from its config."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def read_config(source: ModelSource):
+    """The model's transformers config, read without loading weights."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(source.path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"'{source.ref}': config.json could not be read by transformers ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); fix or regenerate it") from None

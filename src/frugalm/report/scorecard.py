@@ -1,0 +1,85 @@
+"""The scorecard of one run: a terminal table grouped by resource, and a JSON document."""
+
+from __future__ import annotations
+
+from frugalm.measure.metrics import METRICS, RESOURCES, Measurement
+from frugalm.store import Run
+
+METHOD_MARK = {"measured": "", "estimated": " (est.)", "counted": ""}
+
+
+def format_value(value: float) -> str:
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude >= 1e6:
+        return f"{value:.3e}"
+    if magnitude >= 100:
+        return f"{value:,.1f}"
+    if magnitude >= 0.01:
+        return f"{value:.4g}"
+    return f"{value:.3e}"
+
+
+def _spread(m: Measurement) -> str:
+    if m.spread is None:
+        return ""
+    return f"± {format_value(m.spread)} (n={m.n})"
+
+
+def format_scorecard(run: Run, measurements: list[Measurement]) -> str:
+    env = run.environment
+    lines = [
+        f"run {run.id}  {run.benchmark_version}  model {run.model_ref}",
+        f"{env.get('device', '?')} · {env.get('cpu', '')}{' · ' + env['gpu'] if env.get('gpu') else ''} · "
+        f"torch {env.get('torch', '?')} · transformers {env.get('transformers', '?')} · {run.wall_s or 0:.1f} s",
+    ]
+    by_resource: dict[str, list[Measurement]] = {r: [] for r in RESOURCES}
+    for m in measurements:
+        by_resource[METRICS[m.metric].resource].append(m)
+    rows = []
+    for resource in RESOURCES:
+        if not by_resource[resource]:
+            continue
+        rows.append((resource.upper(), "", "", "", "", ""))
+        for m in by_resource[resource]:
+            arrow = "↑" if METRICS[m.metric].higher_is_better else "↓"
+            rows.append((f"  {m.metric} {arrow}", m.workload or "", format_value(m.value), m.unit, m.method, _spread(m)))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    header = ("metric", "workload", "value", "unit", "method", "spread")
+    widths = [max(w, len(h)) for w, h in zip(widths, header)]
+    fmt = lambda r: "  ".join(c.rjust(w) if i == 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()  # noqa: E731
+    lines += ["", fmt(header), fmt(tuple("-" * w for w in widths))]
+    lines += [fmt(r) for r in rows]
+    if any(m.method == "estimated" for m in measurements):
+        lines.append("\nestimated: derived from a stated model (profile prices, power model), not a hardware counter; see --json for each protocol.")
+    return "\n".join(lines)
+
+
+def scorecard_json(run: Run, measurements: list[Measurement]) -> dict:
+    return {
+        "run_id": run.id,
+        "status": run.status,
+        "model": run.model_ref,
+        "model_path": run.model_path,
+        "benchmark_version": run.benchmark_version,
+        "created_at": run.created_at,
+        "wall_s": run.wall_s,
+        "environment": run.environment,
+        "config": run.config,
+        "metrics": [
+            {
+                "metric": m.metric,
+                "workload": m.workload,
+                "value": m.value,
+                "unit": m.unit,
+                "method": m.method,
+                "higher_is_better": METRICS[m.metric].higher_is_better,
+                "resource": METRICS[m.metric].resource,
+                "n": m.n,
+                "spread": m.spread,
+                "protocol": m.protocol,
+            }
+            for m in measurements
+        ],
+    }

@@ -1,0 +1,183 @@
+"""The results store: SQLite with named, append-only migrations.
+
+A run and all its measurements are written in one transaction, so a run is either complete in
+the store or absent; a crash, a SIGKILL or a power cut in the middle leaves the database as it
+was (SQLite's journal guarantees it). A run whose measuring child failed is stored with status
+'failed' and its error, and no measurements.
+
+Migrations are never edited once shipped: a schema change is a new, named migration appended to
+MIGRATIONS. The table `_migrations` records which ones a database has.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from frugalm.errors import ConfigError
+from frugalm.measure.metrics import Measurement
+
+MIGRATIONS: list[tuple[str, str]] = [
+    (
+        "0001_runs_and_measurements",
+        """
+        CREATE TABLE runs (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            status TEXT NOT NULL CHECK (status IN ('complete', 'failed')),
+            created_at TEXT NOT NULL,
+            wall_s REAL,
+            model_ref TEXT NOT NULL,
+            model_path TEXT,
+            benchmark_version TEXT NOT NULL,
+            config_json TEXT NOT NULL,
+            environment_json TEXT NOT NULL,
+            error TEXT
+        );
+        CREATE TABLE measurements (
+            run_id TEXT NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+            metric TEXT NOT NULL,
+            workload TEXT NOT NULL DEFAULT '',
+            value REAL NOT NULL,
+            unit TEXT NOT NULL,
+            method TEXT NOT NULL CHECK (method IN ('measured', 'estimated', 'counted')),
+            n INTEGER NOT NULL,
+            spread REAL,
+            protocol_json TEXT NOT NULL,
+            samples_json TEXT,
+            PRIMARY KEY (run_id, metric, workload)
+        );
+        CREATE INDEX runs_created ON runs(created_at);
+        """,
+    ),
+]
+
+
+def default_store_path() -> Path:
+    """FRUGALM_STORE, else $XDG_DATA_HOME/frugalm/frugalm.db (~/.local/share/frugalm/frugalm.db)."""
+    if os.environ.get("FRUGALM_STORE"):
+        return Path(os.environ["FRUGALM_STORE"]).expanduser()
+    base = Path(os.environ.get("XDG_DATA_HOME", "~/.local/share")).expanduser()
+    return base / "frugalm" / "frugalm.db"
+
+
+@dataclass
+class Run:
+    model_ref: str
+    benchmark_version: str
+    config: dict
+    environment: dict
+    kind: str = "bench"
+    status: str = "complete"
+    model_path: str | None = None
+    wall_s: float | None = None
+    error: str | None = None
+    id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3))
+    created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+
+
+class Store:
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path).expanduser() if path else default_store_path()
+        if self.path.exists() and self.path.is_dir():
+            raise ConfigError(f"results store '{self.path}' is a folder; pass a file path for the SQLite database with --store")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"results store '{self.path}' cannot be opened ({exc}); pass a writable path with --store or FRUGALM_STORE") from None
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA foreign_keys = ON")
+        self.db.execute("PRAGMA journal_mode = WAL")
+        self.db.execute("PRAGMA synchronous = FULL")
+        self.migrate()
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def migrate(self) -> list[str]:
+        """Apply the migrations this database lacks, each in its own transaction; return their names."""
+        self.db.execute("CREATE TABLE IF NOT EXISTS _migrations (name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)")
+        done = {r["name"] for r in self.db.execute("SELECT name FROM _migrations")}
+        applied = []
+        for name, sql in MIGRATIONS:
+            if name in done:
+                continue
+            with self._transaction():
+                for statement in filter(str.strip, sql.split(";")):
+                    self.db.execute(statement)
+                self.db.execute("INSERT INTO _migrations VALUES (?, ?)", (name, time.strftime("%Y-%m-%dT%H:%M:%S%z")))
+            applied.append(name)
+        return applied
+
+    def _transaction(self):
+        return _Transaction(self.db)
+
+    def add_run(self, run: Run, measurements: list[Measurement]) -> str:
+        """Store a run and its measurements atomically; return the run id."""
+        with self._transaction():
+            self.db.execute(
+                "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (run.id, run.kind, run.status, run.created_at, run.wall_s, run.model_ref, run.model_path,
+                 run.benchmark_version, json.dumps(run.config), json.dumps(run.environment), run.error),
+            )
+            self.db.executemany(
+                "INSERT INTO measurements VALUES (?,?,?,?,?,?,?,?,?,?)",
+                [(run.id, m.metric, m.workload or "", float(m.value), m.unit, m.method, m.n, m.spread,
+                  json.dumps(m.protocol), json.dumps(m.samples) if m.samples is not None else None) for m in measurements],
+            )
+        return run.id
+
+    def runs(self, limit: int | None = None) -> list[Run]:
+        sql = "SELECT * FROM runs ORDER BY created_at DESC, id DESC" + (f" LIMIT {int(limit)}" if limit else "")
+        return [_run_from_row(r) for r in self.db.execute(sql)]
+
+    def get_run(self, run_id: str) -> Run:
+        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise ConfigError(f"no run '{run_id}' in the store '{self.path}'; list the runs with `frugalm ls runs`")
+        return _run_from_row(row)
+
+    def measurements(self, run_id: str) -> list[Measurement]:
+        rows = self.db.execute("SELECT * FROM measurements WHERE run_id = ? ORDER BY rowid", (run_id,))
+        return [
+            Measurement(r["metric"], r["value"], r["unit"], r["method"], r["workload"] or None, r["n"], r["spread"],
+                        json.loads(r["protocol_json"]), json.loads(r["samples_json"]) if r["samples_json"] else None)
+            for r in rows
+        ]
+
+    def integrity_check(self) -> str:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (autocommit connection)."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    def __enter__(self):
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type, *exc):
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")
+        return False
+
+
+def _run_from_row(r: sqlite3.Row) -> Run:
+    return Run(
+        id=r["id"], kind=r["kind"], status=r["status"], created_at=r["created_at"], wall_s=r["wall_s"],
+        model_ref=r["model_ref"], model_path=r["model_path"], benchmark_version=r["benchmark_version"],
+        config=json.loads(r["config_json"]), environment=json.loads(r["environment_json"]), error=r["error"],
+    )
