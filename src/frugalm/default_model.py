@@ -373,7 +373,9 @@ def _build_into(folder: Path, *, steps: int, seed: int, say: Progress, corpus_li
 
 
 def write_build_record(folder: Path, record: dict) -> None:
-    (folder / "frugalm_build.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    text = json.dumps(record, indent=2)
+    text = re.sub(r"\[\s+(\d+),\s+([-\d.e]+)\s+\]", r"[\1, \2]", text)  # one line per (step, loss)
+    (folder / "frugalm_build.json").write_text(text + "\n", encoding="utf-8")
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -384,6 +386,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _replace_dir(new: Path, target: Path) -> None:
+    # mkdtemp and safetensors create owner-only entries; give the build the usual umask modes.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(new, 0o777 & ~umask)
+    for path in new.iterdir():
+        os.chmod(path, 0o666 & ~umask)
     # A directory cannot be renamed over a non-empty one: move the old build aside first.
     if target.exists():
         old = target.with_name(f".{target.name}.old-{os.getpid()}")

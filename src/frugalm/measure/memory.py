@@ -56,6 +56,20 @@ def current_rss_bytes() -> int:
     return psutil.Process().memory_info().rss
 
 
+def _release_free_memory() -> None:
+    """Return freed heap pages to the OS (glibc malloc_trim), so an earlier step's garbage
+    does not count in the next peak. A no-op where glibc is absent."""
+    import gc
+
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory over a region: CUDA allocator peak, or the process's RSS high-water mark."""
 
@@ -70,6 +84,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self.method = "cuda_max_memory_allocated"
         else:
+            _release_free_memory()
             self.method = "rss_hwm_reset" if self._reset_hwm() else "rss_hwm_process_lifetime"
         return self
 

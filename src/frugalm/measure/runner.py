@@ -123,18 +123,15 @@ def child_main(spec_path: str, fd: int) -> None:
         out.write(json.dumps(msg) + "\n")
 
     try:
-        import torch  # noqa: F401  (imported before the baseline, so it counts in it)
         import transformers
 
-        from frugalm.measure.memory import current_rss_bytes
         from frugalm.measure.scorecard import BenchSpec, environment, measure_model
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
-        baseline = current_rss_bytes()
         spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
         emit = lambda step, done, total: send({"progress": [step, done, total]})  # noqa: E731
-        measurements = measure_model(spec, emit, baseline)
+        measurements, baseline = measure_model(spec, emit)
         send({"ok": {"measurements": [m.to_dict() for m in measurements], "environment": environment(spec.device), "baseline_rss_bytes": baseline}})
     except FrugalmError as exc:
         send({"error": {"kind": "user", "type": type(exc).__name__, "message": str(exc)}})

@@ -49,19 +49,34 @@ def _want(spec: BenchSpec, resource: str) -> bool:
     return any(METRICS[m].resource == resource for m in spec.metrics)
 
 
-def measure_model(spec: BenchSpec, emit: Emit, baseline_rss: int) -> list[Measurement]:
+def interpreter_baseline(model_path: str) -> int:
+    """RSS of this process with everything but the model in memory: torch, transformers, the
+    model's own code module (importing it alone costs ~100 MB) and torch's thread pools."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_path)
+    AutoModelForCausalLM._model_mapping[type(config)]  # imports the modeling module
+    torch.ones(64, 64) @ torch.ones(64, 64)
+    return memory.current_rss_bytes()
+
+
+def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
+    """All selected metrics of the spec's model, and the interpreter baseline RSS (bytes)."""
     from frugalm.models import load_model
 
+    baseline_rss = interpreter_baseline(spec.model_path)
     emit("loading model", 0, 1)
     lm = load_model(spec.model_path, device=spec.device, dtype=spec.dtype)
     emit("loading model", 1, 1)
     out = _static(lm.model, Path(spec.model_path), spec)
+    profile = HardwareProfile(**spec.profile)
+    # Workloads before the quality passes: those allocate large logits tensors whose freed
+    # memory the allocator may keep, and that would count in the next peak.
+    for wd in spec.workloads:
+        out += _workload(lm.model, Workload.from_dict(wd), lm.device, spec, profile, baseline_rss, emit)
     if _want(spec, "quality"):
         out += _quality(lm, spec, emit)
-    profile = HardwareProfile(**spec.profile)
-    for wd in spec.workloads:
-        out += _workload(lm.model, Workload(**{**wd, "scaled_from": tuple(wd["scaled_from"]) if wd["scaled_from"] else None}), lm.device, spec, profile, baseline_rss, emit)
-    return [m for m in out if m.metric in spec.metrics]
+    return [m for m in out if m.metric in spec.metrics], baseline_rss
 
 
 def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:

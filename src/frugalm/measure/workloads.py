@@ -26,12 +26,17 @@ class Workload:
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.output_tokens
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Workload:
+        return cls(**{**d, "scaled_from": tuple(d["scaled_from"]) if d.get("scaled_from") else None})
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
             "prompt_tokens": self.prompt_tokens,
             "output_tokens": self.output_tokens,
             "batch_size": self.batch_size,
+            "description": self.description,
             "scaled_from": list(self.scaled_from) if self.scaled_from else None,
         }
 

@@ -12,6 +12,8 @@ def format_value(value: float) -> str:
     if value == 0:
         return "0"
     magnitude = abs(value)
+    if float(value).is_integer() and magnitude < 1e15:
+        return f"{int(value):,}"
     if magnitude >= 1e6:
         return f"{value:.3e}"
     if magnitude >= 100:

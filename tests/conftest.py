@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny models of each supported architecture, built in code, offline and seeded."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import pytest  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+STORIES = ASSETS / "models" / "stories260K"
+TINYSTORIES = ASSETS / "data" / "tinystories_valid_0000-0499.txt"
+
+# Tiny configurations of every architecture frugalm supports (shapes scaled down from
+# ../shared/assets/configs/). Vocabulary 300 = 256 bytes + a few merges/specials.
+TINY_CONFIGS = {
+    "llama": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
+    "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
+    "gpt_neox": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256, rotary_pct=0.25),
+    "opt": dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=64),
+    "qwen2": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True),
+}
+VOCAB = 300
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer built in code: 256 byte tokens, <s>, </s>, and a few merges."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    corpus = ["Once upon a time there was a little model that wanted to be cheaper to run."] * 20
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+
+
+def build_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
+    """Save a randomly initialised tiny model of `arch` with the tiny tokenizer to `folder`."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    config = AutoConfig.for_model(arch, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **TINY_CONFIGS[arch])
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {arch: build_tiny_model(arch, root / arch) for arch in TINY_CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_models) -> Path:
+    return tiny_models["llama"]
+
+
+@pytest.fixture
+def text_file(tmp_path) -> Path:
+    path = tmp_path / "eval.txt"
+    story = "Once upon a time there was a little model. It wanted to run on a small computer.\n"
+    path.write_text((story * 6 + "<|endoftext|>\n") * 4)
+    return path
+
+
+def needs_assets():
+    return pytest.mark.skipif(not STORIES.is_dir(), reason=f"shared assets not found at {ASSETS}")
