@@ -47,7 +47,7 @@ MAX_DOC_BYTES = 256_000
 CONTEXT = 512
 """Context length of the model and of the perplexity windows."""
 VOCAB_SIZE = 4096
-DEFAULT_STEPS = 700
+DEFAULT_STEPS = 600
 SPECIAL_TOKENS = ("<s>", "</s>")  # ids 0 (BOS) and 1 (EOS, also padding)
 
 # Directories never read: third-party code, the test suites, IDLE and build configuration.
@@ -259,7 +259,7 @@ def default_train_config(steps: int, seed: int):
 
     return TrainConfig(steps=steps, batch_size=8, seq_len=CONTEXT, lr=3e-3, min_lr_ratio=0.1,
                        warmup_steps=min(50, steps // 10), weight_decay=0.1, grad_clip=1.0,
-                       seed=seed, log_every=max(1, min(50, steps // 10)))
+                       seed=seed, log_every=max(1, min(25, steps // 10)))
 
 
 def training_stream(docs_ids: Sequence[Sequence[int]], bos_id: int, eos_id: int):
@@ -352,8 +352,14 @@ def _build_into(folder: Path, *, steps: int, seed: int, say: Progress, corpus_li
         "eval_tokens": sum(map(len, eval_ids)),
         "eval_text_bytes": len(eval_text.encode("utf-8")),
         "eval_text_sha256": hashlib.sha256(eval_text.encode("utf-8")).hexdigest(),
+        "tokenizer": f"byte-level BPE (tokenizers), {len(tokenizer)} entries, <s>=BOS (added by the "
+                     "tokenizer), </s>=EOS and padding; trained on the training documents",
         "vocab_size": len(tokenizer),
+        "model_shape": {key: getattr(model.config, key) for key in (
+            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "max_position_embeddings", "vocab_size", "tie_word_embeddings")},
         "parameters": n_params,
+        "weights_bytes": (folder / "model.safetensors").stat().st_size,
         "train_config": asdict(config),
         "train_tokens_seen": result.tokens_seen,
         "train_wall_time_s": round(result.wall_time_s, 1),

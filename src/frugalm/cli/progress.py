@@ -7,9 +7,9 @@ import time
 
 
 class ProgressLine:
-    def __init__(self, stream=sys.stderr, enabled: bool = True):
-        self.stream, self.enabled = stream, enabled
-        self.tty = stream.isatty()
+    def __init__(self, stream=None, enabled: bool = True):
+        self.stream, self.enabled = stream or sys.stderr, enabled
+        self.tty = self.stream.isatty()
         self.t0 = time.perf_counter()
         self.last_step = None
 

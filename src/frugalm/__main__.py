@@ -1,0 +1,7 @@
+"""`python -m frugalm` runs the CLI."""
+
+import sys
+
+from frugalm.cli import main
+
+sys.exit(main())
