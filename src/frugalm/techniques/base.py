@@ -1,0 +1,90 @@
+"""What every technique shares: the Technique record, the Context a stage runs in, and layer selection.
+
+A technique is a frozen config dataclass plus one `apply(model, config, ctx) -> model`. Configs
+are pure data; an optional `problems(self) -> list[str]` method lists the rules that need no
+model (ranges, choices), so `frugalm validate` can report them without loading anything. Rules
+that need the model ("group_size must divide in_features") are checked in `apply`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from frugalm.errors import FrugalmError
+
+
+class TechniqueError(FrugalmError):
+    """A technique's options do not fit the model (no layer matched, a width not divisible...)."""
+
+
+@dataclass(frozen=True)
+class Technique:
+    name: str
+    config_cls: type
+    apply: Callable[[nn.Module, Any, Context], nn.Module]
+    kind: str
+    """Lifecycle family: quantization, pruning, distillation, fine-tuning, data, acceleration."""
+    needs_calibration: bool = False
+    version: int = 1
+    """Bumped when the technique's output changes for the same config (stored with artifacts)."""
+
+
+@dataclass
+class Context:
+    """What a stage needs that is not config: device, calibration tokens, progress, a change log."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    calibration: torch.Tensor | None = None
+    """(n_samples, seq_len) int64 token ids, when the recipe provides calibration text."""
+    progress: Callable[[str, int, int], None] | None = None
+    changes: list[dict] = field(default_factory=list)
+    """One record per stage: which layers changed and how many parameters."""
+
+    def calibration_tokens(self, technique: str) -> torch.Tensor:
+        if self.calibration is None:
+            raise TechniqueError(f"technique '{technique}' needs calibration text; add a `calibration:` block with `data:` to the recipe")
+        return self.calibration
+
+    def report(self, step: str, done: int, total: int) -> None:
+        if self.progress:
+            self.progress(step, done, total)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    # transformers' Conv1D (GPT-2) is a Linear with its weight stored (in, out).
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def select_linears(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] = ("lm_head",), *, technique: str = "") -> list[tuple[str, nn.Module]]:
+    """Linear-like modules whose qualified name matches any fnmatch pattern in `targets`.
+
+    The output head is excluded unless named explicitly (it is tied to the embedding in many
+    small models, where changing it changes the embedding too). No match is an error.
+    """
+    chosen = [
+        (name, m)
+        for name, m in model.named_modules()
+        if _is_linear(m) and any(fnmatch.fnmatchcase(name, p) for p in targets) and not any(fnmatch.fnmatchcase(name, p) for p in exclude if p not in targets)
+    ]
+    if not chosen:
+        examples = [n for n, m in model.named_modules() if _is_linear(m)][:4]
+        raise TechniqueError(f"{technique or 'stage'}: targets {list(targets)} match no linear layer of this model; its linear layers are named like {examples}")
+    return chosen
+
+
+def weight_out_in(module: nn.Module) -> torch.Tensor:
+    """The weight as (out_features, in_features), a view for nn.Linear, transposed for Conv1D."""
+    w = module.weight
+    return w.t() if type(module).__name__ == "Conv1D" else w
+
+
+def record_change(ctx: Context, technique: str, layers: list[str], params_changed: int, model: nn.Module, **details) -> None:
+    """Log what a stage changed, counting embeddings and the output head separately."""
+    total = sum(p.numel() for p in model.parameters())
+    ctx.changes.append({"technique": technique, "layers": layers, "params_changed": params_changed, "fraction_of_params": params_changed / total, **details})
