@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from frugalm.errors import DataError
@@ -43,16 +43,16 @@ HELD_OUT_PER_MILLE = 50
 EVAL_MAX_BYTES = 360_000
 """Cap on the evaluation text written from the held-out split (UTF-8 bytes)."""
 MAX_DOC_BYTES = 256_000
-"""Source files larger than this are left out of the corpus (none but generated tables are)."""
+"""Source files larger than this are left out, a guard against huge generated modules."""
 CONTEXT = 512
 """Context length of the model and of the perplexity windows."""
 VOCAB_SIZE = 4096
-DEFAULT_STEPS = 600
+DEFAULT_STEPS = 400
 SPECIAL_TOKENS = ("<s>", "</s>")  # ids 0 (BOS) and 1 (EOS, also padding)
 
-# Directories never read: third-party code, the test suites, IDLE and build configuration.
+# Directories never read: third-party code, the test suites, IDLE (and config-*, see below).
 _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "idlelib", "__pycache__"}
-# Generated files (codec tables, token/keyword lists, sysconfig data) say so in their header.
+# Generated files (codec tables, token and keyword lists, stringprep tables) say so in their header.
 _GENERATED = re.compile(r"gencodec\.py|DO NOT EDIT|auto-?generated|automatically generated", re.IGNORECASE)
 
 Progress = Callable[[str], None]
@@ -302,64 +302,65 @@ def build_default_model(
     return record
 
 
+@dataclass(frozen=True)
+class _Corpus:
+    train_docs: list[tuple[str, str]]
+    held_out: list[tuple[str, str]]
+    evals: list[tuple[str, str]]  # the held-out documents written to the evaluation text
+    tokenizer: object  # PreTrainedTokenizerFast
+    train_ids: list[list[int]]
+    eval_ids: list[list[int]]
+
+
+def split_corpus(docs: Sequence[tuple[str, str]]) -> tuple[list, list]:
+    """(training documents, held-out documents), both in name order."""
+    return [d for d in docs if not is_held_out(d[0])], [d for d in docs if is_held_out(d[0])]
+
+
+def _prepare_corpus(corpus_limit: int | None, say: Progress) -> _Corpus:
+    train_docs, held_out = split_corpus(stdlib_documents()[:corpus_limit])
+    evals = eval_documents(held_out)
+    if not train_docs or not evals:
+        raise DataError(f"corpus: {len(train_docs)} training and {len(evals)} held-out documents "
+                        f"from {stdlib_root()}; raise corpus_limit={corpus_limit} or use a full Python install.")
+    say(f"corpus: {len(train_docs)} training documents, {len(held_out)} held out ({len(evals)} in the eval text)")
+    tokenizer = train_tokenizer((text for _, text in train_docs), VOCAB_SIZE)
+    return _Corpus(train_docs, held_out, evals, tokenizer,
+                   train_ids=encode_documents(tokenizer, [text for _, text in train_docs]),
+                   eval_ids=encode_documents(tokenizer, [text for _, text in evals]))
+
+
 def _build_into(folder: Path, *, steps: int, seed: int, say: Progress, corpus_limit: int | None) -> tuple[dict, str]:
+    """Train and score the model, save it into `folder`; return (build record, evaluation text)."""
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
     from frugalm.train import train_causal_lm
 
     start = time.perf_counter()
-    docs = stdlib_documents()[:corpus_limit]
-    train_docs = [d for d in docs if not is_held_out(d[0])]
-    held_out = [d for d in docs if is_held_out(d[0])]
-    evals = eval_documents(held_out)
-    if not train_docs or not evals:
-        raise DataError(f"corpus: {len(train_docs)} training and {len(evals)} held-out documents "
-                        f"from {stdlib_root()}; raise corpus_limit={corpus_limit} or use a full Python install.")
-    say(f"corpus: {len(train_docs)} training documents, {len(held_out)} held out ({len(evals)} in the eval text)")
-
-    tokenizer = train_tokenizer((text for _, text in train_docs), VOCAB_SIZE)
+    corpus = _prepare_corpus(corpus_limit, say)
+    tokenizer = corpus.tokenizer
     bos_id, eos_id = tokenizer.bos_token_id, tokenizer.eos_token_id
-    train_ids = encode_documents(tokenizer, [text for _, text in train_docs])
-    eval_ids = encode_documents(tokenizer, [text for _, text in evals])
-    stream = training_stream(train_ids, bos_id, eos_id)
+    stream = training_stream(corpus.train_ids, bos_id, eos_id)
     say(f"tokenizer: {len(tokenizer)} tokens; {stream.numel()} training tokens")
 
     torch.manual_seed(seed)  # the model's initial weights
     model = LlamaForCausalLM(model_config(len(tokenizer)))
     model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=eos_id)
-    n_params = sum(p.numel() for p in model.parameters())
-    say(f"model: {n_params} parameters; training {steps} steps")
+    say(f"model: {sum(p.numel() for p in model.parameters())} parameters; training {steps} steps")
     config = default_train_config(steps, seed)
     result = train_causal_lm(model, stream, config, progress=say)
 
     say("scoring held-out text")
-    ppl = heldout_perplexity(model, eval_ids, bos_id)
-    unigram = unigram_perplexity(train_ids, eval_ids, len(tokenizer))
+    ppl = heldout_perplexity(model, corpus.eval_ids, bos_id)
+    unigram = unigram_perplexity(corpus.train_ids, corpus.eval_ids, len(tokenizer))
+    say(f"held-out perplexity {ppl:.2f} per token (unigram {unigram:.2f}); final train loss {result.final_loss:.4f}")
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    eval_text = format_eval_text(text for _, text in evals)
+    eval_text = format_eval_text(text for _, text in corpus.evals)
     record = {
-        "corpus": "Python standard library .py sources (no site-packages, test suites, idlelib or "
-                  "generated tables) plus pydoc_data/topics.py topics; one document per file or topic",
-        "corpus_root": str(stdlib_root()),
-        "python_version": platform.python_version(),
-        "held_out_rule": f"sha256(name)[:4] as big-endian int % 1000 < {HELD_OUT_PER_MILLE}",
-        "train_documents": len(train_docs),
-        "train_tokens": sum(map(len, train_ids)),
-        "held_out_documents": len(held_out),
-        "eval_documents": len(evals),
-        "eval_tokens": sum(map(len, eval_ids)),
-        "eval_text_bytes": len(eval_text.encode("utf-8")),
-        "eval_text_sha256": hashlib.sha256(eval_text.encode("utf-8")).hexdigest(),
-        "tokenizer": f"byte-level BPE (tokenizers), {len(tokenizer)} entries, <s>=BOS (added by the "
-                     "tokenizer), </s>=EOS and padding; trained on the training documents",
-        "vocab_size": len(tokenizer),
-        "model_shape": {key: getattr(model.config, key) for key in (
-            "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-            "intermediate_size", "max_position_embeddings", "vocab_size", "tie_word_embeddings")},
-        "parameters": n_params,
-        "weights_bytes": (folder / "model.safetensors").stat().st_size,
+        **_corpus_record(corpus, eval_text),
+        **_model_record(model, folder),
         "train_config": asdict(config),
         "train_tokens_seen": result.tokens_seen,
         "train_wall_time_s": round(result.wall_time_s, 1),
@@ -374,8 +375,37 @@ def _build_into(folder: Path, *, steps: int, seed: int, say: Progress, corpus_li
         "torch_threads": torch.get_num_threads(),
         "build_wall_time_s": round(time.perf_counter() - start, 1),
     }
-    say(f"held-out perplexity {ppl:.2f} per token (unigram {unigram:.2f}); final train loss {result.final_loss:.4f}")
     return record, eval_text
+
+
+def _corpus_record(corpus: _Corpus, eval_text: str) -> dict:
+    return {
+        "corpus": "Python standard library .py sources (no site-packages, test suites, idlelib or "
+                  "generated tables) plus pydoc_data/topics.py topics; one document per file or topic",
+        "corpus_root": str(stdlib_root()),
+        "python_version": platform.python_version(),
+        "held_out_rule": f"sha256(name)[:4] as big-endian int % 1000 < {HELD_OUT_PER_MILLE}",
+        "train_documents": len(corpus.train_docs),
+        "train_tokens": sum(map(len, corpus.train_ids)),
+        "held_out_documents": len(corpus.held_out),
+        "eval_documents": len(corpus.evals),
+        "eval_tokens": sum(map(len, corpus.eval_ids)),
+        "eval_text_bytes": len(eval_text.encode("utf-8")),
+        "eval_text_sha256": hashlib.sha256(eval_text.encode("utf-8")).hexdigest(),
+        "tokenizer": f"byte-level BPE (tokenizers), {len(corpus.tokenizer)} entries, <s>=BOS (added by the "
+                     "tokenizer), </s>=EOS and padding; trained on the training documents",
+        "vocab_size": len(corpus.tokenizer),
+    }
+
+
+def _model_record(model, folder: Path) -> dict:
+    shape_keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size", "max_position_embeddings", "vocab_size", "tie_word_embeddings")
+    return {
+        "model_shape": {key: getattr(model.config, key) for key in shape_keys},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "weights_bytes": (folder / "model.safetensors").stat().st_size,
+    }
 
 
 def write_build_record(folder: Path, record: dict) -> None:
@@ -416,7 +446,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=default_model_dir(), help="model folder (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    # One thread by default: the shipped build used one, so a default rebuild repeats it exactly,
+    # and on a small shared machine a second contended OpenMP thread slows training down.
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     args = parser.parse_args(argv)
     import torch
 

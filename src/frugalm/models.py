@@ -8,6 +8,7 @@ classes; nothing here is architecture-specific.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -111,20 +112,44 @@ def torch_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def load_model(ref: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode on `device`, in `dtype`."""
+def load_model(ref: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "float32", fast_kernels: bool = True) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode on `device`, in `dtype`.
+
+    Packed quantized layers are rebuilt from the artifact's frugalm.json; with `fast_kernels`
+    they run on the device's real low-bit kernel where one exists (fbgemm int8 on x86 CPUs).
+    """
     from transformers import AutoModelForCausalLM
 
     source = resolve_model(ref)
     dev, dt = torch_device(device), torch_dtype(dtype)
     tokenizer = load_tokenizer(source)
+    meta = read_metadata(source.path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dt)
+        if meta and meta.get("packed_layers"):
+            model = _load_packed(source, meta, dt)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dt)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"'{source.ref}' could not be loaded as a causal LM by transformers: {first_line}") from None
     model.to(dev).eval()
+    if fast_kernels and dev.type == "cpu":
+        from frugalm.techniques.quant_pack import to_fast_kernels_
+
+        to_fast_kernels_(model)
     return LoadedModel(model, tokenizer, source, dev, dt)
+
+
+def kernel_summary(model: nn.Module) -> dict[str, int]:
+    """How many linear layers run on which kernel: dense float, a low-bit kernel, or dequantized."""
+    from frugalm.techniques.base import is_linear
+
+    counts: dict[str, int] = {}
+    for m in model.modules():
+        kernel = getattr(m, "kernel", None) or ("dense" if is_linear(m) else None)
+        if kernel:
+            counts[kernel] = counts.get(kernel, 0) + 1
+    return counts
 
 
 def load_tokenizer(source: ModelSource):
@@ -156,3 +181,82 @@ def read_config(source: ModelSource):
         return AutoConfig.from_pretrained(source.path)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"'{source.ref}': config.json could not be read by transformers ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); fix or regenerate it") from None
+
+
+# --- variant artifacts -----------------------------------------------------------------------
+
+METADATA_FILE = "frugalm.json"
+ARTIFACT_FORMAT = "frugalm-artifact v1"
+
+
+def packed_layers(model: nn.Module) -> dict[str, dict]:
+    """Shapes of every packed quantized layer, enough to rebuild its empty module before loading."""
+    from frugalm.techniques.quant_pack import Int8Linear, QuantLinear
+
+    layers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, Int8Linear):
+            raise AssertionError("save a variant before swapping in fast kernels (to_fast_kernels_)")
+        if isinstance(m, QuantLinear):
+            layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits, "group_size": m.group_size, "bias": m.bias is not None}
+    return layers
+
+
+def save_variant(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict) -> Path:
+    """Save in Hugging Face layout plus frugalm.json, atomically: the folder is complete or absent.
+
+    Written to a sibling temporary folder and renamed into place; an existing folder is replaced
+    only once the new one is complete.
+    """
+    import shutil
+    import tempfile
+
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output path '{out}' is a file; pass a folder path for the artifact")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {"format": ARTIFACT_FORMAT, **metadata, "packed_layers": packed_layers(model)}
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_metadata(path: Path) -> dict | None:
+    meta = path / METADATA_FILE
+    return json.loads(meta.read_text()) if meta.is_file() else None
+
+
+def _load_packed(source: ModelSource, meta: dict, dtype) -> nn.Module:
+    """Rebuild a model whose quantized layers are packed: empty skeleton, QuantLinear slots, weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from frugalm.techniques.quant_pack import QuantLinear
+
+    config = read_config(source)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, spec in meta["packed_layers"].items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["bias"]))
+    state = {}
+    for f in sorted(source.path.glob("*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise ModelError(f"'{source.ref}': weights do not match its frugalm.json (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); the artifact is damaged: re-create it")
+    model.tie_weights()
+    return model

@@ -23,14 +23,18 @@ def params_count(model) -> int:
 
 
 def weights_bytes(model) -> int:
-    """Bytes of parameters and buffers as they lie in memory (packed formats count as packed)."""
+    """Bytes of parameters and buffers as they lie in memory (packed formats count as packed).
+
+    Modules whose weights live inside an opaque kernel object (fbgemm's packed int8) report
+    them through a `weight_bytes()` method.
+    """
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
         if key not in seen:
             seen.add(key)
             total += t.numel() * t.element_size()
-    return total
+    return total + sum(m.weight_bytes() for m in model.modules() if hasattr(m, "weight_bytes"))
 
 
 def folder_bytes(path: Path) -> int:

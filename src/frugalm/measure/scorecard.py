@@ -117,7 +117,9 @@ def _check_same_tokenizer(tok, ref_tok, ref_path: str) -> None:
 
 def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProfile, baseline_rss: int, emit: Emit) -> list[Measurement]:
     label = f"workload {w.name}"
-    wp = {"workload": w.to_dict(), "warmup": spec.warmup, "repetitions": spec.repetitions, "device": str(device), "dtype": spec.dtype}
+    from frugalm.models import kernel_summary
+
+    wp = {"workload": w.to_dict(), "warmup": spec.warmup, "repetitions": spec.repetitions, "device": str(device), "dtype": spec.dtype, "kernels": kernel_summary(model)}
     out = []
     if _want(spec, "computation"):
         prefill_flops, decode_flops = compute.flops_per_token(model, w, device)

@@ -53,6 +53,9 @@ def format_scorecard(run: Run, measurements: list[Measurement]) -> str:
     fmt = lambda r: "  ".join(c.rjust(w) if i == 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()  # noqa: E731
     lines += ["", fmt(header), fmt(tuple("-" * w for w in widths))]
     lines += [fmt(r) for r in rows]
+    dequantized = max((m.protocol.get("kernels", {}).get("dequantize", 0) for m in measurements), default=0)
+    if dequantized:
+        lines.append(f"\nno speed kernel on this device for {dequantized} quantized layer(s): they run dequantized, so their speed figures are no speedup claim.")
     if any(m.method == "estimated" for m in measurements):
         lines.append("\nestimated: derived from a stated model (profile prices, power model), not a hardware counter; see --json for each protocol.")
     return "\n".join(lines)

@@ -56,7 +56,7 @@ class Context:
             self.progress(step, done, total)
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     # transformers' Conv1D (GPT-2) is a Linear with its weight stored (in, out).
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
@@ -70,10 +70,10 @@ def select_linears(model: nn.Module, targets: tuple[str, ...], exclude: tuple[st
     chosen = [
         (name, m)
         for name, m in model.named_modules()
-        if _is_linear(m) and any(fnmatch.fnmatchcase(name, p) for p in targets) and not any(fnmatch.fnmatchcase(name, p) for p in exclude if p not in targets)
+        if is_linear(m) and any(fnmatch.fnmatchcase(name, p) for p in targets) and not any(fnmatch.fnmatchcase(name, p) for p in exclude if p not in targets)
     ]
     if not chosen:
-        examples = [n for n, m in model.named_modules() if _is_linear(m)][:4]
+        examples = [n for n, m in model.named_modules() if is_linear(m)][:4]
         raise TechniqueError(f"{technique or 'stage'}: targets {list(targets)} match no linear layer of this model; its linear layers are named like {examples}")
     return chosen
 

@@ -69,3 +69,20 @@ def collect_input_stats(model: nn.Module, layers: Iterable[tuple[str, nn.Module]
         for h in handles:
             h.remove()
     return stats
+
+
+def sample_calibration(tokenizer, docs: list[str], samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """`samples` windows of `seq_len` tokens at seeded random offsets of the encoded text.
+
+    Documents are encoded as [BOS] + tokens and concatenated, as the benchmark encodes them.
+    Returns int64 (samples, seq_len).
+    """
+    from frugalm.errors import DataError
+    from frugalm.measure.quality import encode_documents
+
+    stream = encode_documents(tokenizer, docs).ids
+    if len(stream) < seq_len + 1:
+        raise DataError(f"calibration text is too short: {len(stream)} tokens, need at least {seq_len + 1} for seq_len {seq_len}; pass a longer text or lower calibration.seq_len")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(stream) - seq_len, (samples,), generator=g)
+    return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])
