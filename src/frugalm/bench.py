@@ -63,7 +63,7 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
     context = context_length(read_config(source))
     fitted = [fit_to_context(w, context, scale=config.scale_workloads) for w in workloads]
     reference = resolve_model(config.reference).path if config.reference else None
-    text, data_path = _evaluation_text(config.data)
+    text, data_path = evaluation_text(config.data)
     return BenchSpec(
         model_ref=source.ref, model_path=str(source.path), device=str(device), dtype=config.dtype,
         docs=split_documents(text), data_desc=describe_text(data_path, text),
@@ -73,7 +73,7 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
     )
 
 
-def _evaluation_text(path: str | None) -> tuple[str, str | None]:
+def evaluation_text(path: str | None) -> tuple[str, str | None]:
     if path is not None:
         return read_text(path), str(path)
     from frugalm.default_model import default_eval_path
@@ -81,22 +81,32 @@ def _evaluation_text(path: str | None) -> tuple[str, str | None]:
     return read_text(default_eval_path()), None
 
 
-def bench(model: str | os.PathLike | None = None, config: BenchConfig = BenchConfig(), *, store: Store | str | os.PathLike | None = None, progress: Progress | None = None) -> BenchResult:
+def bench(
+    model: str | os.PathLike | None = None,
+    config: BenchConfig = BenchConfig(),
+    *,
+    store: Store | str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    kind: str = "bench",
+    record: dict | None = None,
+    extra: list[Measurement] = (),
+) -> BenchResult:
     """Measure `model` (None: the built-in default) in a fresh child process and store the run.
 
     `store` is an open Store, or the path of one (None: the default store), opened only once
-    every input has been checked.
+    every input has been checked. `kind`, `record` (merged into the stored config) and `extra`
+    figures let callers such as `frugalm run` store what produced the model with its scorecard.
     """
     spec = prepare(model, config)
+    recorded = {**asdict(config), "workloads": spec.workloads, "data": spec.data_desc, "profile": spec.profile, **(record or {})}
+    run = Run(kind=kind, model_ref=spec.model_ref, model_path=spec.model_path, benchmark_version=BENCHMARK_VERSION, config=recorded, environment={})
     if not isinstance(store, Store):
         with Store(store) as own:
-            return _measure_and_store(spec, config, own, progress)
-    return _measure_and_store(spec, config, store, progress)
+            return _measure_and_store(spec, config, run, own, progress, list(extra))
+    return _measure_and_store(spec, config, run, store, progress, list(extra))
 
 
-def _measure_and_store(spec: BenchSpec, config: BenchConfig, store: Store, progress: Progress | None) -> BenchResult:
-    recorded = {**asdict(config), "workloads": spec.workloads, "data": spec.data_desc, "profile": spec.profile}
-    run = Run(model_ref=spec.model_ref, model_path=spec.model_path, benchmark_version=BENCHMARK_VERSION, config=recorded, environment={})
+def _measure_and_store(spec: BenchSpec, config: BenchConfig, run: Run, store: Store, progress: Progress | None, extra: list[Measurement]) -> BenchResult:
     t0 = time.perf_counter()
     try:
         payload = run_child(spec, timeout_s=config.timeout_s, progress=progress)
@@ -106,6 +116,6 @@ def _measure_and_store(spec: BenchSpec, config: BenchConfig, store: Store, progr
         raise
     run.wall_s = time.perf_counter() - t0
     run.environment = {**payload["environment"], "baseline_rss_bytes": payload["baseline_rss_bytes"]}
-    measurements = [Measurement(**m) for m in payload["measurements"]]
+    measurements = [Measurement(**m) for m in payload["measurements"]] + extra
     store.add_run(run, measurements)
     return BenchResult(run, measurements)

@@ -253,3 +253,21 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def option_docs(config_cls) -> list[tuple[str, str, Any, str]]:
+    """(option, type, default, doc) for each field; the doc is the string literal under the field."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    try:
+        body = ast.parse(textwrap.dedent(inspect.getsource(config_cls))).body[0].body
+    except (OSError, TypeError):
+        body = []
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    hints = typing.get_type_hints(config_cls)
+    return [(f.name, _type_name(hints[f.name]), f.default if f.default is not dataclasses.MISSING else None, docs.get(f.name, "")) for f in dataclasses.fields(config_cls)]

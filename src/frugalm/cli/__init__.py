@@ -15,6 +15,8 @@ from frugalm.errors import FrugalmError
 
 SUBCOMMANDS = {
     "bench": "frugalm.cli.bench",
+    "run": "frugalm.cli.run",
+    "validate": "frugalm.cli.validate",
     "ls": "frugalm.cli.ls",
 }
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-KINDS = ("runs", "metrics", "workloads", "profiles")
+KINDS = ("runs", "metrics", "workloads", "profiles", "techniques")
 
 
 def add_parser(sub) -> None:
@@ -58,4 +58,20 @@ def _profiles(args) -> str:
     return _table(rows, ("profile", "usd/h", "usd/kWh", "gCO2e/kWh", "W idle", "W max", "description"))
 
 
-LISTERS = {"runs": _runs, "metrics": _metrics, "workloads": _workloads, "profiles": _profiles}
+def _techniques(args) -> str:
+    """Generated from the registry: each technique, then each option with its type, default and doc."""
+    from frugalm.registry import TECHNIQUES, get_technique
+    from frugalm.recipe import option_docs
+
+    blocks = []
+    for name in TECHNIQUES:
+        t = get_technique(name)
+        module = __import__(t.apply.__module__, fromlist=["_"])
+        summary = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
+        lines = [f"{name}  [{t.kind}{', needs calibration' if t.needs_calibration else ''}]  {summary}"]
+        lines += [f"    {opt}: {tp} = {default!r}  {doc}" for opt, tp, default, doc in option_docs(t.config_cls)]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) if blocks else "no techniques registered"
+
+
+LISTERS = {"runs": _runs, "metrics": _metrics, "workloads": _workloads, "profiles": _profiles, "techniques": _techniques}

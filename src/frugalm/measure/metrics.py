@@ -74,6 +74,7 @@ _ALL = [
     _m("tpot_p90_ms", "ms", False, "measured", "computation", "Time per output token, 90th percentile.", True),
     _m("tpot_p99_ms", "ms", False, "measured", "computation", "Time per output token, 99th percentile.", True),
     _m("decode_tok_s", "tok/s", True, "measured", "computation", "Decode throughput: tokens generated after the first, over the batch, per second of decode time.", True),
+    _m("produce_wall_s", "s", False, "measured", "computation", "Wall time to produce the variant from its base model (compression or training stages), on the stated device."),
     _m("prefill_tok_s", "tok/s", True, "measured", "computation", "Prefill throughput: prompt tokens over the batch per second of prefill time.", True),
     # memory
     _m("params_count", "params", False, "counted", "memory", "Number of parameters (tied weights counted once)."),
