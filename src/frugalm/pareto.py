@@ -1,0 +1,75 @@
+"""Pareto fronts and hypervolume: pure functions of stored figures.
+
+Directions come from the metric registry (`higher_is_better`), never from the caller's
+guesswork: every objective is turned into "lower is better" once, here, by negating the
+higher-is-better ones. Written by hand because the job is small and exact; libraries that do
+it (pymoo, botorch) bring far heavier dependencies than these ~100 lines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from frugalm.errors import ConfigError
+from frugalm.measure.metrics import get_metric
+
+Point = Mapping[str, float]
+
+
+def _minimized(points: Sequence[Point], objectives: Sequence[str]) -> list[tuple[float, ...]]:
+    signs = [-1.0 if get_metric(name).higher_is_better else 1.0 for name in objectives]
+    rows = []
+    for i, p in enumerate(points):
+        missing = [o for o in objectives if o not in p]
+        if missing:
+            raise ConfigError(f"point {i} has no figure for {missing}; measure those metrics for every variant")
+        rows.append(tuple(s * float(p[o]) for s, o in zip(signs, objectives)))
+    return rows
+
+
+def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
+    """a dominates b (all objectives minimized): no worse everywhere, better somewhere."""
+    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+
+def non_dominated(points: Sequence[Point], objectives: Sequence[str]) -> list[int]:
+    """Indices of the points no other point dominates (duplicates all stay), in input order."""
+    rows = _minimized(points, objectives)
+    return [i for i, r in enumerate(rows) if not any(dominates(o, r) for j, o in enumerate(rows) if j != i)]
+
+
+def hypervolume(points: Sequence[Point], objectives: Sequence[str], reference: Point) -> float:
+    """Volume dominated by the points and bounded by `reference` (a point worse than all of interest).
+
+    Points that do not strictly improve on the reference in every objective add nothing.
+    """
+    [ref] = _minimized([reference], objectives)
+    rows = [r for r in _minimized(points, objectives) if all(x < y for x, y in zip(r, ref))]
+    return _hv(rows, list(ref))
+
+
+def _hv(rows: list[tuple[float, ...]], ref: list[float]) -> float:
+    """Hypervolume by slicing along the last objective (exact; fine for tens of points)."""
+    if not rows:
+        return 0.0
+    if len(ref) == 1:
+        return ref[0] - min(r[0] for r in rows)
+    rows = sorted(rows, key=lambda r: r[-1])
+    volume = 0.0
+    for i, r in enumerate(rows):
+        upper = rows[i + 1][-1] if i + 1 < len(rows) else ref[-1]
+        depth = upper - r[-1]
+        if depth > 0:  # the slab [r[-1], upper) is dominated by the first i+1 points' projections
+            volume += depth * _hv([p[:-1] for p in rows[: i + 1]], ref[:-1])
+    return volume
+
+
+def filter_constraints(points: Sequence[Point], constraints: Mapping[str, float]) -> list[int]:
+    """Indices of points meeting every bound: at most the bound for lower-is-better metrics,
+    at least the bound for higher-is-better ones. A point without the figure fails the bound."""
+    higher = {name: get_metric(name).higher_is_better for name in constraints}
+
+    def meets(p: Point, name: str, bound: float) -> bool:
+        return name in p and (p[name] >= bound if higher[name] else p[name] <= bound)
+
+    return [i for i, p in enumerate(points) if all(meets(p, n, b) for n, b in constraints.items())]

@@ -1,0 +1,73 @@
+import itertools
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from frugalm.errors import ConfigError
+from frugalm.pareto import filter_constraints, hypervolume, non_dominated
+
+# ppl_tok is lower-is-better, decode_tok_s higher-is-better, weights_mib lower-is-better.
+OBJ2 = ("ppl_tok", "decode_tok_s")
+OBJ3 = ("ppl_tok", "decode_tok_s", "weights_mib")
+coord = st.integers(0, 8).map(float)
+
+
+def _points(objectives, n_max=7):
+    return st.lists(st.fixed_dictionaries({o: coord for o in objectives}), min_size=1, max_size=n_max)
+
+
+def _better_or_equal(a, b, o):
+    return a[o] >= b[o] if o == "decode_tok_s" else a[o] <= b[o]
+
+
+def _brute_front(points, objectives):
+    def dominated(i):
+        return any(
+            all(_better_or_equal(q, points[i], o) for o in objectives) and any(q[o] != points[i][o] for o in objectives)
+            for j, q in enumerate(points) if j != i
+        )
+    return [i for i in range(len(points)) if not dominated(i)]
+
+
+def _brute_hv(points, objectives, ref):
+    # Count unit cells of the integer grid between each point and the reference.
+    lo = {o: min([p[o] for p in points] + [ref[o]]) for o in objectives}
+    hi = {o: max([p[o] for p in points] + [ref[o]]) for o in objectives}
+    volume = 0
+    for cell in itertools.product(*[range(int(lo[o]), int(hi[o])) for o in objectives]):
+        centre = {o: c + 0.5 for o, c in zip(objectives, cell)}
+        inside_ref = all(centre[o] > ref[o] if o == "decode_tok_s" else centre[o] < ref[o] for o in objectives)
+        covered = any(all(_better_or_equal(p, centre, o) for o in objectives) for p in points)
+        volume += inside_ref and covered
+    return float(volume)
+
+
+@settings(max_examples=150, deadline=None)
+@given(points=_points(OBJ3))
+def test_front_matches_brute_force(points):
+    assert non_dominated(points, OBJ3) == _brute_front(points, OBJ3)
+
+
+@settings(max_examples=150, deadline=None)
+@given(points=_points(OBJ2, 8))
+def test_hypervolume_2d_matches_brute_force(points):
+    ref = {"ppl_tok": 9.0, "decode_tok_s": -1.0}
+    assert hypervolume(points, OBJ2, ref) == pytest.approx(_brute_hv(points, OBJ2, ref))
+
+
+@settings(max_examples=80, deadline=None)
+@given(points=_points(OBJ3, 5))
+def test_hypervolume_3d_matches_brute_force(points):
+    ref = {"ppl_tok": 9.0, "decode_tok_s": -1.0, "weights_mib": 9.0}
+    assert hypervolume(points, OBJ3, ref) == pytest.approx(_brute_hv(points, OBJ3, ref))
+
+
+def test_constraints_read_directions_from_the_registry():
+    pts = [{"ppl_tok": 3.0, "decode_tok_s": 10.0}, {"ppl_tok": 5.0, "decode_tok_s": 50.0}]
+    assert filter_constraints(pts, {"ppl_tok": 4.0}) == [0]
+    assert filter_constraints(pts, {"decode_tok_s": 20.0}) == [1]
+    with pytest.raises(ConfigError, match="unknown metric 'ppl'"):
+        filter_constraints(pts, {"ppl": 1.0})
+    with pytest.raises(ConfigError, match="no figure"):
+        non_dominated([{"ppl_tok": 1.0}], OBJ2)
