@@ -4,10 +4,10 @@ import pytest
 
 from frugalm.cli import main
 from frugalm.errors import ConfigError
-from frugalm.recipe import RecipeError, dump_recipe, load_recipe, option_docs
+from frugalm.recipe import SHIPPED_DIR, RecipeError, dump_recipe, load_recipe, option_docs
 from frugalm.registry import TECHNIQUES, get_technique
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted(SHIPPED_DIR.glob("*.yaml"))
 
 
 def _write(tmp_path, text: str) -> Path:

@@ -32,6 +32,8 @@ import yaml
 from frugalm.errors import ConfigError, did_you_mean
 
 RECIPE_VERSION = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "recipes"
+"""The recipes frugalm ships (the portfolio `frugalm optimize` runs)."""
 TOP_KEYS = ("version", "name", "model", "calibration", "stages")
 
 

@@ -12,6 +12,13 @@ from frugalm.errors import ConfigError, suggest
 from frugalm.techniques.base import Technique
 
 TECHNIQUES: dict[str, str] = {
+    "magnitude_prune": "frugalm.techniques.prune_magnitude:TECHNIQUE",
+    "wanda_prune": "frugalm.techniques.prune_wanda:TECHNIQUE",
+    "sparsegpt_prune": "frugalm.techniques.prune_sparsegpt:TECHNIQUE",
+    "structured_prune": "frugalm.techniques.prune_structured:TECHNIQUE",
+    "rtn_quant": "frugalm.techniques.quant_rtn:TECHNIQUE",
+    "gptq_quant": "frugalm.techniques.quant_gptq:TECHNIQUE",
+    "awq_quant": "frugalm.techniques.quant_awq:TECHNIQUE",
 }
 
 
