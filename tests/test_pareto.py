@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from frugalm.errors import ConfigError
-from frugalm.pareto import filter_constraints, hypervolume, non_dominated
+from frugalm.pareto import Constraint, hypervolume, non_dominated, satisfying
 
 # ppl_tok is lower-is-better, decode_tok_s higher-is-better, weights_mib lower-is-better.
 OBJ2 = ("ppl_tok", "decode_tok_s")
@@ -63,11 +63,15 @@ def test_hypervolume_3d_matches_brute_force(points):
     assert hypervolume(points, OBJ3, ref) == pytest.approx(_brute_hv(points, OBJ3, ref))
 
 
-def test_constraints_read_directions_from_the_registry():
-    pts = [{"ppl_tok": 3.0, "decode_tok_s": 10.0}, {"ppl_tok": 5.0, "decode_tok_s": 50.0}]
-    assert filter_constraints(pts, {"ppl_tok": 4.0}) == [0]
-    assert filter_constraints(pts, {"decode_tok_s": 20.0}) == [1]
+def test_constraints_relative_and_absolute():
+    base = {"ppl_tok": 4.0, "decode_tok_s": 10.0}
+    pts = [base, {"ppl_tok": 4.1, "decode_tok_s": 50.0}, {"ppl_tok": 6.0, "decode_tok_s": 90.0}]
+    assert satisfying(pts, [Constraint.parse("ppl_tok<=+5%")], base) == [0, 1]
+    assert satisfying(pts, [Constraint.parse("decode_tok_s >= 40")], base) == [1, 2]
+    assert satisfying(pts, [Constraint.parse("ppl_tok<=+5%"), Constraint.parse("decode_tok_s>=40")], base) == [1]
     with pytest.raises(ConfigError, match="unknown metric 'ppl'"):
-        filter_constraints(pts, {"ppl": 1.0})
+        Constraint.parse("ppl<=5")
+    with pytest.raises(ConfigError, match="must look like"):
+        Constraint.parse("ppl_tok < 5")
     with pytest.raises(ConfigError, match="no figure"):
         non_dominated([{"ppl_tok": 1.0}], OBJ2)

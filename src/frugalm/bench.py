@@ -90,16 +90,18 @@ def bench(
     kind: str = "bench",
     record: dict | None = None,
     extra: list[Measurement] = (),
+    key: str | None = None,
 ) -> BenchResult:
     """Measure `model` (None: the built-in default) in a fresh child process and store the run.
 
     `store` is an open Store, or the path of one (None: the default store), opened only once
     every input has been checked. `kind`, `record` (merged into the stored config) and `extra`
-    figures let callers such as `frugalm run` store what produced the model with its scorecard.
+    figures let callers such as `frugalm run` store what produced the model with its scorecard;
+    `key` identifies model + settings so that `frugalm optimize` can resume.
     """
     spec = prepare(model, config)
     recorded = {**asdict(config), "workloads": spec.workloads, "data": spec.data_desc, "profile": spec.profile, **(record or {})}
-    run = Run(kind=kind, model_ref=spec.model_ref, model_path=spec.model_path, benchmark_version=BENCHMARK_VERSION, config=recorded, environment={})
+    run = Run(kind=kind, key=key, model_ref=spec.model_ref, model_path=spec.model_path, benchmark_version=BENCHMARK_VERSION, config=recorded, environment={})
     if not isinstance(store, Store):
         with Store(store) as own:
             return _measure_and_store(spec, config, run, own, progress, list(extra))

@@ -8,7 +8,9 @@ it (pymoo, botorch) bring far heavier dependencies than these ~100 lines.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from frugalm.errors import ConfigError
 from frugalm.measure.metrics import get_metric
@@ -64,12 +66,42 @@ def _hv(rows: list[tuple[float, ...]], ref: list[float]) -> float:
     return volume
 
 
-def filter_constraints(points: Sequence[Point], constraints: Mapping[str, float]) -> list[int]:
-    """Indices of points meeting every bound: at most the bound for lower-is-better metrics,
-    at least the bound for higher-is-better ones. A point without the figure fails the bound."""
-    higher = {name: get_metric(name).higher_is_better for name in constraints}
+_CONSTRAINT = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=)\s*([+-]?[0-9.]+(?:e[+-]?\d+)?)\s*(%?)\s*$")
 
-    def meets(p: Point, name: str, bound: float) -> bool:
-        return name in p and (p[name] >= bound if higher[name] else p[name] <= bound)
 
-    return [i for i, p in enumerate(points) if all(meets(p, n, b) for n, b in constraints.items())]
+@dataclass(frozen=True)
+class Constraint:
+    """`metric <= value`, `metric >= value`, or relative to the baseline: `ppl_tok <= +5%`."""
+
+    metric: str
+    op: str
+    value: float
+    relative: bool = False
+
+    @classmethod
+    def parse(cls, text: str) -> Constraint:
+        m = _CONSTRAINT.match(text)
+        if not m:
+            raise ConfigError(f"constraint '{text}' must look like 'ppl_tok<=+5%' (relative to the baseline) or 'peak_mem_mib<=200'")
+        name, op, value, pct = m.groups()
+        get_metric(name)  # an unknown metric is an error naming the valid ones
+        return cls(name, op, float(value), relative=bool(pct))
+
+    def bound(self, baseline: float | None) -> float:
+        if not self.relative:
+            return self.value
+        if baseline is None:
+            raise ConfigError(f"constraint '{self}' is relative to the baseline, which has no {self.metric} figure")
+        return baseline * (1 + self.value / 100)
+
+    def holds(self, value: float, bound: float) -> bool:
+        return value <= bound if self.op == "<=" else value >= bound
+
+    def __str__(self) -> str:
+        return f"{self.metric} {self.op} {self.value:+g}% of baseline" if self.relative else f"{self.metric} {self.op} {self.value:g}"
+
+
+def satisfying(points: Sequence[Point], constraints: Sequence[Constraint], baseline: Point) -> list[int]:
+    """Indices of the points meeting every constraint (a point without the figure fails it)."""
+    bounds = [(c, c.bound(baseline.get(c.metric))) for c in constraints]
+    return [i for i, p in enumerate(points) if all(c.metric in p and c.holds(p[c.metric], b) for c, b in bounds)]

@@ -41,7 +41,7 @@ class RunResult:
     bench: BenchResult | None
 
 
-def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: RunConfig = RunConfig(), *, store: Store | str | os.PathLike | None = None, progress: Progress | None = None) -> RunResult:
+def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: RunConfig = RunConfig(), *, store: Store | str | os.PathLike | None = None, progress: Progress | None = None, key: str | None = None) -> RunResult:
     from frugalm.models import load_model, resolve_model, save_variant
 
     source = resolve_model(model or recipe.model)
@@ -73,7 +73,7 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
         return RunResult(artifact, metadata, None)
     bench_config = replace(config.bench, reference=str(source.path))
     produce = Measurement("produce_wall_s", produce_s, "s", "measured", protocol={"stages": timings, "device": str(lm.device)})
-    result = bench(artifact, bench_config, store=store, progress=progress, kind="variant", record={"variant": metadata}, extra=[produce])
+    result = bench(artifact, bench_config, store=store, progress=progress, kind="variant", record={"variant": metadata}, extra=[produce], key=key)
     return RunResult(artifact, metadata, result)
 
 

@@ -55,6 +55,13 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX runs_created ON runs(created_at);
         """,
     ),
+    (
+        "0002_runs_key",
+        """
+        ALTER TABLE runs ADD COLUMN key TEXT;
+        CREATE INDEX runs_key ON runs(key, status);
+        """,
+    ),
 ]
 
 
@@ -77,6 +84,8 @@ class Run:
     model_path: str | None = None
     wall_s: float | None = None
     error: str | None = None
+    key: str | None = None
+    """Identity of what was measured under which settings (optimize uses it to resume)."""
     id: str = field(default_factory=lambda: time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3))
     created_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
@@ -128,9 +137,10 @@ class Store:
         """Store a run and its measurements atomically; return the run id."""
         with self._transaction():
             self.db.execute(
-                "INSERT INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO runs (id, kind, status, created_at, wall_s, model_ref, model_path, benchmark_version,"
+                " config_json, environment_json, error, key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (run.id, run.kind, run.status, run.created_at, run.wall_s, run.model_ref, run.model_path,
-                 run.benchmark_version, json.dumps(run.config), json.dumps(run.environment), run.error),
+                 run.benchmark_version, json.dumps(run.config), json.dumps(run.environment), run.error, run.key),
             )
             self.db.executemany(
                 "INSERT INTO measurements VALUES (?,?,?,?,?,?,?,?,?,?)",
@@ -148,6 +158,11 @@ class Store:
         if row is None:
             raise ConfigError(f"no run '{run_id}' in the store '{self.path}'; list the runs with `frugalm ls runs`")
         return _run_from_row(row)
+
+    def complete_run_with_key(self, key: str) -> Run | None:
+        """The newest complete run stored under `key`, if any."""
+        row = self.db.execute("SELECT * FROM runs WHERE key = ? AND status = 'complete' ORDER BY created_at DESC, id DESC LIMIT 1", (key,)).fetchone()
+        return _run_from_row(row) if row else None
 
     def measurements(self, run_id: str) -> list[Measurement]:
         rows = self.db.execute("SELECT * FROM measurements WHERE run_id = ? ORDER BY rowid", (run_id,))
@@ -179,5 +194,5 @@ def _run_from_row(r: sqlite3.Row) -> Run:
     return Run(
         id=r["id"], kind=r["kind"], status=r["status"], created_at=r["created_at"], wall_s=r["wall_s"],
         model_ref=r["model_ref"], model_path=r["model_path"], benchmark_version=r["benchmark_version"],
-        config=json.loads(r["config_json"]), environment=json.loads(r["environment_json"]), error=r["error"],
+        config=json.loads(r["config_json"]), environment=json.loads(r["environment_json"]), error=r["error"], key=r["key"],
     )

@@ -16,6 +16,8 @@ from frugalm.errors import FrugalmError
 SUBCOMMANDS = {
     "bench": "frugalm.cli.bench",
     "run": "frugalm.cli.run",
+    "optimize": "frugalm.cli.optimize",
+    "report": "frugalm.cli.report",
     "validate": "frugalm.cli.validate",
     "ls": "frugalm.cli.ls",
 }

@@ -1,0 +1,179 @@
+"""`frugalm optimize`: the main job. A portfolio of recipes -> measured variants -> Pareto front -> report.
+
+1. Check everything first: the model, every recipe, the output folder, the profile, the
+   constraints, and whether the model fits the device's memory (predicted from its files).
+2. Measure the baseline, then each recipe's variant (`frugalm run`), each stored under a key
+   that hashes the model's files, the benchmark settings and the resolved recipe. A rerun
+   skips every key the store already holds complete, so an interrupted optimize resumes, and
+   a run with other settings never mixes with this one. A recipe that does not fit the model
+   (say, a group size that does not divide its widths) is reported as skipped with the reason.
+3. Compute the Pareto fronts (quality against each resource) from the stored figures, write the
+   report (HTML, Markdown, JSON), and keep the artifacts of the variants on some front.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from frugalm.bench import BenchConfig, bench, prepare
+from frugalm.errors import ConfigError, FrugalmError, suggest
+from frugalm.measure.metrics import BENCHMARK_VERSION
+from frugalm.pareto import Constraint
+from frugalm.measure.runner import Progress
+from frugalm.models import ModelSource, resolve_model
+from frugalm.pipeline import RunConfig, run_recipe
+from frugalm.recipe import SHIPPED_DIR, Recipe, load_recipe, recipe_to_dict
+from frugalm.store import Run, Store
+
+DEFAULT_CONSTRAINTS = ("ppl_tok<=+5%", "ppl_tok<=+20%")
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    out_dir: str = "frugalm-optimize"
+    recipes: tuple[str, ...] = ()
+    """Recipe files or names of shipped recipes; empty: every shipped recipe."""
+    bench: BenchConfig = field(default_factory=lambda: BenchConfig(repetitions=3, protocol=_fast_protocol()))
+    constraints: tuple[str, ...] = DEFAULT_CONSTRAINTS
+    keep_dominated: bool = False
+    """Keep the artifacts of variants on no front (by default they are removed; their figures stay)."""
+
+
+def _fast_protocol():
+    from frugalm.measure.quality import PerplexityProtocol
+
+    return PerplexityProtocol(max_tokens=16_384, robust_tokens=4_096)
+
+
+@dataclass
+class Entry:
+    name: str
+    run: Run | None
+    recipe: dict | None = None
+    skipped: str | None = None
+
+
+@dataclass
+class OptimizeResult:
+    out_dir: Path
+    baseline: Entry
+    variants: list[Entry]
+    session: Run
+    report_paths: dict[str, Path]
+
+
+def shipped_recipe_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+
+
+def _recipe_paths(names: tuple[str, ...]) -> list[Path]:
+    if not names:
+        return sorted(SHIPPED_DIR.glob("*.yaml"))
+    paths = []
+    for n in names:
+        p = Path(n)
+        if not p.is_file():
+            p = SHIPPED_DIR / f"{n}.yaml"
+        if not p.is_file():
+            raise ConfigError(f"recipe '{n}' is neither a file nor a shipped recipe{suggest(n, shipped_recipe_names())}")
+        paths.append(p)
+    return paths
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output folder '{out}' is a file; pass a folder path with --out")
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(probe, os.W_OK):
+        raise ConfigError(f"output folder '{out}' is not writable (no write permission on '{probe}'); pass a writable folder with --out")
+
+
+def _check_fits_memory(source: ModelSource, device: str) -> None:
+    """Refuse, before loading, a model whose weights alone exceed the device's free memory."""
+    import psutil
+
+    weights = sum(f.stat().st_size for f in source.path.glob("*.safetensors")) or sum(f.stat().st_size for f in source.path.glob("*.bin"))
+    need = weights * 2.2  # the model, a reference copy for fidelity, and working memory
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        where = f"GPU {device}"
+    else:
+        free, where = psutil.virtual_memory().available, "this machine"
+    if need > free:
+        raise ConfigError(f"model '{source.ref}' has {weights / 2**30:.1f} GiB of weights and needs about {need / 2**30:.1f} GiB to optimize, but {where} has {free / 2**30:.1f} GiB free; use a machine with more memory or a smaller model")
+
+
+def _model_identity(source: ModelSource) -> list:
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.path.iterdir() if f.is_file())
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def optimize(model: str | os.PathLike | None = None, config: OptimizeConfig = OptimizeConfig(), *, store: Store | str | os.PathLike | None = None, progress: Progress | None = None, say=print) -> OptimizeResult:
+    # 1. Everything that can be wrong is found before anything runs.
+    source = resolve_model(model)
+    recipes = [(p.stem, load_recipe(p)) for p in _recipe_paths(config.recipes)]
+    constraints = [Constraint.parse(c) for c in config.constraints]
+    out = Path(config.out_dir).expanduser().resolve()
+    _check_out_dir(out)
+    spec = prepare(source.path, config.bench)  # model, data, workloads, metrics, profile, device
+    _check_fits_memory(source, config.bench.device)
+    settings = [BENCHMARK_VERSION, _model_identity(source), spec.data_desc, spec.workloads, spec.profile, config.bench.device, config.bench.dtype, asdict(config.bench.protocol), config.bench.warmup, config.bench.repetitions, config.bench.metrics]
+    out.mkdir(parents=True, exist_ok=True)
+    with contextlib.nullcontext(store) if isinstance(store, Store) else Store(store) as db:
+        baseline = _baseline(source, config, db, _key(settings, "baseline"), progress, say)
+        variants = [_variant(name, recipe, source, config, db, _key(settings, recipe_to_dict(recipe)), out, progress, say) for name, recipe in recipes]
+        from frugalm.report.build import build_report_data, write_reports
+
+        session = Run(kind="optimize", model_ref=source.ref, model_path=str(source.path), benchmark_version=BENCHMARK_VERSION,
+                      config={"baseline": baseline.run.id, "variants": {v.name: (v.run.id if v.run else None) for v in variants},
+                              "skipped": {v.name: v.skipped for v in variants if v.skipped}, "constraints": [str(c) for c in constraints],
+                              "constraint_specs": list(config.constraints), "out_dir": str(out)},
+                      environment=baseline.run.environment)
+        data = build_report_data(db, session)
+        db.add_run(session, [])
+    paths = write_reports(data, out)
+    if not config.keep_dominated:
+        _remove_dominated_artifacts(out, data)
+    return OptimizeResult(out, baseline, variants, session, paths)
+
+
+def _baseline(source, config, db: Store, key: str, progress, say) -> Entry:
+    done = db.complete_run_with_key(key)
+    if done:
+        say(f"baseline: already measured (run {done.id}), skipped")
+        return Entry("baseline", done)
+    say("baseline: measuring")
+    result = bench(source.path, config.bench, store=db, progress=progress, kind="baseline", key=key)
+    return Entry("baseline", result.run)
+
+
+def _variant(name: str, recipe: Recipe, source, config, db: Store, key: str, out: Path, progress, say) -> Entry:
+    done = db.complete_run_with_key(key)
+    if done:
+        say(f"{name}: already measured (run {done.id}), skipped")
+        return Entry(name, done, recipe_to_dict(recipe))
+    say(f"{name}: {' -> '.join(s.technique for s in recipe.stages)}")
+    try:
+        result = run_recipe(recipe, source.path, RunConfig(out_dir=str(out / "variants" / name), bench=config.bench), store=db, progress=progress, key=key)
+    except FrugalmError as exc:  # the recipe does not fit this model: say why, go on with the rest
+        say(f"{name}: skipped: {exc}")
+        return Entry(name, None, recipe_to_dict(recipe), skipped=str(exc))
+    return Entry(name, result.bench.run, recipe_to_dict(recipe))
+
+
+def _remove_dominated_artifacts(out: Path, data) -> None:
+    keep = {v["name"] for v in data["variants"] if v.get("on_front")}
+    for folder in (out / "variants").glob("*") if (out / "variants").is_dir() else []:
+        if folder.is_dir() and folder.name not in keep:
+            shutil.rmtree(folder)

@@ -1,0 +1,163 @@
+"""Report data: a pure function of stored runs -> one dict that every renderer (HTML, Markdown, JSON) reads.
+
+The headline figure of each resource, plotted against quality, is named in HEADLINE; the
+direction of every metric comes from the registry. Figures carry their method so renderers
+can mark estimates as estimates.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from frugalm.measure.metrics import METRICS, get_metric
+from frugalm.pareto import Constraint, hypervolume, non_dominated, satisfying
+from frugalm.store import Run, Store
+
+QUALITY = "ppl_tok"
+# resource -> (metric, per workload?)
+HEADLINE = {
+    "computation": "decode_tok_s",
+    "memory": "peak_mem_mib",
+    "weights": "weights_mib",
+    "energy": "energy_j_per_tok",
+    "money": "cost_usd_per_mtok",
+    "network": "ship_compressed_mib",
+}
+
+
+def _figure_key(metric: str, workload: str | None) -> str:
+    return f"{metric}@{workload}" if workload else metric
+
+
+def _figures(db: Store, run: Run) -> dict[str, dict]:
+    return {
+        _figure_key(m.metric, m.workload): {"metric": m.metric, "workload": m.workload, "value": m.value, "unit": m.unit, "method": m.method, "n": m.n, "spread": m.spread}
+        for m in db.measurements(run.id)
+    }
+
+
+def _headline_point(figures: dict, workload: str) -> dict[str, float]:
+    point = {}
+    for metric in [QUALITY, *HEADLINE.values()]:
+        key = _figure_key(metric, workload if get_metric(metric).per_workload else None)
+        if key in figures:
+            point[metric] = figures[key]["value"]
+    return point
+
+
+def build_report_data(db: Store, session: Run) -> dict:
+    """Everything a report shows, from the store: baseline, variants, fronts, recommendations."""
+    cfg = session.config
+    base_run = db.get_run(cfg["baseline"])
+    workload = base_run.config["workloads"][0]["name"]
+    base_fig = _figures(db, base_run)
+    entries = [{"name": "baseline", "run": base_run, "figures": base_fig, "recipe": None}]
+    for name, run_id in cfg["variants"].items():
+        if run_id:
+            run = db.get_run(run_id)
+            entries.append({"name": name, "run": run, "figures": _figures(db, run), "recipe": run.config.get("variant", {}).get("recipe")})
+    points = [_headline_point(e["figures"], workload) for e in entries]
+    fronts, volumes = {}, {}
+    for resource, metric in HEADLINE.items():
+        have = [i for i, p in enumerate(points) if QUALITY in p and metric in p]
+        sub = [points[i] for i in have]
+        front = [have[j] for j in non_dominated(sub, (QUALITY, metric))] if sub else []
+        fronts[resource] = [entries[i]["name"] for i in front]
+        if sub:
+            ref = {QUALITY: max(p[QUALITY] for p in sub) * 1.1, metric: _reference(metric, [p[metric] for p in sub])}
+            volumes[resource] = hypervolume(sub, (QUALITY, metric), ref)
+    on_front = {n for names in fronts.values() for n in names}
+    variants = [_variant_row(e, base_fig, on_front, fronts, workload) for e in entries]
+    return {
+        "session_id": session.id,
+        "model": session.model_ref,
+        "created_at": session.created_at,
+        "benchmark_version": session.benchmark_version,
+        "environment": base_run.environment,
+        "workload": base_run.config["workloads"][0],
+        "quality_metric": QUALITY,
+        "headline": {r: {"metric": m, **_metric_info(m)} for r, m in HEADLINE.items()},
+        "metrics": {name: _metric_info(name) for name in METRICS},
+        "variants": variants,
+        "skipped": cfg.get("skipped", {}),
+        "fronts": fronts,
+        "hypervolume": volumes,
+        "recommendations": _recommendations(cfg.get("constraint_specs", []), points, entries),
+        "out_dir": cfg.get("out_dir"),
+        "protocol": {k: base_run.config.get(k) for k in ("data", "protocol", "workloads", "profile", "repetitions", "warmup", "device", "dtype")},
+    }
+
+
+def _reference(metric: str, values: list[float]) -> float:
+    """A point a little worse than every variant on `metric`, for the hypervolume."""
+    if get_metric(metric).higher_is_better:
+        return min(values) * 0.9
+    return max(values) * 1.1
+
+
+def _metric_info(name: str) -> dict:
+    m = get_metric(name)
+    return {"unit": m.unit, "higher_is_better": m.higher_is_better, "resource": m.resource, "description": m.description}
+
+
+def _variant_row(entry: dict, base_fig: dict, on_front: set, fronts: dict, workload: str) -> dict:
+    figs = entry["figures"]
+    for key, f in figs.items():
+        base = base_fig.get(key)
+        f["delta_pct"] = 100 * (f["value"] / base["value"] - 1) if base and base["value"] else None
+    run = entry["run"]
+    variant = run.config.get("variant", {})
+    return {
+        "name": entry["name"],
+        "run_id": run.id,
+        "figures": figs,
+        "on_front": entry["name"] in on_front,
+        "fronts": [r for r, names in fronts.items() if entry["name"] in names],
+        "recipe": entry["recipe"],
+        "changes": variant.get("changes", []),
+        "produce_wall_s": variant.get("produce_wall_s"),
+        "artifact": run.model_path,
+        "environment": run.environment,
+        "workload": workload,
+    }
+
+
+def _recommendations(specs: list[str], points: list[dict], entries: list[dict]) -> list[dict]:
+    """Per constraint: which variants satisfy it, and the best of them on each resource."""
+    out = []
+    for spec in specs:
+        c = Constraint.parse(spec)
+        ok = satisfying(points, [c], points[0])  # points[0] is the baseline
+        best = {}
+        for resource, metric in HEADLINE.items():
+            cands = [i for i in ok if metric in points[i]]
+            if cands:
+                pick = (max if get_metric(metric).higher_is_better else min)(cands, key=lambda i: points[i][metric])
+                best[resource] = {"variant": entries[pick]["name"], "value": points[pick][metric], "metric": metric}
+        out.append({"constraint": str(c), "bound": c.bound(points[0].get(c.metric)), "satisfied_by": [entries[i]["name"] for i in ok], "best": best})
+    return out
+
+
+def write_reports(data: dict, out_dir: Path) -> dict[str, Path]:
+    """report.html, report.md and report.json in `out_dir`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return render_all(data, out_dir / "report")
+
+
+def render_all(data: dict, stem: Path) -> dict[str, Path]:
+    """Write STEM.html, STEM.md and STEM.json, each atomically (complete or absent)."""
+    from frugalm.report.html import render_html
+    from frugalm.report.markdown import render_markdown
+
+    paths = {"html": stem.with_suffix(".html"), "md": stem.with_suffix(".md"), "json": stem.with_suffix(".json")}
+    _atomic_write(paths["json"], json.dumps(data, indent=2, default=str))
+    _atomic_write(paths["md"], render_markdown(data))
+    _atomic_write(paths["html"], render_html(data))
+    return paths
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(text)
+    tmp.replace(path)
