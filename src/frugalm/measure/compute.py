@@ -33,8 +33,21 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     return 2 * bh * s_q * s_k * d_qk + 2 * bh * s_q * s_k * d_v
 
 
-# torch's counter knows the CUDA attention kernels but not the CPU one that sdpa dispatches to.
-_EXTRA_FLOP_FORMULAS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+def _int8_linear_flops(x_shape, packed, *args, **kwargs) -> int:
+    """fbgemm's dynamic int8 matmul: the same multiply-adds as the float one (as integer ops)."""
+    out_f, in_f = packed.unpack()[0].shape
+    rows = 1
+    for n in x_shape[:-1]:
+        rows *= n
+    return 2 * rows * out_f * in_f
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU one that sdpa dispatches to,
+# nor the quantized int8 matmul.
+_EXTRA_FLOP_FORMULAS = {
+    aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    torch.ops.quantized.linear_dynamic: _int8_linear_flops,
+}
 
 
 def count_flops(fn: Callable[[], object]) -> int:

@@ -82,7 +82,8 @@ def scatter_svg(data: dict, resource: str) -> str:
         tip = f"{v['name']}: {q} {format_value(fy['value'])}, {metric} {format_value(fx['value'])} {fx['unit']} ({fx['method']})"
         if v.get("recipe"):
             tip += " | " + " → ".join(s["technique"] for s in v["recipe"]["stages"])
-        parts.append(f'<g class="{cls}" data-tip="{html.escape(tip)}"><title>{html.escape(tip)}</title><circle cx="{x:.1f}" cy="{y:.1f}" r="6" /><text x="{x + 8:.1f}" y="{y - 8:.1f}" class=label>{html.escape(v["name"])}</text></g>')
+        lx, anchor = (x + 8, "start") if x < W - 90 else (x - 8, "end")  # keep labels inside the plot
+        parts.append(f'<g class="{cls}" data-tip="{html.escape(tip)}"><title>{html.escape(tip)}</title><circle cx="{x:.1f}" cy="{y:.1f}" r="6" /><text x="{lx:.1f}" y="{y - 8:.1f}" class=label text-anchor={anchor}>{html.escape(v["name"])}</text></g>')
     parts.append("</svg>")
     return "".join(parts)
 

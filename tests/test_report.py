@@ -1,0 +1,113 @@
+"""Reports: golden files from a fixture database, and the HTML opened in a real headless Chromium."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from frugalm.measure.metrics import METRICS, Measurement
+from frugalm.report.build import build_report_data, render_all
+from frugalm.store import Run, Store
+
+GOLDEN = Path(__file__).parent / "golden"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# name -> (ppl_tok, decode_tok_s, peak_mem_mib, weights_mib, energy_j_per_tok, cost_usd_per_mtok, ship_compressed_mib)
+VARIANTS = {
+    "baseline": (3.60, 200.0, 18.0, 0.99, 0.030, 0.12, 0.93),
+    "int8": (3.65, 260.0, 12.0, 0.35, 0.024, 0.09, 0.34),
+    "int4-gptq": (3.90, 240.0, 10.0, 0.20, 0.026, 0.10, 0.19),
+    "wanda50": (4.60, 205.0, 18.0, 0.99, 0.031, 0.12, 0.58),
+}
+HEADLINE = ["ppl_tok", "decode_tok_s", "peak_mem_mib", "weights_mib", "energy_j_per_tok", "cost_usd_per_mtok", "ship_compressed_mib"]
+
+
+def _measurements(values) -> list[Measurement]:
+    out = []
+    for name, value in zip(HEADLINE, values):
+        metric = METRICS[name]
+        method = "estimated" if name in ("energy_j_per_tok", "cost_usd_per_mtok") else metric.method
+        spread = value * 0.02 if metric.method == "measured" and metric.per_workload else None
+        out.append(Measurement(name, value, metric.unit, method, "chat" if metric.per_workload else None, n=5 if spread else 1, spread=spread))
+    return out
+
+
+def make_fixture_db(path: Path) -> Run:
+    env = {"device": "cpu", "cpu": "Fixture CPU", "torch": "2.13.0+cpu", "transformers": "5.23.0"}
+    config = {"workloads": [{"name": "chat", "prompt_tokens": 128, "output_tokens": 64, "batch_size": 1}], "data": {"data": "fixture.txt"}, "protocol": {"window": 512, "stride": 256}}
+    ids = {}
+    with Store(path) as db:
+        for i, (name, values) in enumerate(VARIANTS.items()):
+            recipe = None if name == "baseline" else {"version": 1, "name": name, "stages": [{"technique": "rtn_quant" if "int" in name else "wanda_prune"}]}
+            run = Run(id=f"run-{i}", created_at=f"2026-11-23T12:00:0{i}+0000", kind="baseline" if i == 0 else "variant", model_ref="fixture-model",
+                      model_path=f"/fixture/{name}", benchmark_version="frugalm-bench v1", environment=env,
+                      config={**config, "variant": {"recipe": recipe, "changes": [], "produce_wall_s": 1.5}} if recipe else config)
+            ids[name] = db.add_run(run, _measurements(values))
+        session = Run(id="session-1", created_at="2026-11-23T12:01:00+0000", kind="optimize", model_ref="fixture-model", benchmark_version="frugalm-bench v1", environment=env,
+                      config={"baseline": ids["baseline"], "variants": {n: ids[n] for n in VARIANTS if n != "baseline"}, "skipped": {"int4-awq": "group size 128 does not divide 172"},
+                              "constraint_specs": ["ppl_tok<=+5%", "ppl_tok<=+20%"], "out_dir": "/fixture/out"})
+        db.add_run(session, [])
+    return session
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("report")
+    session = make_fixture_db(tmp / "fixture.db")
+    with Store(tmp / "fixture.db") as db:
+        data = build_report_data(db, session)
+    return data, render_all(data, tmp / "report")
+
+
+def test_fronts_and_recommendations(report):
+    data, _ = report
+    assert data["fronts"]["computation"] == ["baseline", "int8"]  # int4-gptq and wanda50 are slower or worse
+    assert data["fronts"]["weights"] == ["baseline", "int8", "int4-gptq"]
+    five = data["recommendations"][0]
+    assert five["satisfied_by"] == ["baseline", "int8"] and five["best"]["weights"]["variant"] == "int8"
+    assert data["recommendations"][1]["best"]["weights"]["variant"] == "int4-gptq"
+    assert not [v for v in data["variants"] if v["name"] == "wanda50"][0]["on_front"]
+
+
+@pytest.mark.parametrize("suffix", ["md", "json", "html"])
+def test_golden_files(report, suffix):
+    _, paths = report
+    text = paths[suffix].read_text()
+    golden = GOLDEN / f"report.{suffix}"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text(), f"report.{suffix} changed; if intended, rerun with UPDATE_GOLDEN=1 and review the diff"
+
+
+def test_json_is_the_whole_data(report):
+    data, paths = report
+    assert json.loads(paths["json"].read_text())["fronts"] == data["fronts"]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
+def test_report_renders_in_headless_chromium(report):
+    from playwright.sync_api import sync_playwright
+
+    _, paths = report
+    ARTIFACTS.mkdir(exist_ok=True)
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        errors, requests = [], []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:")) else None)
+        page.goto(paths["html"].as_uri())
+        assert errors == [] and requests == []  # no console errors, nothing fetched from a network
+        assert page.locator("svg.plot").count() == 6
+        assert page.locator("svg.plot .pt").count() == 6 * len(VARIANTS)
+        assert page.locator("svg.plot .pt.estimated").count() == 2 * len(VARIANTS)  # energy and money plots
+        assert "(J/tok) — estimated" in page.locator("svg.plot").nth(3).text_content()
+        page.hover("svg.plot .pt circle >> nth=1")
+        assert page.locator("#tip").is_visible() and "int8" in page.locator("#tip").text_content()
+        page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+        browser.close()

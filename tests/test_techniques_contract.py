@@ -1,0 +1,82 @@
+"""Contract tests over the whole registry: every technique, its defaults, its artifact, a quality floor.
+
+Run on the built-in default model (a real, trained 2.4M-parameter Llama), with calibration
+text drawn from the part of its held-out text that the perplexity check does not use.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from frugalm.data import read_text, split_documents
+from frugalm.default_model import default_eval_path
+from frugalm.measure.quality import encode_documents, score_text
+from frugalm.models import load_model, save_variant
+from frugalm.recipe import build_config, recipe_to_dict, Recipe, Stage
+from frugalm.registry import TECHNIQUES, get_technique
+from frugalm.techniques.base import Context
+from frugalm.techniques.calibrate import sample_calibration
+
+# Largest perplexity ratio to the dense model each technique may reach with its default
+# options on the default model (measured values are well inside; see the closing notes).
+QUALITY_FLOOR = {
+    "rtn_quant": 1.05,  # int8 per-channel
+    "gptq_quant": 1.05,
+    "awq_quant": 1.05,
+    "magnitude_prune": 3.0,  # 50% unstructured, no recovery
+    "wanda_prune": 2.0,
+    "sparsegpt_prune": 2.0,
+    "structured_prune": 20.0,  # 25% of MLP channels physically removed, no recovery
+}
+EVAL_TOKENS = 4096
+
+
+@pytest.fixture(scope="module")
+def setup():
+    docs = split_documents(read_text(default_eval_path()))
+    lm = load_model(fast_kernels=False)
+    evaluated = encode_documents(lm.tokenizer, docs, EVAL_TOKENS)
+    calibration = sample_calibration(lm.tokenizer, docs[len(evaluated.docs):], 16, 256, seed=0)
+    dense = _ppl(lm.model, evaluated)
+    return docs, evaluated, calibration, dense
+
+
+def _ppl(model, encoded) -> float:
+    s = score_text(model, encoded, 512, 512)
+    return math.exp(s.nll_sum / s.n_predicted)
+
+
+def test_every_technique_has_a_quality_floor():
+    assert set(TECHNIQUES) <= set(QUALITY_FLOOR), f"add a floor for {set(TECHNIQUES) - set(QUALITY_FLOOR)}"
+
+
+@pytest.mark.parametrize("name", sorted(TECHNIQUES))
+def test_defaults_are_valid_and_round_trip(name):
+    technique = get_technique(name)
+    config, problems = build_config(technique.config_cls, {}, name)
+    assert problems == []
+    stage_dict = recipe_to_dict(Recipe(name="r", stages=(Stage(name, config),)))["stages"][0]
+    again, problems = build_config(technique.config_cls, {k: v for k, v in stage_dict.items() if k != "technique"}, name)
+    assert problems == [] and again == config
+
+
+@pytest.mark.parametrize("name", sorted(TECHNIQUES))
+def test_apply_save_reload(name, setup, tmp_path):
+    docs, evaluated, calibration, dense = setup
+    technique = get_technique(name)
+    lm = load_model(fast_kernels=False)
+    ctx = Context(calibration=calibration)
+    model = technique.apply(lm.model, technique.config_cls(), ctx)
+    assert ctx.changes and ctx.changes[-1]["technique"] == name and ctx.changes[-1]["layers"]
+    ids = evaluated.ids[None, :256]
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all()
+    ppl = _ppl(model, evaluated)
+    assert ppl <= QUALITY_FLOOR[name] * dense, f"{name}: perplexity {ppl:.3f} vs dense {dense:.3f}"
+    folder = save_variant(model, lm.tokenizer, tmp_path / "variant", {"changes": ctx.changes})
+    again = load_model(folder, fast_kernels=False)
+    with torch.no_grad():
+        assert torch.equal(again.model(ids).logits, logits)
