@@ -1,0 +1,92 @@
+"""`frugalm optimize` end to end on a tiny model: report, resume after SIGKILL, bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from frugalm.cli import main
+from frugalm.store import Store
+
+FAST = ["--eval-tokens", "256", "--repetitions", "2", "--workload", "chat", "--quiet", "--recipe", "int8", "--recipe", "magnitude50"]
+
+
+def _complete_keys(db: Path) -> Counter:
+    with Store(db) as store:
+        assert store.integrity_check() == "ok"
+        return Counter(r.key for r in store.runs() if r.status == "complete" and r.key)
+
+
+def test_optimize_writes_report_and_resumes(tiny_llama, text_file, tmp_path, capsys):
+    out, db = tmp_path / "out", tmp_path / "s.db"
+    args = ["optimize", str(tiny_llama), "--data", str(text_file), "--out", str(out), "--store", str(db), *FAST]
+    assert main(args) == 0
+    first = capsys.readouterr()
+    assert "## Pareto fronts" in first.out
+    for name in ("report.html", "report.md", "report.json"):
+        assert (out / name).stat().st_size > 0
+    keys = _complete_keys(db)
+    assert len(keys) == 3 and set(keys.values()) == {1}  # baseline + 2 variants, once each
+    assert main(args) == 0  # a rerun measures nothing again
+    assert capsys.readouterr().err.count("already measured") == 3
+    assert _complete_keys(db) == keys
+    # Another setting (more repetitions) is another key: never mixed with the first results.
+    assert main([*args, "--repetitions", "3", "--recipe", "int8"]) == 0
+    assert len(_complete_keys(db)) > 3
+
+
+def test_sigkill_midway_then_rerun_completes_without_redoing(tiny_llama, text_file, tmp_path):
+    out, db = tmp_path / "out", tmp_path / "s.db"
+    args = [sys.executable, "-m", "frugalm", "optimize", str(tiny_llama), "--data", str(text_file), "--out", str(out), "--store", str(db), *FAST]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in proc.stderr:
+        if line.startswith("magnitude50:"):  # baseline and int8 are stored; the next is under way
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=60)
+    done = _complete_keys(db)
+    assert len(done) == 2
+    rerun = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert rerun.stderr.count("already measured") == 2
+    after = _complete_keys(db)
+    assert len(after) == 3 and set(after.values()) == {1}  # nothing duplicated, nothing half-written
+    assert (out / "report.html").is_file()
+
+
+def test_bad_input_is_one_line(tiny_llama, text_file, tmp_path, capsys):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    huge = tmp_path / "huge"
+    huge.mkdir()
+    for f in tiny_llama.iterdir():
+        if f.suffix != ".safetensors":
+            (huge / f.name).write_bytes(f.read_bytes())
+    with open(huge / "model.safetensors", "wb") as f:  # sparse: 10 TiB on paper, nothing on disk
+        f.truncate(10 * 2**40)
+    base = ["optimize", "--data", str(text_file), "--store", str(tmp_path / "s.db"), "--quiet"]
+    cases = {
+        "unknown profile": ([str(tiny_llama), "--profile", "cloud-h1000"], "did you mean 'cloud-h100'"),
+        "unknown constraint metric": ([str(tiny_llama), "--constraint", "perplexity<=+5%"], "unknown metric 'perplexity'"),
+        "out is a file": ([str(tiny_llama), "--out", str(a_file)], "is a file"),
+        "unknown recipe": ([str(tiny_llama), "--recipe", "int9"], "did you mean 'int8'"),
+        "does not fit memory": ([str(huge)], "needs about"),
+    }
+    for label, (extra, expected) in cases.items():
+        assert main([*base, *extra]) == 2, label
+        err = capsys.readouterr().err.strip()
+        assert expected in err and "\n" not in err, (label, err)
+    assert not (tmp_path / "s.db").exists() or not Store(tmp_path / "s.db").runs()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write into a read-only folder")
+def test_unwritable_out_folder(tiny_llama, text_file, tmp_path, capsys):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    assert main(["optimize", str(tiny_llama), "--data", str(text_file), "--out", str(ro / "out"), "--quiet"]) == 2
+    assert "not writable" in capsys.readouterr().err
