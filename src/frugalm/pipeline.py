@@ -84,7 +84,7 @@ def _calibration(recipe: Recipe, lm, bench_config: BenchConfig):
     from frugalm.techniques.calibrate import sample_calibration
 
     tokenizer = lm.tokenizer
-    if not any(get_technique(s.technique).needs_calibration for s in recipe.stages):
+    if not any(get_technique(s.technique).wants_calibration(s.config) for s in recipe.stages):
         return None, None
     cal = recipe.calibration
     if cal.data:

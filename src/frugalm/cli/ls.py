@@ -68,7 +68,7 @@ def _techniques(args) -> str:
         t = get_technique(name)
         module = __import__(t.apply.__module__, fromlist=["_"])
         summary = (module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else ""
-        lines = [f"{name}  [{t.kind}{', needs calibration' if t.needs_calibration else ''}]  {summary}"]
+        lines = [f"{name}  [{t.kind}{'' if not t.needs_calibration else ', needs calibration' if t.needs_calibration is True else ', needs calibration for some options'}]  {summary}"]
         lines += [f"    {opt}: {tp} = {default!r}  {doc}" for opt, tp, default, doc in option_docs(t.config_cls)]
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks) if blocks else "no techniques registered"

@@ -30,9 +30,14 @@ class Technique:
     apply: Callable[[nn.Module, Any, Context], nn.Module]
     kind: str
     """Lifecycle family: quantization, pruning, distillation, fine-tuning, data, acceleration."""
-    needs_calibration: bool = False
+    needs_calibration: bool | Callable[[Any], bool] = False
+    """True, or a function of the config, when `apply` reads ctx.calibration."""
     version: int = 1
     """Bumped when the technique's output changes for the same config (stored with artifacts)."""
+
+
+    def wants_calibration(self, config) -> bool:
+        return self.needs_calibration(config) if callable(self.needs_calibration) else self.needs_calibration
 
 
 @dataclass

@@ -289,6 +289,7 @@ def apply(model: nn.Module, config: StructuredPruneConfig, ctx: Context) -> nn.M
     return model
 
 
-# needs_calibration is True so that a recipe's pipeline supplies tokens for importance
-# 'activation' (the default); importance 'magnitude' never reads them.
-TECHNIQUE = Technique(name="structured_prune", config_cls=StructuredPruneConfig, apply=apply, kind="pruning", needs_calibration=True)
+TECHNIQUE = Technique(
+    name="structured_prune", config_cls=StructuredPruneConfig, apply=apply, kind="pruning",
+    needs_calibration=lambda config: config.importance == "activation",  # 'magnitude' reads no data
+)
