@@ -1,0 +1,341 @@
+"""GPTQ weight-only quantization (Frantar et al. 2022, "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers", arXiv:2210.17323).
+
+Per targeted layer, H = 2 X^T X / n from its calibration inputs X (n, in). Columns are
+quantized one at a time (round-to-nearest on a per-group grid), and each column's rounding
+error is spread over the not-yet-quantized columns through the Cholesky factor of H^-1, so the
+layer output X W^T, not the weight, is what stays close. Columns go in blocks of 128 with lazy
+updates as in the paper; H gets `damp_percent` of its mean diagonal added (retried x10 if not
+positive definite); inputs never seen (zero diagonal) get zero weight.
+
+- Grid: `observer: mse` (default) takes each group's range shrunk to minimize sum (w - q(w))^2,
+  as the reference implementation's `Quantizer(mse=True)`; `minmax` is RTN's grid. On stories260K
+  at 4 bits per channel, mse removes ~64% of RTN's perplexity increase, minmax ~42%.
+
+- Groups: without act_order, a group's scale/zero are chosen when its first column is reached,
+  from the error-updated weights (the reference implementation); blocks are whole groups.
+- act_order: columns go in decreasing diag(H). The packed storage has no g_idx, so group (and
+  per-channel) parameters are computed once, from the original weights in the original column
+  order ("static groups", as in the reference's --static-groups); QuantLinear holds them as is.
+- Calibration is sequential by default, as in the paper and llm-compressor: the inputs of
+  decoder block 0 are captured by a hook, then block by block the targeted layers' Grams are
+  accumulated, the layers quantized, and the quantized block's outputs fed to the next block.
+  All layers of one block see the block's inputs before any of them is quantized (not the
+  reference's "true-sequential" sub-block order). Targeted layers outside the blocks (or all of
+  them with `sequential: false`) are calibrated in one pass of the model.
+
+Does not speed anything up by itself (same packed format and kernels as RTN); it recovers most
+of RTN's 4-bit quality loss at the price of calibration data and minutes of compute (one
+Cholesky per layer, a Python loop over columns). At 8 bits RTN is usually enough.
+`calibrate_blockwise` here is shared with `quant_awq`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from frugalm.techniques.base import Context, Technique, TechniqueError, select_linears, weight_out_in
+from frugalm.techniques.calibrate import InputStats, collect_input_stats
+from frugalm.techniques.quant_pack import quantize_groups
+from frugalm.techniques.quant_rtn import DEFAULT_TARGETS, ByteCount, check_config, check_widths, quant_linear, quant_problems, record_quant_change, replace_module_
+
+CALIBRATION_BATCH = 8
+"""Calibration sequences per forward pass."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class GPTQQuantConfig:
+    bits: Literal[4, 8] = 4
+    """Bits per weight: 4 (packed two per byte) or 8."""
+    group_size: int = -1
+    """Input columns sharing one scale; -1: one scale per output channel. Must divide in_features."""
+    symmetric: bool = True
+    """Zero point fixed at the middle code; False: per-group zero point."""
+    act_order: bool = True
+    """Quantize columns in decreasing diag(H) (activation order), with static group parameters."""
+    observer: Literal["minmax", "mse"] = "mse"
+    """How a group's range is chosen: its min/max (as RTN), or the shrunk range (down to 21%) minimizing sum (w - q(w))^2."""
+    damp_percent: float = 0.01
+    """Fraction of mean(diag(H)) added to H's diagonal before inversion, in (0, 1]."""
+    block_size: int = 128
+    """Columns per lazy-update block."""
+    sequential: bool = True
+    """Calibrate block by block on the outputs of the already quantized blocks; False: one pass."""
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    """fnmatch patterns over module names; the output head is excluded unless named."""
+
+    def problems(self) -> list[str]:
+        problems = quant_problems(self.bits, self.group_size)
+        if not 0 < self.damp_percent <= 1:
+            problems.append(f"damp_percent must be in (0, 1] (a fraction of mean(diag(H)), e.g. 0.01), got {self.damp_percent}")
+        if self.block_size < 1:
+            problems.append(f"block_size must be >= 1 (e.g. 128), got {self.block_size}")
+        return problems
+
+
+# --- the GPTQ solver -------------------------------------------------------------------------
+
+
+def _inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp I)^-1, float32 (in, in); damping grows x10 until H is positive definite."""
+    eye = torch.eye(len(h), dtype=h.dtype, device=h.device)
+    damp = damp_percent * torch.diag(h).mean()
+    for _ in range(6):
+        lower, info = torch.linalg.cholesky_ex(h + damp * eye)
+        if info == 0:
+            return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
+        damp = damp * 10
+    raise TechniqueError(f"gptq_quant: the calibration Hessian is not positive definite even with damping {damp:.3g}; raise damp_percent or give more calibration samples")
+
+
+def _range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float16-exact, as float32) and zero point for ranges [lo, hi], as `quantize_groups` sets them."""
+    if symmetric:
+        scale = hi.clamp(min=1e-8) / (2 ** (bits - 1) - 1)
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8)
+        zero = torch.round(-lo / scale).clamp(0, 2**bits - 1)
+    return scale.half().float(), zero
+
+
+def group_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float16) and zero point (uint8), each (out, G), of w (out, in): min/max or MSE-best shrunk ranges.
+
+    "mse" is the reference implementation's Quantizer(mse=True): each group's range shrunk by
+    p = 1, 0.99, ..., 0.21, keeping the p minimizing sum (w - dequant(quant(w)))^2 (the reference
+    uses |.|^2.4; the square is ~3x cheaper and chose equally well in our checks).
+    """
+    out_f, in_f = w.shape
+    g = in_f if group_size <= 0 else group_size
+    wg = w.float().reshape(out_f, in_f // g, g)  # (out, G, g)
+    hi = wg.abs().amax(-1, keepdim=True) if symmetric else wg.amax(-1, keepdim=True)  # (out, G, 1)
+    lo = -hi if symmetric else wg.amin(-1, keepdim=True)
+    scale, zero = _range_params(lo, hi, bits, symmetric)
+    if observer == "mse":
+        best, work = torch.full_like(scale, float("inf")), torch.empty_like(wg)
+        for i in range(80):
+            s, z = _range_params(lo * (1 - i / 100), hi * (1 - i / 100), bits, symmetric)
+            torch.div(wg, torch.where(s > 0, s, 1), out=work)  # in place from here: this loop is the costly part
+            err = work.add_(z).round_().clamp_(0, 2**bits - 1).sub_(z).mul_(s).sub_(wg).square_().sum(-1, keepdim=True)  # (out, G, 1)
+            better = err < best
+            best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
+    return scale[..., 0].half(), zero[..., 0].to(torch.uint8)
+
+
+def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int, symmetric: bool, act_order: bool, observer: str = "minmax", damp_percent: float = 0.01, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ codes of w (out, in) given H = 2 X^T X / n (in, in): q uint8 (out, in), scale (out, G), zero (out, G).
+
+    The result has the layout of `quantize_groups`, so `QuantLinear.from_codes` stores it.
+    """
+    w = w.detach().float().clone()  # (out, in), error-updated in place
+    out_f, in_f = w.shape
+    h = hessian.double().clone()
+    dead = torch.diag(h) == 0  # inputs that were always zero: their weights do not matter
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    g = in_f if group_size <= 0 else group_size
+    static = act_order or group_size <= 0
+    if static:  # parameters from the original weights, in the original column order
+        scale, zero = group_params(w, bits, g, symmetric, observer)  # (out, G)
+    else:
+        scale = torch.zeros(out_f, in_f // g, dtype=torch.float16, device=w.device)
+        zero = torch.zeros(out_f, in_f // g, dtype=torch.uint8, device=w.device)
+        block_size = max(g, block_size // g * g)  # a group never straddles two blocks
+    perm = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(in_f, device=w.device)
+    w, h = w[:, perm], h[perm][:, perm]
+    hinv = _inverse_cholesky(h, damp_percent)  # (in, in) upper
+    q = torch.zeros(out_f, in_f, dtype=torch.uint8, device=w.device)
+    qmax = 2**bits - 1
+    col_group = (perm // g).tolist()  # the (original-order) group of each permuted column
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        w1, hinv1 = w[:, i1:i2], hinv[i1:i2, i1:i2]  # (out, B), (B, B); w1 is a view of w
+        err1 = torch.zeros_like(w1)
+        for i in range(i2 - i1):
+            group = col_group[i1 + i]
+            if not static and (i1 + i) % g == 0:  # the group starts here: params from the updated weights
+                s, z = group_params(w1[:, i : i + g], bits, -1, symmetric, observer)
+                scale[:, group], zero[:, group] = s[:, 0], z[:, 0]
+            s, z = scale[:, group].float(), zero[:, group].float()  # (out,)
+            codes = torch.round(w1[:, i] / torch.where(s > 0, s, 1) + z).clamp(0, qmax)
+            q[:, i1 + i] = codes.to(torch.uint8)
+            e = (w1[:, i] - (codes - z) * s) / hinv1[i, i]  # (out,)
+            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]  # lazy update of the later blocks
+    return q[:, torch.argsort(perm)], scale, zero
+
+
+def layer_hessian(stats: InputStats) -> torch.Tensor:
+    """H = 2 X^T X / n (in, in), float64."""
+    return 2 * stats.gram / stats.tokens
+
+
+# --- sequential calibration, block by block ----------------------------------------------------
+
+
+class _Captured(Exception):
+    """Raised by the capture hook to stop the forward pass at block 0."""
+
+
+@dataclass
+class _Batch:
+    hidden: torch.Tensor  # (batch, seq, hidden): the block's first argument
+    args: tuple  # its other positional arguments
+    kwargs: dict  # attention mask, position embeddings ...
+
+
+@dataclass
+class BlockCalibration:
+    """One calibration step: the targeted layers of one block (or the rest of the model) with their input stats."""
+
+    name: str
+    module: nn.Module
+    """The decoder block, or the whole model for targeted layers outside the blocks."""
+    layers: list[tuple[str, nn.Module]]
+    stats: dict[str, InputStats]
+    batches: list[_Batch] = field(default_factory=list)
+    """The block's inputs (empty when `module` is the whole model)."""
+
+    def run(self, i: int = 0) -> torch.Tensor:
+        """The block's output hidden states (batch, seq, hidden) on calibration batch i."""
+        b = self.batches[i]
+        out = self.module(b.hidden, *b.args, **b.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+
+def find_blocks(model: nn.Module, layer_names: list[str]) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList holding the most targeted layers (the decoder blocks), or None."""
+    best, best_count = None, 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name:
+            count = sum(n.startswith(name + ".") for n in layer_names)
+            if count > best_count:
+                best, best_count = (name, module), count
+    return best
+
+
+def _capture_block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor) -> list[_Batch]:
+    captured: list[_Batch] = []
+
+    def hook(module, args, kwargs):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append(_Batch(hidden, tuple(args[1:]), kwargs))
+        raise _Captured
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for i in range(0, len(tokens), CALIBRATION_BATCH):
+            try:
+                model(tokens[i : i + CALIBRATION_BATCH].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_stats(step: BlockCalibration, gram: bool) -> None:
+    """Accumulate the input stats of the step's layers over its batches, once per distinct input.
+
+    Layers fed the very same tensor (q/k/v, gate/up) share one InputStats: the Gram matrix is
+    the costly part. `seen` holds this batch's inputs, so no address is reused while compared.
+    """
+    seen: list[tuple[torch.Tensor, str]] = []
+    alias: dict[str, str] = {}
+
+    def hook(module, args, out, name):
+        x = args[0]
+        first = next((n for t, n in seen if t is x), None)
+        if first is None:
+            seen.append((x, name))
+            step.stats[name].add(x)
+        else:
+            alias[name] = first
+
+    handles = []
+    for name, module in step.layers:
+        step.stats[name] = InputStats(want_gram=gram)
+        handles.append(module.register_forward_hook(lambda mod, args, out, name=name: hook(mod, args, out, name)))
+    try:
+        for i in range(len(step.batches)):
+            seen.clear()
+            step.run(i)
+    finally:
+        for h in handles:
+            h.remove()
+    for name, first in alias.items():
+        step.stats[name] = step.stats[first]
+
+
+def calibrate_blockwise(model: nn.Module, layers: list[tuple[str, nn.Module]], tokens: torch.Tensor, *, gram: bool, sequential: bool = True) -> Iterator[BlockCalibration]:
+    """Yield the targeted layers block by block with their input statistics.
+
+    The caller quantizes (replaces) the yielded layers before asking for the next step; the
+    block is then run again to give the next block its inputs, so each block is calibrated on
+    the outputs of the already quantized ones. Layers outside the blocks (or all of them when
+    not `sequential`) come last, calibrated in one pass of the model.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        names = [n for n, _ in layers]
+        found = find_blocks(model, names) if sequential else None
+        rest = layers
+        if found:
+            prefix, blocks = found
+            batches = _capture_block_inputs(model, blocks[0], tokens)
+            for i, block in enumerate(blocks):
+                inside = [(n, m) for n, m in layers if n.startswith(f"{prefix}.{i}.")]
+                if inside:
+                    step = BlockCalibration(f"{prefix}.{i}", block, inside, {}, batches)
+                    _block_stats(step, gram)
+                    yield step
+                for j, b in enumerate(batches):  # this block's (quantized) outputs feed the next
+                    out = block(b.hidden, *b.args, **b.kwargs)
+                    batches[j] = _Batch(out[0] if isinstance(out, tuple) else out, b.args, b.kwargs)
+            rest = [(n, m) for n, m in layers if not n.startswith(prefix + ".")]
+        if rest:
+            yield BlockCalibration("", model, rest, collect_input_stats(model, rest, tokens, gram=gram, batch_size=CALIBRATION_BATCH))
+    finally:
+        model.train(was_training)
+
+
+# --- the technique ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
+    name = TECHNIQUE.name
+    check_config(name, config)
+    layers = select_linears(model, config.targets, technique=name)
+    check_widths(name, layers, config.bits, config.group_size)
+    tokens = ctx.calibration_tokens(name)
+    count, params_before, done = ByteCount(), sum(p.numel() for p in model.parameters()), 0
+    for step in calibrate_blockwise(model, layers, tokens, gram=True, sequential=config.sequential):
+        for layer_name, module in step.layers:
+            w, stats = weight_out_in(module), step.stats[layer_name]  # (out, in)
+            if stats.tokens:
+                q, scale, zero = gptq_codes(w, layer_hessian(stats), bits=config.bits, group_size=config.group_size, symmetric=config.symmetric, act_order=config.act_order, observer=config.observer, damp_percent=config.damp_percent, block_size=config.block_size)
+            else:  # never reached by the calibration forward: nothing to weigh the error by
+                q, scale, zero = quantize_groups(w, config.bits, config.group_size, config.symmetric)
+            new = quant_linear(module, q, scale, zero, config.bits)
+            count.add(w, new)
+            replace_module_(model, layer_name, new)
+            done += 1
+            ctx.report(name, done, len(layers))
+    details = {k: getattr(config, k) for k in ("bits", "group_size", "symmetric", "act_order", "observer", "damp_percent", "sequential")}
+    record_quant_change(ctx, name, [n for n, _ in layers], count, params_before, model, calibration_samples=len(tokens), **details)
+    return model
+
+
+TECHNIQUE = Technique(name="gptq_quant", config_cls=GPTQQuantConfig, apply=apply, kind="quantization", needs_calibration=True)

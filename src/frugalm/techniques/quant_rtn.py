@@ -1,0 +1,146 @@
+"""Round-to-nearest weight-only quantization (RTN; the baseline of GPTQ and AWQ).
+
+Each targeted Linear (or GPT-2 Conv1D) weight (out, in) is cut into groups of `group_size`
+input columns per output row (or one group per row: per-channel), each group gets a scale (and
+a zero point when asymmetric), and every weight is rounded to the nearest code. The layer is
+replaced by a `QuantLinear` holding the packed codes: int8 ≈ 0.26x and int4 group 128 ≈ 0.13x
+the float32 bytes. Needs no calibration data and takes seconds.
+
+Does not look at activations: at 8 bits that costs almost nothing; at 4 bits per-channel it
+can hurt small models badly, which is what GPTQ (error feedback) and AWQ (activation-aware
+scaling) recover. Speed: int8 per-channel symmetric layers run on fbgemm's int8 kernel once
+`to_fast_kernels_` swaps them (as `load_model` does on x86 CPUs); every other format computes
+by dequantizing, so it saves memory and storage, not time.
+
+The shape checks, module swap and byte accounting here are shared by `quant_gptq` and `quant_awq`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from frugalm.techniques.base import Context, Technique, TechniqueError, record_change, select_linears, weight_out_in
+from frugalm.techniques.quant_pack import QuantLinear, quantize_groups
+
+DEFAULT_TARGETS = ("*.mlp.*", "*.self_attn.*", "*.attn.*", "*.attention.*")
+"""Attention and MLP linears of Llama/Qwen2/OPT (self_attn, mlp), GPT-2 (attn, mlp) and GPT-NeoX (attention, mlp)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RTNQuantConfig:
+    bits: Literal[4, 8] = 8
+    """Bits per weight: 8 (near lossless) or 4 (packed two per byte)."""
+    group_size: int = -1
+    """Input columns sharing one scale; -1: one scale per output channel. Must divide in_features."""
+    symmetric: bool = True
+    """Zero point fixed at the middle code (needed by the fbgemm int8 kernel); False: per-group zero point."""
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    """fnmatch patterns over module names; the output head is excluded unless named."""
+
+    def problems(self) -> list[str]:
+        return quant_problems(self.bits, self.group_size)
+
+
+# --- shared by the weight quantization techniques -----------------------------------------------
+
+
+def quant_problems(bits: int, group_size: int) -> list[str]:
+    """Rules on bits and group_size that need no model."""
+    problems = []
+    if bits not in (4, 8):
+        problems.append(f"bits must be 4 or 8 (the packed formats), got {bits!r}")
+    if group_size == 0 or group_size < -1:
+        problems.append(f"group_size must be -1 (per output channel) or a positive divisor of in_features (e.g. 128), got {group_size}")
+    return problems
+
+
+def check_config(technique: str, config) -> None:
+    """Raise the config's model-free problems (for configs built in code, not from a recipe)."""
+    problems = config.problems()
+    if problems:
+        raise TechniqueError(f"{technique}: " + "; ".join(problems))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(2, n + 1) if n % d == 0]
+
+
+def check_widths(technique: str, layers: list[tuple[str, nn.Module]], bits: int, group_size: int) -> None:
+    """Every layer's in_features must split into groups (and be even for int4); name the first that does not."""
+    for name, module in layers:
+        in_features = weight_out_in(module).shape[1]
+        if group_size > 0 and in_features % group_size:
+            valid = ", ".join(str(d) for d in _divisors(in_features)[:12])
+            raise TechniqueError(f"{technique}: group_size {group_size} does not divide in_features {in_features} of layer '{name}'; use -1 (per channel) or a group size dividing {in_features} ({valid}), or narrow `targets`")
+        if bits == 4 and in_features % 2:
+            raise TechniqueError(f"{technique}: int4 packs two weights per byte, but layer '{name}' has odd in_features {in_features}; use bits 8 or leave it out of `targets`")
+
+
+def replace_module_(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put `new` where the submodule `name` is (setattr on its parent)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quant_linear(module: nn.Module, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> QuantLinear:
+    """A QuantLinear from codes q (out, in), scale and zero (out, groups), keeping `module`'s bias and device."""
+    return QuantLinear.from_codes(q, scale, zero, bits, module.bias).to(module.weight.device)
+
+
+def stored_bytes(module: QuantLinear) -> int:
+    """Bytes of the quantized weight: packed codes + float16 scales + uint8 zero points."""
+    return sum(t.numel() * t.element_size() for t in (module.qweight, module.scales, module.zeros))
+
+
+class ByteCount:
+    """Float32 bytes of the original weights against the bytes stored for them once quantized."""
+
+    def __init__(self) -> None:
+        self.layers = self.params = self.float32_bytes = self.quant_bytes = 0
+
+    def add(self, weight: torch.Tensor, quantized: QuantLinear) -> None:
+        self.layers += 1
+        self.params += weight.numel()
+        self.float32_bytes += weight.numel() * 4
+        self.quant_bytes += stored_bytes(quantized)
+
+    def details(self) -> dict:
+        return {"weight_bytes_float32": self.float32_bytes, "weight_bytes_quantized": self.quant_bytes, "weight_bytes_ratio": self.quant_bytes / max(1, self.float32_bytes)}
+
+
+def record_quant_change(ctx: Context, technique: str, layers: list[str], count: ByteCount, params_before: int, model: nn.Module, **details) -> None:
+    """record_change, with the fraction taken over the parameters before quantization.
+
+    The packed codes are buffers, not parameters, so after the swap `model.parameters()` no
+    longer counts the quantized weights and the fraction record_change computes would exceed 1.
+    """
+    record_change(ctx, technique, layers, count.params, model, **details, **count.details())
+    ctx.changes[-1]["fraction_of_params"] = count.params / params_before
+
+
+# --- the technique ------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def apply(model: nn.Module, config: RTNQuantConfig, ctx: Context) -> nn.Module:
+    name = TECHNIQUE.name
+    check_config(name, config)
+    layers = select_linears(model, config.targets, technique=name)
+    check_widths(name, layers, config.bits, config.group_size)
+    count, params_before = ByteCount(), sum(p.numel() for p in model.parameters())
+    for i, (layer_name, module) in enumerate(layers):
+        w = weight_out_in(module)  # (out, in)
+        q, scale, zero = quantize_groups(w, config.bits, config.group_size, config.symmetric)
+        new = quant_linear(module, q, scale, zero, config.bits)
+        count.add(w, new)
+        replace_module_(model, layer_name, new)
+        ctx.report(name, i + 1, len(layers))
+    record_quant_change(ctx, name, [n for n, _ in layers], count, params_before, model, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
+    return model
+
+
+TECHNIQUE = Technique(name="rtn_quant", config_cls=RTNQuantConfig, apply=apply, kind="quantization", needs_calibration=False)
