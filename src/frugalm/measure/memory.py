@@ -18,8 +18,10 @@ MIB = 1 << 20
 
 
 def params_count(model) -> int:
-    """Parameters, tied weights counted once (model.parameters() deduplicates shared tensors)."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters, tied weights counted once (model.parameters() deduplicates shared tensors),
+    including weights stored as packed low-bit codes (modules report them via `packed_params()`)."""
+    packed = sum(m.packed_params() for m in model.modules() if hasattr(m, "packed_params"))
+    return sum(p.numel() for p in model.parameters()) + packed
 
 
 def weights_bytes(model) -> int:

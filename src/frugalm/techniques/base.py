@@ -89,7 +89,31 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
+def embedding_params(model: nn.Module) -> tuple[int, int]:
+    """(input embedding, output head) parameters; the head counts 0 when tied to the embedding."""
+    if not hasattr(model, "get_input_embeddings"):  # a bare module, not a language model
+        return 0, 0
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    n_emb = emb.weight.numel() if emb is not None else 0
+    head_weight = getattr(head, "weight", None)
+    tied = head_weight is not None and emb is not None and head_weight.data_ptr() == emb.weight.data_ptr()
+    n_head = 0 if tied or head is None else (head_weight.numel() if head_weight is not None else getattr(head, "packed_params", lambda: 0)())
+    return n_emb, n_head
+
+
 def record_change(ctx: Context, technique: str, layers: list[str], params_changed: int, model: nn.Module, **details) -> None:
-    """Log what a stage changed, counting embeddings and the output head separately."""
-    total = sum(p.numel() for p in model.parameters())
-    ctx.changes.append({"technique": technique, "layers": layers, "params_changed": params_changed, "fraction_of_params": params_changed / total, **details})
+    """Log what a stage changed: the layers, and the parameters changed as a fraction of all of
+    them and of the non-embedding ones (embeddings and the output head are counted apart: in
+    small models they are a large share)."""
+    from frugalm.measure.memory import params_count
+
+    total = params_count(model)
+    n_emb, n_head = embedding_params(model)
+    ctx.changes.append({
+        "technique": technique, "layers": layers, "params_changed": params_changed,
+        "params_total": total, "params_embedding": n_emb, "params_head_untied": n_head,
+        "fraction_of_params": params_changed / total,
+        "fraction_of_non_embedding_params": params_changed / max(1, total - n_emb - n_head),
+        **details,
+    })  # fmt: skip

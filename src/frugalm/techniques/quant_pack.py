@@ -86,6 +86,10 @@ class QuantLinear(nn.Module):
             m.bias.data.copy_(bias.detach().float())
         return m
 
+    def packed_params(self) -> int:
+        """Weights held as packed codes (buffers, which `parameters()` does not count)."""
+        return self.in_features * self.out_features
+
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize_groups(unpack(self.qweight, self.bits), self.scales, self.zeros, dtype)
 
@@ -117,6 +121,11 @@ class Int8Linear(nn.Module):
         bias = source.bias.detach().float() if source.bias is not None else None
         self._packed = torch.ops.quantized.linear_prepack(qw, bias)
         self._bytes = int8.numel() + scales.numel() * 2 + (bias.numel() * 4 if bias is not None else 0)
+        self._params = int8.numel() + (bias.numel() if bias is not None else 0)
+
+    def packed_params(self) -> int:
+        """Weights and bias held inside the fbgemm object, out of `parameters()`' sight."""
+        return self._params
 
     def weight_bytes(self) -> int:
         """int8 codes + float16 scales + float32 bias, as held by the packed fbgemm weight."""

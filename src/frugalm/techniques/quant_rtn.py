@@ -113,13 +113,9 @@ class ByteCount:
 
 
 def record_quant_change(ctx: Context, technique: str, layers: list[str], count: ByteCount, params_before: int, model: nn.Module, **details) -> None:
-    """record_change, with the fraction taken over the parameters before quantization.
-
-    The packed codes are buffers, not parameters, so after the swap `model.parameters()` no
-    longer counts the quantized weights and the fraction record_change computes would exceed 1.
-    """
+    """record_change with the byte counts of the quantized layers."""
     record_change(ctx, technique, layers, count.params, model, **details, **count.details())
-    ctx.changes[-1]["fraction_of_params"] = count.params / params_before
+    assert abs(ctx.changes[-1]["fraction_of_params"] - count.params / params_before) < 1e-9  # packed weights are counted
 
 
 # --- the technique ------------------------------------------------------------------------------
