@@ -112,8 +112,8 @@ def record_change(ctx: Context, technique: str, layers: list[str], params_change
     n_emb, n_head = embedding_params(model)
     ctx.changes.append({
         "technique": technique, "layers": layers, "params_changed": params_changed,
-        "params_total": total, "params_embedding": n_emb, "params_head_untied": n_head,
+        "params_total": total, "params_input_embedding": n_emb, "params_output_head_untied": n_head,
         "fraction_of_params": params_changed / total,
-        "fraction_of_non_embedding_params": params_changed / max(1, total - n_emb - n_head),
+        "fraction_of_params_without_input_embedding": params_changed / max(1, total - n_emb),
         **details,
     })  # fmt: skip

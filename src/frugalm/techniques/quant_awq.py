@@ -261,7 +261,7 @@ def apply(model: nn.Module, config: AWQQuantConfig, ctx: Context) -> nn.Module:
     layers = select_linears(model, config.targets, technique=name)
     check_widths(name, layers, config.bits, config.group_size)
     tokens = ctx.calibration_tokens(name)
-    count, params_before, unscaled = ByteCount(), sum(p.numel() for p in model.parameters()), []
+    count, unscaled = ByteCount(), []
     for step in calibrate_blockwise(model, layers, tokens, gram=True):
         scales = scale_block_(step, config)
         for layer_name, module in step.layers:
@@ -277,7 +277,7 @@ def apply(model: nn.Module, config: AWQQuantConfig, ctx: Context) -> nn.Module:
             replace_module_(model, layer_name, new)
             ctx.report(name, count.layers, len(layers))
     details = {k: getattr(config, k) for k in ("bits", "group_size", "symmetric", "grid", "clip")}
-    record_quant_change(ctx, name, [n for n, _ in layers], count, params_before, model, calibration_samples=len(tokens), unscaled_layers=unscaled, **details)
+    record_quant_change(ctx, name, [n for n, _ in layers], count, model, calibration_samples=len(tokens), unscaled_layers=unscaled, **details)
     return model
 
 

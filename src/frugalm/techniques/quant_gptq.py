@@ -320,7 +320,7 @@ def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
     layers = select_linears(model, config.targets, technique=name)
     check_widths(name, layers, config.bits, config.group_size)
     tokens = ctx.calibration_tokens(name)
-    count, params_before, done = ByteCount(), sum(p.numel() for p in model.parameters()), 0
+    count, done = ByteCount(), 0
     for step in calibrate_blockwise(model, layers, tokens, gram=True, sequential=config.sequential):
         for layer_name, module in step.layers:
             w, stats = weight_out_in(module), step.stats[layer_name]  # (out, in)
@@ -334,7 +334,7 @@ def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
             done += 1
             ctx.report(name, done, len(layers))
     details = {k: getattr(config, k) for k in ("bits", "group_size", "symmetric", "act_order", "observer", "damp_percent", "sequential")}
-    record_quant_change(ctx, name, [n for n, _ in layers], count, params_before, model, calibration_samples=len(tokens), **details)
+    record_quant_change(ctx, name, [n for n, _ in layers], count, model, calibration_samples=len(tokens), **details)
     return model
 
 
