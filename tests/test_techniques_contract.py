@@ -29,6 +29,7 @@ QUALITY_FLOOR = {
     "wanda_prune": 2.0,
     "sparsegpt_prune": 2.0,
     "structured_prune": 20.0,  # 25% of MLP channels physically removed, no recovery
+    "kv_cache_quant": 1.02,  # int8 KV cache, scored by chunked prefill through it
 }
 EVAL_TOKENS = 4096
 

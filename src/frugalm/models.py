@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +43,8 @@ class LoadedModel:
     source: ModelSource
     device: torch.device
     dtype: torch.dtype
+    inference: dict = field(default_factory=dict)
+    """How the model runs beyond its weights, from frugalm.json (e.g. {"kv_cache": {...}}); see inference_settings."""
 
 
 def resolve_model(ref: str | os.PathLike | None) -> ModelSource:
@@ -137,7 +139,10 @@ def load_model(ref: str | os.PathLike | None = None, *, device: str = "cpu", dty
         from frugalm.techniques.quant_pack import to_fast_kernels_
 
         to_fast_kernels_(model)
-    return LoadedModel(model, tokenizer, source, dev, dt)
+    inference = (meta or {}).get("inference") or {}
+    if inference:
+        setattr(model, INFERENCE_ATTR, inference)
+    return LoadedModel(model, tokenizer, source, dev, dt, inference)
 
 
 def kernel_summary(model: nn.Module) -> dict[str, int]:
@@ -187,6 +192,17 @@ def read_config(source: ModelSource):
 
 METADATA_FILE = "frugalm.json"
 ARTIFACT_FORMAT = "frugalm-artifact v1"
+INFERENCE_ATTR = "frugalm_inference"
+"""Model attribute holding its inference settings (a plain dict), set by techniques like kv_cache_quant."""
+
+
+def inference_settings(model: nn.Module) -> dict:
+    """How `model` is meant to run beyond its weights (e.g. {"kv_cache": {"bits": 8, ...}}); {} for plain runs.
+
+    Saved as "inference" in frugalm.json and restored by `load_model`, so a variant measured later
+    runs the way its recipe set it up.
+    """
+    return getattr(model, INFERENCE_ATTR, None) or {}
 
 
 def packed_layers(model: nn.Module) -> dict[str, dict]:
@@ -219,7 +235,7 @@ def save_variant(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metada
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"format": ARTIFACT_FORMAT, **metadata, "packed_layers": packed_layers(model)}
+        meta = {"format": ARTIFACT_FORMAT, **metadata, "packed_layers": packed_layers(model), "inference": inference_settings(model)}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")

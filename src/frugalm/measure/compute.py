@@ -96,6 +96,8 @@ class GenerationTiming:
 
     prefill_s: list[float] = field(default_factory=list)
     decode_step_s: list[list[float]] = field(default_factory=list)  # per repetition
+    cache_bytes: list[int] = field(default_factory=list)
+    """Bytes the KV cache held after each repetition's generation, as stored (see `cache_bytes`)."""
 
     @property
     def decode_s(self) -> list[float]:
@@ -103,12 +105,16 @@ class GenerationTiming:
 
 
 @torch.inference_mode()
-def generate_timed(model, ids: torch.Tensor, n_new: int, device) -> tuple[float, list[float]]:
-    """Greedy-generate `n_new` tokens; return (time to first token, time of each later step), seconds."""
+def generate_timed(model, ids: torch.Tensor, n_new: int, device, *, cache=None) -> tuple[float, list[float]]:
+    """Greedy-generate `n_new` tokens; return (time to first token, time of each later step), seconds.
+
+    `cache` is the (empty) transformers Cache to run with, filled in place, e.g. a quantized one;
+    None: the model makes its default cache.
+    """
     kw = _forward_kwargs(model)
     synchronize(device)
     t0 = time.perf_counter()
-    out = model(ids, use_cache=True, **kw)
+    out = model(ids, past_key_values=cache, use_cache=True, **kw)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (batch, 1)
     synchronize(device)
     ttft = time.perf_counter() - t0
@@ -124,15 +130,34 @@ def generate_timed(model, ids: torch.Tensor, n_new: int, device) -> tuple[float,
     return ttft, steps
 
 
-def time_workload(model, workload: Workload, device, *, warmup: int, repetitions: int, on_rep: Callable[[int], None] | None = None) -> GenerationTiming:
-    """Warm up, then time `repetitions` full generations of the workload on fresh prompts."""
+def cache_bytes(cache) -> int:
+    """Bytes a KV cache holds as stored: a layer's own `cache_bytes()` (packed quantized layers), else its key and value tensors."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "cache_bytes"):
+            total += layer.cache_bytes()
+        else:
+            total += sum(t.nbytes for t in (layer.keys, layer.values) if t is not None)
+    return total
+
+
+def time_workload(model, workload: Workload, device, *, warmup: int, repetitions: int, on_rep: Callable[[int], None] | None = None, cache_factory: Callable[[], object] | None = None) -> GenerationTiming:
+    """Warm up, then time `repetitions` full generations of the workload on fresh prompts.
+
+    Each generation runs with a fresh cache from `cache_factory` (a quantized KV cache, say);
+    None: a plain DynamicCache, as the model would make itself.
+    """
+    from transformers import DynamicCache
+
     timing = GenerationTiming()
     for rep in range(warmup + repetitions):
         ids = _prompt_ids(model, workload.batch_size, workload.prompt_tokens, device, seed=rep)
-        ttft, steps = generate_timed(model, ids, workload.output_tokens, device)
+        cache = cache_factory() if cache_factory else DynamicCache(config=model.config)
+        ttft, steps = generate_timed(model, ids, workload.output_tokens, device, cache=cache)
         if rep >= warmup:
             timing.prefill_s.append(ttft)
             timing.decode_step_s.append(steps)
+            timing.cache_bytes.append(cache_bytes(cache))
         if on_rep:
             on_rep(rep + 1)
     return timing

@@ -81,6 +81,7 @@ _ALL = [
     _m("weights_mib", "MiB", False, "counted", "memory", "Bytes of parameters and buffers as stored in memory, in MiB."),
     _m("artifact_mib", "MiB", False, "counted", "memory", "Size of the model folder on disk, in MiB."),
     _m("peak_mem_mib", "MiB", False, "measured", "memory", "Peak memory while running the workload: CUDA allocator peak on GPU; on CPU peak RSS of the fresh child process minus its interpreter baseline.", True),
+    _m("kv_cache_mib", "MiB", False, "counted", "memory", "Bytes the KV cache holds after the workload's generation (its prompt and generated tokens, whole batch), as stored: float tensors, or packed codes + scales + zero points + the full-precision residual of a quantized cache.", True),
     # energy
     _m("energy_j_per_tok", "J/tok", False, "measured", "energy", "Energy of the workload per generated token: NVML or RAPL counters when readable (measured), else a documented power model (estimated).", True),
     _m("carbon_g_per_mtok", "gCO2e/Mtok", False, "estimated", "energy", "Carbon per million generated tokens: energy times the profile's grid intensity.", True),

@@ -9,6 +9,11 @@ every token but the very first is predicted from at least window - stride tokens
 and with stride == window the windows do not overlap (the first token of each is not
 predicted). Per-word and per-byte perplexities divide the same total NLL by the words and UTF-8
 bytes of the covered text, so models with different tokenizers compare.
+
+A model that runs with a quantized KV cache (kv_cache_quant) is scored as it runs: each window
+by chunked prefill through a fresh cache of its kind, `CHUNK_TOKENS` tokens per forward, so each
+chunk attends to the past as the cache stores it plus itself. A whole-window forward uses no
+cache and would hide the cache's effect. With a plain cache the two modes agree to float error.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from frugalm.errors import ConfigError, DataError
 from frugalm.measure.metrics import Measurement
 
 Progress = Callable[[str, int, int], None]
+CHUNK_TOKENS = 64
+"""Tokens per forward when a window is scored by chunked prefill through a KV cache."""
 
 
 @dataclass(frozen=True)
@@ -122,8 +129,15 @@ def _windows_per_batch(window: int, vocab: int) -> int:
 
 
 @torch.inference_mode()
-def score_text(model, encoded: EncodedText, window: int, stride: int, *, reference=None, progress: Progress | None = None, label: str = "perplexity") -> Scores:
-    """Sum next-token NLL (and KL/agreement against `reference`) over the rolling windows."""
+def score_text(model, encoded: EncodedText, window: int, stride: int, *, reference=None, progress: Progress | None = None, label: str = "perplexity", cache_factory: Callable[[], object] | None = None) -> Scores:
+    """Sum next-token NLL (and KL/agreement against `reference`) over the rolling windows.
+
+    `cache_factory` (default: the model's own quantized KV cache, if it has one) makes the fresh
+    cache each batch of windows is prefilled through in chunks; without one, whole windows.
+    """
+    from frugalm.techniques.kv_cache_quant import cache_factory as model_cache_factory
+
+    cache_factory = cache_factory or model_cache_factory(model)
     device = next(model.parameters()).device
     spans = rolling_windows(len(encoded.ids), window, stride)
     vocab = model.get_output_embeddings().weight.shape[0]
@@ -137,21 +151,30 @@ def score_text(model, encoded: EncodedText, window: int, stride: int, *, referen
     for length, group in groups.items():
         for i in range(0, len(group), per_batch):
             batch = group[i : i + per_batch]
-            _score_batch(model, reference, encoded.ids, batch, length, device, scores)
+            _score_batch(model, reference, encoded.ids, batch, length, device, scores, cache_factory)
             done += len(batch)
             if progress:
                 progress(label, done, len(spans))
     return scores
 
 
-def _score_batch(model, reference, ids, batch, length, device, scores: Scores) -> None:
+def _window_logits(model, inputs: torch.Tensor, cache_factory) -> torch.Tensor:
+    """(B, L, V) logits of each window: one forward, or chunked prefill through a fresh cache."""
+    if cache_factory is None:
+        return model(inputs).logits
+    cache = cache_factory()
+    chunks = [model(inputs[:, i : i + CHUNK_TOKENS], past_key_values=cache, use_cache=True).logits for i in range(0, inputs.shape[1], CHUNK_TOKENS)]
+    return torch.cat(chunks, dim=1)
+
+
+def _score_batch(model, reference, ids, batch, length, device, scores: Scores, cache_factory=None) -> None:
     inputs = torch.stack([ids[b:e] for b, e, _ in batch]).to(device)  # (B, L)
     # mask[k, j] is True when logits at j (predicting token j+1) count for window k.
     offsets = torch.arange(1, length, device=device)
     first = torch.tensor([f - b for b, _, f in batch], device=device)
     mask = offsets[None, :] >= first[:, None]  # (B, L-1)
     targets = inputs[:, 1:]
-    logp = F.log_softmax(model(inputs).logits[:, :-1].float(), dim=-1)  # (B, L-1, V)
+    logp = F.log_softmax(_window_logits(model, inputs, cache_factory)[:, :-1].float(), dim=-1)  # (B, L-1, V)
     nll = -logp.gather(-1, targets[..., None]).squeeze(-1)  # (B, L-1)
     scores.nll_sum += nll[mask].double().sum().item()
     scores.n_predicted += int(mask.sum())
@@ -182,6 +205,7 @@ def measure_quality(model, tokenizer, docs: list[str], protocol: PerplexityProto
         "doc_start_token": encoded.doc_start_token,
         "tokenizer": getattr(tokenizer, "name_or_path", type(tokenizer).__name__),
         "vocab_size": len(tokenizer),
+        **_scoring_mode(model),
     }
     out = [
         Measurement("ppl_tok", math.exp(scores.nll_sum / scores.n_predicted), "ppl", "measured", protocol=proto),
@@ -195,6 +219,15 @@ def measure_quality(model, tokenizer, docs: list[str], protocol: PerplexityProto
         ]
     out.append(_robustness(model, tokenizer, encoded, protocol, window, stride, proto, progress))
     return out
+
+
+def _scoring_mode(model) -> dict:
+    from frugalm.models import inference_settings
+
+    kv = inference_settings(model).get("kv_cache")
+    if not kv:
+        return {"scoring": "whole windows, one forward each, no cache"}
+    return {"scoring": f"chunked prefill through the quantized KV cache, {CHUNK_TOKENS} tokens per forward", "kv_cache": kv}
 
 
 def _robustness(model, tokenizer, encoded: EncodedText, protocol, window, stride, proto, progress) -> Measurement:

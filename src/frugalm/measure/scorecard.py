@@ -70,10 +70,13 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     emit("loading model", 1, 1)
     out = _static(lm.model, Path(spec.model_path), spec)
     profile = HardwareProfile(**spec.profile)
+    from frugalm.techniques.kv_cache_quant import cache_factory
+
+    kv_cache = cache_factory(lm.model, lm.inference)  # the artifact's quantized KV cache, if it has one
     # Workloads before the quality passes: those allocate large logits tensors whose freed
     # memory the allocator may keep, and that would count in the next peak.
     for wd in spec.workloads:
-        out += _workload(lm.model, Workload.from_dict(wd), lm.device, spec, profile, baseline_rss, emit)
+        out += _workload(lm.model, Workload.from_dict(wd), lm.device, spec, profile, baseline_rss, emit, kv_cache)
     if _want(spec, "quality"):
         out += _quality(lm, spec, emit)
     return [m for m in out if m.metric in spec.metrics], baseline_rss
@@ -115,11 +118,13 @@ def _check_same_tokenizer(tok, ref_tok, ref_path: str) -> None:
         raise ModelError(f"reference model '{ref_path}' has a different tokenizer; fidelity (KL, top-1 agreement) needs the same vocabulary: pass a reference with the same tokenizer")
 
 
-def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProfile, baseline_rss: int, emit: Emit) -> list[Measurement]:
+def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProfile, baseline_rss: int, emit: Emit, kv_cache=None) -> list[Measurement]:
     label = f"workload {w.name}"
-    from frugalm.models import kernel_summary
+    from frugalm.models import inference_settings, kernel_summary
 
-    wp = {"workload": w.to_dict(), "warmup": spec.warmup, "repetitions": spec.repetitions, "device": str(device), "dtype": spec.dtype, "kernels": kernel_summary(model)}
+    kv = inference_settings(model).get("kv_cache")  # what kv_cache (the cache factory) builds
+    wp = {"workload": w.to_dict(), "warmup": spec.warmup, "repetitions": spec.repetitions, "device": str(device), "dtype": spec.dtype, "kernels": kernel_summary(model),
+          "kv_cache": {"quantized": kv, "kernel": "dequantize (attention reads a float copy of the packed past)"} if kv else "DynamicCache (model dtype)"}
     out = []
     if _want(spec, "computation"):
         prefill_flops, decode_flops = compute.flops_per_token(model, w, device)
@@ -131,11 +136,13 @@ def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProf
     total = spec.warmup + spec.repetitions
     progress = lambda rep: emit(label, rep, total)  # noqa: E731
     with memory.PeakMemory(device, baseline_rss) as peak:
-        compute.time_workload(model, w, device, warmup=spec.warmup, repetitions=0, on_rep=progress)
+        compute.time_workload(model, w, device, warmup=spec.warmup, repetitions=0, on_rep=progress, cache_factory=kv_cache)
         with EnergyMeter(device, profile) as energy:
-            timing = compute.time_workload(model, w, device, warmup=0, repetitions=spec.repetitions, on_rep=lambda r: progress(spec.warmup + r))
+            timing = compute.time_workload(model, w, device, warmup=0, repetitions=spec.repetitions, on_rep=lambda r: progress(spec.warmup + r), cache_factory=kv_cache)
     out += _timing_measurements(w, timing, wp)
     out.append(Measurement("peak_mem_mib", peak.peak_over_baseline_mib, "MiB", "measured", w.name, protocol={**wp, **peak.protocol()}))
+    cached = w.prompt_tokens + w.output_tokens - 1  # the last generated token is never fed back
+    out.append(Measurement("kv_cache_mib", timing.cache_bytes[-1] / memory.MIB, "MiB", "counted", w.name, protocol={**wp, "cached_tokens_per_sequence": cached, "counted": "bytes of the cache's tensors after the last repetition"}))
     out += _energy_money(model, w, spec, energy, profile, wp)
     return out
 

@@ -2,8 +2,10 @@
 
 In the spirit of KIVI (Liu et al. 2024, arXiv:2402.02750): the newest `residual_length` tokens
 of each layer (and up to 15 more between flushes) stay in full precision; older ones are stored
-quantized and dequantized on the fly when attention reads them. Decoding a long context is bounded by the cache; this shrinks it to
-about 0.3x (int8) or 0.2x (int4) of float32 for head_dim 16, and less for wider heads.
+quantized and dequantized on the fly when attention reads them. It helps where the cache, not
+the weights, fills memory: long contexts and large batches. Bytes per cached head vector against
+float32 (one group per head): int8 0.34x at head_dim 8, 0.30x at 16, 0.26x at 64; int4 0.22x,
+0.19x, 0.14x. Needs no calibration data.
 
 Layout (`PackedKVLayer`): keys and values alike are quantized per token, in groups of
 `group_size` consecutive channels of one head vector (a group never spans heads; a group_size
