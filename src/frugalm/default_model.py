@@ -47,7 +47,7 @@ MAX_DOC_BYTES = 256_000
 CONTEXT = 512
 """Context length of the model and of the perplexity windows."""
 VOCAB_SIZE = 4096
-DEFAULT_STEPS = 400
+DEFAULT_STEPS = 1500
 SPECIAL_TOKENS = ("<s>", "</s>")  # ids 0 (BOS) and 1 (EOS, also padding)
 
 # Directories never read: third-party code, the test suites, IDLE (and config-*, see below).
@@ -257,9 +257,12 @@ def model_config(vocab_size: int):
 def default_train_config(steps: int, seed: int):
     from frugalm.train import TrainConfig
 
-    return TrainConfig(steps=steps, batch_size=8, seq_len=CONTEXT, lr=3e-3, min_lr_ratio=0.1,
+    # Small batches: this budget (~1.5M tokens) is limited by the number of updates. Measured
+    # here on 491,520 training tokens: batch 8/4/2 windows gave held-out perplexity 306/187/153
+    # at lr 3e-3, and batch 2 gave 149 at lr 1.5e-3; lr 8e-3 was worse (497 at batch 8).
+    return TrainConfig(steps=steps, batch_size=2, seq_len=CONTEXT, lr=2e-3, min_lr_ratio=0.1,
                        warmup_steps=min(50, steps // 10), weight_decay=0.1, grad_clip=1.0,
-                       seed=seed, log_every=max(1, min(25, steps // 10)))
+                       seed=seed, log_every=max(1, min(50, steps // 10)))
 
 
 def training_stream(docs_ids: Sequence[Sequence[int]], bos_id: int, eos_id: int):
