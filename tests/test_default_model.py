@@ -16,6 +16,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from frugalm import default_model as dm  # noqa: E402
+from frugalm.data import read_text, split_documents  # noqa: E402
 from frugalm.errors import ConfigError, DataError  # noqa: E402
 from frugalm.train import TrainConfig, lr_at, train_causal_lm  # noqa: E402
 
@@ -61,7 +62,7 @@ def test_shipped_eval_text_matches_build_record(shipped):
     raw = dm.default_eval_path().read_bytes()
     assert hashlib.sha256(raw).hexdigest() == record["eval_text_sha256"]
     assert 250_000 <= len(raw) <= 400_000
-    assert len(dm.read_eval_documents(dm.default_eval_path())) == record["eval_documents"]
+    assert len(split_documents(read_text(dm.default_eval_path()))) == record["eval_documents"]
 
 
 def test_eval_text_is_exactly_the_held_out_split_of_this_python(shipped):
@@ -76,7 +77,7 @@ def test_eval_text_is_exactly_the_held_out_split_of_this_python(shipped):
 
 def test_shipped_model_beats_unigram_on_held_out_text(shipped):
     model, tokenizer, _ = shipped
-    docs = dm.read_eval_documents(dm.default_eval_path())
+    docs = split_documents(read_text(dm.default_eval_path()))
     # A prefix of about 12k tokens keeps the test fast: whole documents, the last one cut.
     ids, total = [], 0
     for doc_ids in dm.encode_documents(tokenizer, docs):
@@ -96,11 +97,11 @@ def test_unigram_perplexity_matches_hand_computation():
     assert ppl == pytest.approx((1 / 2 * 1 / 6) ** -0.5)
 
 
-def test_eval_text_round_trips(tmp_path):
-    text = dm.format_eval_text(["a = 1\n", "no newline", "x\n\ny\n"])
+def test_eval_text_splits_back_into_its_documents():
+    docs = ["a = 1\n", "no newline", "\nx\n\ny\n"]
+    text = dm.format_eval_text(docs)
     assert text.count("\n<|endoftext|>\n") == 2
-    (tmp_path / "eval.txt").write_text(text, encoding="utf-8")
-    assert dm.read_eval_documents(tmp_path / "eval.txt") == ["a = 1\n", "no newline\n", "x\n\ny\n"]
+    assert split_documents(text) == [d.strip() for d in docs]  # the benchmark's reader strips
 
 
 def test_tiny_build_is_complete_and_loadable(tmp_path):
