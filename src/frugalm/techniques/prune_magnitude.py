@@ -107,6 +107,14 @@ def sparsity_details(masks: dict[str, torch.Tensor], sparsity: float, pattern: s
     return {"pattern": pattern, "sparsity_requested": sparsity, "sparsity_achieved": zeroed / total, "sparsity_layer_min": min(per_layer), "sparsity_layer_max": max(per_layer), "weights_zeroed": zeroed}
 
 
+def pruning_targets(name: str, config, model: nn.Module) -> tuple:
+    """The shared start of every unstructured pruning stage: (N:M pattern or None, sparsity, layers)."""
+    nm = parse_pattern(config.pattern)
+    layers = select_linears(model, config.targets, technique=name)
+    check_groups(name, layers, nm)
+    return nm, effective_sparsity(config.sparsity, nm), layers
+
+
 def zero_masked_(module: nn.Module, mask: torch.Tensor) -> None:
     weight_out_in(module).masked_fill_(mask, 0.0)  # a view: writes through Conv1D's (in, out) storage
 
@@ -117,10 +125,7 @@ def zero_masked_(module: nn.Module, mask: torch.Tensor) -> None:
 @torch.no_grad()
 def apply(model: nn.Module, config: MagnitudePruneConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    nm = parse_pattern(config.pattern)
-    sparsity = effective_sparsity(config.sparsity, nm)
-    layers = select_linears(model, config.targets, technique=name)
-    check_groups(name, layers, nm)
+    nm, sparsity, layers = pruning_targets(name, config, model)
     masks = {}
     for i, (layer_name, module) in enumerate(layers):
         w = weight_out_in(module)  # (out, in)

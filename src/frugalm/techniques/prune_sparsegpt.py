@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, TechniqueError, record_change, select_linears, weight_out_in
-from frugalm.techniques.prune_magnitude import DEFAULT_TARGETS, check_groups, effective_sparsity, parse_pattern, pattern_problems, prune_mask, sparsity_details
+from frugalm.techniques.base import Context, Technique, TechniqueError, record_change, weight_out_in
+from frugalm.techniques.prune_magnitude import DEFAULT_TARGETS, parse_pattern, pattern_problems, prune_mask, pruning_targets, sparsity_details
 from frugalm.techniques.prune_wanda import calibrated_groups
 
 
@@ -103,10 +103,7 @@ def sparsegpt_weights(w: torch.Tensor, gram: torch.Tensor, sparsity: float, nm: 
 @torch.no_grad()
 def apply(model: nn.Module, config: SparseGPTPruneConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    nm = parse_pattern(config.pattern)
-    sparsity = effective_sparsity(config.sparsity, nm)
-    layers = select_linears(model, config.targets, technique=name)
-    check_groups(name, layers, nm)
+    nm, sparsity, layers = pruning_targets(name, config, model)
     tokens = ctx.calibration_tokens(name)  # (n, seq_len) int64
     masks = {}
     for group, stats in calibrated_groups(model, layers, tokens, sequential=True, gram=True, batch_size=config.batch_size):

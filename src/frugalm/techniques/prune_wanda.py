@@ -25,9 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, TechniqueError, record_change, select_linears, weight_out_in
+from frugalm.techniques.base import Context, Technique, TechniqueError, record_change, weight_out_in
 from frugalm.techniques.calibrate import InputStats, collect_input_stats
-from frugalm.techniques.prune_magnitude import DEFAULT_TARGETS, check_groups, effective_sparsity, parse_pattern, pattern_problems, prune_mask, sparsity_details, zero_masked_
+from frugalm.techniques.prune_magnitude import DEFAULT_TARGETS, pattern_problems, prune_mask, pruning_targets, sparsity_details, zero_masked_
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,10 +124,7 @@ def _checked(stats: dict[str, InputStats]) -> dict[str, InputStats]:
 @torch.no_grad()
 def apply(model: nn.Module, config: WandaPruneConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    nm = parse_pattern(config.pattern)
-    sparsity = effective_sparsity(config.sparsity, nm)
-    layers = select_linears(model, config.targets, technique=name)
-    check_groups(name, layers, nm)
+    nm, sparsity, layers = pruning_targets(name, config, model)
     tokens = ctx.calibration_tokens(name)  # (n, seq_len) int64
     masks = {}
     for group, stats in calibrated_groups(model, layers, tokens, sequential=config.sequential, gram=False, batch_size=config.batch_size):
