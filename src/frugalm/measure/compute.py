@@ -33,6 +33,13 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     return 2 * bh * s_q * s_k * d_qk + 2 * bh * s_q * s_k * d_v
 
 
+def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """FLOPs of the CPU attention kernel's backward (recomputed scores and four gradient matmuls), torch's own formula."""
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
 def _int8_linear_flops(x_shape, packed, *args, **kwargs) -> int:
     """fbgemm's dynamic int8 matmul: the same multiply-adds as the float one (as integer ops)."""
     out_f, in_f = packed.unpack()[0].shape
@@ -42,10 +49,11 @@ def _int8_linear_flops(x_shape, packed, *args, **kwargs) -> int:
     return 2 * rows * out_f * in_f
 
 
-# torch's counter knows the CUDA attention kernels but not the CPU one that sdpa dispatches to,
-# nor the quantized int8 matmul.
+# torch's counter knows the CUDA attention kernels but not the CPU one that sdpa dispatches to
+# (forward, and backward for training), nor the quantized int8 matmul.
 _EXTRA_FLOP_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
     torch.ops.quantized.linear_dynamic: _int8_linear_flops,
 }
 
