@@ -49,6 +49,41 @@ def test_front_matches_brute_force(points):
     assert non_dominated(points, OBJ3) == _brute_front(points, OBJ3)
 
 
+def _brute_front_with_margins(points, margins, objectives):
+    """A point leaves the front only for one better beyond both margins somewhere, worse beyond them nowhere."""
+    def beats(q, mq, p, mp, o):  # q better than p beyond the noise on o
+        gap = q[o] - p[o] if o == "decode_tok_s" else p[o] - q[o]
+        return gap > mq[o] + mp[o]
+
+    def dominated(i):
+        return any(
+            all(not beats(points[i], margins[i], q, margins[j], o) for o in objectives) and any(beats(q, margins[j], points[i], margins[i], o) for o in objectives)
+            for j, q in enumerate(points) if j != i
+        )
+    front = [i for i in range(len(points)) if not dominated(i)]
+    return front or _brute_front(points, objectives)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data())
+def test_front_with_margins_matches_brute_force(data):
+    points = data.draw(_points(OBJ3))
+    margins = data.draw(st.lists(st.fixed_dictionaries({o: st.integers(0, 2).map(float) for o in OBJ3}), min_size=len(points), max_size=len(points)))
+    front = non_dominated(points, OBJ3, margins)
+    assert front == _brute_front_with_margins(points, margins, OBJ3)
+    zero = [{o: 0.0 for o in OBJ3} for _ in points]
+    assert non_dominated(points, OBJ3, zero) == non_dominated(points, OBJ3)
+
+
+def test_a_speedup_within_the_noise_does_not_make_a_worse_variant_optimal():
+    baseline = {"ppl_tok": 3.6, "decode_tok_s": 200.0}
+    pruned = {"ppl_tok": 4.6, "decode_tok_s": 320.0}  # "faster" than int8 only by noise
+    int8 = {"ppl_tok": 3.65, "decode_tok_s": 300.0}
+    noise = [{"decode_tok_s": 0.1 * p["decode_tok_s"]} for p in (baseline, pruned, int8)]
+    assert non_dominated([baseline, pruned, int8], OBJ2) == [0, 1, 2]
+    assert non_dominated([baseline, pruned, int8], OBJ2, noise) == [0, 2]
+
+
 @settings(max_examples=150, deadline=None)
 @given(points=_points(OBJ2, 8))
 def test_hypervolume_2d_matches_brute_force(points):

@@ -46,8 +46,12 @@ def make_fixture_db(path: Path) -> Run:
                       model_path=f"/fixture/{name}", benchmark_version="frugalm-bench v1", environment=env,
                       config={**config, "variant": {"recipe": recipe, "changes": [], "produce_wall_s": 1.5}} if recipe else config)
             ids[name] = db.add_run(run, _measurements(values))
+        # The baseline measured again, last: its decode speed differs by 5% (run-to-run noise).
+        control = Run(id="run-control", created_at="2026-11-23T12:00:09+0000", kind="baseline", model_ref="fixture-model", model_path="/fixture/baseline",
+                      benchmark_version="frugalm-bench v1", environment=env, config=config)
+        db.add_run(control, _measurements((3.60, 190.0, *VARIANTS["baseline"][2:])))
         session = Run(id="session-1", created_at="2026-11-23T12:01:00+0000", kind="optimize", model_ref="fixture-model", benchmark_version="frugalm-bench v1", environment=env,
-                      config={"baseline": ids["baseline"], "variants": {n: ids[n] for n in VARIANTS if n != "baseline"}, "skipped": {"int4-awq": "group size 128 does not divide 172"},
+                      config={"baseline": ids["baseline"], "control": "run-control", "variants": {n: ids[n] for n in VARIANTS if n != "baseline"}, "skipped": {"int4-awq": "group size 128 does not divide 172"},
                               "constraint_specs": ["ppl_tok<=+5%", "ppl_tok<=+20%"], "out_dir": "/fixture/out"})
         db.add_run(session, [])
     return session
@@ -70,6 +74,14 @@ def test_fronts_and_recommendations(report):
     assert five["satisfied_by"] == ["baseline", "int8"] and five["best"]["weights"]["variant"] == "int8"
     assert data["recommendations"][1]["best"]["weights"]["variant"] == "int4-gptq"
     assert not [v for v in data["variants"] if v["name"] == "wanda50"][0]["on_front"]
+
+
+def test_differences_within_the_run_to_run_noise_are_ties(report):
+    data, _ = report
+    assert data["noise"] == {"decode_tok_s@chat": pytest.approx(10 / 195)}  # baseline 200 then 190 tok/s
+    decode = {v["name"]: v["figures"]["decode_tok_s@chat"] for v in data["variants"]}
+    assert decode["wanda50"]["tie"] and not decode["int8"]["tie"]  # +2.5% is noise, +30% is not
+    assert decode["wanda50"]["margin"] == pytest.approx(205 * 10 / 195)
 
 
 @pytest.mark.parametrize("suffix", ["md", "json", "html"])

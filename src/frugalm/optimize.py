@@ -7,7 +7,9 @@
    skips every key the store already holds complete, so an interrupted optimize resumes, and
    a run with other settings never mixes with this one. A recipe that does not fit the model
    (say, a group size that does not divide its widths) is reported as skipped with the reason.
-3. Compute the Pareto fronts (quality against each resource) from the stored figures, write the
+3. Measure the baseline once more, last: the two baseline runs give the run-to-run noise of
+   every figure, within which the report calls differences ties (see report/build.py).
+4. Compute the Pareto fronts (quality against each resource) from the stored figures, write the
    report (HTML, Markdown, JSON), and keep the artifacts of the variants on some front.
 """
 
@@ -133,10 +135,11 @@ def optimize(model: str | os.PathLike | None = None, config: OptimizeConfig = Op
     with contextlib.nullcontext(store) if isinstance(store, Store) else Store(store) as db:
         baseline = _baseline(source, config, db, _key(settings, "baseline"), progress, say)
         variants = [_variant(name, recipe, source, config, db, _key(settings, recipe_to_dict(recipe)), out, progress, say) for name, recipe in recipes]
+        control = _baseline(source, config, db, _key(settings, "baseline", "control"), progress, say, label="baseline again (run-to-run noise)")
         from frugalm.report.build import build_report_data, write_reports
 
         session = Run(kind="optimize", model_ref=source.ref, model_path=str(source.path), benchmark_version=BENCHMARK_VERSION,
-                      config={"baseline": baseline.run.id, "variants": {v.name: (v.run.id if v.run else None) for v in variants},
+                      config={"baseline": baseline.run.id, "control": control.run.id, "variants": {v.name: (v.run.id if v.run else None) for v in variants},
                               "skipped": {v.name: v.skipped for v in variants if v.skipped}, "constraints": [str(c) for c in constraints],
                               "constraint_specs": list(config.constraints), "out_dir": str(out)},
                       environment=baseline.run.environment)
@@ -148,12 +151,12 @@ def optimize(model: str | os.PathLike | None = None, config: OptimizeConfig = Op
     return OptimizeResult(out, baseline, variants, session, paths)
 
 
-def _baseline(source, config, db: Store, key: str, progress, say) -> Entry:
+def _baseline(source, config, db: Store, key: str, progress, say, label: str = "baseline") -> Entry:
     done = db.complete_run_with_key(key)
     if done:
-        say(f"baseline: already measured (run {done.id}), skipped")
+        say(f"{label}: already measured (run {done.id}), skipped")
         return Entry("baseline", done)
-    say("baseline: measuring")
+    say(f"{label}: measuring")
     result = bench(source.path, config.bench, store=db, progress=progress, kind="baseline", key=key)
     return Entry("baseline", result.run)
 

@@ -29,15 +29,35 @@ def _minimized(points: Sequence[Point], objectives: Sequence[str]) -> list[tuple
     return rows
 
 
-def dominates(a: Sequence[float], b: Sequence[float]) -> bool:
-    """a dominates b (all objectives minimized): no worse everywhere, better somewhere."""
-    return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+def dominates(a: Sequence[float], b: Sequence[float], margin: Sequence[float] | None = None) -> bool:
+    """a dominates b (all objectives minimized): no worse everywhere, better somewhere.
+
+    With `margin` (per objective, >= 0), differences up to the margin are ties: a must be no
+    worse than b + margin everywhere and better than b - margin somewhere.
+    """
+    m = margin or [0.0] * len(a)
+    return all(x <= y + e for x, y, e in zip(a, b, m)) and any(x < y - e for x, y, e in zip(a, b, m))
 
 
-def non_dominated(points: Sequence[Point], objectives: Sequence[str]) -> list[int]:
-    """Indices of the points no other point dominates (duplicates all stay), in input order."""
+def non_dominated(points: Sequence[Point], objectives: Sequence[str], margins: Sequence[Point] | None = None) -> list[int]:
+    """Indices of the points no other point dominates (duplicates all stay), in input order.
+
+    `margins` gives, per point and objective, the half-width within which its figure cannot be
+    told apart from another (timing noise; 0 for counted or deterministic figures). Two figures
+    then tie when they differ by no more than the sum of their margins, so a variant is only
+    pushed off the front by one that is better beyond the noise: a variant whose "speed-up" is
+    noise stays dominated by the baseline it does not really beat. With uneven margins, ties are
+    not transitive and every point could, in principle, be dominated by another; the classic
+    front (no margins) is returned then.
+    """
     rows = _minimized(points, objectives)
-    return [i for i, r in enumerate(rows) if not any(dominates(o, r) for j, o in enumerate(rows) if j != i)]
+    if margins is None:
+        return [i for i, r in enumerate(rows) if not any(dominates(o, r) for j, o in enumerate(rows) if j != i)]
+    if len(margins) != len(points):
+        raise ValueError(f"{len(margins)} margins for {len(points)} points")
+    m = [[abs(float(mp.get(o, 0.0))) for o in objectives] for mp in margins]
+    front = [i for i, r in enumerate(rows) if not any(dominates(o, r, [x + y for x, y in zip(m[j], m[i])]) for j, o in enumerate(rows) if j != i)]
+    return front or non_dominated(points, objectives)
 
 
 def hypervolume(points: Sequence[Point], objectives: Sequence[str], reference: Point) -> float:

@@ -3,6 +3,13 @@
 The headline figure of each resource, plotted against quality, is named in HEADLINE; the
 direction of every metric comes from the registry. Figures carry their method so renderers
 can mark estimates as estimates.
+
+Differences within the noise are ties. Each figure gets a margin: the larger of its spread over
+the repetitions of its run and the run-to-run noise, which optimize measures by benchmarking the
+baseline twice, first and last (|difference| / mean, per metric). Timings of separate child
+processes on a shared machine differ far more than repetitions inside one process do, so
+without the second figure the front would reward luck. Two figures tie when they differ by no
+more than the sum of their margins; fronts, Δ markers and recommendations all use that rule.
 """
 
 from __future__ import annotations
@@ -37,13 +44,23 @@ def _figures(db: Store, run: Run) -> dict[str, dict]:
     }
 
 
-def _headline_point(figures: dict, workload: str) -> dict[str, float]:
+def _headline_point(figures: dict, workload: str, field: str = "value") -> dict[str, float]:
     point = {}
     for metric in [QUALITY, *HEADLINE.values()]:
         key = _figure_key(metric, workload if get_metric(metric).per_workload else None)
         if key in figures:
-            point[metric] = figures[key]["value"]
+            point[metric] = figures[key][field]
     return point
+
+
+def _run_to_run_noise(first: dict, second: dict) -> dict[str, float]:
+    """Per figure key, |a - b| / mean(a, b) between two runs of the same model and settings."""
+    out = {}
+    for key, a in first.items():
+        b = second.get(key)
+        if b is not None and a["value"] + b["value"]:
+            out[key] = abs(a["value"] - b["value"]) / abs((a["value"] + b["value"]) / 2)
+    return out
 
 
 def build_report_data(db: Store, session: Run) -> dict:
@@ -57,12 +74,17 @@ def build_report_data(db: Store, session: Run) -> dict:
         if run_id:
             run = db.get_run(run_id)
             entries.append({"name": name, "run": run, "figures": _figures(db, run), "recipe": run.config.get("variant", {}).get("recipe")})
+    noise = _run_to_run_noise(base_fig, _figures(db, db.get_run(cfg["control"]))) if cfg.get("control") else {}
+    for e in entries:
+        for key, f in e["figures"].items():
+            f["margin"] = max(f["spread"] or 0.0, noise.get(key, 0.0) * abs(f["value"]))
     points = [_headline_point(e["figures"], workload) for e in entries]
+    margins = [_headline_point(e["figures"], workload, "margin") for e in entries]
     fronts, volumes = {}, {}
     for resource, metric in HEADLINE.items():
         have = [i for i, p in enumerate(points) if QUALITY in p and metric in p]
         sub = [points[i] for i in have]
-        front = [have[j] for j in non_dominated(sub, (QUALITY, metric))] if sub else []
+        front = [have[j] for j in non_dominated(sub, (QUALITY, metric), [margins[i] for i in have])] if sub else []
         fronts[resource] = [entries[i]["name"] for i in front]
         if sub:
             ref = {QUALITY: max(p[QUALITY] for p in sub) * 1.1, metric: _reference(metric, [p[metric] for p in sub])}
@@ -83,7 +105,8 @@ def build_report_data(db: Store, session: Run) -> dict:
         "skipped": cfg.get("skipped", {}),
         "fronts": fronts,
         "hypervolume": volumes,
-        "recommendations": _recommendations(cfg.get("constraint_specs", []), points, entries),
+        "recommendations": _recommendations(cfg.get("constraint_specs", []), points, margins, entries),
+        "noise": {k: v for k, v in noise.items() if v > 0},
         "out_dir": cfg.get("out_dir"),
         "protocol": {k: base_run.config.get(k) for k in ("data", "protocol", "workloads", "profile", "repetitions", "warmup", "device", "dtype")},
     }
@@ -106,6 +129,7 @@ def _variant_row(entry: dict, base_fig: dict, on_front: set, fronts: dict, workl
     for key, f in figs.items():
         base = base_fig.get(key)
         f["delta_pct"] = 100 * (f["value"] / base["value"] - 1) if base and base["value"] else None
+        f["tie"] = bool(base) and f["delta_pct"] != 0 and abs(f["value"] - base["value"]) <= f["margin"] + base["margin"]
     run = entry["run"]
     variant = run.config.get("variant", {})
     return {
@@ -123,8 +147,12 @@ def _variant_row(entry: dict, base_fig: dict, on_front: set, fronts: dict, workl
     }
 
 
-def _recommendations(specs: list[str], points: list[dict], entries: list[dict]) -> list[dict]:
-    """Per constraint: which variants satisfy it, and the best of them on each resource."""
+def _recommendations(specs: list[str], points: list[dict], margins: list[dict], entries: list[dict]) -> list[dict]:
+    """Per constraint: which variants satisfy it, and the best of them on each resource.
+
+    The variants whose figure ties with the best one (within their margins) are listed as tied,
+    and among them the one with the best quality is recommended.
+    """
     out = []
     for spec in specs:
         c = Constraint.parse(spec)
@@ -133,8 +161,11 @@ def _recommendations(specs: list[str], points: list[dict], entries: list[dict]) 
         for resource, metric in HEADLINE.items():
             cands = [i for i in ok if metric in points[i]]
             if cands:
-                pick = (max if get_metric(metric).higher_is_better else min)(cands, key=lambda i: points[i][metric])
-                best[resource] = {"variant": entries[pick]["name"], "value": points[pick][metric], "metric": metric}
+                top = (max if get_metric(metric).higher_is_better else min)(cands, key=lambda i: points[i][metric])
+                tied = [i for i in cands if abs(points[i][metric] - points[top][metric]) <= margins[i].get(metric, 0) + margins[top].get(metric, 0)]
+                pick = min(tied, key=lambda i: (points[i].get(QUALITY, float("inf")), i))
+                best[resource] = {"variant": entries[pick]["name"], "value": points[pick][metric], "metric": metric,
+                                  "tied": [entries[i]["name"] for i in tied if i != pick]}
         out.append({"constraint": str(c), "bound": c.bound(points[0].get(c.metric)), "satisfied_by": [entries[i]["name"] for i in ok], "best": best})
     return out
 

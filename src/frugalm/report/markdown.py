@@ -12,7 +12,7 @@ def _cell(variant: dict, metric: str, workload: str) -> str:
         return "—"
     text = format_value(f["value"])
     if f.get("delta_pct") is not None and variant["name"] != "baseline":
-        text += f" ({f['delta_pct']:+.1f}%)"
+        text += f" ({f['delta_pct']:+.1f}%{', ≈' if f.get('tie') else ''})"
     return text + (" *est.*" if f["method"] == "estimated" else "")
 
 
@@ -29,9 +29,11 @@ def render_markdown(d: dict) -> str:
         "",
     ]
     for r in d["recommendations"]:
-        best = ", ".join(f"{res}: **{b['variant']}** ({format_value(b['value'])} {METRICS[b['metric']].unit})" for res, b in r["best"].items())
+        best = ", ".join(f"{res}: **{b['variant']}** ({format_value(b['value'])} {METRICS[b['metric']].unit}{'; tied within noise: ' + ', '.join(b['tied']) if b.get('tied') else ''})" for res, b in r["best"].items())
         lines.append(f"- {r['constraint']}: {best or 'no variant satisfies it'}")
     lines += ["", "## Pareto fronts (quality against each resource)", ""]
+    noise = ", ".join(f"`{k}` ±{100 * v:.1f}%" for k, v in d.get("noise", {}).items() if k.split("@")[0] in metrics)
+    lines += [f"Run-to-run noise (baseline measured first and last): {noise or 'none measured'}. Differences within a figure's margin (its spread or this noise, whichever is larger) are ties, marked ≈; a variant is off a front only if another beats it beyond the margins.", ""]
     for res, names in d["fronts"].items():
         lines.append(f"- {res} (`{d['headline'][res]['metric']}`): {', '.join(names)}; hypervolume {format_value(d['hypervolume'].get(res, 0))}")
     lines += ["", "## Headline figures (Δ to baseline)", ""]
