@@ -41,7 +41,7 @@ from torch import nn
 
 from frugalm.techniques.base import Context, Technique, TechniqueError, select_linears, weight_out_in
 from frugalm.techniques.calibrate import InputStats, collect_input_stats
-from frugalm.techniques.quant_pack import quantize_groups
+from frugalm.techniques.quant_pack import quantize_groups, range_params
 from frugalm.techniques.quant_rtn import DEFAULT_TARGETS, ByteCount, check_config, check_widths, quant_linear, quant_problems, record_quant_change, replace_module_
 
 CALIBRATION_BATCH = 8
@@ -93,18 +93,6 @@ def _inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
     raise TechniqueError(f"gptq_quant: the calibration Hessian is not positive definite even with damping {damp:.3g}; raise damp_percent or give more calibration samples")
 
 
-def _range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale (float16-exact, as float32) and zero point for ranges [lo, hi], as `quantize_groups` sets them."""
-    if symmetric:
-        scale = hi.clamp(min=1e-8) / (2 ** (bits - 1) - 1)
-        zero = torch.full_like(scale, 2 ** (bits - 1))
-    else:
-        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-        scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8)
-        zero = torch.round(-lo / scale).clamp(0, 2**bits - 1)
-    return scale.half().float(), zero
-
-
 def group_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float16) and zero point (uint8), each (out, G), of w (out, in): min/max or MSE-best shrunk ranges.
 
@@ -117,11 +105,11 @@ def group_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, o
     wg = w.float().reshape(out_f, in_f // g, g)  # (out, G, g)
     hi = wg.abs().amax(-1, keepdim=True) if symmetric else wg.amax(-1, keepdim=True)  # (out, G, 1)
     lo = -hi if symmetric else wg.amin(-1, keepdim=True)
-    scale, zero = _range_params(lo, hi, bits, symmetric)
+    scale, zero = range_params(lo, hi, bits, symmetric)
     if observer == "mse":
         best, work = torch.full_like(scale, float("inf")), torch.empty_like(wg)
         for i in range(80):
-            s, z = _range_params(lo * (1 - i / 100), hi * (1 - i / 100), bits, symmetric)
+            s, z = range_params(lo * (1 - i / 100), hi * (1 - i / 100), bits, symmetric)
             torch.div(wg, torch.where(s > 0, s, 1), out=work)  # in place from here: this loop is the costly part
             err = work.add_(z).round_().clamp_(0, 2**bits - 1).sub_(z).mul_(s).sub_(wg).square_().sum(-1, keepdim=True)  # (out, G, 1)
             better = err < best

@@ -19,22 +19,32 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (float16-exact, as float32) and zero point for value ranges [lo, hi] (symmetric: hi = absmax).
+
+    The symmetric grid spans codes -2^(b-1) .. 2^(b-1)-1 around z = 2^(b-1), with
+    scale = absmax / ((2^b - 1) / 2): int4 absmax/7.5, int8 absmax/127.5, as compressed-tensors
+    (llm-compressor's format) does, so both tools round the same weights to the same codes.
+    """
+    qmax = 2**bits - 1
+    if symmetric:
+        scale = hi.clamp(min=1e-8) / (qmax / 2)
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+        scale = ((hi - lo) / qmax).clamp(min=1e-8)
+        zero = torch.round(-lo / scale).clamp(0, qmax)
+    return scale.half().float(), zero  # the stored precision, so codes are chosen against it
+
+
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest codes of w (out, in): (q uint8 (out, in), scale (out, G), zero (out, G))."""
     out_f, in_f = w.shape
     g = in_f if group_size <= 0 else group_size
     wg = w.float().reshape(out_f, in_f // g, g)  # (out, G, g)
-    qmax = 2**bits - 1
-    if symmetric:
-        absmax = wg.abs().amax(-1).clamp(min=1e-8)  # (out, G)
-        scale = absmax / (2 ** (bits - 1) - 1)
-        zero = torch.full_like(scale, 2 ** (bits - 1))
-    else:
-        lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
-        scale = ((hi - lo) / qmax).clamp(min=1e-8)
-        zero = torch.round(-lo / scale).clamp(0, qmax)
-    scale = scale.half().float()  # the stored precision, so codes are chosen against it
-    q = torch.round(wg / scale[..., None] + zero[..., None]).clamp(0, qmax)
+    hi = wg.abs().amax(-1) if symmetric else wg.amax(-1)
+    scale, zero = range_params(-hi if symmetric else wg.amin(-1), hi, bits, symmetric)
+    q = torch.round(wg / scale[..., None] + zero[..., None]).clamp(0, 2**bits - 1)
     return q.reshape(out_f, in_f).to(torch.uint8), scale.half(), zero.to(torch.uint8)
 
 
