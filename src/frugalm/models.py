@@ -8,9 +8,11 @@ classes; nothing here is architecture-specific.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -219,10 +221,21 @@ def packed_layers(model: nn.Module) -> dict[str, dict]:
 
 
 def save_variant(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict) -> Path:
-    """Save in Hugging Face layout plus frugalm.json, atomically: the folder is complete or absent.
+    """Save in Hugging Face layout plus frugalm.json, atomically: the folder is complete or absent."""
+    with atomic_folder(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {"format": ARTIFACT_FORMAT, **metadata, "packed_layers": packed_layers(model), "inference": inference_settings(model)}
+        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
+    return Path(out_dir).expanduser().resolve()
 
-    Written to a sibling temporary folder and renamed into place; an existing folder is replaced
-    only once the new one is complete.
+
+@contextlib.contextmanager
+def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """A sibling temporary folder to write into; renamed to `out_dir` once the block succeeds.
+
+    An existing folder is replaced only once the new one is complete; on any error the
+    temporary folder is removed, so `out_dir` is always complete or absent (or the old one).
     """
     import shutil
     import tempfile
@@ -233,10 +246,7 @@ def save_variant(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metada
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        meta = {"format": ARTIFACT_FORMAT, **metadata, "packed_layers": packed_layers(model), "inference": inference_settings(model)}
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        yield tmp
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)
@@ -247,7 +257,6 @@ def save_variant(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metada
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out
 
 
 def read_metadata(path: Path) -> dict | None:

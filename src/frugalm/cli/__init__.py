@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from frugalm import __version__
@@ -18,6 +19,7 @@ SUBCOMMANDS = {
     "run": "frugalm.cli.run",
     "optimize": "frugalm.cli.optimize",
     "report": "frugalm.cli.report",
+    "export": "frugalm.cli.export",
     "validate": "frugalm.cli.validate",
     "ls": "frugalm.cli.ls",
 }
@@ -33,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # frugalm shows its own progress; the libraries' loading bars and advice (e.g. "sequence
+    # longer than the maximum": frugalm windows its text itself) would only bury it. Set
+    # before transformers is imported, which reads both once.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
