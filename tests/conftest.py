@@ -76,3 +76,54 @@ def text_file(tmp_path) -> Path:
 
 def needs_assets():
     return pytest.mark.skipif(not STORIES.is_dir(), reason=f"shared assets not found at {ASSETS}")
+
+
+# --- helpers shared by the technique tests ------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tests run torch on one thread: the machines are shared, and tiny models gain nothing from more."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def calibration(n=8, seq_len=32, seed=0):
+    """Seeded random token ids (n, seq_len) over the tiny vocabulary."""
+    import torch
+
+    return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def run(technique: str, model, calib=None, **options) -> dict:
+    """Apply a registered technique with `options` to `model` in place; its change record."""
+    from frugalm.registry import get_technique
+    from frugalm.techniques.base import Context
+
+    t = get_technique(technique)
+    ctx = Context(calibration=calibration() if calib is None else calib)
+    t.apply(model, t.config_cls(**options), ctx)
+    return ctx.changes[-1]
+
+
+def logits(model, ids):
+    import torch
+
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def error_message(exc_info) -> str:
+    message = str(exc_info.value)
+    assert "\n" not in message  # one line, as the CLI prints it
+    return message

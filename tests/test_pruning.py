@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import STORIES, TINYSTORIES, VOCAB, needs_assets
+from conftest import STORIES, TINYSTORIES, VOCAB, calibration, error_message, load, needs_assets, run
 from frugalm.recipe import parse_recipe
 from frugalm.registry import get_technique
 from frugalm.techniques.base import Context, TechniqueError, select_linears, weight_out_in
@@ -21,35 +21,6 @@ from frugalm.techniques.prune_wanda import block_input_stats, group_by_block, wa
 
 ARCHS_ALL = ["llama", "gpt2", "gpt_neox", "opt", "qwen2"]
 UNSTRUCTURED = ["magnitude_prune", "wanda_prune", "sparsegpt_prune"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machines are shared; tiny models gain nothing from more
-    yield
-    torch.set_num_threads(threads)
-
-
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def calibration(n=8, seq_len=64, seed=0):
-    return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
-def run(technique: str, model, calib=None, **options) -> dict:
-    t = get_technique(technique)
-    ctx = Context(calibration=calibration() if calib is None else calib)
-    t.apply(model, t.config_cls(**options), ctx)
-    return ctx.changes[-1]
-
-
-def error_message(exc_info) -> str:
-    message = str(exc_info.value)
-    assert "\n" not in message  # one line, as the CLI prints it
-    return message
 
 
 # --- unstructured and N:M ----------------------------------------------------------------------------
@@ -149,7 +120,7 @@ def test_block_wise_calibration_stops_early_and_matches_a_full_pass(tiny_models)
 
 def test_wanda_one_pass_and_sequential_differ_only_after_the_first_block(tiny_llama):
     one_pass, sequential = load(tiny_llama), load(tiny_llama)
-    calib = calibration()
+    calib = calibration(seq_len=64)
     run("wanda_prune", one_pass, calib, sequential=False)
     run("wanda_prune", sequential, calib, sequential=True)
     w = lambda m, i: m.model.layers[i].self_attn.q_proj.weight  # noqa: E731

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import STORIES, TINY_CONFIGS, TINYSTORIES, VOCAB, needs_assets
+from conftest import STORIES, TINY_CONFIGS, TINYSTORIES, VOCAB, calibration, error_message, load, logits, needs_assets, run
 from frugalm.recipe import parse_recipe
 from frugalm.registry import get_technique
 from frugalm.techniques.base import Context, TechniqueError, select_linears, weight_out_in
@@ -22,40 +22,6 @@ from frugalm.techniques.quant_rtn import DEFAULT_TARGETS, stored_bytes
 
 ARCHS = sorted(TINY_CONFIGS)
 QUANT = ["rtn_quant", "gptq_quant", "awq_quant"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the test machines are shared; tiny models gain nothing from more
-    yield
-    torch.set_num_threads(threads)
-
-
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def calibration(n=8, seq_len=32, seed=0):
-    return torch.randint(0, VOCAB, (n, seq_len), generator=torch.Generator().manual_seed(seed))
-
-
-def run(technique: str, model, calib=None, **options) -> dict:
-    t = get_technique(technique)
-    ctx = Context(calibration=calibration() if calib is None else calib)
-    t.apply(model, t.config_cls(**options), ctx)
-    return ctx.changes[-1]
-
-
-@torch.no_grad()
-def logits(model, ids):
-    return model(ids).logits
-
-
-def error_message(exc_info) -> str:
-    message = str(exc_info.value)
-    assert "\n" not in message  # one line, as the CLI prints it
-    return message
 
 
 def correlated_inputs(n=1024, width=128, seed=0, outliers=()):
