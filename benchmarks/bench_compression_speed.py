@@ -9,14 +9,20 @@ On the random-weight SmolLM2-135M stand-in (real shapes; see bench_foundation.py
 - structured25: 25% of MLP channels physically removed (magnitude importance),
 saves each as an artifact, then measures the float32 model and each variant with
 `frugalm bench` (fresh child process each): batch-1 decode on `chat`, batch 8 x 256-token
-prefill on `prefill`, weights in memory, artifact size. Ratios to float32 are printed with the
-spread of the repetitions. Quality figures of random weights mean nothing and are not shown.
+prefill on `prefill`, weights in memory, artifact size. Quality figures of random weights mean
+nothing and are not shown.
+
+Measurements are interleaved: each of `--rounds` rounds measures float32 and every variant once
+(the order rotated from round to round), and a variant's speed-up is taken per round against
+that round's float32, so a slow spell on a shared machine hits both sides of a ratio. The
+table gives the mean ratio over the rounds with its standard deviation, next to the pooled
+throughputs.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,37 +59,44 @@ def build_variant(base: Path, name: str) -> tuple[Path, float]:
     return out, seconds
 
 
-def ratio(a: dict, b: dict) -> str:
-    """a/b with the spread propagated from both figures' standard deviations (first order)."""
-    r = a["value"] / b["value"]
-    rel = math.sqrt(sum(((f["spread"] or 0) / f["value"]) ** 2 for f in (a, b)))
-    return f"{r:.2f}x ± {r * rel:.2f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repetitions", default="5")
+    parser.add_argument("--repetitions", default="3", help="timed repetitions per workload inside one measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (float32 and every variant once per round)")
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
     base = build_standin()
     common = ["--workload", "chat", "--workload", "prefill", "--repetitions", args.repetitions, *sum((["--metric", m] for m in METRICS), [])]
-    docs = {}
-    doc, wall = frugalm(str(base), *common)
-    docs["float32"] = doc
-    print(f"float32: measured in {wall:.0f} s", flush=True)
+    folders = {"float32": base}
     for name in args.only:
-        folder, seconds = build_variant(base, name)
-        doc, wall = frugalm(str(folder), *common)
-        docs[name] = doc
-        print(f"{name}: built in {seconds:.1f} s (nan: reused), measured in {wall:.0f} s; kernels {figure(doc, 'decode_tok_s', 'chat').get('protocol', {}).get('kernels')}", flush=True)
-    base_doc = docs["float32"]
-    print("\nvariant        decode tok/s (chat, b=1)      prefill tok/s (8x256)         weights MiB   artifact MiB   peak MiB (chat)")
-    for name, doc in docs.items():
-        dec, pre = figure(doc, "decode_tok_s", "chat"), figure(doc, "prefill_tok_s", "prefill")
-        row = f"{name:<14} {dec['value']:8.2f} ± {dec['spread'] or 0:5.2f} ({ratio(dec, figure(base_doc, 'decode_tok_s', 'chat'))})"
-        row += f"   {pre['value']:8.1f} ± {pre['spread'] or 0:6.1f} ({ratio(pre, figure(base_doc, 'prefill_tok_s', 'prefill'))})"
-        row += f"   {figure(doc, 'weights_mib')['value']:8.1f}     {figure(doc, 'artifact_mib')['value']:8.1f}     {figure(doc, 'peak_mem_mib', 'chat')['value']:8.1f}"
+        folders[name], seconds = build_variant(base, name)
+        print(f"{name}: built in {seconds:.1f} s (nan: reused)", flush=True)
+    names = list(folders)
+    docs: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            doc, wall = frugalm(str(folders[name]), *common)
+            docs[name].append(doc)
+            print(f"round {r + 1}: {name} measured in {wall:.0f} s; kernels {figure(doc, 'decode_tok_s', 'chat').get('protocol', {}).get('kernels')}", flush=True)
+
+    def values(name, metric, workload):
+        return [figure(d, metric, workload)["value"] for d in docs[name]]
+
+    def cell(name, metric, workload):
+        v = values(name, metric, workload)
+        ratios = [a / b for a, b in zip(v, values("float32", metric, workload))]
+        sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+        return f"{statistics.mean(v):8.2f} ({statistics.mean(ratios):.2f}x ± {sd:.2f})"
+
+    print(f"\n{args.rounds} interleaved rounds x {args.repetitions} repetitions; ratio = mean over rounds of variant / float32 in the same round, ± sd over rounds")
+    print("variant        decode tok/s (chat, b=1)   prefill tok/s (8x256)     weights MiB   artifact MiB   peak MiB (chat)")
+    for name in names:
+        last = docs[name][-1]
+        row = f"{name:<14} {cell(name, 'decode_tok_s', 'chat')}    {cell(name, 'prefill_tok_s', 'prefill')}"
+        row += f"   {figure(last, 'weights_mib')['value']:8.1f}     {figure(last, 'artifact_mib')['value']:8.1f}     {statistics.mean(values(name, 'peak_mem_mib', 'chat')):8.1f}"
         print(row)
+    print("per round, decode tok/s: " + "; ".join(f"{n} " + ", ".join(f"{v:.1f}" for v in values(n, "decode_tok_s", "chat")) for n in names))
 
 
 if __name__ == "__main__":
