@@ -308,3 +308,21 @@ def test_gptq_and_awq_recover_most_of_rtn4_perplexity_on_stories260k():
     assert rtn_increase > 0.3  # RTN-4 per channel really hurts this model (3.53 -> 4.22)
     assert results["gptq_quant"] - dense <= 0.5 * rtn_increase, results
     assert results["awq_quant"] - dense <= 0.7 * rtn_increase, results
+
+
+def test_a_quantized_tied_head_is_untied_saved_and_benchmarked(tiny_llama, text_file, tmp_path):
+    from frugalm.bench import BenchConfig, bench
+    from frugalm.measure.quality import PerplexityProtocol
+    from frugalm.models import load_model, save_variant
+
+    lm = load_model(tiny_llama, fast_kernels=False)
+    embedding = lm.model.get_input_embeddings().weight.detach().clone()
+    change = run("rtn_quant", lm.model, bits=8, targets=("*.mlp.*", "*.self_attn.*", "lm_head"))
+    assert "lm_head" in change["layers"] and not lm.model.config.tie_word_embeddings
+    artifact = save_variant(lm.model, lm.tokenizer, tmp_path / "v", {})
+    again = load_model(artifact)  # fbgemm kernels where the CPU has them, the head included
+    assert torch.equal(again.model.get_input_embeddings().weight, embedding)  # the embedding stays float
+    config = BenchConfig(data=str(text_file), workloads=("chat",), metrics=("ppl_tok", "decode_tok_s"), repetitions=1, protocol=PerplexityProtocol(max_tokens=256))
+    figures = {m.metric: m.value for m in bench(artifact, config, store=tmp_path / "s.db").measurements}
+    base = {m.metric: m.value for m in bench(tiny_llama, config, store=tmp_path / "s.db").measurements}
+    assert figures["ppl_tok"] == pytest.approx(base["ppl_tok"], rel=0.02) and figures["decode_tok_s"] > 0

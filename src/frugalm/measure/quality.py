@@ -140,7 +140,7 @@ def score_text(model, encoded: EncodedText, window: int, stride: int, *, referen
     cache_factory = cache_factory or model_cache_factory(model)
     device = next(model.parameters()).device
     spans = rolling_windows(len(encoded.ids), window, stride)
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.get_output_embeddings().out_features  # a Linear, or a quantized one (no .weight)
     per_batch = _windows_per_batch(window, vocab)
     scores = Scores()
     # Windows of equal length are batched; only the last one can be shorter.
