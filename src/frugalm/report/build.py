@@ -4,9 +4,11 @@ The headline figure of each resource, plotted against quality, is named in HEADL
 direction of every metric comes from the registry. Figures carry their method so renderers
 can mark estimates as estimates.
 
-Differences within the noise are ties. Each figure gets a margin: the larger of its spread over
-the repetitions of its run and the run-to-run noise, which optimize measures by benchmarking the
-baseline twice, first and last (|difference| / mean, per metric). Timings of separate child
+Differences within the noise are ties. Each figure gets a margin: the largest of its spread over
+the repetitions of its run, the run-to-run noise, which optimize measures by benchmarking the
+baseline twice, first and last (|difference| / mean, per metric), and RESOLUTION of its value
+(float rounding: a KV cache that dequantizes exactly, or another kernel summing in another
+order, moves a perplexity in its fifth digit, which is no difference in quality). Timings of separate child
 processes on a shared machine differ far more than repetitions inside one process do, so
 without the second figure the front would reward luck. Two figures tie when they differ by no
 more than the sum of their margins; fronts, Δ markers and recommendations all use that rule.
@@ -22,6 +24,8 @@ from frugalm.pareto import Constraint, hypervolume, non_dominated, satisfying
 from frugalm.store import Run, Store
 
 QUALITY = "ppl_tok"
+RESOLUTION = 1e-4
+"""Relative differences below this are float rounding, never a result (see module doc)."""
 # resource -> (metric, per workload?)
 HEADLINE = {
     "computation": "decode_tok_s",
@@ -77,7 +81,7 @@ def build_report_data(db: Store, session: Run) -> dict:
     noise = _run_to_run_noise(base_fig, _figures(db, db.get_run(cfg["control"]))) if cfg.get("control") else {}
     for e in entries:
         for key, f in e["figures"].items():
-            f["margin"] = max(f["spread"] or 0.0, noise.get(key, 0.0) * abs(f["value"]))
+            f["margin"] = max(f["spread"] or 0.0, max(noise.get(key, 0.0), RESOLUTION) * abs(f["value"]))
     points = [_headline_point(e["figures"], workload) for e in entries]
     margins = [_headline_point(e["figures"], workload, "margin") for e in entries]
     fronts, volumes = {}, {}
@@ -150,8 +154,9 @@ def _variant_row(entry: dict, base_fig: dict, on_front: set, fronts: dict, workl
 def _recommendations(specs: list[str], points: list[dict], margins: list[dict], entries: list[dict]) -> list[dict]:
     """Per constraint: which variants satisfy it, and the best of them on each resource.
 
-    The variants whose figure ties with the best one (within their margins) are listed as tied,
-    and among them the one with the best quality is recommended.
+    The variants whose figure ties with the best one (within their margins) are listed as tied;
+    among them the one with the best quality is recommended, and among those tied on quality
+    too, the one with the best figure.
     """
     out = []
     for spec in specs:
@@ -161,13 +166,23 @@ def _recommendations(specs: list[str], points: list[dict], margins: list[dict], 
         for resource, metric in HEADLINE.items():
             cands = [i for i in ok if metric in points[i]]
             if cands:
-                top = (max if get_metric(metric).higher_is_better else min)(cands, key=lambda i: points[i][metric])
-                tied = [i for i in cands if abs(points[i][metric] - points[top][metric]) <= margins[i].get(metric, 0) + margins[top].get(metric, 0)]
-                pick = min(tied, key=lambda i: (points[i].get(QUALITY, float("inf")), i))
+                better = max if get_metric(metric).higher_is_better else min
+                top = better(cands, key=lambda i: points[i][metric])
+                tied = [i for i in cands if _tie(points[i], margins[i], points[top], margins[top], metric)]
+                q = min(tied, key=lambda i: points[i].get(QUALITY, float("inf")))
+                same_quality = [i for i in tied if _tie(points[i], margins[i], points[q], margins[q], QUALITY)]
+                pick = better(same_quality, key=lambda i: points[i][metric])
                 best[resource] = {"variant": entries[pick]["name"], "value": points[pick][metric], "metric": metric,
                                   "tied": [entries[i]["name"] for i in tied if i != pick]}
         out.append({"constraint": str(c), "bound": c.bound(points[0].get(c.metric)), "satisfied_by": [entries[i]["name"] for i in ok], "best": best})
     return out
+
+
+def _tie(a: dict, margin_a: dict, b: dict, margin_b: dict, metric: str) -> bool:
+    """a and b differ on `metric` by no more than the sum of their margins (a missing figure ties)."""
+    if metric not in a or metric not in b:
+        return True
+    return abs(a[metric] - b[metric]) <= margin_a.get(metric, 0.0) + margin_b.get(metric, 0.0)
 
 
 def write_reports(data: dict, out_dir: Path) -> dict[str, Path]:

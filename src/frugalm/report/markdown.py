@@ -33,7 +33,7 @@ def render_markdown(d: dict) -> str:
         lines.append(f"- {r['constraint']}: {best or 'no variant satisfies it'}")
     lines += ["", "## Pareto fronts (quality against each resource)", ""]
     noise = ", ".join(f"`{k}` ±{100 * v:.1f}%" for k, v in d.get("noise", {}).items() if k.split("@")[0] in metrics)
-    lines += [f"Run-to-run noise (baseline measured first and last): {noise or 'none measured'}. Differences within a figure's margin (its spread or this noise, whichever is larger) are ties, marked ≈; a variant is off a front only if another beats it beyond the margins.", ""]
+    lines += [f"Run-to-run noise (baseline measured first and last): {noise or 'none measured'}. Differences within a figure's margin (its spread, this noise or 0.01% of its value, whichever is largest) are ties, marked ≈; a variant is off a front only if another beats it beyond the margins.", ""]
     for res, names in d["fronts"].items():
         lines.append(f"- {res} (`{d['headline'][res]['metric']}`): {', '.join(names)}; hypervolume {format_value(d['hypervolume'].get(res, 0))}")
     lines += ["", "## Headline figures (Δ to baseline)", ""]
