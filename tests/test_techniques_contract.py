@@ -30,8 +30,16 @@ QUALITY_FLOOR = {
     "sparsegpt_prune": 2.0,
     "structured_prune": 20.0,  # 25% of MLP channels physically removed, no recovery
     "kv_cache_quant": 1.02,  # int8 KV cache, scored by chunked prefill through it
+    # Training stages run a short budget here (TRAINING_BUDGET) on the held-out text after the
+    # evaluated part; fine-tuning must not hurt, the half-layer student is allowed its loss.
+    "full_finetune": 1.05,
+    "masked_finetune": 1.05,
+    "lora_finetune": 1.05,
+    "distill": 3.0,
 }
 EVAL_TOKENS = 4096
+TRAINING_BUDGET = {"steps": 10, "batch_size": 4, "seq_len": 128, "warmup_steps": 2, "log_every": 5}
+"""Options given to training stages (kind "training") instead of their defaults, to keep the matrix fast."""
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +49,7 @@ def setup():
     evaluated = encode_documents(lm.tokenizer, docs, EVAL_TOKENS)
     calibration = sample_calibration(lm.tokenizer, docs[len(evaluated.docs):], 16, 256, seed=0)
     dense = _ppl(lm.model, evaluated)
-    return docs, evaluated, calibration, dense
+    return docs, evaluated, calibration, dense, lm.tokenizer
 
 
 def _ppl(model, encoded) -> float:
@@ -65,11 +73,12 @@ def test_defaults_are_valid_and_round_trip(name):
 
 @pytest.mark.parametrize("name", sorted(TECHNIQUES))
 def test_apply_save_reload(name, setup, tmp_path):
-    docs, evaluated, calibration, dense = setup
+    docs, evaluated, calibration, dense, tokenizer = setup
     technique = get_technique(name)
     lm = load_model(fast_kernels=False)
-    ctx = Context(calibration=calibration)
-    model = technique.apply(lm.model, technique.config_cls(), ctx)
+    n = len(evaluated.docs)
+    ctx = Context(calibration=calibration, tokenizer=tokenizer, training_documents=docs[n:], held_out_documents=docs[:n])
+    model = technique.apply(lm.model, technique.config_cls(**(TRAINING_BUDGET if technique.kind == "training" else {})), ctx)
     assert ctx.changes and ctx.changes[-1]["technique"] == name and ctx.changes[-1]["layers"]
     ids = evaluated.ids[None, :256]
     with torch.no_grad():

@@ -6,7 +6,11 @@ store, with the resolved recipe, what each stage changed and the time it took to
 
 Calibration text, when a stage needs it, is the recipe's `calibration.data`; without one it is
 drawn from the part of the evaluation text that the benchmark does not evaluate (the documents
-after its first `--eval-tokens` tokens), so calibration never sees the evaluated text.
+after its first `--eval-tokens` tokens), so calibration never sees the evaluated text. Training
+stages read the same remainder unless given their own `data:` file, and drop any evaluated
+document from it; each stage checkpoints into a hidden folder beside the artifact, so rerunning
+a killed recipe resumes its training. What training cost (FLOPs, tokens, energy, USD) is stored
+as figures beside the inference ones.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 from frugalm.bench import BenchConfig, BenchResult, bench, evaluation_text
 from frugalm.data import read_text, split_documents
-from frugalm.errors import DataError
+from frugalm.errors import ConfigError, DataError
 from frugalm.measure.metrics import Measurement
 from frugalm.measure.runner import Progress
 from frugalm.recipe import Recipe, recipe_to_dict
@@ -44,21 +48,31 @@ class RunResult:
 def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: RunConfig = RunConfig(), *, store: Store | str | os.PathLike | None = None, progress: Progress | None = None, key: str | None = None) -> RunResult:
     from frugalm.models import load_model, resolve_model, save_variant
 
+    unmerged = [i for i, s in enumerate(recipe.stages) if s.technique == "lora_finetune" and not s.config.merge]
+    if unmerged:
+        raise ConfigError(f"stages[{unmerged[0]}] (lora_finetune): merge: false keeps separate adapters, which a frugalm artifact cannot store yet; set merge: true (the merged model computes the same function)")
     source = resolve_model(model or recipe.model)
     out_dir = Path(config.out_dir or Path("frugalm-out") / recipe.name)
     lm = load_model(source.path, device=config.bench.device, dtype=config.bench.dtype, fast_kernels=False)
     calibration, calibration_desc = _calibration(recipe, lm, config.bench)
     from frugalm.techniques.base import Context
 
-    ctx = Context(device=lm.device, calibration=calibration, progress=progress)
+    ctx = Context(device=lm.device, calibration=calibration, progress=progress, tokenizer=lm.tokenizer)
+    if any(get_technique(s.technique).kind == "training" for s in recipe.stages):
+        held_out, rest, text_source = evaluation_split(lm.tokenizer, config.bench)
+        ctx.training_documents, ctx.held_out_documents, ctx.training_source = rest, held_out, text_source
+    checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints"
     timings = []
     t_total = time.perf_counter()
     for i, stage in enumerate(recipe.stages):
         technique = get_technique(stage.technique)
+        ctx.checkpoint_dir = str(checkpoints / f"stage-{i}-{stage.technique}")  # a rerun of the recipe resumes there
         t0 = time.perf_counter()
         lm.model = technique.apply(lm.model, stage.config, ctx)
         timings.append({"stage": i, "technique": stage.technique, "version": technique.version, "wall_s": time.perf_counter() - t0})
     produce_s = time.perf_counter() - t_total
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):  # each completed stage removed its own
+        checkpoints.rmdir()
     metadata = {
         "base_model": source.ref,
         "base_model_path": str(source.path),
@@ -73,13 +87,51 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
         return RunResult(artifact, metadata, None)
     bench_config = replace(config.bench, reference=str(source.path))
     produce = Measurement("produce_wall_s", produce_s, "s", "measured", protocol={"stages": timings, "device": str(lm.device)})
-    result = bench(artifact, bench_config, store=store, progress=progress, kind="variant", record={"variant": metadata}, extra=[produce], key=key)
+    extra = [produce, *training_cost_measurements(ctx.changes, produce_s, lm.device, config.bench)]
+    result = bench(artifact, bench_config, store=store, progress=progress, kind="variant", record={"variant": metadata}, extra=extra, key=key)
     return RunResult(artifact, metadata, result)
+
+
+def training_cost_measurements(changes: list[dict], produce_s: float, device, bench_config: BenchConfig) -> list[Measurement]:
+    """The training stages' cost as figures stored beside the inference ones: FLOPs, tokens, energy, USD.
+
+    Empty when no stage trained. Energy covers the training loops only; USD prices the whole
+    production wall time (every stage) plus that energy at the hardware profile's rates.
+    """
+    from frugalm.measure.cost import get_profile, usd
+
+    costs = [{"stage": c["technique"], **c["training"]} for c in changes if "training" in c]
+    if not costs:
+        return []
+    profile = get_profile(bench_config.profile, device.type, bench_config.profiles_file)
+    per_stage = [{k: c[k] for k in ("stage", "wall_s", "flops", "flops_analytic_6nt", "tokens_seen", "energy_j", "energy_method")} for c in costs]
+    joules = sum(c["energy_j"] for c in costs)
+    energy_method = "measured" if all(c["energy_method"] == "measured" for c in costs) else "estimated"
+    out = [
+        Measurement("produce_train_tokens", sum(c["tokens_seen"] for c in costs), "tok", "counted", protocol={"stages": per_stage}),
+        Measurement("produce_energy_j", joules, "J", energy_method, protocol={"stages": per_stage, "energy": [c["energy_protocol"] for c in costs]}),
+        Measurement("produce_cost_usd", usd(profile, produce_s, joules), "USD", "estimated", protocol={"profile": profile.to_dict(), "wall_s": produce_s, "energy_j": joules}),
+    ]
+    if all(c["flops"] is not None for c in costs):
+        out.append(Measurement("produce_flops", sum(c["flops"] for c in costs), "FLOP", "counted", protocol={"counter": "torch FlopCounterMode over one training step x steps (optimizer update not counted)", "stages": per_stage}))
+    return out
+
+
+def evaluation_split(tokenizer, bench_config: BenchConfig) -> tuple[list[str], list[str], str]:
+    """(evaluated documents, the documents after them, where they come from) of the run's evaluation text.
+
+    The benchmark evaluates the first `max_tokens` tokens; calibration and training use only the rest.
+    """
+    from frugalm.measure.quality import encode_documents
+
+    text, path = evaluation_text(bench_config.data)
+    all_docs = split_documents(text)
+    evaluated = len(encode_documents(tokenizer, all_docs, bench_config.protocol.max_tokens).docs)
+    return all_docs[:evaluated], all_docs[evaluated:], f"{path or '(built-in evaluation text)'}: documents {evaluated}.. (after the evaluated part)"
 
 
 def _calibration(recipe: Recipe, lm, bench_config: BenchConfig):
     """Calibration tokens when a stage needs them, and a description for the artifact."""
-    from frugalm.measure.quality import encode_documents
     from frugalm.models import context_length
     from frugalm.techniques.calibrate import sample_calibration
 
@@ -90,10 +142,7 @@ def _calibration(recipe: Recipe, lm, bench_config: BenchConfig):
     if cal.data:
         docs, source = split_documents(read_text(cal.data)), cal.data
     else:
-        text, path = evaluation_text(bench_config.data)
-        all_docs = split_documents(text)
-        evaluated = len(encode_documents(tokenizer, all_docs, bench_config.protocol.max_tokens).docs)
-        docs, source = all_docs[evaluated:], f"{path or '(built-in evaluation text)'}: documents {evaluated}.. (after the evaluated part)"
+        _, docs, source = evaluation_split(tokenizer, bench_config)
         if not docs:
             raise DataError("the stages need calibration text and the evaluation text has none left over after the evaluated part; add `calibration: {data: FILE}` to the recipe")
     seq_len = min(cal.seq_len, context_length(lm.model.config) or cal.seq_len)

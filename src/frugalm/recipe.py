@@ -264,12 +264,13 @@ def option_docs(config_cls) -> list[tuple[str, str, Any, str]]:
     import textwrap
 
     docs: dict[str, str] = {}
-    try:
-        body = ast.parse(textwrap.dedent(inspect.getsource(config_cls))).body[0].body
-    except (OSError, TypeError):
-        body = []
-    for node, nxt in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    for cls in reversed([c for c in config_cls.__mro__ if dataclasses.is_dataclass(c)]):  # inherited options too; a subclass's doc wins
+        try:
+            body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        except (OSError, TypeError):
+            body = []
+        for node, nxt in zip(body, body[1:]):
+            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     hints = typing.get_type_hints(config_cls)
     return [(f.name, _type_name(hints[f.name]), f.default if f.default is not dataclasses.MISSING else None, docs.get(f.name, "")) for f in dataclasses.fields(config_cls)]

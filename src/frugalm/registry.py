@@ -20,6 +20,10 @@ TECHNIQUES: dict[str, str] = {
     "gptq_quant": "frugalm.techniques.quant_gptq:TECHNIQUE",
     "awq_quant": "frugalm.techniques.quant_awq:TECHNIQUE",
     "kv_cache_quant": "frugalm.techniques.kv_cache_quant:TECHNIQUE",
+    "distill": "frugalm.techniques.distill:TECHNIQUE",
+    "lora_finetune": "frugalm.techniques.lora_finetune:TECHNIQUE",
+    "masked_finetune": "frugalm.techniques.masked_finetune:TECHNIQUE",
+    "full_finetune": "frugalm.techniques.full_finetune:TECHNIQUE",
 }
 
 

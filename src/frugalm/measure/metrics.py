@@ -75,6 +75,8 @@ _ALL = [
     _m("tpot_p99_ms", "ms", False, "measured", "computation", "Time per output token, 99th percentile.", True),
     _m("decode_tok_s", "tok/s", True, "measured", "computation", "Decode throughput: tokens generated after the first, over the batch, per second of decode time.", True),
     _m("produce_wall_s", "s", False, "measured", "computation", "Wall time to produce the variant from its base model (compression or training stages), on the stated device."),
+    _m("produce_flops", "FLOP", False, "counted", "computation", "FLOPs of the training stages that produced the variant: one step's forward and backward counted with torch's FLOP counter, times the steps."),
+    _m("produce_train_tokens", "tok", False, "counted", "computation", "Tokens the training stages that produced the variant processed (steps x global batch x window)."),
     _m("prefill_tok_s", "tok/s", True, "measured", "computation", "Prefill throughput: prompt tokens over the batch per second of prefill time.", True),
     # memory
     _m("params_count", "params", False, "counted", "memory", "Number of parameters (tied weights counted once)."),
@@ -84,9 +86,11 @@ _ALL = [
     _m("kv_cache_mib", "MiB", False, "counted", "memory", "Bytes the KV cache holds after the workload's generation (its prompt and generated tokens, whole batch), as stored: float tensors, or packed codes + scales + zero points + the full-precision residual of a quantized cache.", True),
     # energy
     _m("energy_j_per_tok", "J/tok", False, "measured", "energy", "Energy of the workload per generated token: NVML or RAPL counters when readable (measured), else a documented power model (estimated).", True),
+    _m("produce_energy_j", "J", False, "estimated", "energy", "Energy of the training stages that produced the variant: NVML or RAPL counters when readable (measured), else the documented power model (estimated)."),
     _m("carbon_g_per_mtok", "gCO2e/Mtok", False, "estimated", "energy", "Carbon per million generated tokens: energy times the profile's grid intensity.", True),
     # money
     _m("cost_usd_per_mtok", "USD/Mtok", False, "estimated", "money", "USD per million generated tokens: the profile's hourly price times measured time, plus energy times its electricity price.", True),
+    _m("produce_cost_usd", "USD", False, "estimated", "money", "USD to produce the variant: the profile's hourly price times the production wall time, plus the training energy times its electricity price."),
     _m("cost_usd_per_mtok_per_bparam", "USD/Mtok/Bparam", False, "estimated", "money", "Cost per million generated tokens per billion parameters: what each parameter costs to serve.", True),
     # network
     _m("ship_mib", "MiB", False, "counted", "network", "Bytes to ship the model artifact (every file of the folder), in MiB."),

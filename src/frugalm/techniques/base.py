@@ -50,6 +50,18 @@ class Context:
     progress: Callable[[str, int, int], None] | None = None
     changes: list[dict] = field(default_factory=list)
     """One record per stage: which layers changed and how many parameters."""
+    tokenizer: Any = None
+    """The model's tokenizer, for stages that read text themselves (training stages)."""
+    training_documents: list[str] | None = None
+    """Default training text, as documents: the evaluation text minus its evaluated part."""
+    training_source: str | None = None
+    """Where training_documents come from, for the record."""
+    held_out_documents: list[str] | None = None
+    """The evaluated documents: training stages drop them from any training text they read."""
+    checkpoint_dir: str | None = None
+    """Folder for this stage's resumable training checkpoints (set per stage by the pipeline)."""
+    wrap_model: Callable[[nn.Module], nn.Module] | None = None
+    """Wraps a model for training, e.g. in DistributedDataParallel (all-reduce in backward)."""
 
     def calibration_tokens(self, technique: str) -> torch.Tensor:
         if self.calibration is None:

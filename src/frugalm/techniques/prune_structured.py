@@ -251,6 +251,13 @@ def prune_layers_(model, arch: Arch, blocks, config: StructuredPruneConfig, ctx:
     else:
         score = torch.stack([weight_out_in(b.get_submodule(arch.attn_out)).float().norm() + weight_out_in(b.get_submodule(arch.mlp_out)).float().norm() for b in blocks])
     removed = lowest(score, k)
+    remove_layers_(model, arch, blocks, removed)
+    return {"units_removed": removed, "new_sizes": {"num_hidden_layers": len(blocks) - len(removed)}}
+
+
+def remove_layers_(model: nn.Module, arch: Arch, blocks, removed: list[int]) -> None:
+    """Drop the decoder blocks at indices `removed`, renumber the rest, update the config (shared with distill)."""
+    cfg = model.config
     kept = [b for i, b in enumerate(blocks) if i not in removed]
     for new_idx, block in enumerate(kept):
         for m in block.modules():  # the KV cache is indexed by layer_idx: it must be the new position
@@ -264,7 +271,6 @@ def prune_layers_(model, arch: Arch, blocks, config: StructuredPruneConfig, ctx:
         if hasattr(inner, "has_sliding_layers"):
             inner.has_sliding_layers = "sliding_attention" in cfg.layer_types
     cfg.num_hidden_layers = len(kept)
-    return {"units_removed": removed, "new_sizes": {"num_hidden_layers": len(kept)}}
 
 
 PRUNERS = {"mlp_channels": prune_mlp_channels_, "heads": prune_heads_, "layers": prune_layers_}

@@ -209,10 +209,14 @@ def _autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def _enable_checkpointing(model: nn.Module) -> None:
-    if not hasattr(model, "gradient_checkpointing_enable"):
+def _set_checkpointing(model: nn.Module, on: bool) -> None:
+    """Activation (gradient) checkpointing of a transformers model, non-reentrant (works with frozen inputs)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+        model.activation_checkpointing_enable({"use_reentrant": False}) if on else model.activation_checkpointing_disable()
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}) if on else model.gradient_checkpointing_disable()
+    else:
         raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing: false")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def train(
@@ -234,9 +238,12 @@ def train(
     model for the forward and backward passes (DistributedDataParallel); the optimizer and the
     checkpoints hold the unwrapped model. `progress` gets one line per loss record, `on_step`
     (steps done, steps) after every step. `run_id` is what else identifies the run (technique
-    and its options) in the checkpoint fingerprint.
+    and its options) in the checkpoint fingerprint. With `count_flops`, `loss_fn` is also called
+    once, on the unwrapped model, on a probe micro-batch before training (see _count_step_flops).
     """
     check_config(config)
+    if config.checkpoint_every and not config.checkpoint_dir:
+        raise ConfigError(f"checkpoint_every={config.checkpoint_every} needs a checkpoint folder; set checkpoint_dir (a recipe run sets one per stage) or checkpoint_every: 0")
     rank, world = process_group()
     batches = random_windows(data, config.batch_size, config.seq_len, rank=rank, world_size=world) if isinstance(data, torch.Tensor) else data
     device = next(model.parameters()).device
@@ -253,13 +260,13 @@ def train(
     if state is not None:
         run = _restore(model, optimizer, generator, state)
     if config.gradient_checkpointing:
-        _enable_checkpointing(model)
-    trained = wrap_model(model) if wrap_model else model
+        _set_checkpointing(model, True)
     from frugalm.measure.cost import get_profile
     from frugalm.measure.energy import EnergyMeter
 
     model.train()
-    flops_per_step = _count_step_flops(model, loss_fn, config, device) if count_flops else None
+    flops_per_step = _count_step_flops(model, loss_fn, config, device) if count_flops else None  # before wrapping: no collectives
+    trained = wrap_model(model) if wrap_model else model
     meter = EnergyMeter(device, get_profile(None, device.type))
     start = time.perf_counter()
     with meter:
@@ -271,7 +278,7 @@ def train(
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
                 _checkpoint(model, optimizer, generator, run, step + 1, run.wall_before + time.perf_counter() - start, fp, config, rank)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_disable()
+        _set_checkpointing(model, False)
     model.eval()
     if config.checkpoint_every and config.checkpoint_dir and rank == 0:
         ckpt.remove_checkpoints(config.checkpoint_dir)
