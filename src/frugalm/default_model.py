@@ -26,14 +26,13 @@ import json
 import os
 import platform
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from frugalm.atomic import atomic_folder, write_text_atomic
 from frugalm.data import DOC_SEPARATOR  # a line holding only this ends a document
 from frugalm.errors import DataError
 
@@ -283,16 +282,10 @@ def build_default_model(
     say = progress or (lambda message: None)
     out_dir = Path(out_dir).resolve()
     eval_text_path = Path(eval_text_path) if eval_text_path else out_dir.parent / "default_eval.txt"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.building-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         record, eval_text = _build_into(tmp, steps=steps, seed=seed, say=say, corpus_limit=corpus_limit)
         write_build_record(tmp, record)
-        _atomic_write_text(eval_text_path, eval_text)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_text_atomic(eval_text_path, eval_text)
     say(f"wrote {out_dir} and {eval_text_path}")
     return record
 
@@ -402,30 +395,6 @@ def write_build_record(folder: Path, record: dict) -> None:
     text = json.dumps(record, indent=2)
     text = re.sub(r"\[\s+(\d+),\s+([-\d.e]+)\s+\]", r"[\1, \2]", text)  # one line per (step, loss)
     (folder / "frugalm_build.json").write_text(text + "\n", encoding="utf-8")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    # mkdtemp and safetensors create owner-only entries; give the build the usual umask modes.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(new, 0o777 & ~umask)
-    for path in new.iterdir():
-        os.chmod(path, 0o666 & ~umask)
-    # A directory cannot be renamed over a non-empty one: move the old build aside first.
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(new, target)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -58,7 +58,8 @@ def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.Pat
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
     from transformers import AutoModelForCausalLM
 
-    from frugalm.models import atomic_folder, load_model, read_config
+    from frugalm.atomic import atomic_folder
+    from frugalm.models import load_model, read_config
     from frugalm.techniques.quant_pack import QuantLinear
 
     lm = load_model(artifact, fast_kernels=False)

@@ -8,11 +8,9 @@ classes; nothing here is architecture-specific.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -222,41 +220,14 @@ def packed_layers(model: nn.Module) -> dict[str, dict]:
 
 def save_variant(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict) -> Path:
     """Save in Hugging Face layout plus frugalm.json, atomically: the folder is complete or absent."""
+    from frugalm.atomic import atomic_folder
+
     with atomic_folder(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         meta = {"format": ARTIFACT_FORMAT, **metadata, "packed_layers": packed_layers(model), "inference": inference_settings(model)}
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return Path(out_dir).expanduser().resolve()
-
-
-@contextlib.contextmanager
-def atomic_folder(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """A sibling temporary folder to write into; renamed to `out_dir` once the block succeeds.
-
-    An existing folder is replaced only once the new one is complete; on any error the
-    temporary folder is removed, so `out_dir` is always complete or absent (or the old one).
-    """
-    import shutil
-    import tempfile
-
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output path '{out}' is a file; pass a folder path for the artifact")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def read_metadata(path: Path) -> dict | None:

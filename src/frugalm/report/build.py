@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from frugalm.atomic import write_text_atomic
 from frugalm.measure.metrics import METRICS, get_metric
 from frugalm.pareto import Constraint, hypervolume, non_dominated, satisfying
 from frugalm.store import Run, Store
@@ -197,13 +198,7 @@ def render_all(data: dict, stem: Path) -> dict[str, Path]:
     from frugalm.report.markdown import render_markdown
 
     paths = {"html": stem.with_suffix(".html"), "md": stem.with_suffix(".md"), "json": stem.with_suffix(".json")}
-    _atomic_write(paths["json"], json.dumps(data, indent=2, default=str))
-    _atomic_write(paths["md"], render_markdown(data))
-    _atomic_write(paths["html"], render_html(data))
+    write_text_atomic(paths["json"], json.dumps(data, indent=2, default=str))
+    write_text_atomic(paths["md"], render_markdown(data))
+    write_text_atomic(paths["html"], render_html(data))
     return paths
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text)
-    tmp.replace(path)
