@@ -211,7 +211,7 @@ class _CountingGroup:
         return getattr(self._group, name)
 
 
-def _hook_and_state(comm: CommConfig, group: _CountingGroup, counter: ByteCounter):
+def _hook_and_state(comm: CommConfig, group: _CountingGroup, counter: ByteCounter, backend: str):
     """(hook, state) of torch's own hook for `comm`, wrapped to record each bucket it is given."""
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
@@ -227,11 +227,20 @@ def _hook_and_state(comm: CommConfig, group: _CountingGroup, counter: ByteCounte
         hook = {"none": default_hooks.allreduce_hook, "fp16": default_hooks.fp16_compress_hook,
                 "bf16": default_hooks.bf16_compress_hook}[comm.compression]
 
+    # PowerSGD issues its P and Q all-reduces from future callbacks, which gloo runs on its
+    # worker threads: two buckets' collectives could then interleave in different orders on
+    # different processes (a collective mismatch that aborts). On gloo each bucket's chain is
+    # therefore finished before the next bucket's hook starts; it costs only overlap.
+    serialize = comm.compression == "powersgd" and backend == "gloo"
+
     def counted_hook(state, bucket):
         buffer = bucket.buffer()  # (numel,) flat gradients of the bucket
         compressed = comm.compression == "powersgd" and state.iter >= state.start_powerSGD_iter
         counter.add_bucket(buffer.numel() * buffer.element_size(), compressed)
-        return hook(state, bucket)
+        future = hook(state, bucket)
+        if serialize:
+            future.wait()
+        return future
 
     return counted_hook, state
 
@@ -250,7 +259,7 @@ def wrap_ddp(model: nn.Module, comm: CommConfig, info: DistInfo, counter: ByteCo
         model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
         broadcast_buffers=False, bucket_cap_mb=comm.bucket_cap_mb, gradient_as_bucket_view=True,
     )
-    hook, state = _hook_and_state(comm, _CountingGroup(dist.group.WORLD, counter), counter)
+    hook, state = _hook_and_state(comm, _CountingGroup(dist.group.WORLD, counter), counter, info.backend)
     ddp.register_comm_hook(state, hook)
     return ddp, counter
 
