@@ -116,7 +116,8 @@ def apply(model: nn.Module, config: LoraFinetuneConfig, ctx: Context) -> nn.Modu
 
     name = TECHNIQUE.name
     targets = lora_targets(model, config.targets, name)
-    lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, bias="none")
+    conv1d = any(type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets)  # GPT-2 stores weights (in, out)
+    lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, bias="none", fan_in_fan_out=conv1d)
     quant_cls = _quant_lora_linear_cls() if any(isinstance(model.get_submodule(t), QuantLinear) for t in targets) else None
     if quant_cls is not None:
         lora_config._register_custom_module({QuantLinear: quant_cls})
