@@ -108,10 +108,11 @@ def bars_html(data: dict) -> str:
                 continue
             ratio = f["value"] / base["value"]
             good = ratio >= 1 if head["higher_is_better"] else ratio <= 1
+            kind = " tie" if f.get("tie") else (" good" if good else " bad")
             width = min(100.0, 50 * ratio)
             est = " estimated" if f["method"] == "estimated" else ""
-            rows.append(f'<div class="bar-row"><span class=bar-name>{html.escape(v["name"])}</span><span class="bar{" good" if good else " bad"}{est}" style="width:{width:.1f}%"></span><span class=bar-val>{ratio:.2f}×{" (est.)" if est else ""}</span></div>')
-        out.append(f'<div class=bars><h3>{resource}: {metric} vs baseline <small>({"higher" if head["higher_is_better"] else "lower"} is better; the middle line is the baseline)</small></h3>{"".join(rows)}</div>')
+            rows.append(f'<div class="bar-row"><span class=bar-name>{html.escape(v["name"])}</span><span class="bar{kind}{est}" style="width:{width:.1f}%"></span><span class=bar-val>{ratio:.2f}×{" ≈" if f.get("tie") else ""}{" (est.)" if est else ""}</span></div>')
+        out.append(f'<div class=bars><h3>{resource}: {metric} vs baseline <small>({"higher" if head["higher_is_better"] else "lower"} is better; the middle line is the baseline; grey ≈: within the noise)</small></h3>{"".join(rows)}</div>')
     return "".join(out)
 
 
