@@ -73,7 +73,7 @@ def encode(text: str, tokenizer, vocab_size: int) -> torch.Tensor:
         if vocab_size < 256:
             raise ConfigError(f"byte-level encoding needs a vocabulary of >= 256, the model has {vocab_size}; pass --tokenizer")
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
-    return torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
+    return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)  # a stream, windowed later
 
 
 def train_ddp(model: nn.Module, tokens: torch.Tensor, config: TrainConfig, comm: CommConfig, info: DistInfo, count_flops: bool = True) -> dict:

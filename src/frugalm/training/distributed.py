@@ -17,8 +17,9 @@ What a "byte" is: the bytes of the tensors this process hands to the collectives
 per step. A ring all-reduce moves about 2 (W - 1) / W times the payload over each process's
 link, W the number of processes; the payload is the figure comparable across backends.
 Parameter broadcasts at DDP construction and the logging of losses are not gradient traffic and
-not counted; buffers are not broadcast each step (broadcast_buffers=False: the models trained
-here have no running statistics, only constant buffers such as rotary frequencies).
+not counted; buffers are synced once at construction, not every step (forward_sync_buffers=False:
+the models trained here have no running statistics, only constant buffers such as rotary
+frequencies).
 
 Interface for a training loop:
 
@@ -257,7 +258,7 @@ def wrap_ddp(model: nn.Module, comm: CommConfig, info: DistInfo, counter: ByteCo
     counter = counter or ByteCounter(compression=comm.compression)
     ddp = DistributedDataParallel(
         model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-        broadcast_buffers=False, bucket_cap_mb=comm.bucket_cap_mb, gradient_as_bucket_view=True,
+        forward_sync_buffers=False, bucket_cap_mb=comm.bucket_cap_mb, gradient_as_bucket_view=True,
     )
     hook, state = _hook_and_state(comm, _CountingGroup(dist.group.WORLD, counter), counter, info.backend)
     ddp.register_comm_hook(state, hook)
