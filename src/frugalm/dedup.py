@@ -173,6 +173,11 @@ def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return num_perm, 1
 
 
+def _decisive(match: tuple[int, float, float | None]) -> float:
+    """The figure a decision uses: the exact Jaccard when computed, else the MinHash estimate."""
+    return match[2] if match[2] is not None else match[1]
+
+
 def _best_match(candidates, signature, hashes, signatures, shingles, config):
     """(kept index, MinHash estimate, exact Jaccard or None) of the most similar candidate, or None."""
     best = None
@@ -182,8 +187,7 @@ def _best_match(candidates, signature, hashes, signatures, shingles, config):
         if config.verify == "exact":
             inter = len(np.intersect1d(hashes, shingles[j], assume_unique=True))
             exact = inter / (len(hashes) + len(shingles[j]) - inter)
-        key = exact if exact is not None else estimate
-        if best is None or key > (best[2] if best[2] is not None else best[1]):
+        if best is None or _decisive((j, estimate, exact)) > _decisive(best):
             best = (j, estimate, exact)
     return best
 
@@ -211,7 +215,7 @@ def minhash_dedup(docs: Sequence[str], config: DedupConfig = DedupConfig()) -> D
         mh = template.copy()
         mh.update_batch(hashes.tolist())
         match = _best_match(lsh.query(mh), mh.hashvalues, hashes, signatures, shingles, config)
-        if match is not None and (match[2] if match[2] is not None else match[1]) >= config.threshold:
+        if match is not None and _decisive(match) >= config.threshold:
             removed.append(Duplicate(i, *match))
             continue
         lsh.insert(i, mh, check_duplication=False)
