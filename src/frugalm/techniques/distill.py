@@ -110,11 +110,14 @@ def distill_loss(teacher: nn.Module, config: DistillConfig, layer_map: list[int]
 
     def loss(student: nn.Module, window: torch.Tensor) -> torch.Tensor:
         inputs, targets = window[:, :-1], window[:, 1:]  # (batch, seq_len)
+        s_out = student(input_ids=inputs, output_hidden_states=hidden)
+        s_logits = s_out.logits.float()  # (batch, seq_len, vocab)
+        ce = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten())
+        if config.alpha == 0 and not hidden:  # no teacher signal asked for: skip its forward (and its cost)
+            return ce
         with torch.no_grad():
             t_out = teacher(input_ids=inputs, output_hidden_states=hidden)
-        s_out = student(input_ids=inputs, output_hidden_states=hidden)
-        s_logits, t_logits = s_out.logits.float(), t_out.logits.float()  # (batch, seq_len, vocab)
-        ce = F.cross_entropy(s_logits.flatten(0, 1), targets.flatten())
+        t_logits = t_out.logits.float()
         kl = F.kl_div(F.log_softmax(s_logits / config.temperature, -1).flatten(0, 1), F.log_softmax(t_logits / config.temperature, -1).flatten(0, 1), log_target=True, reduction="batchmean")
         total = config.alpha * t2 * kl + (1 - config.alpha) * ce
         if hidden:  # hidden_states[0] is the embedding output; [i + 1] follows layer i
