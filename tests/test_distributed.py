@@ -13,8 +13,13 @@ STEPS = 5
 
 
 @pytest.fixture(scope="module")
-def runs():
-    doc = ddp_train.launch(["--model", "tiny", "--steps", str(STEPS), "--batch-size", "2", "--seq-len", "32",
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("ddp") / "store.db"
+
+
+@pytest.fixture(scope="module")
+def runs(store):
+    doc = ddp_train.launch(["--store", str(store), "--model", "tiny", "--steps", str(STEPS), "--batch-size", "2", "--seq-len", "32",
                             "--compression", "none,fp16,bf16,powersgd", "--powersgd-rank", "4",
                             "--powersgd-start-step", "2", "--no-count-flops",
                             "--bucket-cap-mb", "0.25"])  # fmt: skip
@@ -57,6 +62,21 @@ def test_both_loss_curves_are_returned(runs):
     assert compressed[:3] == pytest.approx(plain[:3], rel=1e-6)
     assert plain[0] == pytest.approx(math.log(256), rel=0.1)  # random init: about uniform over bytes
     assert len(runs["none"]["step_time_s"]) == STEPS and runs["none"]["wall_time_s"] > 0
+
+
+def test_the_store_holds_each_run_with_its_bytes_and_loss_curve(runs, store):
+    from frugalm.store import Store
+
+    with Store(store) as db:
+        stored = {r.config["compression"]["compression"]: r for r in db.runs() if r.kind == "training-ddp"}
+        assert set(stored) == set(runs) and db.integrity_check() == "ok"
+        for name, run in stored.items():
+            figures = {m.metric: m for m in db.measurements(run.id)}
+            comm = figures["produce_comm_bytes"]
+            assert comm.method == "counted" and comm.unit == "B" and comm.value == runs[name]["total_bytes"]
+            assert run.config["loss_per_step"] == runs[name]["loss_per_step"] and figures["produce_wall_s"].value > 0
+        expected = runs["none"]["expected_grad_bytes_per_step"] * STEPS
+        assert abs({m.metric: m for m in db.measurements(stored["none"].id)}["produce_comm_bytes"].value - expected) <= 0.01 * expected
 
 
 def test_counter_summary():

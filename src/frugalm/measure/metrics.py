@@ -95,6 +95,7 @@ _ALL = [
     # network
     _m("ship_mib", "MiB", False, "counted", "network", "Bytes to ship the model artifact (every file of the folder), in MiB."),
     _m("ship_compressed_mib", "MiB", False, "counted", "network", "Bytes to ship the artifact compressed (zlib level 6 over every file), in MiB."),
+    _m("produce_comm_bytes", "B", False, "counted", "network", "Bytes each process handed to collective communication while training the variant data-parallel (gradient all-reduce, compressed or not), summed over its steps."),
 ]
 
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}

@@ -132,6 +132,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bucket-cap-mb", type=float, default=25.0)
     p.add_argument("--no-count-flops", action="store_true", help="skip counting one step's FLOPs before training")
     p.add_argument("--out", required=True, help="JSON result file (written by rank 0, atomically)")
+    p.add_argument("--store", help="also store each run, with its communicated bytes and loss curve, in this frugalm results store")
     return p.parse_args(argv)
 
 
@@ -183,7 +184,34 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         write_json_atomic(args.out, doc)
+        if args.store:
+            store_runs(doc, args.store)
     return 0
+
+
+def store_runs(doc: dict, store_path: str | os.PathLike) -> list[str]:
+    """One stored run per compression: bytes communicated (network), wall time, tokens, FLOPs; the curves in its config."""
+    from frugalm.measure.metrics import BENCHMARK_VERSION, Measurement
+    from frugalm.store import Run, Store
+
+    setting = {k: doc[k] for k in ("world_size", "backend", "device", "model", "data", "tokens", "train", "threads_per_process")}
+    environment = {k: doc[k] for k in ("torch", "python", "machine")}
+    ids = []
+    with Store(store_path) as db:
+        for r in doc["runs"]:
+            protocol = {"method": r["method"], "steps": r["steps"], "compression": r["comm"], "expected_grad_bytes_per_step": r["expected_grad_bytes_per_step"]}
+            figures = [
+                Measurement("produce_comm_bytes", float(r["total_bytes"]), "B", "counted", protocol=protocol),
+                Measurement("produce_wall_s", r["wall_time_s"], "s", "measured", protocol={"world_size": doc["world_size"], "device": doc["device"]}),
+                Measurement("produce_train_tokens", float(r["cost"]["tokens_seen"]), "tok", "counted"),
+            ]
+            if r["cost"].get("flops"):
+                figures.append(Measurement("produce_flops", float(r["cost"]["flops"]), "FLOP", "counted"))
+            curves = {k: r[k] for k in ("loss_per_step", "bytes_per_step", "compressed_steps", "step_time_s", "total_vs_expected", "reduction_x")}
+            run = Run(kind="training-ddp", model_ref=doc["model"], benchmark_version=BENCHMARK_VERSION, environment=environment,
+                      config={**setting, "compression": r["comm"], **curves}, wall_s=r["wall_time_s"])
+            ids.append(db.add_run(run, figures))
+    return ids
 
 
 def launch(args: list[str], nproc: int = 2, timeout_s: float = 600) -> dict:
