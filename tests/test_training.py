@@ -18,6 +18,7 @@ from frugalm.measure.quality import encode_documents, score_text
 from frugalm.models import load_model
 from frugalm.recipe import build_config
 from frugalm.registry import get_technique
+from frugalm.store import Store
 from frugalm.techniques.base import Context, TechniqueError
 from frugalm.training import checkpoint as ckpt
 from frugalm.training.loop import TrainConfig, train
@@ -248,17 +249,21 @@ def test_recipe_stage_trains_on_text_after_the_evaluated_part_and_records_its_co
 
     text = tmp_path / "eval.txt"
     text.write_text("\n<|endoftext|>\n".join(f"Story {i}: a little model ran {i} miles on a small computer, then rested." for i in range(120)))
-    bench_config = BenchConfig(data=str(text), protocol=PerplexityProtocol(max_tokens=512))
+    produce = ("produce_wall_s", "produce_flops", "produce_train_tokens", "produce_energy_j", "produce_cost_usd")
+    bench_config = BenchConfig(data=str(text), protocol=PerplexityProtocol(max_tokens=512), workloads=("chat",), warmup=0, repetitions=1, metrics=("ppl_tok", *produce))
     stage = {"technique": "lora_finetune", "steps": 4, "batch_size": 2, "seq_len": 32, "warmup_steps": 1, "checkpoint_every": 2}
     recipe, problems = parse_recipe({"name": "lora", "stages": [stage]})
     assert problems == []
-    result = run_recipe(recipe, tiny_llama, RunConfig(out_dir=str(tmp_path / "out"), bench=bench_config, measure=False))
+    result = run_recipe(recipe, tiny_llama, RunConfig(out_dir=str(tmp_path / "out"), bench=bench_config), store=tmp_path / "s.db")
     [change] = result.metadata["changes"]
     assert change["training_text"]["documents"] < 120 and change["training_text"]["held_out_documents_dropped"] == 0
     assert "documents" in change["training_text"]["source"] and change["training"]["tokens_seen"] == 4 * 2 * 32
-    figures = {m.metric: m for m in training_cost_measurements(result.metadata["changes"], 1.0, torch.device("cpu"), bench_config)}
-    assert set(figures) == {"produce_flops", "produce_train_tokens", "produce_energy_j", "produce_cost_usd"}
-    assert figures["produce_flops"].value > 0 and figures["produce_flops"].method == "counted"
+    with Store(tmp_path / "s.db") as store:  # stored beside the inference figures of the variant
+        figures = {m.metric: m for m in store.measurements(result.bench.run.id)}
+    assert set(produce) | {"ppl_tok"} <= set(figures)
+    assert figures["produce_flops"].value == change["training"]["flops"] > 0 and figures["produce_flops"].method == "counted"
+    assert figures["produce_train_tokens"].value == 4 * 2 * 32 and figures["produce_energy_j"].method in ("measured", "estimated")
+    assert training_cost_measurements([{"technique": "rtn_quant"}], 1.0, torch.device("cpu"), bench_config) == []  # no training, no figures
     assert not any(p.name.endswith(".checkpoints") for p in tmp_path.iterdir())  # removed once complete
     unmerged, _ = parse_recipe({"name": "lora", "stages": [{**stage, "merge": False}]})
     with pytest.raises(ConfigError, match="set merge: true"):
