@@ -111,3 +111,35 @@ def test_bad_documents_are_one_line_errors():
         minhash_dedup([])
     with pytest.raises(DataError, match="no documents"):
         dedup_text(f"\n{DOC_SEPARATOR}\n  \n")
+
+
+def test_dedup_data_stage_hands_later_training_stages_the_kept_documents(tmp_path):
+    from conftest import tiny_tokenizer
+    from frugalm.recipe import parse_recipe
+    from frugalm.registry import get_technique
+    from frugalm.techniques.base import Context
+    from frugalm.techniques.training_stage import TrainingOptions, training_tokens
+
+    words = [f"w{i}" for i in range(400)]
+    docs = [" ".join(words[i * 40:(i + 1) * 40]) for i in range(10)]
+    docs += [docs[0].replace("w1 ", "x1 "), docs[3] + " tail"]  # two near-copies (Jaccard >= 0.8)
+    recipe, problems = parse_recipe({"version": 1, "name": "dd", "stages": [{"technique": "dedup_data", "threshold": 0.8}]})
+    assert problems == []
+    stage = recipe.stages[0]
+    ctx = Context(tokenizer=tiny_tokenizer(), training_documents=docs, held_out_documents=[docs[9]])
+    get_technique("dedup_data").apply(None, stage.config, ctx)
+    change = ctx.changes[-1]["data"]
+    assert change["docs_in"] == 12 and change["docs_removed"] == 2
+    assert {(r["index"], r["duplicate_of"]) for r in change["removed"]} == {(10, 0), (11, 3)}
+    assert ctx.training_documents == docs[:10] and "dedup_data" in ctx.training_source
+    _, desc = training_tokens(TrainingOptions(seq_len=16), ctx, "full_finetune", 16)
+    assert desc["documents"] == 9 and desc["held_out_documents_dropped"] == 1  # the kept ones, minus the evaluated one
+
+    file = tmp_path / "train.txt"
+    file.write_text(f"\n{DOC_SEPARATOR}\n".join(docs) + "\n")
+    ctx = Context(training_documents=None, held_out_documents=[docs[9]])
+    from_file, _ = parse_recipe({"version": 1, "name": "dd", "stages": [{"technique": "dedup_data", "data": str(file)}]})
+    get_technique("dedup_data").apply(None, from_file.stages[0].config, ctx)
+    assert ctx.changes[-1]["data"]["docs_in"] == 11  # the evaluated document never enters
+    with pytest.raises(DataError, match="no training text"):
+        get_technique("dedup_data").apply(None, stage.config, Context())

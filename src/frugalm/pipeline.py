@@ -58,7 +58,7 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
     from frugalm.techniques.base import Context
 
     ctx = Context(device=lm.device, calibration=calibration, progress=progress, tokenizer=lm.tokenizer)
-    if any(get_technique(s.technique).kind == "training" for s in recipe.stages):
+    if any(get_technique(s.technique).kind in ("training", "data") for s in recipe.stages):
         held_out, rest, text_source = evaluation_split(lm.tokenizer, config.bench)
         ctx.training_documents, ctx.held_out_documents, ctx.training_source = rest, held_out, text_source
     checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints"

@@ -24,6 +24,7 @@ TECHNIQUES: dict[str, str] = {
     "lora_finetune": "frugalm.techniques.lora_finetune:TECHNIQUE",
     "masked_finetune": "frugalm.techniques.masked_finetune:TECHNIQUE",
     "full_finetune": "frugalm.techniques.full_finetune:TECHNIQUE",
+    "dedup_data": "frugalm.techniques.dedup_data:TECHNIQUE",
 }
 
 
