@@ -74,6 +74,18 @@ def test_window_is_capped_at_context_and_protocol_recorded(tiny_llama):
     assert {m.metric for m in ms} == {"ppl_tok", "ppl_word", "ppl_byte", "robust_ppl_ratio"}
 
 
+def test_robustness_reuses_the_clean_score_only_when_it_is_the_same_text(tiny_llama):
+    lm = load_model(tiny_llama)
+    whole = PerplexityProtocol(window=32, stride=16, max_tokens=0, robust_tokens=0)  # clean text = the scored text
+    ms = {m.metric: m for m in measure_quality(lm.model, lm.tokenizer, DOCS, whole, context=64, data_desc={})}
+    assert ms["robust_ppl_ratio"].protocol["clean_ppl_byte"] == ms["ppl_byte"].value
+    part = PerplexityProtocol(window=32, stride=16, max_tokens=0, robust_tokens=40)  # a prefix: scored on its own
+    ms = {m.metric: m for m in measure_quality(lm.model, lm.tokenizer, DOCS, part, context=64, data_desc={})}
+    enc = encode_documents(lm.tokenizer, DOCS, 40)
+    expected = math.exp(score_text(lm.model, enc, 32, 16).nll_sum / enc.n_bytes)
+    assert ms["robust_ppl_ratio"].protocol["clean_ppl_byte"] == expected != ms["ppl_byte"].value
+
+
 def test_split_documents():
     assert split_documents("a\n<|endoftext|>\nb\nc\n<|endoftext|>\n") == ["a", "b\nc"]
     assert split_documents("no separator here") == ["no separator here"]

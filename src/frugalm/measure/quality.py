@@ -217,7 +217,7 @@ def measure_quality(model, tokenizer, docs: list[str], protocol: PerplexityProto
             Measurement("kl_ref_nats", scores.kl_sum / scores.n_predicted, "nats", "measured", protocol=proto),
             Measurement("top1_agree_frac", scores.n_agree / scores.n_predicted, "fraction", "measured", protocol=proto),
         ]
-    out.append(_robustness(model, tokenizer, encoded, protocol, window, stride, proto, progress))
+    out.append(_robustness(model, tokenizer, encoded, scores, protocol, window, stride, proto, progress))
     return out
 
 
@@ -230,14 +230,19 @@ def _scoring_mode(model) -> dict:
     return {"scoring": f"chunked prefill through the quantized KV cache, {CHUNK_TOKENS} tokens per forward", "kv_cache": kv}
 
 
-def _robustness(model, tokenizer, encoded: EncodedText, protocol, window, stride, proto, progress) -> Measurement:
-    """Per-byte perplexity of a seeded noisy copy of the text over that of the clean text."""
+def _robustness(model, tokenizer, encoded: EncodedText, scores: Scores, protocol, window, stride, proto, progress) -> Measurement:
+    """Per-byte perplexity of a seeded noisy copy of the text over that of the clean text.
+
+    When the clean text is the very text perplexity scored (robust_tokens == max_tokens, the
+    usual case on short evaluation texts), its score is reused: same windows, same numbers.
+    """
     clean = encode_documents(tokenizer, encoded.docs, protocol.robust_tokens)
     noisy_docs = [add_char_noise(d, protocol.noise_rate, protocol.noise_seed + i) for i, d in enumerate(clean.docs)]
     noisy = encode_documents(tokenizer, noisy_docs)
     per_byte = []
     for label, enc in (("robustness clean", clean), ("robustness noisy", noisy)):
-        s = score_text(model, enc, window, stride, progress=progress, label=label)
+        same = enc is clean and enc.n_bytes == encoded.n_bytes and torch.equal(enc.ids, encoded.ids)
+        s = scores if same else score_text(model, enc, window, stride, progress=progress, label=label)
         per_byte.append(math.exp(s.nll_sum / enc.n_bytes))
     rproto = {
         "data": proto.get("data"),
