@@ -187,6 +187,19 @@ def test_lora_on_a_quantized_base_keeps_packed_weights(default_setup):
     assert all(torch.equal(after[n].qweight, codes[n]) for n in codes if n not in lost)
 
 
+def test_importance_sampling_stage_records_its_selection_and_counts_the_scoring(default_setup):
+    uniform_ctx, ctx = _ctx(default_setup), _ctx(default_setup)
+    budget = {**BUDGET, "steps": 6}
+    _apply("full_finetune", load_model(fast_kernels=False).model, uniform_ctx, **budget)
+    _apply("full_finetune", load_model(fast_kernels=False).model, ctx, **budget, sampling="importance", sampling_pool=16, rescore_every=3)
+    uniform, training = uniform_ctx.changes[-1]["training"], ctx.changes[-1]["training"]
+    selection = training["settings"]["sampling"]
+    assert selection["rescores"] == 2 and selection["scored_windows"] == 32 and len(selection["pool_mean_loss_nats"]) == 2
+    assert training["flops"] == uniform["flops"] + selection["scoring_flops"] and selection["scoring_flops"] > 0
+    assert "importance scoring" in training["flops_method"] and "sampling" not in uniform["settings"]
+    assert training["tokens_seen"] == uniform["tokens_seen"] and training["loss_curve"] != uniform["loss_curve"]
+
+
 def test_masked_finetune_changes_only_the_chosen_parameters(tiny_models, tmp_path):
     lm = load_model(tiny_models["gpt2"], fast_kernels=False)
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}

@@ -17,9 +17,13 @@ N candidates, with lower variance than uniform sampling when p tracks the per-wi
 size. Training on the drawn windows without the weights instead optimises a loss tilted toward
 hard windows (the "focus on hard examples" use).
 
-It does not rescore during training by itself: scores go stale as the model learns, so callers
-rescore every few hundred steps. Scoring costs one forward pass per candidate window; it pays off
-when the candidate pool is many times the sampled batch and the losses differ widely.
+`importance_sample` scores once. `ImportanceWindows` is the training-time form, a batch source
+for frugalm.training.loop.train (a stage's `sampling: importance`): every `rescore_every` steps
+it draws a fresh pool of random windows, scores it with the model being trained (scores go stale
+as the model learns) and draws each batch from the pool, without reweighting the loss: online
+batch selection (Loshchilov & Hutter), which spends the steps on what the model still gets wrong.
+Scoring costs one forward pass per pool window; it pays off when the pool is many times the
+batch and the losses differ widely. Its FLOPs are counted and belong to the training cost.
 """
 
 from __future__ import annotations
@@ -125,6 +129,92 @@ def importance_sample(model: nn.Module, windows: torch.Tensor, config: Importanc
     indices = torch.multinomial(probs, config.num_samples, replacement=True, generator=generator)
     weights = 1.0 / (probs.numel() * probs[indices])  # (num_samples,)
     return ImportanceSample(indices=indices, weights=weights, probs=probs, losses=losses)
+
+
+class ImportanceWindows:
+    """A batch source for frugalm.training.loop.train that draws windows by loss from a rescored pool.
+
+    At every micro-batch index that starts a rescoring period (and at the first call), it draws
+    `pool` window starts uniformly from `tokens` with the loop's generator, scores the windows
+    with `model` (mean next-token NLL, eval mode, no gradient) and sets p as `sampling_probs`.
+    Each call then draws a global batch of batch_size * world_size pool rows from p with the same
+    generator and returns this rank's slice, so data-parallel ranks score the same pool (their
+    weights are equal) and stay in step. Everything it draws comes from the loop's generator,
+    which checkpoints hold, so a run resumed at a rescoring step continues exactly; a resume
+    elsewhere would score a different model than the uninterrupted run did, and is refused.
+    """
+
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, *, batch_size: int, seq_len: int, pool: int, power: float,
+                 uniform_mix: float, rescore_every: int, grad_accum: int = 1, rank: int = 0, world_size: int = 1, score_batch: int = 16):  # fmt: skip
+        if tokens.dim() != 1 or tokens.numel() < seq_len + 1:
+            raise DataError(f"importance sampling: need a 1-D token stream of at least seq_len + 1 = {seq_len + 1} tokens, got shape {tuple(tokens.shape)}; give more text or lower seq_len.")
+        problems = ImportanceConfig(num_samples=pool, power=power, uniform_mix=uniform_mix, batch_size=score_batch).problems()
+        if rescore_every < 1:
+            problems.append(f"rescore_every={rescore_every} must be >= 1")
+        if problems:
+            raise ConfigError(f"importance sampling: {'; '.join(problems)}. Fix these options.")
+        self.model, self.tokens = model, tokens.to(torch.long)
+        self.batch_size, self.seq_len, self.pool_size = batch_size, seq_len, pool
+        self.power, self.uniform_mix, self.score_batch = power, uniform_mix, score_batch
+        self.period = rescore_every * grad_accum  # micro-batches between rescorings
+        self.rank, self.world_size = rank, world_size
+        self.pool: torch.Tensor | None = None  # (pool, seq_len + 1)
+        self.probs: torch.Tensor | None = None  # (pool,)
+        self.losses: torch.Tensor | None = None  # (pool,)
+        self.rescores, self.flops_per_window = 0, None
+        self.pool_mean_losses: list[float] = []  # mean pool loss at each rescoring
+        self.drawn_loss_sum, self.drawn = 0.0, 0
+
+    def __call__(self, index: int, generator: torch.Generator) -> torch.Tensor:
+        if index % self.period == 0:
+            self._rescore(generator)
+        elif self.probs is None:
+            raise ConfigError(f"importance sampling: a run resumed at micro-batch {index}, between rescorings (every {self.period}); "
+                              "make checkpoint_every a multiple of rescore_every so that resumes continue exactly")  # fmt: skip
+        rows = torch.multinomial(self.probs, self.batch_size * self.world_size, replacement=True, generator=generator)
+        mine = rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        self.drawn_loss_sum += float(self.losses[mine].sum())
+        self.drawn += mine.numel()
+        return self.pool[mine]  # (batch, seq_len + 1)
+
+    def _rescore(self, generator: torch.Generator) -> None:
+        starts = torch.randint(0, self.tokens.numel() - self.seq_len, (self.pool_size,), generator=generator)
+        self.pool = self.tokens[starts[:, None] + torch.arange(self.seq_len + 1)]  # (pool, seq_len + 1)
+        if self.flops_per_window is None:
+            self.flops_per_window = _scoring_flops_per_window(self.model, self.seq_len)
+        self.losses = window_losses(self.model, self.pool, self.score_batch)
+        self.probs = sampling_probs(self.losses, self.power, self.uniform_mix)
+        self.rescores += 1
+        self.pool_mean_losses.append(float(self.losses.mean()))
+
+    @property
+    def scored_tokens(self) -> int:
+        return self.rescores * self.pool_size * self.seq_len
+
+    def summary(self) -> dict:
+        """What the selection did and cost, for the stage's change record."""
+        scored = self.rescores * self.pool_size
+        return {
+            "method": "importance (loss-proportional online batch selection, loss not reweighted)",
+            "pool_windows": self.pool_size, "power": self.power, "uniform_mix": self.uniform_mix,
+            "rescore_every_micro_batches": self.period, "rescores": self.rescores, "scored_windows": scored,
+            "scored_tokens": self.scored_tokens, "scoring_flops": (self.flops_per_window or 0) * scored,
+            "scoring_flops_method": "counted: torch FlopCounterMode over one window's forward x windows scored",
+            "pool_mean_loss_nats": self.pool_mean_losses, "drawn_mean_loss_nats": self.drawn_loss_sum / max(1, self.drawn),
+        }  # fmt: skip
+
+
+def _scoring_flops_per_window(model: nn.Module, seq_len: int) -> int:
+    """Counted FLOPs of one window's scoring forward (a probe of token 0: FLOPs do not depend on the values)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from frugalm.measure.compute import _EXTRA_FLOP_FORMULAS
+
+    device = next(model.parameters()).device
+    probe = torch.zeros(1, seq_len + 1, dtype=torch.long, device=device)
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        window_losses(model, probe, 1)
+    return counter.get_total_flops()
 
 
 def weighted_lm_loss(model: nn.Module, windows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

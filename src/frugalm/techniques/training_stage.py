@@ -13,7 +13,7 @@ on text the variant was trained on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,7 +22,9 @@ from torch import nn
 
 from frugalm.errors import DataError
 from frugalm.techniques.base import Context, TechniqueError
-from frugalm.training.loop import LossFn, TrainConfig, TrainResult, causal_lm_loss, config_problems, train
+from frugalm.training.loop import LossFn, TrainConfig, TrainResult, causal_lm_loss, config_problems, process_group, train
+
+SAMPLINGS = ("uniform", "importance")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,9 +59,30 @@ class TrainingOptions:
     """Save a resumable checkpoint every this many steps (0: never); a rerun resumes from the last one."""
     log_every: int = 20
     """Record the mean training loss every this many steps."""
+    sampling: Literal["uniform", "importance"] = "uniform"
+    """How windows are drawn: 'uniform' from the text, or 'importance': every rescore_every steps a pool of random windows is scored with the model being trained and batches drawn from it with probability growing with the loss (frugalm.importance; the scoring's FLOPs count as training cost)."""
+    sampling_pool: int = 256
+    """Windows scored per rescoring (importance sampling): one forward pass each."""
+    sampling_power: float = 1.0
+    """Tempering exponent on the loss (importance sampling): 0 uniform, 1 proportional, larger favours the hardest."""
+    sampling_mix: float = 0.1
+    """Share of probability spread uniformly over the pool (importance sampling), in [0, 1]."""
+    rescore_every: int = 50
+    """Steps between rescorings of a fresh pool (importance sampling); checkpoint_every must be a multiple of it."""
 
     def problems(self) -> list[str]:
-        return config_problems(self)
+        problems = config_problems(self)
+        if self.sampling not in SAMPLINGS:
+            problems.append(f"sampling={self.sampling!r} must be one of {', '.join(SAMPLINGS)}")
+        if self.sampling == "importance":
+            problems += [f"{name}={getattr(self, name)!r} must be >= 1" for name in ("sampling_pool", "rescore_every") if getattr(self, name) < 1]
+            if not self.sampling_power >= 0:
+                problems.append(f"sampling_power={self.sampling_power!r} must be >= 0 (0 samples uniformly)")
+            if not 0 <= self.sampling_mix <= 1:
+                problems.append(f"sampling_mix={self.sampling_mix!r} must be in [0, 1]")
+            if self.checkpoint_every and self.rescore_every >= 1 and self.checkpoint_every % self.rescore_every:
+                problems.append(f"checkpoint_every={self.checkpoint_every} must be a multiple of rescore_every={self.rescore_every} (a resume must start at a rescoring to continue exactly)")
+        return problems
 
 
 def train_config(options: TrainingOptions, model: nn.Module, ctx: Context) -> TrainConfig:
@@ -103,11 +126,24 @@ def run_training(model: nn.Module, options: TrainingOptions, ctx: Context, techn
     """Train `model`'s trainable parameters per the stage's options; (cost record, text description)."""
     config = train_config(options, model, ctx)
     tokens, text = training_tokens(options, ctx, technique, config.seq_len)
+    data, sampler = tokens, None
+    if options.sampling == "importance":
+        from frugalm.importance import ImportanceWindows
+
+        rank, world = process_group()
+        data = sampler = ImportanceWindows(
+            model, tokens, batch_size=config.batch_size, seq_len=config.seq_len, pool=options.sampling_pool, power=options.sampling_power,
+            uniform_mix=options.sampling_mix, rescore_every=options.rescore_every, grad_accum=config.grad_accum, rank=rank, world_size=world,
+        )  # fmt: skip
     result = train(
-        model, tokens, config, loss_fn=loss_fn, wrap_model=ctx.wrap_model,
+        model, data, config, loss_fn=loss_fn, wrap_model=ctx.wrap_model,
         on_step=lambda done, total: ctx.report(technique, done, total),
         run_id={"technique": technique, "options": repr(options), **(run_id or {})},
     )  # fmt: skip
+    if sampler is not None:  # the scoring forward passes are part of what the variant cost to produce
+        selection = {**sampler.summary(), "scoring_flops_analytic_2nt": 2 * result.params * sampler.scored_tokens}
+        flops = None if result.flops is None else result.flops + selection["scoring_flops"]
+        result = replace(result, flops=flops, settings={**result.settings, "sampling": selection})
     return result, text
 
 

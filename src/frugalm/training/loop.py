@@ -183,10 +183,16 @@ class TrainResult:
     trainable_params: int = 0
     settings: dict = field(default_factory=dict)
 
+    def _flops_method(self) -> str | None:
+        if self.flops is None:
+            return None
+        scoring = " + importance scoring: one window's forward x windows scored" if "sampling" in self.settings else ""
+        return "counted: torch FlopCounterMode over one step x steps" + scoring
+
     def cost(self) -> dict:
         """The cost record stored with a variant: JSON-ready, units in the names."""
         return {
-            "wall_s": self.wall_time_s, "flops": self.flops, "flops_method": "counted: torch FlopCounterMode over one step x steps" if self.flops is not None else None,
+            "wall_s": self.wall_time_s, "flops": self.flops, "flops_method": self._flops_method(),
             "flops_analytic_6nt": self.flops_analytic, "tokens_seen": self.tokens_seen, "energy_j": self.energy_j,
             "energy_method": self.energy_method, "energy_protocol": self.energy_protocol, "params": self.params,
             "trainable_params": self.trainable_params, "resumed_from_step": self.resumed_from_step,
