@@ -89,3 +89,22 @@ def test_unwritable_out_folder(tiny_llama, text_file, tmp_path, capsys):
     ro.chmod(0o500)
     assert main(["optimize", str(tiny_llama), "--data", str(text_file), "--out", str(ro / "out"), "--quiet"]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_warm_children_start_ahead_and_leave_none_behind(tiny_llama, text_file, tmp_path):
+    from frugalm.bench import BenchConfig, bench
+    from frugalm.measure import runner
+    from frugalm.measure.quality import PerplexityProtocol
+
+    config = BenchConfig(data=str(text_file), workloads=("chat",), metrics=("ppl_tok",), warmup=0, repetitions=1, protocol=PerplexityProtocol(max_tokens=256))
+    ppl = lambda result: next(m.value for m in result.measurements if m.metric == "ppl_tok")  # noqa: E731
+    with runner.warm_children():
+        first = runner._spare
+        a = bench(tiny_llama, config, store=tmp_path / "s.db")
+        assert first.proc.poll() is not None and runner._spare not in (None, first)  # used, gone; the next one started
+        runner._spare.proc.kill()  # a spare that dies while waiting is replaced, not used
+        runner._spare.proc.wait()
+        b = bench(tiny_llama, config, store=tmp_path / "s.db")
+        last = runner._spare
+    assert runner._spare is None and last.proc.poll() is not None  # none left behind
+    assert ppl(a) == ppl(b)

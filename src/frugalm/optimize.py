@@ -27,7 +27,7 @@ from frugalm.bench import BenchConfig, bench, prepare
 from frugalm.errors import ConfigError, FrugalmError, suggest
 from frugalm.measure.metrics import BENCHMARK_VERSION
 from frugalm.pareto import Constraint
-from frugalm.measure.runner import Progress
+from frugalm.measure.runner import Progress, warm_children
 from frugalm.models import ModelSource, resolve_model
 from frugalm.pipeline import RunConfig, run_recipe
 from frugalm.recipe import SHIPPED_DIR, Recipe, load_recipe, recipe_to_dict
@@ -132,7 +132,7 @@ def optimize(model: str | os.PathLike | None = None, config: OptimizeConfig = Op
     _check_fits_memory(source, config.bench.device)
     settings = [BENCHMARK_VERSION, _model_identity(source), spec.data_desc, spec.workloads, spec.profile, config.bench.device, config.bench.dtype, asdict(config.bench.protocol), config.bench.warmup, config.bench.repetitions, config.bench.metrics]
     out.mkdir(parents=True, exist_ok=True)
-    with contextlib.nullcontext(store) if isinstance(store, Store) else Store(store) as db:
+    with contextlib.nullcontext(store) if isinstance(store, Store) else Store(store) as db, warm_children():
         baseline = _baseline(source, config, db, _key(settings, "baseline"), progress, say)
         variants = [_variant(name, recipe, source, config, db, _key(settings, recipe_to_dict(recipe)), out, progress, say) for name, recipe in recipes]
         control = _baseline(source, config, db, _key(settings, "baseline", "control"), progress, say, label="baseline again (run-to-run noise)")

@@ -10,6 +10,7 @@ its parent (PR_SET_PDEATHSIG), so a killed parent leaves no orphan measuring in 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -33,31 +34,87 @@ class ChildCrash(MeasurementError):
     """The measuring child died, timed out, or hit a bug; the run is recorded as failed."""
 
 
-def run_child(spec, *, timeout_s: float, progress: Progress | None = None) -> dict:
-    """Run the benchmark of `spec` (a BenchSpec) in a fresh interpreter; return its `ok` payload."""
-    with tempfile.TemporaryDirectory(prefix="frugalm-child-") as tmp:
-        spec_path, log_path = Path(tmp) / "spec.json", Path(tmp) / "child.log"
-        spec_path.write_text(json.dumps(asdict(spec)))
-        read_fd, write_fd = os.pipe()
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "frugalm.measure.runner", str(spec_path), str(write_fd)],
-                pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+class _Child:
+    """One measuring child: started at once (its interpreter imports torch and transformers),
+    then given exactly one spec. Its spec file and log live in a temporary folder of its own."""
+
+    def __init__(self):
+        self._tmp = tempfile.TemporaryDirectory(prefix="frugalm-child-")
+        self.spec_path, self.log_path = Path(self._tmp.name) / "spec.json", Path(self._tmp.name) / "child.log"
+        self.read_fd, write_fd = os.pipe()
+        self.log_tail = ""
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "frugalm.measure.runner", str(self.spec_path), str(write_fd)],
+                pass_fds=(write_fd,), stdin=subprocess.PIPE, stdout=log, stderr=log,
                 env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"},
-            )
+            )  # fmt: skip
         os.close(write_fd)
+
+    def run(self, spec, timeout_s: float, progress: Progress | None) -> dict:
         try:
-            message, timed_out = _wait_for_result(proc, read_fd, time.monotonic() + timeout_s, progress)
+            self.spec_path.write_text(json.dumps(asdict(spec)))
+            try:
+                self.proc.stdin.write(b"go\n")  # the child reads the spec only now
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass  # it died while waiting: the pipe's end says so below
+            message, timed_out = _wait_for_result(self.proc, self.read_fd, time.monotonic() + timeout_s, progress)
         finally:
-            os.close(read_fd)
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+            self.close()
         if message is None:
-            raise ChildCrash(_crash_message(proc.returncode, timed_out, timeout_s, log_path))
+            raise ChildCrash(_crash_message(self.proc.returncode, timed_out, timeout_s, self.log_tail))
         if "error" in message:
             raise _rebuild_error(message["error"])
         return message["ok"]
+
+    def close(self) -> None:
+        if self.read_fd is not None:
+            os.close(self.read_fd)
+            self.read_fd = None
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.log_path.exists():
+            self.log_tail = self.log_path.read_text(errors="replace")[-4000:]
+        self._tmp.cleanup()
+
+
+_spare: _Child | None = None  # started ahead while warm_children() is active
+
+
+@contextlib.contextmanager
+def warm_children():
+    """Keep one measuring child started ahead of need.
+
+    A fresh interpreter spends ~5 s importing torch and transformers. Inside this context the
+    next child is started as soon as one finishes, so its imports overlap the parent's work on
+    the next variant (applying a recipe, saving it) rather than adding to it. No measurement
+    overlaps: a child measures only once the parent hands it a spec and waits.
+    """
+    global _spare
+    _spare = _Child()
+    try:
+        yield
+    finally:
+        spare, _spare = _spare, None
+        if spare is not None:
+            spare.close()
+
+
+def run_child(spec, *, timeout_s: float, progress: Progress | None = None) -> dict:
+    """Run the benchmark of `spec` (a BenchSpec) in a fresh interpreter; return its `ok` payload."""
+    global _spare
+    child, warm, _spare = _spare, _spare is not None, None
+    if child is None or child.proc.poll() is not None:  # none started ahead, or it died waiting
+        if child is not None:
+            child.close()
+        child = _Child()
+    try:
+        return child.run(spec, timeout_s, progress)
+    finally:
+        if warm:
+            _spare = _Child()
 
 
 def _wait_for_result(proc, fd: int, deadline: float, progress: Progress | None) -> tuple[dict | None, bool]:
@@ -84,13 +141,13 @@ def _wait_for_result(proc, fd: int, deadline: float, progress: Progress | None) 
     return None, True
 
 
-def _crash_message(code: int | None, timed_out: bool, timeout_s: float, log_path: Path) -> str:
+def _crash_message(code: int | None, timed_out: bool, timeout_s: float, log: str) -> str:
     if timed_out:
         return f"measuring took longer than the timeout ({timeout_s:.0f} s) and was stopped; raise --timeout or measure fewer workloads"
     how = f"was killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exited with code {code}"
     if code == -signal.SIGKILL:
         how += " (out of memory?)"
-    tail = " | ".join(log_path.read_text(errors="replace").strip().splitlines()[-3:])
+    tail = " | ".join(log.strip().splitlines()[-3:])
     return f"the measuring child process {how} before finishing{'; last output: ' + tail if tail else ''}"
 
 
@@ -129,6 +186,8 @@ def child_main(spec_path: str, fd: int) -> None:
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
+        if not sys.stdin.readline():  # started ahead (warm_children) and closed unused
+            return
         spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
         emit = lambda step, done, total: send({"progress": [step, done, total]})  # noqa: E731
         measurements, baseline = measure_model(spec, emit)
