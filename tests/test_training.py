@@ -275,6 +275,7 @@ def test_recipe_stage_trains_on_text_after_the_evaluated_part_and_records_its_co
         figures = {m.metric: m for m in store.measurements(result.bench.run.id)}
     assert set(produce) | {"ppl_tok"} <= set(figures)
     assert figures["produce_flops"].value == change["training"]["flops"] > 0 and figures["produce_flops"].method == "counted"
+    assert figures["produce_flops"].protocol["stages"][0]["flops_method"] == change["training"]["flops_method"]  # what each stage counted
     assert figures["produce_train_tokens"].value == 4 * 2 * 32 and figures["produce_energy_j"].method in ("measured", "estimated")
     assert training_cost_measurements([{"technique": "rtn_quant"}], 1.0, torch.device("cpu"), bench_config) == []  # no training, no figures
     assert not any(p.name.endswith(".checkpoints") for p in tmp_path.iterdir())  # removed once complete

@@ -104,7 +104,7 @@ def training_cost_measurements(changes: list[dict], produce_s: float, device, be
     if not costs:
         return []
     profile = get_profile(bench_config.profile, device.type, bench_config.profiles_file)
-    per_stage = [{k: c[k] for k in ("stage", "wall_s", "flops", "flops_analytic_6nt", "tokens_seen", "energy_j", "energy_method")} for c in costs]
+    per_stage = [{k: c[k] for k in ("stage", "wall_s", "flops", "flops_method", "flops_analytic_6nt", "tokens_seen", "energy_j", "energy_method")} for c in costs]
     joules = sum(c["energy_j"] for c in costs)
     energy_method = "measured" if all(c["energy_method"] == "measured" for c in costs) else "estimated"
     out = [
@@ -113,7 +113,7 @@ def training_cost_measurements(changes: list[dict], produce_s: float, device, be
         Measurement("produce_cost_usd", usd(profile, produce_s, joules), "USD", "estimated", protocol={"profile": profile.to_dict(), "wall_s": produce_s, "energy_j": joules}),
     ]
     if all(c["flops"] is not None for c in costs):
-        out.append(Measurement("produce_flops", sum(c["flops"] for c in costs), "FLOP", "counted", protocol={"counter": "torch FlopCounterMode over one training step x steps (optimizer update not counted)", "stages": per_stage}))
+        out.append(Measurement("produce_flops", sum(c["flops"] for c in costs), "FLOP", "counted", protocol={"counter": "torch FlopCounterMode over one training step x steps, plus importance-scoring forwards where a stage samples by importance (optimizer update not counted; each stage's flops_method)", "stages": per_stage}))
     return out
 
 

@@ -75,7 +75,7 @@ _ALL = [
     _m("tpot_p99_ms", "ms", False, "measured", "computation", "Time per output token, 99th percentile.", True),
     _m("decode_tok_s", "tok/s", True, "measured", "computation", "Decode throughput: tokens generated after the first, over the batch, per second of decode time.", True),
     _m("produce_wall_s", "s", False, "measured", "computation", "Wall time to produce the variant from its base model (compression or training stages), on the stated device."),
-    _m("produce_flops", "FLOP", False, "counted", "computation", "FLOPs of the training stages that produced the variant: one step's forward and backward counted with torch's FLOP counter, times the steps."),
+    _m("produce_flops", "FLOP", False, "counted", "computation", "FLOPs of the training stages that produced the variant: one step's forward and backward counted with torch's FLOP counter, times the steps, plus the counted scoring forwards of importance sampling."),
     _m("produce_train_tokens", "tok", False, "counted", "computation", "Tokens the training stages that produced the variant processed (steps x global batch x window)."),
     _m("prefill_tok_s", "tok/s", True, "measured", "computation", "Prefill throughput: prompt tokens over the batch per second of prefill time.", True),
     # memory
