@@ -25,8 +25,13 @@ def _runs(db: Path):
         return store.runs()
 
 
-def test_bench_json_scorecard_is_stored(tiny_llama, text_file, tmp_path, capsys):
+def test_bench_json_scorecard_is_stored(tiny_llama, text_file, tmp_path, capsys, monkeypatch):
     db = tmp_path / "s.db"
+    zone = tmp_path / "powercap" / "intel-rapl:0"  # a fabricated RAPL counter, read by the measuring child
+    zone.mkdir(parents=True)
+    (zone / "energy_uj").write_text("7000000")
+    (zone / "max_energy_range_uj").write_text(str(10**9))
+    monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path / "powercap"))
     assert main(["bench", str(tiny_llama), "--data", str(text_file), "--store", str(db), "--json", *QUICK]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["benchmark_version"] == "frugalm-bench v1" and doc["environment"]["torch"].startswith("2.13")
@@ -35,7 +40,8 @@ def test_bench_json_scorecard_is_stored(tiny_llama, text_file, tmp_path, capsys)
         assert (name, None) in metrics
     for name in ("ttft_p50_ms", "tpot_p99_ms", "decode_tok_s", "peak_mem_mib", "energy_j_per_tok", "cost_usd_per_mtok", "flops_per_tok_decode"):
         assert (name, "chat") in metrics
-    assert metrics[("energy_j_per_tok", "chat")]["method"] == "estimated"  # no counters on this machine
+    energy = metrics[("energy_j_per_tok", "chat")]
+    assert energy["method"] == "measured" and energy["protocol"]["zones"] == ["intel-rapl:0"] and energy["value"] == 0.0  # it stood still
     assert metrics[("ttft_p50_ms", "chat")]["n"] == 2 and metrics[("ttft_p50_ms", "chat")]["spread"] is not None
     [run] = _runs(db)
     assert run.id == doc["run_id"] and run.status == "complete"

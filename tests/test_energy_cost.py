@@ -41,7 +41,7 @@ def test_prices():
 
 
 def test_estimate_without_counters_states_its_model(monkeypatch, tmp_path):
-    monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path)  # no readable counters
+    monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path))  # no readable counters, whatever the host has
     p = get_profile("cloud-cpu-2vcpu", "cpu")
     with EnergyMeter(CPU, p) as meter:
         end = time.perf_counter() + 0.2
@@ -63,7 +63,7 @@ def _fake_rapl(root, uj, span=10**9):
 
 
 def test_rapl_counter_is_measured_with_wraparound(monkeypatch, tmp_path):
-    monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path)
+    monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path))
     zone = _fake_rapl(tmp_path, 999_000_000)
     p = get_profile("cloud-cpu-2vcpu", "cpu")
     with EnergyMeter(CPU, p) as meter:
@@ -71,3 +71,22 @@ def test_rapl_counter_is_measured_with_wraparound(monkeypatch, tmp_path):
     assert meter.method == "measured"
     assert meter.joules == pytest.approx(3.0)  # 1 J to the wrap + 2 J after
     assert meter.protocol()["zones"] == ["intel-rapl:0"]
+
+
+def test_the_label_follows_the_counters_given_not_the_host(monkeypatch, tmp_path):
+    p = get_profile("cloud-cpu-2vcpu", "cpu")
+    (tmp_path / "fabricated").mkdir()
+    zone = _fake_rapl(tmp_path / "fabricated", 1_000_000)
+    monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path / "fabricated"))
+    with EnergyMeter(CPU, p) as meter:
+        (zone / "energy_uj").write_text("1500000")
+        assert meter.so_far() == pytest.approx(0.5)  # read mid-region (a training checkpoint does)
+        (zone / "energy_uj").write_text("4000000")
+    assert meter.method == "measured" and meter.joules == pytest.approx(3.0)
+    monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path / "absent"))
+    with EnergyMeter(CPU, p) as meter:
+        pass
+    assert meter.method == "estimated" and meter.protocol()["profile"] == "cloud-cpu-2vcpu"
+    monkeypatch.delenv("FRUGALM_RAPL_ROOT")
+    monkeypatch.setattr(energy, "RAPL_ROOT", tmp_path / "fabricated")  # without the variable: the module's root
+    assert EnergyMeter(CPU, p).method == "measured"

@@ -96,15 +96,22 @@ def test_partial_and_foreign_checkpoints_are_never_loaded(tmp_path):
         train(_tiny(), TOKENS, config)
 
 
-def test_accumulation_checkpointing_and_bf16_run_and_count_cost():
+def test_accumulation_checkpointing_and_bf16_run_and_count_cost(monkeypatch, tmp_path):
     base = TrainConfig(steps=4, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=1, log_every=1)
     plain, recomputed = _tiny(), _tiny()
+    monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path / "absent"))  # no energy counter: estimated
     result = train(plain, TOKENS, base)
-    train(recomputed, TOKENS, TrainConfig(**{**base.__dict__, "gradient_checkpointing": True}))
+    zone = tmp_path / "powercap" / "intel-rapl:0"  # a fabricated RAPL counter: measured
+    zone.mkdir(parents=True)
+    (zone / "energy_uj").write_text("5000000")
+    (zone / "max_energy_range_uj").write_text(str(10**9))
+    monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path / "powercap"))
+    counted = train(recomputed, TOKENS, TrainConfig(**{**base.__dict__, "gradient_checkpointing": True}))
     for p, q in zip(plain.parameters(), recomputed.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # recomputation changes memory, not the result
     assert result.flops > 0 and 0.5 < result.flops / result.flops_analytic < 2
-    assert result.tokens_seen == 4 * 2 * 16 and result.energy_j > 0 and result.energy_method in ("measured", "estimated")
+    assert result.tokens_seen == 4 * 2 * 16 and result.energy_j > 0 and result.energy_method == "estimated"
+    assert counted.energy_method == "measured" and counted.energy_j == 0.0 and counted.energy_protocol["zones"] == ["intel-rapl:0"]  # the counter stood still
     accumulated = train(_tiny(), TOKENS, TrainConfig(**{**base.__dict__, "grad_accum": 2, "precision": "bf16"}))
     assert accumulated.tokens_seen == 2 * result.tokens_seen and accumulated.flops > result.flops
     assert all(math.isfinite(loss) for _, loss in accumulated.losses)
@@ -254,7 +261,8 @@ def test_bad_inputs_are_one_line_errors_with_the_fix(default_setup, tiny_llama, 
 # --- through a recipe: training text, checkpoints, the stored cost --------------------------------------
 
 
-def test_recipe_stage_trains_on_text_after_the_evaluated_part_and_records_its_cost(tiny_llama, tmp_path):
+def test_recipe_stage_trains_on_text_after_the_evaluated_part_and_records_its_cost(tiny_llama, tmp_path, monkeypatch):
+    monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path / "absent"))  # no energy counter: the training energy is estimated
     from frugalm.bench import BenchConfig
     from frugalm.measure.quality import PerplexityProtocol
     from frugalm.pipeline import RunConfig, run_recipe, training_cost_measurements
@@ -276,9 +284,138 @@ def test_recipe_stage_trains_on_text_after_the_evaluated_part_and_records_its_co
     assert set(produce) | {"ppl_tok"} <= set(figures)
     assert figures["produce_flops"].value == change["training"]["flops"] > 0 and figures["produce_flops"].method == "counted"
     assert figures["produce_flops"].protocol["stages"][0]["flops_method"] == change["training"]["flops_method"]  # what each stage counted
-    assert figures["produce_train_tokens"].value == 4 * 2 * 32 and figures["produce_energy_j"].method in ("measured", "estimated")
+    assert figures["produce_train_tokens"].value == 4 * 2 * 32 and figures["produce_energy_j"].method == "estimated"
     assert training_cost_measurements([{"technique": "rtn_quant"}], 1.0, torch.device("cpu"), bench_config) == []  # no training, no figures
     assert not any(p.name.endswith(".checkpoints") for p in tmp_path.iterdir())  # removed once complete
     unmerged, _ = parse_recipe({"name": "lora", "stages": [{**stage, "merge": False}]})
     with pytest.raises(ConfigError, match="set merge: true"):
         run_recipe(unmerged, tiny_llama, RunConfig(out_dir=str(tmp_path / "out2"), bench=bench_config, measure=False))
+
+
+# --- a planted checkpoint: refused before anything in it runs -----------------------------------------
+
+
+class _RunsCode:
+    """Unpickling this calls open(marker, "w"): what a pickle planted as state.pt could run."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def _interrupted(folder: Path, stop_at: int, steps: int = 8, every: int = 4, **kw):
+    """Train _tiny() with checkpoints into `folder` and stop (as if killed) after step `stop_at`."""
+    config = TrainConfig(steps=steps, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=1, log_every=1, checkpoint_every=every, checkpoint_dir=str(folder))
+
+    def on_step(done, total):
+        if done == stop_at:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(_tiny(), TOKENS, config, on_step=on_step, count_flops=False, **kw)
+    return config
+
+
+def test_a_planted_checkpoint_runs_no_code_and_is_refused(tmp_path):
+    marker = tmp_path / "code-ran"
+    planted = tmp_path / "planted" / "step-00000002"
+    planted.mkdir(parents=True)
+    torch.save({"step": 2, "model": _RunsCode(marker), "fingerprint": "f"}, planted / "state.pt")
+    with pytest.raises(ConfigError) as e:
+        ckpt.load_latest(tmp_path / "planted", "f")
+    assert not marker.exists()
+    assert "state.pt" in _one_line(e) and "delete the checkpoint folder" in str(e.value)
+    # A genuine checkpoint of this very run (its fingerprint right) whose state.pt is swapped for the pickle:
+    config = _interrupted(tmp_path / "ck", stop_at=3, steps=4, every=2)
+    [genuine] = ckpt.list_checkpoints(tmp_path / "ck")
+    torch.save({"step": 2, "model": _RunsCode(marker), "fingerprint": "f"}, genuine / "state.pt")
+    with pytest.raises(ConfigError) as e:
+        train(_tiny(), TOKENS, config, count_flops=False)
+    assert not marker.exists()
+    assert str(genuine / "state.pt") in _one_line(e) and "delete the checkpoint folder" in str(e.value)
+
+
+def test_fingerprint_is_checked_before_state_is_read(tmp_path):
+    config = _interrupted(tmp_path / "ck", stop_at=3, steps=4, every=2)
+    [genuine] = ckpt.list_checkpoints(tmp_path / "ck")
+    (genuine / "state.pt").write_bytes(b"not even a pickle")  # never read: the settings differ
+    other = TrainConfig(**{**config.__dict__, "lr": 2e-2})
+    with pytest.raises(ConfigError, match="other settings.*delete the folder"):
+        train(_tiny(), TOKENS, other, count_flops=False)
+
+
+# --- training energy: the user's hardware profile, every segment of a resumed run ---------------------
+
+
+def _profiles(tmp_path: Path, watts: float = 1000.0) -> Path:
+    """A profiles file with one profile that draws `watts` whatever the load (idle = max)."""
+    path = tmp_path / "profiles.yaml"
+    path.write_text(f"hot-box:\n  description: test box\n  usd_per_hour: 1.0\n  usd_per_kwh: 0.5\n  gco2e_per_kwh: 100\n  watts_idle: {watts}\n  watts_max: {watts}\n")
+    return path
+
+
+@pytest.fixture
+def no_rapl(monkeypatch, tmp_path):
+    """No readable energy counter: the estimate (the profile's watts) is used, whatever the host has."""
+    monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path / "no-powercap"))
+
+
+def test_training_energy_uses_the_given_profile(no_rapl, tmp_path):
+    from frugalm.measure.cost import get_profile
+
+    profile = get_profile("hot-box", "cpu", _profiles(tmp_path))
+    result = train(_tiny(), TOKENS, TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=1), profile=profile, count_flops=False)
+    assert result.energy_method == "estimated" and result.energy_protocol["profile"] == "hot-box"
+    assert result.energy_j == pytest.approx(1000.0 * result.energy_protocol["wall_s"])
+    assert result.energy_protocol["covers"] == "steps 0..3 of 3"
+
+
+def test_a_stage_and_a_recipe_estimate_training_energy_with_the_users_profile(no_rapl, tiny_llama, tmp_path):
+    from frugalm.bench import BenchConfig
+    from frugalm.measure.quality import PerplexityProtocol
+    from frugalm.pipeline import RunConfig, run_recipe, training_cost_measurements
+    from frugalm.recipe import parse_recipe
+
+    profiles = _profiles(tmp_path)
+    text = tmp_path / "eval.txt"
+    text.write_text("\n<|endoftext|>\n".join(f"Story {i}: a little model ran {i} miles on a small computer, then rested." for i in range(120)))
+    lm = load_model(tiny_llama, fast_kernels=False)
+    ctx = Context(tokenizer=lm.tokenizer, profile="hot-box", profiles_file=str(profiles))
+    _apply("full_finetune", lm.model, ctx, steps=2, batch_size=2, seq_len=32, warmup_steps=1, data=str(text))
+    energy = ctx.changes[-1]["training"]["energy_protocol"]
+    assert energy["profile"] == "hot-box" and energy["watts_max"] == 1000.0
+    bench_config = BenchConfig(data=str(text), protocol=PerplexityProtocol(max_tokens=512), profile="hot-box", profiles_file=str(profiles))
+    recipe, _ = parse_recipe({"name": "ft", "stages": [{"technique": "full_finetune", "steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 1}]})
+    result = run_recipe(recipe, tiny_llama, RunConfig(out_dir=str(tmp_path / "out"), bench=bench_config, measure=False))
+    [change] = result.metadata["changes"]
+    assert change["training"]["energy_protocol"]["profile"] == "hot-box"
+    figures = {m.metric: m for m in training_cost_measurements(result.metadata["changes"], 1.0, torch.device("cpu"), bench_config)}
+    assert figures["produce_energy_j"].value == pytest.approx(1000.0 * change["training"]["energy_protocol"]["wall_s"])
+    assert figures["produce_energy_j"].protocol["covers"] == "every step of every training stage"
+
+
+def test_a_resumed_run_counts_the_energy_of_every_segment(no_rapl, tmp_path):
+    from frugalm.bench import BenchConfig
+    from frugalm.measure.cost import get_profile
+    from frugalm.pipeline import training_cost_measurements
+
+    profile = get_profile("hot-box", "cpu", _profiles(tmp_path))
+    config = _interrupted(tmp_path / "ck", stop_at=6, profile=profile)  # checkpoint at 4, killed after 6
+    result = train(_tiny(), TOKENS, config, profile=profile, count_flops=False)
+    assert result.resumed_from_step == 4 and result.energy_protocol["covers"] == "steps 0..8 of 8"
+    assert result.energy_j > result.energy_protocol["joules"] > 0  # more than the segment after the resume
+    assert result.energy_j == pytest.approx(1000.0 * result.wall_time_s, rel=1e-3)  # both segments, at the profile's watts
+    # A checkpoint written before energy was stored in it: the figure says which steps it covers.
+    config = _interrupted(tmp_path / "old", stop_at=6, profile=profile)
+    [old] = ckpt.list_checkpoints(tmp_path / "old")
+    state = torch.load(old / "state.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if not k.startswith("energy")}, old / "state.pt")
+    (old / "fingerprint.json").unlink(missing_ok=True)
+    partial = train(_tiny(), TOKENS, config, profile=profile, count_flops=False)
+    assert partial.resumed_from_step == 4 and partial.energy_protocol["covers"] == "steps 4..8 of 8"
+    assert partial.energy_j == pytest.approx(partial.energy_protocol["joules"])
+    change = {"technique": "full_finetune", "training": partial.cost()}
+    [energy] = [m for m in training_cost_measurements([change], 1.0, torch.device("cpu"), BenchConfig(profile="hot-box", profiles_file=str(tmp_path / "profiles.yaml"))) if m.metric == "produce_energy_j"]
+    assert energy.protocol["covers"] == "training stage 0 (full_finetune): steps 4..8 of 8"

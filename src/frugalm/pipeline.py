@@ -57,7 +57,7 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
     calibration, calibration_desc = _calibration(recipe, lm, config.bench)
     from frugalm.techniques.base import Context
 
-    ctx = Context(device=lm.device, calibration=calibration, progress=progress, tokenizer=lm.tokenizer)
+    ctx = Context(device=lm.device, calibration=calibration, progress=progress, tokenizer=lm.tokenizer, profile=config.bench.profile, profiles_file=config.bench.profiles_file)
     if any(get_technique(s.technique).kind in ("training", "data") for s in recipe.stages):
         held_out, rest, text_source = evaluation_split(lm.tokenizer, config.bench)
         ctx.training_documents, ctx.held_out_documents, ctx.training_source = rest, held_out, text_source
@@ -95,8 +95,10 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
 def training_cost_measurements(changes: list[dict], produce_s: float, device, bench_config: BenchConfig) -> list[Measurement]:
     """The training stages' cost as figures stored beside the inference ones: FLOPs, tokens, energy, USD.
 
-    Empty when no stage trained. Energy covers the training loops only; USD prices the whole
-    production wall time (every stage) plus that energy at the hardware profile's rates.
+    Empty when no stage trained. Energy covers the training loops only, every segment of a resumed
+    one; its protocol's `covers` names the steps left out where a stage resumed from a checkpoint
+    written before checkpoints stored energy. USD prices the whole production wall time (every
+    stage) plus that energy at the hardware profile's rates.
     """
     from frugalm.measure.cost import get_profile, usd
 
@@ -107,9 +109,11 @@ def training_cost_measurements(changes: list[dict], produce_s: float, device, be
     per_stage = [{k: c[k] for k in ("stage", "wall_s", "flops", "flops_method", "flops_analytic_6nt", "tokens_seen", "energy_j", "energy_method")} for c in costs]
     joules = sum(c["energy_j"] for c in costs)
     energy_method = "measured" if all(c["energy_method"] == "measured" for c in costs) else "estimated"
+    partial = [f"training stage {i} ({c['stage']}): {c['energy_protocol']['covers']}" for i, c in enumerate(costs) if c["energy_protocol"].get("uncovered_steps")]
+    covers = "; ".join(partial) or "every step of every training stage"
     out = [
         Measurement("produce_train_tokens", sum(c["tokens_seen"] for c in costs), "tok", "counted", protocol={"stages": per_stage}),
-        Measurement("produce_energy_j", joules, "J", energy_method, protocol={"stages": per_stage, "energy": [c["energy_protocol"] for c in costs]}),
+        Measurement("produce_energy_j", joules, "J", energy_method, protocol={"covers": covers, "stages": per_stage, "energy": [c["energy_protocol"] for c in costs]}),
         Measurement("produce_cost_usd", usd(profile, produce_s, joules), "USD", "estimated", protocol={"profile": profile.to_dict(), "wall_s": produce_s, "energy_j": joules}),
     ]
     if all(c["flops"] is not None for c in costs):

@@ -4,7 +4,9 @@
   before and after; method `measured`. Needs `pip install frugalm[gpu]` (nvidia-ml-py).
 - CPU with readable RAPL (/sys/class/powercap/intel-rapl:N/energy_uj, Intel and recent AMD):
   package energy of every socket, wrap-around handled; method `measured`. It covers the whole
-  package, other processes included: run on a quiet machine.
+  package, other processes included: run on a quiet machine. The environment variable
+  FRUGALM_RAPL_ROOT names another powercap folder (tests point it at a fabricated or an absent
+  one, so the label is decided by the counters given, not by the host).
 - Otherwise `estimated` with the linear utilization model of the Cloud Carbon Footprint
   methodology: P = watts_idle + u * (watts_max - watts_idle), with the profile's watts and
   u = this process's CPU seconds / (wall seconds * logical CPUs). On a GPU without NVML, u = 1
@@ -22,12 +24,18 @@ import torch
 from frugalm.measure.cost import HardwareProfile
 
 RAPL_ROOT = Path("/sys/class/powercap")
+RAPL_ROOT_ENV = "FRUGALM_RAPL_ROOT"
+
+
+def rapl_root() -> Path:
+    """The powercap folder read for RAPL counters: $FRUGALM_RAPL_ROOT, else RAPL_ROOT."""
+    return Path(os.environ[RAPL_ROOT_ENV]) if os.environ.get(RAPL_ROOT_ENV) else RAPL_ROOT
 
 
 def _rapl_packages() -> list[Path]:
     """Top-level RAPL package zones whose counters this process can read."""
     zones = []
-    for zone in sorted(RAPL_ROOT.glob("intel-rapl:*")):
+    for zone in sorted(rapl_root().glob("intel-rapl:*")):
         if zone.name.count(":") == 1 and os.access(zone / "energy_uj", os.R_OK):
             try:
                 int((zone / "energy_uj").read_text())
@@ -78,17 +86,20 @@ class EnergyMeter:
         return self
 
     def __exit__(self, *exc):
+        self.joules = self.so_far()
+        return False
+
+    def so_far(self) -> float:
+        """Joules since the region began, read now (the region goes on); sets wall_s and cpu_s to now."""
         self.wall_s = time.perf_counter() - self._t0
         self.cpu_s = _cpu_seconds() - self._cpu0
         if self.nvml is not None:
             import pynvml
 
-            self.joules = (pynvml.nvmlDeviceGetTotalEnergyConsumption(self.nvml) - self._nvml_mj0) / 1e3
-        elif self.rapl:
-            self.joules = sum(self._rapl_delta_uj(z, uj) for z, uj in self._rapl_uj().items()) / 1e6
-        else:
-            self.joules = self._estimate()
-        return False
+            return (pynvml.nvmlDeviceGetTotalEnergyConsumption(self.nvml) - self._nvml_mj0) / 1e3
+        if self.rapl:
+            return sum(self._rapl_delta_uj(z, uj) for z, uj in self._rapl_uj().items()) / 1e6
+        return self._estimate()
 
     def _rapl_delta_uj(self, zone: Path, end_uj: int) -> int:
         delta = end_uj - self._rapl0[zone]

@@ -62,11 +62,21 @@ class Context:
     """Folder for this stage's resumable training checkpoints (set per stage by the pipeline)."""
     wrap_model: Callable[[nn.Module], nn.Module] | None = None
     """Wraps a model for training, e.g. in DistributedDataParallel (all-reduce in backward)."""
+    profile: str | None = None
+    """Hardware profile whose watts estimate training energy where no counter is readable (None: the device's default)."""
+    profiles_file: str | None = None
+    """Extra hardware profiles file (YAML), as `--profiles` gives it."""
 
     def calibration_tokens(self, technique: str) -> torch.Tensor:
         if self.calibration is None:
             raise TechniqueError(f"technique '{technique}' needs calibration text; add a `calibration:` block with `data:` to the recipe")
         return self.calibration
+
+    def hardware_profile(self, device_type: str):
+        """The HardwareProfile named by `profile` (from `profiles_file` or the built-in ones) for a device type."""
+        from frugalm.measure.cost import get_profile
+
+        return get_profile(self.profile, device_type, self.profiles_file)
 
     def report(self, step: str, done: int, total: int) -> None:
         if self.progress:

@@ -139,6 +139,7 @@ def run_training(model: nn.Module, options: TrainingOptions, ctx: Context, techn
         model, data, config, loss_fn=loss_fn, wrap_model=ctx.wrap_model,
         on_step=lambda done, total: ctx.report(technique, done, total),
         run_id={"technique": technique, "options": repr(options), **(run_id or {})},
+        profile=ctx.hardware_profile(next(model.parameters()).device.type),
     )  # fmt: skip
     if sampler is not None:  # the scoring forward passes are part of what the variant cost to produce
         selection = {**sampler.summary(), "scoring_flops_analytic_2nt": 2 * result.params * sampler.scored_tokens}

@@ -7,8 +7,13 @@ a hidden temporary folder, flushed to disk, and renamed into place; a rename is 
 so a folder named `step-*` is always complete and a killed write leaves only a `.partial-*`
 folder, which is never loaded and is swept on the next save.
 
-Each checkpoint carries the fingerprint of the run's settings; resuming with other settings is
-refused (the weights would silently mix two runs).
+Each checkpoint carries the fingerprint of the run's settings, in `state.pt` and in a small
+`fingerprint.json` beside it; resuming with other settings is refused (the weights would silently
+mix two runs). The fingerprint is read first, from the JSON file, and `state.pt` is then loaded
+with `torch.load(weights_only=True)`: tensors and plain values only, so a pickle planted in a
+checkpoint folder cannot run code; one that is not plain data is refused with the fix (delete the
+folder). A checkpoint written before fingerprint.json existed is still resumed: its state.pt is
+loaded the same safe way and its fingerprint checked there.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -27,6 +33,7 @@ import torch
 from frugalm.errors import ConfigError
 
 _NAME = re.compile(r"^step-(\d{8})$")
+_FINGERPRINT = "fingerprint.json"
 
 
 @dataclass
@@ -47,6 +54,12 @@ class TrainState:
     wall_s: float
     """Training wall time spent up to this checkpoint, over every earlier segment of the run."""
     fingerprint: str
+    energy_j: float | None = None
+    """Energy spent from step energy_from_step up to this checkpoint; None in checkpoints written before it was stored."""
+    energy_method: str | None = None
+    """'measured' when every segment read a hardware counter, else 'estimated'."""
+    energy_from_step: int = 0
+    """The first step energy_j covers (above 0 when the run resumed from a checkpoint without energy)."""
 
 
 def fingerprint(settings: dict) -> str:
@@ -63,6 +76,10 @@ def save_checkpoint(folder: str | os.PathLike, state: TrainState) -> Path:
     final = root / f"step-{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".partial-", dir=root))
     try:
+        with open(tmp / _FINGERPRINT, "w") as f:
+            json.dump({"fingerprint": state.fingerprint}, f)
+            f.flush()
+            os.fsync(f.fileno())
         with open(tmp / "state.pt", "wb") as f:
             torch.save(state.__dict__, f)
             f.flush()
@@ -87,20 +104,61 @@ def list_checkpoints(folder: str | os.PathLike) -> list[Path]:
 
 
 def load_latest(folder: str | os.PathLike | None, expected_fingerprint: str) -> TrainState | None:
-    """The newest complete checkpoint in `folder`, or None; refuses one from other settings."""
+    """The newest complete checkpoint in `folder`, or None; refuses one from other settings.
+
+    The fingerprint is checked before state.pt is read, and state.pt is read as plain data only.
+    """
     if folder is None:
         return None
     found = list_checkpoints(folder)
     if not found:
         return None
-    raw = torch.load(found[-1] / "state.pt", map_location="cpu", weights_only=False)
-    state = TrainState(**raw)
-    if state.fingerprint != expected_fingerprint:
+    path = found[-1]
+    stored = _stored_fingerprint(path)
+    if stored is not None:
+        _check_fingerprint(folder, stored, expected_fingerprint)
+    raw = _read_state(path / "state.pt", folder)
+    _check_fingerprint(folder, raw["fingerprint"], expected_fingerprint)
+    return TrainState(**raw)
+
+
+def _stored_fingerprint(checkpoint: Path) -> str | None:
+    """The fingerprint in checkpoint/fingerprint.json; None for a checkpoint written before that file existed."""
+    path = checkpoint / _FINGERPRINT
+    if not path.is_file():
+        return None
+    try:
+        value = json.loads(path.read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        value = None
+    if not isinstance(value, str):
+        raise ConfigError(f"checkpoint '{path}' is not a fingerprint frugalm wrote; delete the checkpoint folder '{checkpoint.parent}' (the stage then trains from the start)")
+    return value
+
+
+def _check_fingerprint(folder, stored: str, expected: str) -> None:
+    if stored != expected:
         raise ConfigError(
-            f"checkpoint folder '{folder}' holds a run with other settings (fingerprint {state.fingerprint}, "
-            f"this run {expected_fingerprint}); delete the folder or choose another checkpoint_dir"
+            f"checkpoint folder '{folder}' holds a run with other settings (fingerprint {stored}, "
+            f"this run {expected}); delete the folder or choose another checkpoint_dir"
         )
-    return state
+
+
+_STATE_FIELDS = {f.name for f in fields(TrainState)}
+_REQUIRED_FIELDS = {f.name for f in fields(TrainState) if f.default is MISSING}
+
+
+def _read_state(path: Path, folder) -> dict:
+    """state.pt as a dict of TrainState's fields, loaded with weights_only=True (runs no code)."""
+    fix = f"delete the checkpoint folder '{folder}' (the stage then trains from the start)"
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise ConfigError(f"checkpoint '{path}' is not plain training state (tensors and plain values) and was not loaded ({reason}); {fix}") from None
+    if not isinstance(raw, dict) or not _REQUIRED_FIELDS <= raw.keys() or not raw.keys() <= _STATE_FIELDS or not isinstance(raw["fingerprint"], str):
+        raise ConfigError(f"checkpoint '{path}' does not hold the training state frugalm writes; {fix}")
+    return raw
 
 
 def remove_checkpoints(folder: str | os.PathLike) -> None:

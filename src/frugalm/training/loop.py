@@ -24,7 +24,9 @@ checkpoints that every rank can resume from.
 Cost record: wall time, FLOPs (counted with torch's FLOP counter over one whole step, forward
 and backward of every micro-batch, a teacher's forward included, times the steps; the analytic
 6 * params * tokens is kept beside it), tokens seen, energy (hardware counter or the stated
-power model of frugalm.measure.energy) and the loss curve.
+power model of frugalm.measure.energy, with the hardware profile the caller gives) and the loss
+curve. Checkpoints carry the energy spent so far, so a resumed run's figure covers every segment;
+one resumed from a checkpoint written before energy was stored says which steps it covers.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,9 @@ from torch import nn
 
 from frugalm.errors import ConfigError, DataError
 from frugalm.training import checkpoint as ckpt
+
+if TYPE_CHECKING:
+    from frugalm.measure.cost import HardwareProfile
 
 BatchFn = Callable[[int, torch.Generator], torch.Tensor]
 """(micro-batch index, generator) -> int64 tensor (batch, seq_len + 1): inputs [:, :-1], targets [:, 1:]."""
@@ -236,6 +241,7 @@ def train(
     on_step: Callable[[int, int], None] | None = None,
     run_id: dict | None = None,
     count_flops: bool = True,
+    profile: HardwareProfile | None = None,
 ) -> TrainResult:
     """Train the trainable parameters of `model` in place on `data`; return the cost record.
 
@@ -246,6 +252,8 @@ def train(
     (steps done, steps) after every step. `run_id` is what else identifies the run (technique
     and its options) in the checkpoint fingerprint. With `count_flops`, `loss_fn` is also called
     once, on the unwrapped model, on a probe micro-batch before training (see _count_step_flops).
+    `profile` is the hardware profile whose watts estimate the energy where no hardware counter
+    is readable (None: the device's default profile).
     """
     check_config(config)
     if config.checkpoint_every and not config.checkpoint_dir:
@@ -262,7 +270,7 @@ def train(
     settings.pop("checkpoint_dir")
     fp = ckpt.fingerprint(settings)
     state = ckpt.load_latest(config.checkpoint_dir, fp) if config.checkpoint_every else None
-    run = _LoopState(losses=[], pending=(0.0, 0), start_step=0, wall_before=0.0)
+    run = _LoopState(losses=[], pending=(0.0, 0), start_step=0, wall_before=0.0, energy_before=0.0, energy_method_before=None, energy_from_step=0)
     if state is not None:
         run = _restore(model, optimizer, generator, state)
     if config.gradient_checkpointing:
@@ -273,7 +281,7 @@ def train(
     model.train()
     flops_per_step = _count_step_flops(model, loss_fn, config, device) if count_flops else None  # before wrapping: no collectives
     trained = wrap_model(model) if wrap_model else model
-    meter = EnergyMeter(device, get_profile(None, device.type))
+    meter = EnergyMeter(device, profile or get_profile(None, device.type))
     start = time.perf_counter()
     with meter:
         for step in range(run.start_step, config.steps):
@@ -282,7 +290,7 @@ def train(
             if on_step:
                 on_step(step + 1, config.steps)
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-                _checkpoint(model, optimizer, generator, run, step + 1, run.wall_before + time.perf_counter() - start, fp, config, rank)
+                _checkpoint(model, optimizer, generator, run, step + 1, meter, fp, config, rank)
     if config.gradient_checkpointing:
         _set_checkpointing(model, False)
     model.eval()
@@ -297,6 +305,15 @@ class _LoopState:
     pending: tuple[float, int]
     start_step: int
     wall_before: float
+    energy_before: float
+    """Joules of the earlier segments (stored in the checkpoint resumed from)."""
+    energy_method_before: str | None
+    energy_from_step: int
+    """The first step the energy covers (0 unless resumed from a checkpoint that stored none)."""
+
+    def energy_method(self, meter) -> str:
+        """'measured' only when this segment and every earlier one read a hardware counter."""
+        return "measured" if meter.method == "measured" and self.energy_method_before in (None, "measured") else "estimated"
 
     def add_loss(self, step: int, loss: float, config: TrainConfig, progress, start: float) -> None:
         total, n = self.pending[0] + loss, self.pending[1] + 1
@@ -353,12 +370,14 @@ def _count_step_flops(model: nn.Module, loss_fn: LossFn, config: TrainConfig, de
     return counter.get_total_flops() * config.grad_accum
 
 
-def _checkpoint(model, optimizer, generator, run: _LoopState, step: int, wall_s: float, fp: str, config: TrainConfig, rank: int) -> None:
+def _checkpoint(model, optimizer, generator, run: _LoopState, step: int, meter, fp: str, config: TrainConfig, rank: int) -> None:
     if rank == 0:
+        joules = meter.so_far()  # also brings meter.wall_s up to now
         ckpt.save_checkpoint(config.checkpoint_dir, ckpt.TrainState(
             step=step, model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
             cpu_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            losses=list(run.losses), pending=run.pending, wall_s=wall_s, fingerprint=fp,
+            losses=list(run.losses), pending=run.pending, wall_s=run.wall_before + meter.wall_s, fingerprint=fp,
+            energy_j=run.energy_before + joules, energy_method=run.energy_method(meter), energy_from_step=run.energy_from_step,
         ))  # fmt: skip
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank runs ahead of a checkpoint that is not yet complete
@@ -371,23 +390,42 @@ def _restore(model, optimizer, generator, state: ckpt.TrainState) -> _LoopState:
     torch.set_rng_state(state.cpu_rng)
     if state.cuda_rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state.cuda_rng)
-    return _LoopState(losses=list(state.losses), pending=tuple(state.pending), start_step=state.step, wall_before=state.wall_s)
+    stored = state.energy_j is not None  # checkpoints written before energy was stored have none
+    return _LoopState(
+        losses=list(state.losses), pending=tuple(state.pending), start_step=state.step, wall_before=state.wall_s,
+        energy_before=state.energy_j if stored else 0.0, energy_method_before=state.energy_method if stored else None,
+        energy_from_step=state.energy_from_step if stored else state.step,
+    )  # fmt: skip
 
 
 def _result(model, config: TrainConfig, run: _LoopState, world: int, flops_per_step, meter, settings: dict) -> TrainResult:
     tokens = config.steps * config.batch_size * config.grad_accum * world * config.seq_len
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    protocol = meter.protocol()
-    if run.start_step:
-        protocol["note"] = f"energy of the segment after the resume at step {run.start_step} only"
+    protocol = _energy_protocol(meter, run, config.steps)
     return TrainResult(
         losses=run.losses, final_loss=run.losses[-1][1], tokens_seen=tokens, wall_time_s=run.wall_before + meter.wall_s,
         flops=flops_per_step * config.steps * world if flops_per_step is not None else None,
-        flops_analytic=6 * params * tokens, energy_j=meter.joules, energy_method=meter.method, energy_protocol=protocol,
+        flops_analytic=6 * params * tokens, energy_j=run.energy_before + meter.joules, energy_method=run.energy_method(meter), energy_protocol=protocol,
         resumed_from_step=run.start_step, params=params, trainable_params=trainable,
         settings={k: v for k, v in settings.items() if k != "params"},
     )  # fmt: skip
+
+
+def _energy_protocol(meter, run: _LoopState, steps: int) -> dict:
+    """The meter's protocol of the last segment, plus which steps the run's energy figure covers."""
+    protocol = {**meter.protocol(), "covers": f"steps {run.energy_from_step}..{steps} of {steps}", "uncovered_steps": run.energy_from_step}
+    if not run.start_step:
+        return protocol
+    at, since = run.start_step, run.energy_from_step
+    notes = [f"wall_s and joules above are the segment after the resume at step {at}"]
+    if since < at:
+        protocol["energy_before_resume_j"], protocol["energy_before_resume_method"] = run.energy_before, run.energy_method_before
+        notes.append(f"the figure adds the {run.energy_before:.6g} J the checkpoint stored for steps {since}..{at}")
+    if since:
+        notes.append(f"steps 0..{since} are not counted: a checkpoint this run resumed from predates stored energy")
+    notes.append("the energy of work a killed segment did after its last checkpoint is not counted (that work is redone and counted then)")
+    return {**protocol, "resumed_at_step": at, "note": "; ".join(notes)}
 
 
 def train_causal_lm(model: nn.Module, data: torch.Tensor | BatchFn, config: TrainConfig, progress: Callable[[str], None] | None = None) -> TrainResult:
