@@ -48,7 +48,7 @@ class _Compressed(nn.Module):
                 self.register_buffer(name, tensor)
 
 
-def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool = False) -> Path:
     """Write `artifact` (a frugalm variant with quantized layers) as a compressed-tensors checkpoint.
 
     The folder is written atomically (complete or absent) and holds config.json with its
@@ -58,7 +58,7 @@ def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.Pat
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
     from transformers import AutoModelForCausalLM
 
-    from frugalm.atomic import atomic_folder
+    from frugalm.atomic import atomic_folder, check_output_folder
     from frugalm.models import load_model, read_config
     from frugalm.techniques.quant_pack import QuantLinear
 
@@ -70,6 +70,7 @@ def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.Pat
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(read_config(lm.source))
     not_linear = [n for n in quantized if not isinstance(skeleton.get_submodule(n), nn.Linear)]
+    check_output_folder(out_dir, force=force)  # before any work: never replace a folder frugalm did not write
     if not_linear:
         kind = type(skeleton.get_submodule(not_linear[0])).__name__
         raise ModelError(f"layer '{not_linear[0]}' is a {kind}, not nn.Linear, and {FORMAT} describes only Linear layers; keep frugalm's own artifact for this model")
@@ -92,7 +93,7 @@ def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.Pat
             _replace(model, name, _compress(quantized[name], compressor, scheme))
     config = QuantizationConfig(config_groups=schemes, format=fmt, quantization_status=QuantizationStatus.COMPRESSED, ignore=[])
     model.config.quantization_config = config.to_dict()
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, force=force) as tmp:
         model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
     return Path(out_dir).expanduser().resolve()

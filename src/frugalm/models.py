@@ -218,11 +218,14 @@ def packed_layers(model: nn.Module) -> dict[str, dict]:
     return layers
 
 
-def save_variant(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict) -> Path:
-    """Save in Hugging Face layout plus frugalm.json, atomically: the folder is complete or absent."""
+def save_variant(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict, *, force: bool = False) -> Path:
+    """Save in Hugging Face layout plus frugalm.json, atomically: the folder is complete or absent.
+
+    An existing `out_dir` is replaced only if frugalm wrote it (or `force`).
+    """
     from frugalm.atomic import atomic_folder
 
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(out_dir, force=force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         meta = {"format": ARTIFACT_FORMAT, **metadata, "packed_layers": packed_layers(model), "inference": inference_settings(model)}

@@ -3,10 +3,13 @@
 1. Check everything first: the model, every recipe, the output folder, the profile, the
    constraints, and whether the model fits the device's memory (predicted from its files).
 2. Measure the baseline, then each recipe's variant (`frugalm run`), each stored under a key
-   that hashes the model's files, the benchmark settings and the resolved recipe. A rerun
-   skips every key the store already holds complete, so an interrupted optimize resumes, and
-   a run with other settings never mixes with this one. A recipe that does not fit the model
-   (say, a group size that does not divide its widths) is reported as skipped with the reason.
+   that hashes the model's files, the benchmark settings, the resolved recipe and (for
+   variants) the output folder. A rerun skips every key the store already holds complete, so
+   an interrupted optimize resumes, and a run with other settings never mixes with this one;
+   a skipped variant whose artifact has gone missing (not removed by optimize as dominated) is
+   rebuilt. A recipe that does not fit the model (say, a group size that does not divide its
+   widths) is reported as skipped with the reason, and one that fails (a stage leaves NaN
+   weights, the child crashes) as failed with its cause; optimize goes on with the rest.
 3. Measure the baseline once more, last: the two baseline runs give the run-to-run noise of
    every figure, within which the report calls differences ties (see report/build.py).
 4. Compute the Pareto fronts (quality against each resource) from the stored figures, write the
@@ -23,14 +26,15 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from frugalm.atomic import OWNED_BY, check_output_folder, write_text_atomic
 from frugalm.bench import BenchConfig, bench, prepare
-from frugalm.errors import ConfigError, FrugalmError, suggest
+from frugalm.errors import ConfigError, FrugalmError, MeasurementError, suggest
 from frugalm.measure.metrics import BENCHMARK_VERSION
 from frugalm.pareto import Constraint
 from frugalm.measure.runner import Progress, warm_children
-from frugalm.models import ModelSource, resolve_model
+from frugalm.models import METADATA_FILE, ModelSource, resolve_model
 from frugalm.pipeline import RunConfig, run_recipe
-from frugalm.recipe import SHIPPED_DIR, Recipe, load_recipe, recipe_to_dict
+from frugalm.recipe import SHIPPED_DIR, Recipe, load_recipe, name_problems, recipe_to_dict
 from frugalm.store import Run, Store
 
 DEFAULT_CONSTRAINTS = ("ppl_tok<=+5%", "ppl_tok<=+20%")
@@ -45,6 +49,8 @@ class OptimizeConfig:
     constraints: tuple[str, ...] = DEFAULT_CONSTRAINTS
     keep_dominated: bool = False
     """Keep the artifacts of variants on no front (by default they are removed; their figures stay)."""
+    force: bool = False
+    """Write into an existing `out_dir` that frugalm did not write (by default refused)."""
 
 
 def _fast_protocol():
@@ -74,6 +80,10 @@ def shipped_recipe_names() -> list[str]:
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
 
 
+SESSION_FILE = "frugalm-optimize.json"
+"""Marks an output folder as optimize's and records which artifacts it removed as dominated."""
+
+
 def _recipe_paths(names: tuple[str, ...]) -> list[Path]:
     if not names:
         return sorted(SHIPPED_DIR.glob("*.yaml"))
@@ -88,12 +98,45 @@ def _recipe_paths(names: tuple[str, ...]) -> list[Path]:
     return paths
 
 
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output folder '{out}' is a file; pass a folder path with --out")
+def _load_recipes(paths: list[Path]) -> list[tuple[str, Recipe]]:
+    """(name, recipe) per file; the name is the file's stem, which names its variant folder."""
+    seen: dict[str, Path] = {}
+    for p in paths:
+        for problem in name_problems(p.stem, label=f"recipe file '{p}': its name"):
+            raise ConfigError(problem)
+        if p.stem in seen and seen[p.stem].resolve() != p.resolve():
+            raise ConfigError(f"two recipes are named '{p.stem}' ('{seen[p.stem]}' and '{p}'); their variants would share a folder: rename one file")
+        seen[p.stem] = p
+    return [(name, load_recipe(p)) for name, p in seen.items()]
+
+
+def _check_out_dir(out_arg: str, force: bool) -> Path:
+    out = check_output_folder(out_arg, force=force or _written_by_optimize(Path(out_arg).expanduser()), flag="--force")
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
         raise ConfigError(f"output folder '{out}' is not writable (no write permission on '{probe}'); pass a writable folder with --out")
+    return out
+
+
+def _written_by_optimize(out: Path) -> bool:
+    """Whether `out` is an optimize output folder: it holds SESSION_FILE, or (before it existed) a frugalm report."""
+    if out.is_symlink() or not out.is_dir():
+        return False
+    if (out / SESSION_FILE).is_file():
+        return True
+    try:
+        report = json.loads((out / "report.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and str(report.get("benchmark_version", "")).startswith("frugalm-bench")
+
+
+def _session_state(out: Path) -> dict:
+    try:
+        state = json.loads((out / SESSION_FILE).read_text())
+    except (OSError, ValueError):
+        state = {}
+    return state if isinstance(state, dict) and isinstance(state.get("removed_dominated"), dict) else {"format": "frugalm-optimize/1", "removed_dominated": {}}
 
 
 def _check_fits_memory(source: ModelSource, device: str) -> None:
@@ -124,17 +167,18 @@ def _key(*parts) -> str:
 def optimize(model: str | os.PathLike | None = None, config: OptimizeConfig = OptimizeConfig(), *, store: Store | str | os.PathLike | None = None, progress: Progress | None = None, say=print) -> OptimizeResult:
     # 1. Everything that can be wrong is found before anything runs.
     source = resolve_model(model)
-    recipes = [(p.stem, load_recipe(p)) for p in _recipe_paths(config.recipes)]
+    recipes = _load_recipes(_recipe_paths(config.recipes))
     constraints = [Constraint.parse(c) for c in config.constraints]
-    out = Path(config.out_dir).expanduser().resolve()
-    _check_out_dir(out)
+    out = _check_out_dir(config.out_dir, config.force)
     spec = prepare(source.path, config.bench)  # model, data, workloads, metrics, profile, device
     _check_fits_memory(source, config.bench.device)
     settings = [BENCHMARK_VERSION, _model_identity(source), spec.data_desc, spec.workloads, spec.profile, config.bench.device, config.bench.dtype, asdict(config.bench.protocol), config.bench.warmup, config.bench.repetitions, config.bench.metrics]
     out.mkdir(parents=True, exist_ok=True)
+    state = _session_state(out)
+    write_text_atomic(out / SESSION_FILE, json.dumps(state, indent=2))  # marks the folder as optimize's before anything else lands in it
     with contextlib.nullcontext(store) if isinstance(store, Store) else Store(store) as db, warm_children():
         baseline = _baseline(source, config, db, _key(settings, "baseline"), progress, say)
-        variants = [_variant(name, recipe, source, config, db, _key(settings, recipe_to_dict(recipe)), out, progress, say) for name, recipe in recipes]
+        variants = [_variant(name, recipe, source, config, db, _key(settings, recipe_to_dict(recipe), str(out)), out, state, progress, say) for name, recipe in recipes]
         control = _baseline(source, config, db, _key(settings, "baseline", "control"), progress, say, label="baseline again (run-to-run noise)")
         from frugalm.report.build import build_report_data, write_reports
 
@@ -147,7 +191,7 @@ def optimize(model: str | os.PathLike | None = None, config: OptimizeConfig = Op
         db.add_run(session, [])
     paths = write_reports(data, out)
     if not config.keep_dominated:
-        _remove_dominated_artifacts(out, data)
+        _remove_dominated_artifacts(out, data, variants, state)
     return OptimizeResult(out, baseline, variants, session, paths)
 
 
@@ -161,22 +205,35 @@ def _baseline(source, config, db: Store, key: str, progress, say, label: str = "
     return Entry("baseline", result.run)
 
 
-def _variant(name: str, recipe: Recipe, source, config, db: Store, key: str, out: Path, progress, say) -> Entry:
+def _variant(name: str, recipe: Recipe, source, config, db: Store, key: str, out: Path, state: dict, progress, say) -> Entry:
     done = db.complete_run_with_key(key)
-    if done:
+    artifact = out / "variants" / name
+    if done and ((artifact / METADATA_FILE).is_file() or state["removed_dominated"].get(name) == key):
         say(f"{name}: already measured (run {done.id}), skipped")
         return Entry(name, done, recipe_to_dict(recipe))
+    if done:
+        say(f"{name}: measured before (run {done.id}) but its artifact {artifact} is missing: rebuilding it")
     say(f"{name}: {' -> '.join(s.technique for s in recipe.stages)}")
     try:
-        result = run_recipe(recipe, source.path, RunConfig(out_dir=str(out / "variants" / name), bench=config.bench), store=db, progress=progress, key=key)
+        result = run_recipe(recipe, source.path, RunConfig(out_dir=str(artifact), bench=config.bench, force=config.force), store=db, progress=progress, key=key)
+    except MeasurementError as exc:  # the variant broke (NaN weights, a crashed child): say why, go on with the rest
+        say(f"{name}: failed: {exc}")
+        return Entry(name, None, recipe_to_dict(recipe), skipped=f"failed: {exc}")
     except FrugalmError as exc:  # the recipe does not fit this model: say why, go on with the rest
         say(f"{name}: skipped: {exc}")
         return Entry(name, None, recipe_to_dict(recipe), skipped=str(exc))
+    state["removed_dominated"].pop(name, None)
     return Entry(name, result.bench.run, recipe_to_dict(recipe))
 
 
-def _remove_dominated_artifacts(out: Path, data) -> None:
+def _remove_dominated_artifacts(out: Path, data, variants: list[Entry], state: dict) -> None:
+    """Remove the artifacts of this session's variants on no front (only folders frugalm wrote), and note them."""
     keep = {v["name"] for v in data["variants"] if v.get("on_front")}
-    for folder in (out / "variants").glob("*") if (out / "variants").is_dir() else []:
-        if folder.is_dir() and folder.name not in keep:
+    for entry in variants:
+        folder = out / "variants" / entry.name
+        if entry.run is None or entry.name in keep:
+            continue
+        state["removed_dominated"][entry.name] = entry.run.key
+        if not folder.is_symlink() and folder.is_dir() and any((folder / mark).is_file() for mark in OWNED_BY):
             shutil.rmtree(folder)
+    write_text_atomic(out / SESSION_FILE, json.dumps(state, indent=2))

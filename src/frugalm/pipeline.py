@@ -22,10 +22,11 @@ from pathlib import Path
 
 from frugalm.bench import BenchConfig, BenchResult, bench, evaluation_text
 from frugalm.data import read_text, split_documents
-from frugalm.errors import ConfigError, DataError
+from frugalm.atomic import check_output_folder
+from frugalm.errors import ConfigError, DataError, MeasurementError
 from frugalm.measure.metrics import Measurement
 from frugalm.measure.runner import Progress
-from frugalm.recipe import Recipe, recipe_to_dict
+from frugalm.recipe import Recipe, name_problems, recipe_to_dict
 from frugalm.registry import get_technique
 from frugalm.store import Store
 
@@ -36,6 +37,8 @@ class RunConfig:
     """Where the variant artifact is saved (default: ./frugalm-out/<recipe name>)."""
     bench: BenchConfig = BenchConfig()
     measure: bool = True
+    force: bool = False
+    """Replace an existing `out_dir` that frugalm did not write (by default refused)."""
 
 
 @dataclass
@@ -51,8 +54,10 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
     unmerged = [i for i, s in enumerate(recipe.stages) if s.technique == "lora_finetune" and not s.config.merge]
     if unmerged:
         raise ConfigError(f"stages[{unmerged[0]}] (lora_finetune): merge: false keeps separate adapters, which a frugalm artifact cannot store yet; set merge: true (the merged model computes the same function)")
+    if name_problems(recipe.name):
+        raise ConfigError(f"recipe: {name_problems(recipe.name)[0]}")
     source = resolve_model(model or recipe.model)
-    out_dir = Path(config.out_dir or Path("frugalm-out") / recipe.name)
+    out_dir = check_output_folder(config.out_dir or Path("frugalm-out") / recipe.name, force=config.force)
     lm = load_model(source.path, device=config.bench.device, dtype=config.bench.dtype, fast_kernels=False)
     calibration, calibration_desc = _calibration(recipe, lm, config.bench)
     from frugalm.techniques.base import Context
@@ -69,6 +74,7 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
         ctx.checkpoint_dir = str(checkpoints / f"stage-{i}-{stage.technique}")  # a rerun of the recipe resumes there
         t0 = time.perf_counter()
         lm.model = technique.apply(lm.model, stage.config, ctx)
+        _check_finite(lm.model, f"stages[{i}] ({stage.technique})")
         timings.append({"stage": i, "technique": stage.technique, "version": technique.version, "wall_s": time.perf_counter() - t0})
     produce_s = time.perf_counter() - t_total
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):  # each completed stage removed its own
@@ -82,7 +88,7 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
         "produce_wall_s": produce_s,
         "calibration": calibration_desc,
     }
-    artifact = save_variant(lm.model, lm.tokenizer, out_dir, metadata)
+    artifact = save_variant(lm.model, lm.tokenizer, out_dir, metadata, force=config.force)
     if not config.measure:
         return RunResult(artifact, metadata, None)
     bench_config = replace(config.bench, reference=str(source.path))
@@ -90,6 +96,16 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
     extra = [produce, *training_cost_measurements(ctx.changes, produce_s, lm.device, config.bench)]
     result = bench(artifact, bench_config, store=store, progress=progress, kind="variant", record={"variant": metadata}, extra=extra, key=key)
     return RunResult(artifact, metadata, result)
+
+
+def _check_finite(model, stage: str) -> None:
+    """Refuse a model a stage left with NaN or infinite weights, naming the first such tensor."""
+    import torch
+
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            what = "NaN" if torch.isnan(tensor).any() else "infinite values"
+            raise MeasurementError(f"{stage} produced {what} in {name}; the variant is not usable: change the stage's options (e.g. more calibration samples, a larger dampening or group size)")
 
 
 def training_cost_measurements(changes: list[dict], produce_s: float, device, bench_config: BenchConfig) -> list[Measurement]:

@@ -21,6 +21,7 @@ Precedence is defaults < recipe < `--set` overrides; `dump_recipe` writes the re
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,11 +31,14 @@ from typing import Any, Literal
 import yaml
 
 from frugalm.errors import ConfigError, did_you_mean
+from frugalm.safe_yaml import load_yaml, short
 
 RECIPE_VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "recipes"
 """The recipes frugalm ships (the portfolio `frugalm optimize` runs)."""
 TOP_KEYS = ("version", "name", "model", "calibration", "stages")
+NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+"""A recipe name names folders (frugalm-out/<name>, variants/<name>): an identifier, never a path."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -136,12 +140,12 @@ def build_config(config_cls, options: dict, where: str) -> tuple[Any, list[str]]
     problems, kwargs = [], {}
     for key, value in options.items():
         if key not in names:
-            problems.append(f"{where}: unknown option '{key}'{did_you_mean(str(key), names)} (options: {', '.join(names)})")
+            problems.append(f"{where}: unknown option {short(key)}{did_you_mean(str(key), names)} (options: {', '.join(names)})")
             continue
         try:
             kwargs[key] = coerce(value, hints[key])
         except TypeError as exc:
-            problems.append(f"{where}: option '{key}' must be {exc}, got {value!r}")
+            problems.append(f"{where}: option '{key}' must be {exc}, got {short(value)}")
     if problems:
         return None, problems
     config = config_cls(**kwargs)
@@ -157,10 +161,10 @@ def _stage(raw, i: int) -> tuple[Stage | None, list[str]]:
 
     where = f"stages[{i}]"
     if not isinstance(raw, dict) or "technique" not in raw:
-        return None, [f"{where}: must be a mapping with a 'technique' key, got {raw!r}"]
+        return None, [f"{where}: must be a mapping with a 'technique' key, got {short(raw)}"]
     name = raw["technique"]
     if name not in TECHNIQUES:
-        return None, [f"{where}: unknown technique '{name}'{did_you_mean(str(name), TECHNIQUES)} (see `frugalm ls techniques`)"]
+        return None, [f"{where}: unknown technique {short(name)}{did_you_mean(str(name), TECHNIQUES)} (see `frugalm ls techniques`)"]
     technique = get_technique(name)
     options = {k: v for k, v in raw.items() if k != "technique"}
     config, problems = build_config(technique.config_cls, options, f"{where} ({name})")
@@ -171,9 +175,9 @@ def parse_recipe(data, overrides: list[str] = ()) -> tuple[Recipe | None, list[s
     if not isinstance(data, dict):
         return None, ["must be a mapping with keys " + ", ".join(TOP_KEYS)]
     data = apply_overrides(data, overrides)
-    problems = [f"unknown key '{k}'{did_you_mean(str(k), TOP_KEYS)} (keys: {', '.join(TOP_KEYS)})" for k in data if k not in TOP_KEYS]
+    problems = [f"unknown key {short(k)}{did_you_mean(str(k), TOP_KEYS)} (keys: {', '.join(TOP_KEYS)})" for k in data if k not in TOP_KEYS]
     if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
-        problems.append(f"version {data.get('version')!r} is not supported; this frugalm reads version {RECIPE_VERSION}")
+        problems.append(f"version {short(data.get('version'))} is not supported; this frugalm reads version {RECIPE_VERSION}")
     stages_raw = data.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         problems.append("'stages' must be a non-empty list of stages (each with a 'technique' key)")
@@ -187,23 +191,28 @@ def parse_recipe(data, overrides: list[str] = ()) -> tuple[Recipe | None, list[s
     problems += errs
     for key in ("name", "model"):
         if data.get(key) is not None and not isinstance(data[key], str):
-            problems.append(f"'{key}' must be a string, got {data[key]!r}")
+            problems.append(f"'{key}' must be a string, got {short(data[key])}")
+    problems += name_problems(data.get("name"))
     if problems:
         return None, problems
     return Recipe(name=data.get("name") or "unnamed", model=data.get("model"), stages=tuple(stages), calibration=calibration), []
+
+
+def name_problems(name, label: str = "'name'") -> list[str]:
+    """Why `name` cannot name a recipe (it becomes a folder name), or nothing."""
+    if not isinstance(name, str) or NAME_RULE.fullmatch(name):
+        return []
+    return [f"{label} {short(name)} is not an identifier: a name starts with a letter or digit and holds only letters, digits, '.', '_' and '-' (it names the output folder); rename it, e.g. 'my-recipe'"]
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read and validate a recipe file; raise RecipeError listing every problem."""
     p = Path(path)
     try:
-        data = yaml.safe_load(p.read_text())
-    except OSError as exc:
-        raise ConfigError(f"recipe '{path}' cannot be read ({exc.strerror}); pass the path of a recipe YAML file") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{path}: not valid YAML{at} ({getattr(exc, 'problem', exc)}); fix the syntax") from None
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"recipe '{path}' cannot be read ({getattr(exc, 'strerror', None) or 'not UTF-8 text'}); pass the path of a recipe YAML file") from None
+    data = load_yaml(text, str(path))
     recipe, problems = parse_recipe(data, overrides)
     if problems:
         raise RecipeError(str(path), problems)
@@ -223,10 +232,11 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         node = data
         for key in parents:
             node = _place(node, key, item)
+        value = load_yaml(raw, f"--set '{item}'")
         if isinstance(node, list):
-            node[_index(node, last, item)] = yaml.safe_load(raw)
+            node[_index(node, last, item)] = value
         else:
-            node[last] = yaml.safe_load(raw)
+            node[last] = value
     return data
 
 

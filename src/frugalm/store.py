@@ -12,6 +12,7 @@ MIGRATIONS. The table `_migrations` records which ones a database has.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sqlite3
@@ -19,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from frugalm.errors import ConfigError
+from frugalm.errors import ConfigError, MeasurementError
 from frugalm.measure.metrics import Measurement
 
 MIGRATIONS: list[tuple[str, str]] = [
@@ -134,7 +135,17 @@ class Store:
         return _Transaction(self.db)
 
     def add_run(self, run: Run, measurements: list[Measurement]) -> str:
-        """Store a run and its measurements atomically; return the run id."""
+        """Store a run and its measurements atomically; return the run id.
+
+        A NaN or infinite figure means the model or its measurement broke: the run is then stored
+        as failed with the figures named (and none of them), and MeasurementError is raised.
+        """
+        bad = [m for m in measurements if not math.isfinite(float(m.value))]
+        if bad:
+            run.status = "failed"
+            run.error = "non-finite figures: " + ", ".join(f"{m.metric}{f' ({m.workload})' if m.workload else ''} = {m.value}" for m in bad[:5]) + (
+                "; the model's outputs are not finite (NaN or overflowing weights or activations): check the stages that produced it, or measure in float32")
+            measurements = []
         with self._transaction():
             self.db.execute(
                 "INSERT INTO runs (id, kind, status, created_at, wall_s, model_ref, model_path, benchmark_version,"
@@ -164,6 +175,8 @@ class Store:
         row = self.db.execute("SELECT * FROM runs WHERE key = ? AND status = 'complete' ORDER BY created_at DESC, id DESC LIMIT 1", (key,)).fetchone()
         return _run_from_row(row) if row else None
 
+        if bad:
+            raise MeasurementError(f"run {run.id} ({run.model_ref}) stored as failed: {run.error}")
     def measurements(self, run_id: str) -> list[Measurement]:
         rows = self.db.execute("SELECT * FROM measurements WHERE run_id = ? ORDER BY rowid", (run_id,))
         return [

@@ -14,6 +14,7 @@ def add_parser(sub) -> None:
     p.add_argument("--recipe", action="append", dest="recipes", metavar="NAME|FILE", help="recipe to include, repeatable (default: every shipped recipe)")
     p.add_argument("--constraint", action="append", dest="constraints", metavar="SPEC", help="e.g. 'ppl_tok<=+5%%' (relative to baseline) or 'peak_mem_mib<=200', repeatable (default: ppl_tok<=+5%% and <=+20%%)")
     p.add_argument("--keep-dominated", action="store_true", help="keep the artifacts of variants on no front")
+    p.add_argument("--force", action="store_true", help="write into --out even if frugalm did not write it (its variants/ folders may be replaced)")
     add_bench_options(p)
     p.set_defaults(func=run, eval_tokens=16_384, repetitions=3)
 
@@ -28,6 +29,7 @@ def run(args) -> int:
         bench=bench_config(args),
         constraints=tuple(args.constraints or DEFAULT_CONSTRAINTS),
         keep_dominated=args.keep_dominated,
+        force=args.force,
     )
     progress = ProgressLine(enabled=not args.quiet)
 

@@ -12,7 +12,8 @@ def add_parser(sub) -> None:
     p.add_argument("recipe", help="recipe YAML file (see recipes/ and `frugalm ls techniques`)")
     p.add_argument("model", nargs="?", help="model to start from (default: the recipe's `model`, else the built-in model)")
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override a recipe value, e.g. stages.0.bits=4 (repeatable)")
-    p.add_argument("--out", help="artifact folder (default: ./frugalm-out/<recipe name>)")
+    p.add_argument("--out", help="artifact folder (default: ./frugalm-out/<recipe name>); an existing one is replaced only if frugalm wrote it")
+    p.add_argument("--force", action="store_true", help="replace --out even if frugalm did not write it")
     p.add_argument("--no-measure", action="store_true", help="only produce and save the variant")
     add_bench_options(p)
     p.set_defaults(func=run)
@@ -26,7 +27,7 @@ def run(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     print(f"# resolved recipe\n{dump_recipe(recipe)}", file=sys.stderr)
     progress = ProgressLine(enabled=not args.quiet)
-    config = RunConfig(out_dir=args.out, bench=bench_config(args), measure=not args.no_measure)
+    config = RunConfig(out_dir=args.out, bench=bench_config(args), measure=not args.no_measure, force=args.force)
     try:
         result = run_recipe(recipe, args.model, config, store=args.store, progress=progress)
     finally:

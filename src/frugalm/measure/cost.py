@@ -11,9 +11,8 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import yaml
-
 from frugalm.errors import ConfigError, suggest
+from frugalm.safe_yaml import load_yaml
 
 BUILTIN_PROFILES = Path(__file__).resolve().parent.parent / "data" / "profiles.yaml"
 USER_PROFILES = Path("~/.config/frugalm/profiles.yaml")
@@ -59,11 +58,10 @@ def _parse_profile(name: str, raw, origin: str) -> HardwareProfile:
 
 def _read_profiles(path: Path) -> dict[str, HardwareProfile]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except OSError as exc:
-        raise ConfigError(f"profiles file '{path}' cannot be read ({exc.strerror}); fix the path given by --profiles or FRUGALM_PROFILES") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"profiles file '{path}' is not valid YAML ({str(exc).splitlines()[0]}); fix its syntax") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"profiles file '{path}' cannot be read ({getattr(exc, 'strerror', None) or 'not UTF-8 text'}); fix the path given by --profiles or FRUGALM_PROFILES") from None
+    data = load_yaml(text, f"profiles file '{path}'") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"profiles file '{path}' must map profile names to fields")
     return {str(name): _parse_profile(str(name), raw, str(path)) for name, raw in data.items()}

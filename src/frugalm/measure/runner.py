@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from frugalm import errors
+from frugalm.atomic import process_alive
 from frugalm.errors import FrugalmError, MeasurementError
 
 Progress = Callable[[str, int, int], None]
@@ -39,7 +41,8 @@ class _Child:
     then given exactly one spec. Its spec file and log live in a temporary folder of its own."""
 
     def __init__(self):
-        self._tmp = tempfile.TemporaryDirectory(prefix="frugalm-child-")
+        sweep_stale_child_folders()
+        self._tmp = tempfile.TemporaryDirectory(prefix=f"{CHILD_TMP_PREFIX}{os.getpid()}-")
         self.spec_path, self.log_path = Path(self._tmp.name) / "spec.json", Path(self._tmp.name) / "child.log"
         self.read_fd, write_fd = os.pipe()
         self.log_tail = ""
@@ -75,9 +78,39 @@ class _Child:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait()
-        if self.log_path.exists():
-            self.log_tail = self.log_path.read_text(errors="replace")[-4000:]
+        self.log_tail = read_tail(self.log_path, LOG_TAIL_CHARS)
         self._tmp.cleanup()
+
+
+CHILD_TMP_PREFIX = "frugalm-child-"
+"""A child's temporary folder is named CHILD_TMP_PREFIX + the parent's pid + a random suffix."""
+
+
+def sweep_stale_child_folders() -> None:
+    """Remove child folders (spec with evaluation text, log) left in the temp folder by a killed parent."""
+    for folder in Path(tempfile.gettempdir()).glob(f"{CHILD_TMP_PREFIX}*-*"):
+        pid = folder.name[len(CHILD_TMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not folder.is_symlink() and folder.is_dir() and not process_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+LOG_TAIL_CHARS = 4000
+"""Characters of the child's log kept to explain a crash."""
+
+
+def read_tail(path: Path, max_chars: int) -> str:
+    """The last `max_chars` characters of a UTF-8 log ("" when absent), read from its end.
+
+    A child can log without bound; only the last 4 * max_chars bytes (UTF-8 takes at most 4
+    per character) are read. A character cut at that start decodes as U+FFFD.
+    """
+    try:
+        with path.open("rb") as f:
+            size = f.seek(0, os.SEEK_END)
+            f.seek(max(0, size - 4 * max_chars))
+            return f.read().decode("utf-8", errors="replace")[-max_chars:]
+    except FileNotFoundError:
+        return ""
 
 
 _spare: _Child | None = None  # started ahead while warm_children() is active
@@ -189,6 +222,7 @@ def child_main(spec_path: str, fd: int) -> None:
         if not sys.stdin.readline():  # started ahead (warm_children) and closed unused
             return
         spec = BenchSpec(**json.loads(Path(spec_path).read_text()))
+        Path(spec_path).unlink()  # it holds the evaluation text: gone as soon as it is read
         emit = lambda step, done, total: send({"progress": [step, done, total]})  # noqa: E731
         measurements, baseline = measure_model(spec, emit)
         send({"ok": {"measurements": [m.to_dict() for m in measurements], "environment": environment(spec.device), "baseline_rss_bytes": baseline}})
