@@ -10,16 +10,17 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
-from frugalm.data import read_text, split_documents
+from frugalm.data import check_text_file, read_text
 from frugalm.errors import DataError
 from frugalm.measure.cost import get_profile
 from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement, check_metric_names
-from frugalm.measure.quality import PerplexityProtocol, describe_text
+from frugalm.measure.quality import PerplexityProtocol, describe_data, evaluated_documents
 from frugalm.measure.runner import ChildCrash, Progress, run_child
 from frugalm.measure.scorecard import BenchSpec
 from frugalm.measure.workloads import DEFAULT_WORKLOADS, fit_to_context, get_workloads
-from frugalm.models import context_length, read_config, resolve_model, torch_device, torch_dtype
+from frugalm.models import ModelSource, check_weights, context_length, read_config, resolve_model, torch_device, torch_dtype
 from frugalm.store import Run, Store
 
 
@@ -63,17 +64,36 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
     context = context_length(read_config(source))
     fitted = [fit_to_context(w, context, scale=config.scale_workloads) for w in workloads]
     reference = resolve_model(config.reference).path if config.reference else None
-    text, data_path = evaluation_text(config.data)
+    docs, data_desc = _evaluated_text(source, config, metrics)
     return BenchSpec(
         model_ref=source.ref, model_path=str(source.path), device=str(device), dtype=config.dtype,
-        docs=split_documents(text), data_desc=describe_text(data_path, text),
+        docs=docs, data_desc=data_desc,
         workloads=[w.to_dict() for w in fitted], profile=profile.to_dict(), metrics=metrics,
         reference_path=str(reference) if reference else None, protocol=asdict(config.protocol),
         warmup=config.warmup, repetitions=config.repetitions,
     )
 
 
+def _evaluated_text(source, config: BenchConfig, metrics: list[str]) -> tuple[list[str], dict]:
+    """(the documents the child evaluates, what the protocol records about the text).
+
+    The whole file is checked and hashed as a stream; only the documents the perplexity
+    protocol evaluates (its first max_tokens tokens, which also hold the robustness text) are
+    read into memory and shipped to the child, and none when no quality metric is asked for.
+    """
+    from frugalm.default_model import default_eval_path
+    from frugalm.models import load_tokenizer
+
+    path = config.data if config.data is not None else default_eval_path()
+    desc = describe_data(str(config.data) if config.data is not None else None, check_text_file(path))
+    if not any(METRICS[m].resource == "quality" for m in metrics):
+        return [], desc
+    return evaluated_documents(path, load_tokenizer(source), config.protocol.max_tokens), desc
+
+
 def evaluation_text(path: str | None) -> tuple[str, str | None]:
+    """The whole evaluation text and its path (None: built-in), for the parent's calibration and
+    training text; the benchmark itself reads only the evaluated part (_evaluated_text)."""
     if path is not None:
         return read_text(path), str(path)
     from frugalm.default_model import default_eval_path
@@ -100,6 +120,11 @@ def bench(
     `key` identifies model + settings so that `frugalm optimize` can resume.
     """
     spec = prepare(model, config)
+    # Damaged weights fail here in one line, before the store is opened or a child starts (not
+    # in prepare: optimize first checks that the weights fit in memory, by their sizes).
+    check_weights(ModelSource(spec.model_ref, Path(spec.model_path)))
+    if spec.reference_path:
+        check_weights(ModelSource(str(config.reference), Path(spec.reference_path)))
     recorded = {**asdict(config), "workloads": spec.workloads, "data": spec.data_desc, "profile": spec.profile, **(record or {})}
     run = Run(kind=kind, key=key, model_ref=spec.model_ref, model_path=spec.model_path, benchmark_version=BENCHMARK_VERSION, config=recorded, environment={})
     if not isinstance(store, Store):

@@ -9,6 +9,7 @@ classes; nothing here is architecture-specific.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -76,6 +77,93 @@ def check_model_folder(path: Path, ref: str) -> Path:
     return path
 
 
+# --- safetensors sanity, checked before any loading ---------------------------------------------
+
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers too
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Bytes per element of the dtypes whose sizes are whole bytes; others are not size-checked.
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
+def check_weights(source: ModelSource) -> None:
+    """Refuse a model folder whose safetensors weights are damaged, before anything loads them.
+
+    Checks every *.safetensors file in the folder and every shard that a
+    model.safetensors.index.json names (which must exist). Reads only the headers, so it is
+    cheap; load_model and the benchmark's parent call it (resolve_model does not: callers may
+    look at the files' sizes first).
+    """
+    folder, ref = source.path, source.ref
+    files = set(folder.glob("*.safetensors"))
+    index = folder / _SAFETENSORS_INDEX
+    if index.is_file():
+        shards = _index_shards(index, ref)
+        missing = sorted(s for s in shards if not (folder / s).is_file())
+        if missing:
+            raise ModelError(f"'{ref}': {index.name} names shard '{missing[0]}' which is missing ({len(missing)} missing in all); {_REDOWNLOAD}")
+        files |= {folder / s for s in shards}
+    for f in sorted(files):
+        problem = safetensors_problem(f)
+        if problem:
+            raise ModelError(f"'{ref}': weights file {f.name} is damaged ({problem}); {_REDOWNLOAD}")
+
+
+_REDOWNLOAD = "re-download or re-save the model (save_pretrained), then try again"
+
+
+def _index_shards(index: Path, ref: str) -> set[str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return {str(s) for s in weight_map.values()}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ModelError(f"'{ref}': {index.name} cannot be read ({type(exc).__name__}); {_REDOWNLOAD}") from None
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What is wrong with a safetensors file's layout, or None.
+
+    The format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor to
+    {dtype, shape, data_offsets: [begin, end]} (relative to the data after the header), then the
+    data, which the tensors must cover exactly. A truncated file fails the last rule.
+    """
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            if size < 8:
+                return f"{size} bytes, shorter than the 8-byte header length"
+            n = int.from_bytes(f.read(8), "little")
+            if n > min(_SAFETENSORS_MAX_HEADER, size - 8):
+                return f"header length {n} does not fit in the file's {size} bytes"
+            header = json.loads(f.read(n).decode("utf-8"))
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    except (UnicodeDecodeError, ValueError):
+        return "its header is not valid JSON"
+    if not isinstance(header, dict):
+        return "its header is not a JSON object"
+    return _tensor_layout_problem(header, size - 8 - n)
+
+
+def _tensor_layout_problem(header: dict, data_bytes: int) -> str | None:
+    covered = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape, dtype = [int(d) for d in info["shape"]], str(info["dtype"])
+        except (TypeError, ValueError, KeyError):
+            return f"tensor '{name}' has no valid dtype, shape and data_offsets"
+        if not 0 <= begin <= end or end > data_bytes:
+            return f"tensor '{name}' ends at byte {end} of the data, which has only {data_bytes} bytes (truncated?)"
+        if dtype in _DTYPE_BYTES and math.prod(shape) * _DTYPE_BYTES[dtype] != end - begin:
+            return f"tensor '{name}' of shape {shape} and dtype {dtype} does not fill its {end - begin} bytes"
+        covered = max(covered, end)
+    if covered != data_bytes:
+        return f"the tensors cover {covered} of its {data_bytes} data bytes"
+    return None
+
+
 def _download(repo_id: str) -> Path:
     """Fetch a hub repo's model files (or find them in the cache) and return the local folder."""
     from huggingface_hub import snapshot_download
@@ -124,6 +212,7 @@ def load_model(ref: str | os.PathLike | None = None, *, device: str = "cpu", dty
 
     source = resolve_model(ref)
     dev, dt = torch_device(device), torch_dtype(dtype)
+    check_weights(source)
     tokenizer = load_tokenizer(source)
     meta = read_metadata(source.path)
     try:

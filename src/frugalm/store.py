@@ -102,10 +102,27 @@ class Store:
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"results store '{self.path}' cannot be opened ({exc}); pass a writable path with --store or FRUGALM_STORE") from None
         self.db.row_factory = sqlite3.Row
+        self._check_is_database()
         self.db.execute("PRAGMA foreign_keys = ON")
         self.db.execute("PRAGMA journal_mode = WAL")
         self.db.execute("PRAGMA synchronous = FULL")
         self.migrate()
+
+    def _check_is_database(self) -> None:
+        """Refuse, with the file untouched, a path that holds something other than a SQLite database.
+
+        connect() reads nothing; the first query reads the file's header and fails on any other
+        file (a text file, say) before writing anything. A read-only query, so nothing is created.
+        """
+        try:
+            self.db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        except sqlite3.DatabaseError as exc:  # OperationalError (locked, unreadable) included
+            self.db.close()
+            if getattr(exc, "sqlite_errorname", None) == "SQLITE_NOTADB" or "not a database" in str(exc):
+                what = "is not a SQLite database"
+            else:
+                what = "cannot be read as a SQLite database"
+            raise ConfigError(f"results store '{self.path}' {what} ({exc}); it was left untouched: pass another path with --store (or FRUGALM_STORE), or move that file away") from None
 
     def close(self) -> None:
         self.db.close()
