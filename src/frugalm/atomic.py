@@ -23,8 +23,9 @@ from pathlib import Path
 from frugalm.errors import ConfigError
 
 OWNER_MARK = ".frugalm-written"
-"""An empty file in every folder frugalm writes whole: the proof that it may replace it."""
-OWNED_BY = (OWNER_MARK, "frugalm.json")
+"""An empty file in each folder frugalm writes whole without a file of its own in it (exports):
+the proof that it may replace it."""
+OWNED_BY = (OWNER_MARK, "frugalm.json", "frugalm_build.json")  # variants; the default model's build
 _LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?P<kind>partial|old)-(?P<pid>\d+)(-.*)?")
 
 
@@ -77,7 +78,8 @@ def atomic_folder(out_dir: str | os.PathLike, *, force: bool = False) -> Iterato
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     try:
         yield tmp
-        (tmp / OWNER_MARK).touch()
+        if not any((tmp / mark).exists() for mark in OWNED_BY):  # frugalm.json and the like already say whose it is
+            (tmp / OWNER_MARK).touch()
         umask = _umask()
         os.chmod(tmp, 0o777 & ~umask)
         for path in tmp.iterdir():

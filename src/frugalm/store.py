@@ -175,6 +175,8 @@ class Store:
                 [(run.id, m.metric, m.workload or "", float(m.value), m.unit, m.method, m.n, m.spread,
                   json.dumps(m.protocol), json.dumps(m.samples) if m.samples is not None else None) for m in measurements],
             )
+        if bad:
+            raise MeasurementError(f"run {run.id} ({run.model_ref}) stored as failed: {run.error}")
         return run.id
 
     def runs(self, limit: int | None = None) -> list[Run]:
@@ -192,8 +194,6 @@ class Store:
         row = self.db.execute("SELECT * FROM runs WHERE key = ? AND status = 'complete' ORDER BY created_at DESC, id DESC LIMIT 1", (key,)).fetchone()
         return _run_from_row(row) if row else None
 
-        if bad:
-            raise MeasurementError(f"run {run.id} ({run.model_ref}) stored as failed: {run.error}")
     def measurements(self, run_id: str) -> list[Measurement]:
         rows = self.db.execute("SELECT * FROM measurements WHERE run_id = ? ORDER BY rowid", (run_id,))
         return [
