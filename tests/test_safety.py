@@ -320,3 +320,27 @@ def test_required_assets_turn_a_skipped_integration_test_into_a_failure(tmp_path
     assert skipped.returncode == 0 and "skipped" in skipped.stdout, skipped.stdout[-1000:]
     required = subprocess.run(base, capture_output=True, text=True, env={**env, "FRUGALM_REQUIRE_ASSETS": "1"}, cwd=test.parent.parent)
     assert required.returncode == 1 and "skipped although FRUGALM_REQUIRE_ASSETS=1" in required.stdout, required.stdout[-1000:]
+
+
+# --- 6. calibration and training text: read as a stream, bounded -----------------------------------
+
+
+def test_evaluation_split_matches_the_whole_file_split_and_is_bounded(tiny_llama, tmp_path, monkeypatch):
+    from frugalm import pipeline
+    from frugalm.bench import BenchConfig
+    from frugalm.data import read_text, split_documents
+    from frugalm.measure.quality import PerplexityProtocol, encode_documents
+    from frugalm.models import load_tokenizer, resolve_model
+
+    tokenizer = load_tokenizer(resolve_model(tiny_llama))
+    text = tmp_path / "eval.txt"
+    text.write_text("".join(f"Document {i} tells a story about number {i}.\n" * (1 + i % 5) + "<|endoftext|>\n" for i in range(400)))
+    config = BenchConfig(data=str(text), protocol=PerplexityProtocol(max_tokens=300))
+    docs = split_documents(read_text(text))
+    n = len(encode_documents(tokenizer, docs, 300).docs)
+    held_out, rest, source = pipeline.evaluation_split(tokenizer, config)
+    assert (held_out, rest) == (docs[:n], docs[n:]) and "the text goes on" not in source
+    monkeypatch.setattr(pipeline, "TRAINING_TEXT_MAX_CHARS", 2_000)
+    held_out, rest, source = pipeline.evaluation_split(tokenizer, config)
+    assert held_out == docs[:n] and rest == docs[n:n + len(rest)] and 0 < sum(map(len, rest)) <= 2_000
+    assert "the text goes on; frugalm reads at most 2,000" in source

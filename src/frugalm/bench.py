@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from frugalm.data import check_text_file, read_text
+from frugalm.data import check_text_file
 from frugalm.errors import DataError
 from frugalm.measure.cost import get_profile
 from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement, check_metric_names
@@ -89,16 +89,6 @@ def _evaluated_text(source, config: BenchConfig, metrics: list[str]) -> tuple[li
     if not any(METRICS[m].resource == "quality" for m in metrics):
         return [], desc
     return evaluated_documents(path, load_tokenizer(source), config.protocol.max_tokens), desc
-
-
-def evaluation_text(path: str | None) -> tuple[str, str | None]:
-    """The whole evaluation text and its path (None: built-in), for the parent's calibration and
-    training text; the benchmark itself reads only the evaluated part (_evaluated_text)."""
-    if path is not None:
-        return read_text(path), str(path)
-    from frugalm.default_model import default_eval_path
-
-    return read_text(default_eval_path()), None
 
 
 def bench(

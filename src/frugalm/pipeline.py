@@ -15,13 +15,13 @@ as figures beside the inference ones.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from frugalm.bench import BenchConfig, BenchResult, bench, evaluation_text
-from frugalm.data import read_text, split_documents
+from frugalm.bench import BenchConfig, BenchResult, bench
 from frugalm.atomic import check_output_folder
 from frugalm.errors import ConfigError, DataError, MeasurementError
 from frugalm.measure.metrics import Measurement
@@ -137,17 +137,40 @@ def training_cost_measurements(changes: list[dict], produce_s: float, device, be
     return out
 
 
+TRAINING_TEXT_MAX_CHARS = 64 * 2**20
+"""Most characters of the evaluation text read for calibration and training (the documents after
+the evaluated part): far more than they use, and bounded, so a huge --data file is never read whole."""
+
+
 def evaluation_split(tokenizer, bench_config: BenchConfig) -> tuple[list[str], list[str], str]:
     """(evaluated documents, the documents after them, where they come from) of the run's evaluation text.
 
-    The benchmark evaluates the first `max_tokens` tokens; calibration and training use only the rest.
+    The benchmark evaluates the first `max_tokens` tokens; calibration and training use only the
+    rest, read as a stream up to TRAINING_TEXT_MAX_CHARS characters (the description says when
+    the text went on beyond that).
     """
-    from frugalm.measure.quality import encode_documents
+    from frugalm.data import iter_documents
+    from frugalm.default_model import default_eval_path
+    from frugalm.measure.quality import evaluated_documents
 
-    text, path = evaluation_text(bench_config.data)
-    all_docs = split_documents(text)
-    evaluated = len(encode_documents(tokenizer, all_docs, bench_config.protocol.max_tokens).docs)
-    return all_docs[:evaluated], all_docs[evaluated:], f"{path or '(built-in evaluation text)'}: documents {evaluated}.. (after the evaluated part)"
+    path = bench_config.data or default_eval_path()
+    n_evaluated = len(evaluated_documents(path, tokenizer, bench_config.protocol.max_tokens))
+    documents = iter_documents(path, max_doc_chars=TRAINING_TEXT_MAX_CHARS)
+    held_out = [doc for doc, _ in itertools.islice(documents, n_evaluated)]
+    rest, cut = _take_chars(documents, TRAINING_TEXT_MAX_CHARS)
+    where = f"{bench_config.data or '(built-in evaluation text)'}: documents {n_evaluated}.. (after the evaluated part)"
+    return held_out, rest, where + cut
+
+
+def _take_chars(documents, max_chars: int) -> tuple[list[str], str]:
+    """Documents from `documents` ((text, complete) pairs) until `max_chars`; and "" or what was left out."""
+    taken, chars = [], 0
+    for doc, _ in documents:
+        if chars + len(doc) > max_chars:
+            return taken, f", the first {chars:,} characters of them (the text goes on; frugalm reads at most {max_chars:,})"
+        taken.append(doc)
+        chars += len(doc)
+    return taken, ""
 
 
 def _calibration(recipe: Recipe, lm, bench_config: BenchConfig):
@@ -160,7 +183,10 @@ def _calibration(recipe: Recipe, lm, bench_config: BenchConfig):
         return None, None
     cal = recipe.calibration
     if cal.data:
-        docs, source = split_documents(read_text(cal.data)), cal.data
+        from frugalm.data import iter_documents
+
+        docs, cut = _take_chars(iter_documents(cal.data, max_doc_chars=TRAINING_TEXT_MAX_CHARS), TRAINING_TEXT_MAX_CHARS)
+        source = cal.data + cut
     else:
         _, docs, source = evaluation_split(tokenizer, bench_config)
         if not docs:
