@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import calibration, error_message, logits, run
+from conftest import STORIES, TINYSTORIES, calibration, error_message, logits, needs_assets, run
 from frugalm.errors import ModelError
 from frugalm.export import export_compressed_tensors
 from frugalm.models import load_model, save_variant
@@ -82,3 +82,56 @@ def test_refuses_conv1d_layers_which_the_format_cannot_describe(tiny_models, tmp
         export_compressed_tensors(artifact, tmp_path / "ct")
     assert "Conv1D, not nn.Linear" in error_message(exc)
     assert not (tmp_path / "ct").exists()
+
+
+def test_refuses_w8a8_dynamic_and_names_the_exportable_format(tiny_llama, tmp_path):
+    lm = load_model(tiny_llama, fast_kernels=False)
+    run("rtn_quant", lm.model, bits=8, activations="dynamic-int8")
+    artifact = save_variant(lm.model, lm.tokenizer, tmp_path / "variant", {})
+    with pytest.raises(ModelError) as exc:
+        export_compressed_tensors(artifact, tmp_path / "ct")
+    message = error_message(exc)
+    assert "w8a8-dynamic" in message and "activations: none" in message and "w8a16" in message
+    assert not (tmp_path / "ct").exists()
+
+
+def test_an_artifact_saved_before_formats_were_recorded_loads_as_it_was_measured(tiny_llama, tmp_path):
+    """Old int8 artifacts have no inference.linear_formats: they were measured on fbgemm, so they are w8a8-dynamic."""
+    lm = load_model(tiny_llama, fast_kernels=False)
+    run("rtn_quant", lm.model, bits=8)
+    artifact = save_variant(lm.model, lm.tokenizer, tmp_path / "variant", {})
+    meta = json.loads((artifact / "frugalm.json").read_text())
+    del meta["inference"]["linear_formats"]
+    (artifact / "frugalm.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError) as exc:
+        export_compressed_tensors(artifact, tmp_path / "ct")
+    assert "w8a8-dynamic" in error_message(exc)
+
+
+@pytest.mark.integration
+@needs_assets()
+def test_the_w8a16_export_has_the_stored_perplexity_under_plain_transformers(tmp_path):
+    """The figure frugalm stores for a w8a16 variant is the figure of the checkpoint a user ships."""
+    from frugalm.bench import BenchConfig
+    from frugalm.data import read_text, split_documents
+    from frugalm.measure.quality import PerplexityProtocol, measure_quality
+    from frugalm.models import context_length
+    from frugalm.pipeline import RunConfig, run_recipe
+    from frugalm.recipe import parse_recipe
+
+    recipe, problems = parse_recipe({"version": 1, "name": "w8a16", "stages": [{"technique": "rtn_quant", "bits": 8, "activations": "none"}]})
+    assert not problems
+    protocol = PerplexityProtocol(max_tokens=8192)
+    bench_config = BenchConfig(data=str(TINYSTORIES), workloads=(), metrics=("ppl_tok",), protocol=protocol)
+    result = run_recipe(recipe, str(STORIES), RunConfig(out_dir=str(tmp_path / "variant"), bench=bench_config), store=tmp_path / "s.db")
+    stored = {m.metric: m for m in result.bench.measurements}["ppl_tok"]
+    assert result.metadata["changes"][0]["format"] == "w8a16"
+
+    out = export_compressed_tensors(result.artifact, tmp_path / "ct")
+    shipped = AutoModelForCausalLM.from_pretrained(out).eval()
+    tokenizer = load_model(out).tokenizer
+    docs = split_documents(read_text(TINYSTORIES))
+    figures = measure_quality(shipped, tokenizer, docs, protocol, context=context_length(shipped.config), data_desc={})
+    exported = {m.metric: m for m in figures}["ppl_tok"]
+    assert exported.protocol["window"] == stored.protocol["window"] and exported.protocol["stride"] == stored.protocol["stride"]
+    assert exported.value == pytest.approx(stored.value, rel=1e-4), (exported.value, stored.value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import platform
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from frugalm.techniques.base import Context, TechniqueError, select_linears, wei
 from frugalm.techniques.calibrate import collect_input_stats
 from frugalm.techniques.quant_awq import clip_search, fake_quant, output_error, search_scale
 from frugalm.techniques.quant_gptq import calibrate_blockwise, gptq_codes, group_params
-from frugalm.techniques.quant_pack import QuantLinear, dequantize_groups, quantize_groups, to_fast_kernels_
+from frugalm.models import inference_settings
+from frugalm.techniques.quant_pack import Int8Linear, QuantLinear, dequantize_groups, has_fbgemm, quantize_groups, to_fast_kernels_
 from frugalm.techniques.quant_rtn import DEFAULT_TARGETS, stored_bytes
 
 ARCHS = sorted(TINY_CONFIGS)
@@ -53,18 +55,74 @@ def test_every_technique_quantizes_every_architecture(tiny_models, arch, techniq
     assert 0 < (after - before).pow(2).mean() < 0.05 * before.pow(2).mean()
 
 
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+
+
 @pytest.mark.parametrize("technique", QUANT)
-def test_int8_is_nearly_lossless_and_runs_on_fbgemm(tiny_llama, technique):
+def test_int8_is_nearly_lossless_and_w8a8_dynamic_runs_on_fbgemm(tiny_llama, technique):
     model = load(tiny_llama)
     ids = calibration(2, 16, seed=1)
     before = logits(model, ids)
-    run(technique, model, bits=8)
-    after = logits(model, ids)
+    change = run(technique, model, bits=8, activations="dynamic-int8")
+    assert change["format"] == "w8a8-dynamic"
+    after = logits(model, ids)  # activations quantized as fbgemm does, on the dequantized weights
     assert (after - before).abs().max() < 0.02 * before.abs().max()
     swapped = to_fast_kernels_(model)
-    if swapped:  # x86 CPUs with fbgemm: every symmetric int8 per-channel layer runs on it
-        assert len(swapped) == 14
-        assert (logits(model, ids) - after).abs().max() < 0.02 * before.abs().max()
+    if X86:  # fbgemm ships with every x86 build of torch: its absence is a broken install, not a skip
+        assert has_fbgemm() and torch.backends.quantized.engine == "fbgemm"
+        assert len(swapped) == 14 and all(isinstance(model.get_submodule(n), Int8Linear) for n in swapped)
+    if swapped:
+        # fbgemm and frugalm's emulation of it: same codes, same activation grid, float summation order apart
+        assert (logits(model, ids) - after).abs().max() < 1e-3 * before.abs().max()
+
+
+@pytest.mark.parametrize("technique", QUANT)
+def test_w8a16_is_weight_only_and_never_runs_on_fbgemm(tiny_llama, technique):
+    model = load(tiny_llama)
+    change = run(technique, model, bits=8)  # activations: none is the default
+    assert change["format"] == "w8a16"
+    assert to_fast_kernels_(model) == []
+    assert {getattr(m, "format", None) for m in model.modules() if isinstance(m, QuantLinear)} == {"w8a16"}
+    assert inference_settings(model)["linear_formats"] == {"w8a16": change["layers"]}
+
+
+def test_w8a8_dynamic_emulation_matches_fbgemm_on_stories_scale_inputs():
+    """The emulated activation grid (per tensor, asymmetric, codes 0..127) is fbgemm's own."""
+    if not has_fbgemm():
+        pytest.skip("no fbgemm on this CPU")
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48)
+    q, scale, zero = quantize_groups(dense.weight, 8, -1, True)
+    layer = QuantLinear.from_codes(q, scale, zero, 8, dense.bias)
+    layer.activations = "dynamic-int8"
+    x = torch.randn(3, 20, 64) * 3
+    torch.testing.assert_close(Int8Linear(layer)(x), layer(x), rtol=0, atol=2e-5)
+
+
+def test_activation_quantization_needs_int8_per_channel_symmetric():
+    for options, fragment in [({"bits": 4}, "bits 8"), ({"bits": 8, "group_size": 32}, "group_size -1"), ({"bits": 8, "symmetric": False}, "symmetric")]:
+        for technique in QUANT:
+            _, problems = parse_recipe({"stages": [{"technique": technique, "activations": "dynamic-int8", **options}]})
+            assert len(problems) == 1 and "dynamic-int8" in problems[0] and fragment in problems[0] and "w8a16" in problems[0], problems
+
+
+def test_load_model_runs_each_format_on_its_own_kernel(tiny_llama, tmp_path):
+    from frugalm.models import kernel_summary, load_model, read_metadata, save_variant
+
+    artifacts = {}
+    for activations in ("none", "dynamic-int8"):
+        lm = load_model(tiny_llama, fast_kernels=False)
+        change = run("rtn_quant", lm.model, bits=8, activations=activations)
+        artifacts[change["format"]] = save_variant(lm.model, lm.tokenizer, tmp_path / activations, {})
+    meta = read_metadata(artifacts["w8a16"])
+    assert list(meta["inference"]["linear_formats"]) == ["w8a16"] and len(meta["inference"]["linear_formats"]["w8a16"]) == 14
+    assert list(read_metadata(artifacts["w8a8-dynamic"])["inference"]["linear_formats"]) == ["w8a8-dynamic"]
+    assert kernel_summary(load_model(artifacts["w8a16"]).model) == {"dequantize": 14, "dense": 1}  # never fbgemm
+    fast = load_model(artifacts["w8a8-dynamic"]).model
+    slow = load_model(artifacts["w8a8-dynamic"], fast_kernels=False).model
+    assert {m.activations for m in slow.modules() if isinstance(m, QuantLinear)} == {"dynamic-int8"}
+    if X86:
+        assert kernel_summary(fast) == {"fbgemm": 14, "dense": 1}
 
 
 # --- storage ------------------------------------------------------------------------------------
@@ -317,12 +375,21 @@ def test_a_quantized_tied_head_is_untied_saved_and_benchmarked(tiny_llama, text_
 
     lm = load_model(tiny_llama, fast_kernels=False)
     embedding = lm.model.get_input_embeddings().weight.detach().clone()
-    change = run("rtn_quant", lm.model, bits=8, targets=("*.mlp.*", "*.self_attn.*", "lm_head"))
+    change = run("rtn_quant", lm.model, bits=8, activations="dynamic-int8", targets=("*.mlp.*", "*.self_attn.*", "lm_head"))
     assert "lm_head" in change["layers"] and not lm.model.config.tie_word_embeddings
     artifact = save_variant(lm.model, lm.tokenizer, tmp_path / "v", {})
     again = load_model(artifact)  # fbgemm kernels where the CPU has them, the head included
     assert torch.equal(again.model.get_input_embeddings().weight, embedding)  # the embedding stays float
     config = BenchConfig(data=str(text_file), workloads=("chat",), metrics=("ppl_tok", "decode_tok_s"), repetitions=1, protocol=PerplexityProtocol(max_tokens=256))
-    figures = {m.metric: m.value for m in bench(artifact, config, store=tmp_path / "s.db").measurements}
+    measured = {m.metric: m for m in bench(artifact, config, store=tmp_path / "s.db").measurements}
+    figures = {k: m.value for k, m in measured.items()}
     base = {m.metric: m.value for m in bench(tiny_llama, config, store=tmp_path / "s.db").measurements}
     assert figures["ppl_tok"] == pytest.approx(base["ppl_tok"], rel=0.02) and figures["decode_tok_s"] > 0
+    # The measuring child says what ran: on x86 every int8 layer, the head included, on fbgemm as w8a8-dynamic
+    protocol = measured["decode_tok_s"].protocol
+    if X86:
+        assert protocol["kernels"] == {"fbgemm": 15}
+        assert protocol["formats"] == {"w8a8-dynamic": {"fbgemm": 15}}
+        assert protocol["quantized_engine"] == "fbgemm"
+    else:
+        assert sum(protocol["kernels"].values()) == 15 and list(protocol["formats"]) == ["w8a8-dynamic"]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -23,35 +24,49 @@ VARIANTS = {
     "wanda50": (4.60, 205.0, 18.0, 0.99, 0.031, 0.12, 0.58),
 }
 HEADLINE = ["ppl_tok", "decode_tok_s", "peak_mem_mib", "weights_mib", "energy_j_per_tok", "cost_usd_per_mtok", "ship_compressed_mib"]
+# What the measuring child reports about each variant's linear layers (measure/scorecard.kernel_protocol)
+KERNELS = {
+    "baseline": {"kernels": {"dense": 15}, "formats": {}},
+    "int8": {"kernels": {"fbgemm": 14, "dense": 1}, "formats": {"w8a8-dynamic": {"fbgemm": 14}}, "quantized_engine": "fbgemm"},
+    "int4-gptq": {"kernels": {"dequantize": 14, "dense": 1}, "formats": {"w4a16": {"dequantize": 14}}},
+    "wanda50": {"kernels": {"dense": 15}, "formats": {}},
+}
+HOSTILE = "<script>alert(1)</script> \"'</script><!-- a|b"
+"""A recipe name and a model path that would run as script, or break out of an attribute, a <script> or a table cell."""
 
 
-def _measurements(values) -> list[Measurement]:
+def _measurements(values, kernels: dict | None = None) -> list[Measurement]:
     out = []
     for name, value in zip(HEADLINE, values):
         metric = METRICS[name]
         method = "estimated" if name in ("energy_j_per_tok", "cost_usd_per_mtok") else metric.method
         spread = value * 0.02 if metric.method == "measured" and metric.per_workload else None
-        out.append(Measurement(name, value, metric.unit, method, "chat" if metric.per_workload else None, n=5 if spread else 1, spread=spread))
+        protocol = dict(kernels or {}) if metric.per_workload else {}
+        out.append(Measurement(name, value, metric.unit, method, "chat" if metric.per_workload else None, n=5 if spread else 1, spread=spread, protocol=protocol))
     return out
 
 
-def make_fixture_db(path: Path) -> Run:
+def make_fixture_db(path: Path, names: dict[str, str] | None = None, model: str = "fixture-model") -> Run:
+    """The fixture store; `names` renames variants (recipe names and artifact paths), `model` is the model reference."""
+    names = names or {}
     env = {"device": "cpu", "cpu": "Fixture CPU", "torch": "2.13.0+cpu", "transformers": "5.23.0"}
     config = {"workloads": [{"name": "chat", "prompt_tokens": 128, "output_tokens": 64, "batch_size": 1}], "data": {"data": "fixture.txt"}, "protocol": {"window": 512, "stride": 256}}
     ids = {}
     with Store(path) as db:
-        for i, (name, values) in enumerate(VARIANTS.items()):
-            recipe = None if name == "baseline" else {"version": 1, "name": name, "stages": [{"technique": "rtn_quant" if "int" in name else "wanda_prune"}]}
-            run = Run(id=f"run-{i}", created_at=f"2026-11-23T12:00:0{i}+0000", kind="baseline" if i == 0 else "variant", model_ref="fixture-model",
+        for i, (key, values) in enumerate(VARIANTS.items()):
+            name = names.get(key, key)
+            recipe = None if key == "baseline" else {"version": 1, "name": name, "stages": [{"technique": "rtn_quant" if "int" in key else "wanda_prune"}]}
+            run = Run(id=f"run-{i}", created_at=f"2026-11-23T12:00:0{i}+0000", kind="baseline" if i == 0 else "variant", model_ref=model,
                       model_path=f"/fixture/{name}", benchmark_version="frugalm-bench v1", environment=env,
                       config={**config, "variant": {"recipe": recipe, "changes": [], "produce_wall_s": 1.5}} if recipe else config)
-            ids[name] = db.add_run(run, _measurements(values))
+            ids[name] = db.add_run(run, _measurements(values, KERNELS[key]))
         # The baseline measured again, last: its decode speed differs by 5% (run-to-run noise).
-        control = Run(id="run-control", created_at="2026-11-23T12:00:09+0000", kind="baseline", model_ref="fixture-model", model_path="/fixture/baseline",
+        control = Run(id="run-control", created_at="2026-11-23T12:00:09+0000", kind="baseline", model_ref=model, model_path="/fixture/baseline",
                       benchmark_version="frugalm-bench v1", environment=env, config=config)
-        db.add_run(control, _measurements((3.60, 190.0, *VARIANTS["baseline"][2:])))
-        session = Run(id="session-1", created_at="2026-11-23T12:01:00+0000", kind="optimize", model_ref="fixture-model", benchmark_version="frugalm-bench v1", environment=env,
-                      config={"baseline": ids["baseline"], "control": "run-control", "variants": {n: ids[n] for n in VARIANTS if n != "baseline"}, "skipped": {"int4-awq": "group size 128 does not divide 172"},
+        db.add_run(control, _measurements((3.60, 190.0, *VARIANTS["baseline"][2:]), KERNELS["baseline"]))
+        variants = {names.get(k, k): ids[names.get(k, k)] for k in VARIANTS if k != "baseline"}
+        session = Run(id="session-1", created_at="2026-11-23T12:01:00+0000", kind="optimize", model_ref=model, benchmark_version="frugalm-bench v1", environment=env,
+                      config={"baseline": ids["baseline"], "control": "run-control", "variants": variants, "skipped": {names.get("int4-awq", "int4-awq"): "group size 128 does not divide 172"},
                               "constraint_specs": ["ppl_tok<=+5%", "ppl_tok<=+20%"], "out_dir": "/fixture/out"})
         db.add_run(session, [])
     return session
@@ -94,6 +109,36 @@ def test_golden_files(report, suffix):
     assert text == golden.read_text(), f"report.{suffix} changed; if intended, rerun with UPDATE_GOLDEN=1 and review the diff"
 
 
+def test_dequantizing_variants_say_they_have_no_speed_kernel(report):
+    data, paths = report
+    notes = {v["name"]: v["speed_kernel"] for v in data["variants"]}
+    assert notes["baseline"] is None and notes["int8"] is None and notes["wanda50"] is None  # fbgemm and dense are real kernels
+    assert notes["int4-gptq"]["dequantized_layers"] == 14 and notes["int4-gptq"]["formats"] == {"w4a16": 14}
+    assert "no speed kernel on this device" in notes["int4-gptq"]["text"] and "w4a16" in notes["int4-gptq"]["text"]
+    kernels = {v["name"]: v["kernels"] for v in data["variants"]}
+    assert kernels["int8"] == "w8a8-dynamic on fbgemm: 14 layers; dense: 1"
+    md = paths["md"].read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| int4-gptq"))
+    assert "no speed kernel" in row.split(" | ")[2]  # beside its decode speed
+    assert "no speed kernel" not in next(line for line in md.splitlines() if line.startswith("| int8 "))
+    html = paths["html"].read_text()
+    assert html.count('class=nokernel') >= 2  # the table cell and the bar of int4-gptq's decode speed
+
+
+def test_bench_json_carries_the_speed_kernel_verdict():
+    from frugalm.report.scorecard import format_scorecard, scorecard_json
+
+    run = Run(id="run-1", created_at="2026-11-23T12:00:00+0000", kind="bench", model_ref="m", model_path="/m", benchmark_version="frugalm-bench v1", environment={"device": "cpu"}, config={})
+    slow = scorecard_json(run, _measurements(VARIANTS["int4-gptq"], KERNELS["int4-gptq"]))
+    assert slow["speed_kernel"]["dequantized_layers"] == 14 and slow["speed_kernel"]["formats"] == {"w4a16": 14}
+    assert slow["kernels"] == {"kernels": {"dequantize": 14, "dense": 1}, "formats": {"w4a16": {"dequantize": 14}}}
+    fast = scorecard_json(run, _measurements(VARIANTS["int8"], KERNELS["int8"]))
+    assert fast["speed_kernel"] is None and fast["kernels"]["formats"] == {"w8a8-dynamic": {"fbgemm": 14}}
+    text = format_scorecard(run, _measurements(VARIANTS["int8"], KERNELS["int8"]))
+    assert "kernels: w8a8-dynamic on fbgemm: 14 layers; dense: 1" in text and "no speed kernel" not in text
+    assert "no speed kernel on this device for 14 quantized layer(s) (w4a16: 14)" in format_scorecard(run, _measurements(VARIANTS["int4-gptq"], KERNELS["int4-gptq"]))
+
+
 def test_json_is_the_whole_data(report):
     data, paths = report
     assert json.loads(paths["json"].read_text())["fronts"] == data["fronts"]
@@ -122,4 +167,55 @@ def test_report_renders_in_headless_chromium(report):
         page.hover("svg.plot .pt circle >> nth=1")
         assert page.locator("#tip").is_visible() and "int8" in page.locator("#tip").text_content()
         page.screenshot(path=str(ARTIFACTS / "report.png"), full_page=True)
+        browser.close()
+
+
+# --- hostile strings: recipe names and model paths are data, never markup ----------------------
+
+
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("hostile")
+    session = make_fixture_db(tmp / "fixture.db", names={"int8": HOSTILE, "int4-awq": HOSTILE + " skipped"}, model=f"/models/{HOSTILE}/m")
+    with Store(tmp / "fixture.db") as db:
+        data = build_report_data(db, session)
+    return data, render_all(data, tmp / "report")
+
+
+def test_markdown_escapes_hostile_names(hostile_report):
+    _, paths = hostile_report
+    md = paths["md"].read_text()
+    assert "<script" not in md and "</script" not in md and "<!--" not in md
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in md
+    header = next(line for line in md.splitlines() if line.startswith("| variant"))
+    row = next(line for line in md.splitlines() if "alert(1)" in line and line.startswith("| "))
+    cells = lambda line: [c for c in re.split(r"(?<!\\)\|", line)][1:-1]  # noqa: E731  (GFM splits cells at unescaped pipes)
+    assert len(cells(row)) == len(cells(header))
+    assert "a\\|b" in row
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (.ci/run installs Debian's chromium)")
+def test_hostile_names_render_as_text_in_headless_chromium(hostile_report):
+    from playwright.sync_api import sync_playwright
+
+    data, paths = hostile_report
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        page = browser.new_page()
+        dialogs, errors = [], []
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(paths["html"].as_uri())
+        page.evaluate("document.querySelectorAll('details').forEach(function (d) { d.open = true; })")
+        assert dialogs == [] and errors == []
+        assert page.locator("script").count() == 2  # the tooltip script and the JSON data, nothing injected
+        text = page.locator("body").inner_text()
+        assert text.count(HOSTILE) >= 4  # bars, the table header, the recipe, the skipped list
+        assert f"/fixture/{HOSTILE}" in text and f"/models/{HOSTILE}/m" in page.locator("h1").inner_text()
+        assert page.title() == f"frugalm report: /models/{HOSTILE}/m"
+        embedded = page.evaluate("JSON.parse(document.getElementById('frugalm-data').textContent)")
+        assert embedded["model"] == data["model"] and embedded["variants"][1]["name"] == HOSTILE
+        page.hover("svg.plot .pt circle >> nth=1")
+        assert HOSTILE in page.locator("#tip").text_content()
         browser.close()

@@ -14,7 +14,16 @@ bytes on disk are exactly what its loaders expect. The dense weights the compres
 are frugalm's dequantized weights, which lie exactly on the grid (small integers times float16
 scales are exact in float32), so quantizing them again returns the original codes.
 
-Refused, with the reason: layers other than nn.Linear (GPT-2's Conv1D), which the format does
+Only weight-only formats export (w8a16, w4a16: compressed-tensors' weight-only schemes, which
+transformers runs as frugalm measured them). A w8a8-dynamic variant is refused: its figures
+come from fbgemm's activation quantization, one asymmetric 7-bit range per input tensor, which
+no compressed-tensors scheme describes; its nearest, dynamic per-token int8 input activations,
+loads in transformers 5.23 with compressed-tensors 0.19 but computes other numbers (stories260K
+int8 RTN, perplexity on the first 8192 TinyStories tokens: 3.664 on fbgemm, 3.531 as per-token
+W8A8 in transformers, 3.528 as w8a16), so exporting it would ship a model whose measured quality
+is not its own.
+
+Refused as well, with the reason: layers other than nn.Linear (GPT-2's Conv1D), which the format does
 not describe; and int4 with zero points (asymmetric), which compressed-tensors packs eight to an
 int32 along the output dimension but which transformers 5.23 with compressed-tensors 0.19 then
 fails to load (its meta-device initialisation expects them unpacked; llm-compressor's own
@@ -75,6 +84,9 @@ def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.Pat
         kind = type(skeleton.get_submodule(not_linear[0])).__name__
         raise ModelError(f"layer '{not_linear[0]}' is a {kind}, not nn.Linear, and {FORMAT} describes only Linear layers; keep frugalm's own artifact for this model")
 
+    dynamic = [n for n, m in quantized.items() if m.activations == "dynamic-int8"]
+    if dynamic:
+        raise ModelError(f"'{artifact}' is w8a8-dynamic ({len(dynamic)} layers, e.g. '{dynamic[0]}'): its figures come from fbgemm's per-tensor 7-bit activation quantization, which {FORMAT} cannot describe; quantize with `activations: none` (format w8a16, the exportable one) to export, or keep frugalm's own artifact")
     groups: dict[tuple[int, int, bool], list[str]] = {}
     for name, m in quantized.items():
         symmetric = bool((m.zeros == 2 ** (m.bits - 1)).all())

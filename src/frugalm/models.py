@@ -205,8 +205,10 @@ def torch_device(name: str) -> torch.device:
 def load_model(ref: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "float32", fast_kernels: bool = True) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode on `device`, in `dtype`.
 
-    Packed quantized layers are rebuilt from the artifact's frugalm.json; with `fast_kernels`
-    they run on the device's real low-bit kernel where one exists (fbgemm int8 on x86 CPUs).
+    Packed quantized layers are rebuilt from the artifact's frugalm.json, each in its recorded
+    format (inference.linear_formats). With `fast_kernels` a layer runs on the device's real
+    kernel for its format where one exists (w8a8-dynamic: fbgemm on x86 CPUs); weight-only
+    layers (w8a16, w4a16) always compute dequantized, never through an activation-quantizing kernel.
     """
     from transformers import AutoModelForCausalLM
 
@@ -224,11 +226,13 @@ def load_model(ref: str | os.PathLike | None = None, *, device: str = "cpu", dty
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"'{source.ref}' could not be loaded as a causal LM by transformers: {first_line}") from None
     model.to(dev).eval()
-    if fast_kernels and dev.type == "cpu":
-        from frugalm.techniques.quant_pack import to_fast_kernels_
-
-        to_fast_kernels_(model)
     inference = (meta or {}).get("inference") or {}
+    if meta and meta.get("packed_layers"):
+        from frugalm.techniques.quant_pack import set_linear_formats_, to_fast_kernels_
+
+        set_linear_formats_(model, inference.get("linear_formats"))  # None: saved before formats were recorded
+        if fast_kernels and dev.type == "cpu":
+            to_fast_kernels_(model)
     if inference:
         setattr(model, INFERENCE_ATTR, inference)
     return LoadedModel(model, tokenizer, source, dev, dt, inference)

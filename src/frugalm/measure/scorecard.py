@@ -120,10 +120,10 @@ def _check_same_tokenizer(tok, ref_tok, ref_path: str) -> None:
 
 def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProfile, baseline_rss: int, emit: Emit, kv_cache=None) -> list[Measurement]:
     label = f"workload {w.name}"
-    from frugalm.models import inference_settings, kernel_summary
+    from frugalm.models import inference_settings
 
     kv = inference_settings(model).get("kv_cache")  # what kv_cache (the cache factory) builds
-    wp = {"workload": w.to_dict(), "warmup": spec.warmup, "repetitions": spec.repetitions, "device": str(device), "dtype": spec.dtype, "kernels": kernel_summary(model),
+    wp = {"workload": w.to_dict(), "warmup": spec.warmup, "repetitions": spec.repetitions, "device": str(device), "dtype": spec.dtype, **kernel_protocol(model),
           "kv_cache": {"quantized": kv, "kernel": "dequantize (attention reads a float copy of the packed past)"} if kv else "DynamicCache (model dtype)"}
     out = []
     if _want(spec, "computation"):
@@ -144,6 +144,18 @@ def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProf
     cached = w.prompt_tokens + w.output_tokens - 1  # the last generated token is never fed back
     out.append(Measurement("kv_cache_mib", timing.cache_bytes[-1] / memory.MIB, "MiB", "counted", w.name, protocol={**wp, "cached_tokens_per_sequence": cached, "counted": "bytes of the cache's tensors after the last repetition"}))
     out += _energy_money(model, w, spec, energy, profile, wp)
+    return out
+
+
+def kernel_protocol(model) -> dict:
+    """What runs the linear layers: counts per kernel, quantized layers per format and kernel, and torch's quantized engine."""
+    from frugalm.models import kernel_summary
+    from frugalm.techniques.quant_pack import format_summary
+
+    formats = format_summary(model)
+    out = {"kernels": kernel_summary(model), "formats": formats}
+    if any("fbgemm" in kernels for kernels in formats.values()):
+        out["quantized_engine"] = torch.backends.quantized.engine
     return out
 
 

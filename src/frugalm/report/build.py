@@ -42,11 +42,23 @@ def _figure_key(metric: str, workload: str | None) -> str:
     return f"{metric}@{workload}" if workload else metric
 
 
+SPEED_METRICS = tuple(name for name, m in METRICS.items() if m.resource == "computation" and m.method == "measured" and m.per_workload)
+"""Timed figures of a workload: a dequantizing variant's are marked "no speed kernel" beside them."""
+
+
 def _figures(db: Store, run: Run) -> dict[str, dict]:
     return {
         _figure_key(m.metric, m.workload): {"metric": m.metric, "workload": m.workload, "value": m.value, "unit": m.unit, "method": m.method, "n": m.n, "spread": m.spread}
         for m in db.measurements(run.id)
     }
+
+
+def _kernels(db: Store, run: Run) -> dict:
+    """The run's kernel summary (formats named) and its "no speed kernel" note, from the measuring child's protocols."""
+    from frugalm.report.scorecard import kernel_line, kernel_protocol, speed_kernel_note
+
+    measurements = db.measurements(run.id)
+    return {"kernels": kernel_line(kernel_protocol(measurements)), "speed_kernel": speed_kernel_note(measurements)}
 
 
 def _headline_point(figures: dict, workload: str, field: str = "value") -> dict[str, float]:
@@ -74,11 +86,11 @@ def build_report_data(db: Store, session: Run) -> dict:
     base_run = db.get_run(cfg["baseline"])
     workload = base_run.config["workloads"][0]["name"]
     base_fig = _figures(db, base_run)
-    entries = [{"name": "baseline", "run": base_run, "figures": base_fig, "recipe": None}]
+    entries = [{"name": "baseline", "run": base_run, "figures": base_fig, "recipe": None, **_kernels(db, base_run)}]
     for name, run_id in cfg["variants"].items():
         if run_id:
             run = db.get_run(run_id)
-            entries.append({"name": name, "run": run, "figures": _figures(db, run), "recipe": run.config.get("variant", {}).get("recipe")})
+            entries.append({"name": name, "run": run, "figures": _figures(db, run), "recipe": run.config.get("variant", {}).get("recipe"), **_kernels(db, run)})
     noise = _run_to_run_noise(base_fig, _figures(db, db.get_run(cfg["control"]))) if cfg.get("control") else {}
     for e in entries:
         for key, f in e["figures"].items():
@@ -106,6 +118,7 @@ def build_report_data(db: Store, session: Run) -> dict:
         "quality_metric": QUALITY,
         "headline": {r: {"metric": m, **_metric_info(m)} for r, m in HEADLINE.items()},
         "metrics": {name: _metric_info(name) for name in METRICS},
+        "speed_metrics": list(SPEED_METRICS),
         "variants": variants,
         "skipped": cfg.get("skipped", {}),
         "fronts": fronts,
@@ -144,6 +157,8 @@ def _variant_row(entry: dict, base_fig: dict, on_front: set, fronts: dict, workl
         "on_front": entry["name"] in on_front,
         "fronts": [r for r, names in fronts.items() if entry["name"] in names],
         "recipe": entry["recipe"],
+        "kernels": entry["kernels"],
+        "speed_kernel": entry["speed_kernel"],
         "changes": variant.get("changes", []),
         "produce_wall_s": variant.get("produce_wall_s"),
         "artifact": run.model_path,

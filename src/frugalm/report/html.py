@@ -2,7 +2,12 @@
 
 Plots are SVG drawn here, so the file opens anywhere offline. Each point carries its recipe and
 figures in a `data-tip` attribute shown on hover (and in an SVG <title> for browsers without
-scripts). Estimated figures are drawn hollow and dashed and labelled "estimated".
+scripts). Estimated figures are drawn hollow and dashed and labelled "estimated". The speed
+figures of a variant whose quantized layers ran dequantized carry a "no speed kernel" badge.
+
+Names and paths come from users (recipe names, model paths): everything is escaped, by jinja's
+autoescape in the template and html.escape here, and the JSON embedded in a <script> has its
+<, > and & written as JSON unicode escapes, so no "</script>" or "<!--" in a string can end or bend it.
 """
 
 from __future__ import annotations
@@ -82,10 +87,28 @@ def scatter_svg(data: dict, resource: str) -> str:
         tip = f"{v['name']}: {q} {format_value(fy['value'])}, {metric} {format_value(fx['value'])} {fx['unit']} ({fx['method']})"
         if v.get("recipe"):
             tip += " | " + " → ".join(s["technique"] for s in v["recipe"]["stages"])
+        if badge(v, metric, data):
+            tip += " | no speed kernel: " + v["speed_kernel"]["text"]
         lx, anchor = (x + 8, "start") if x < W - 90 else (x - 8, "end")  # keep labels inside the plot
         parts.append(f'<g class="{cls}" data-tip="{html.escape(tip)}"><title>{html.escape(tip)}</title><circle cx="{x:.1f}" cy="{y:.1f}" r="6" /><text x="{lx:.1f}" y="{y - 8:.1f}" class=label text-anchor={anchor}>{html.escape(v["name"])}</text></g>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def badge(variant: dict, metric: str, data: dict) -> str:
+    """The "no speed kernel" badge beside a speed figure of a variant that ran dequantized ('' otherwise)."""
+    note = variant.get("speed_kernel")
+    if not note or metric not in data.get("speed_metrics", ()):
+        return ""
+    return f' <span class=nokernel title="{html.escape(note["text"])}">no speed kernel</span>'
+
+
+def script_json(data: dict) -> str:
+    """JSON safe inside <script>: <, > and & as JSON unicode escapes (still the same JSON), so a string can hold "</script>" or "<!--"."""
+    text = json.dumps(data, default=str)
+    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        text = text.replace(char, escape)
+    return text
 
 
 def _fig(variant: dict, metric: str, data: dict) -> dict | None:
@@ -111,7 +134,7 @@ def bars_html(data: dict) -> str:
             kind = " tie" if f.get("tie") else (" good" if good else " bad")
             width = min(100.0, 50 * ratio)
             est = " estimated" if f["method"] == "estimated" else ""
-            rows.append(f'<div class="bar-row"><span class=bar-name>{html.escape(v["name"])}</span><span class="bar{kind}{est}" style="width:{width:.1f}%"></span><span class=bar-val>{ratio:.2f}×{" ≈" if f.get("tie") else ""}{" (est.)" if est else ""}</span></div>')
+            rows.append(f'<div class="bar-row"><span class=bar-name>{html.escape(v["name"])}</span><span class="bar{kind}{est}" style="width:{width:.1f}%"></span><span class=bar-val>{ratio:.2f}×{" ≈" if f.get("tie") else ""}{" (est.)" if est else ""}{badge(v, metric, data)}</span></div>')
         out.append(f'<div class=bars><h3>{resource}: {metric} vs baseline <small>({"higher" if head["higher_is_better"] else "lower"} is better; the middle line is the baseline; grey ≈: within the noise)</small></h3>{"".join(rows)}</div>')
     return "".join(out)
 
@@ -119,7 +142,8 @@ def bars_html(data: dict) -> str:
 def render_html(data: dict) -> str:
     env = Environment(loader=FileSystemLoader(TEMPLATE_DIR), autoescape=select_autoescape(["html"]))
     env.filters["fmt"] = lambda v: "" if v is None else format_value(v)
+    env.filters["pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str, ensure_ascii=False)  # autoescaped where used: tojson would show \\u003c for <
     template = env.get_template("template.html")
     plots = {r: scatter_svg(data, r) for r in data["headline"]}
     metric_names = sorted({f["metric"] for v in data["variants"] for f in v["figures"].values()}, key=lambda m: (data["metrics"][m]["resource"], m))
-    return template.render(d=data, plots=plots, bars=bars_html(data), metric_names=metric_names, data_json=json.dumps(data, default=str).replace("</", "<\\/"))
+    return template.render(d=data, plots=plots, bars=bars_html(data), metric_names=metric_names, data_json=script_json(data))

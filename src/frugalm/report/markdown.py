@@ -1,48 +1,82 @@
-"""The Markdown summary: recommendations, fronts, and the headline figures of every variant."""
+"""The Markdown summary: recommendations, fronts, and the headline figures of every variant.
+
+Names, paths and reasons come from users (recipe names, model paths): `text()` escapes them, so
+they render as text: HTML special characters as entities (no raw tag or comment survives),
+Markdown punctuation and table pipes with a backslash (a name cannot split a table cell).
+"""
 
 from __future__ import annotations
+
+import re
 
 from frugalm.measure.metrics import METRICS
 from frugalm.report.scorecard import format_value
 
+_MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_\[\]|~])")
 
-def _cell(variant: dict, metric: str, workload: str) -> str:
+
+def text(value) -> str:
+    """`value` as Markdown that renders as exactly its text, on one line (safe in a table cell)."""
+    s = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_PUNCTUATION.sub(r"\\\1", " ".join(s.splitlines()))
+
+
+def _no_speed_kernel(variant: dict, metric: str, d: dict) -> bool:
+    return bool(variant.get("speed_kernel")) and metric in d.get("speed_metrics", ())
+
+
+def _cell(variant: dict, metric: str, d: dict) -> str:
+    workload = d["workload"]["name"]
     f = variant["figures"].get(f"{metric}@{workload}" if METRICS[metric].per_workload else metric)
     if not f:
         return "—"
-    text = format_value(f["value"])
+    out = format_value(f["value"])
     if f.get("delta_pct") is not None and variant["name"] != "baseline":
-        text += f" ({f['delta_pct']:+.1f}%{', ≈' if f.get('tie') else ''})"
-    return text + (" *est.*" if f["method"] == "estimated" else "")
+        out += f" ({f['delta_pct']:+.1f}%{', ≈' if f.get('tie') else ''})"
+    out += " *est.*" if f["method"] == "estimated" else ""
+    return out + (" *(no speed kernel)*" if _no_speed_kernel(variant, metric, d) else "")
+
+
+def _best(res: str, b: dict, d: dict) -> str:
+    variant = next((v for v in d["variants"] if v["name"] == b["variant"]), {})
+    tied = "; tied within noise: " + ", ".join(text(n) for n in b["tied"]) if b.get("tied") else ""
+    slow = "; no speed kernel" if _no_speed_kernel(variant, b["metric"], d) else ""
+    return f"{res}: **{text(b['variant'])}** ({format_value(b['value'])} {METRICS[b['metric']].unit}{tied}{slow})"
 
 
 def render_markdown(d: dict) -> str:
-    wl = d["workload"]["name"]
     metrics = [d["quality_metric"], *[h["metric"] for h in d["headline"].values()]]
     lines = [
-        f"# frugalm report — {d['model']}",
+        f"# frugalm report — {text(d['model'])}",
         "",
-        f"{d['benchmark_version']} · session {d['session_id']} · {d['created_at']} · {d['environment'].get('device')} · {d['environment'].get('cpu')}",
-        f"Workload `{wl}`; quality `{d['quality_metric']}` on {d['protocol']['data']['data']}. *est.* marks estimated figures (profile prices, power model).",
+        f"{text(d['benchmark_version'])} · session {text(d['session_id'])} · {d['created_at']} · {text(d['environment'].get('device'))} · {text(d['environment'].get('cpu'))}",
+        f"Workload `{d['workload']['name']}`; quality `{d['quality_metric']}` on {text(d['protocol']['data']['data'])}. *est.* marks estimated figures (profile prices, power model).",
         "",
         "## Recommended variants",
         "",
     ]
     for r in d["recommendations"]:
-        best = ", ".join(f"{res}: **{b['variant']}** ({format_value(b['value'])} {METRICS[b['metric']].unit}{'; tied within noise: ' + ', '.join(b['tied']) if b.get('tied') else ''})" for res, b in r["best"].items())
+        best = ", ".join(_best(res, b, d) for res, b in r["best"].items())
         lines.append(f"- {r['constraint']}: {best or 'no variant satisfies it'}")
     lines += ["", "## Pareto fronts (quality against each resource)", ""]
     noise = ", ".join(f"`{k}` ±{100 * v:.1f}%" for k, v in d.get("noise", {}).items() if k.split("@")[0] in metrics)
     lines += [f"Run-to-run noise (baseline measured first and last): {noise or 'none measured'}. Differences within a figure's margin (its spread, this noise or 0.01% of its value, whichever is largest) are ties, marked ≈; a variant is off a front only if another beats it beyond the margins.", ""]
     for res, names in d["fronts"].items():
-        lines.append(f"- {res} (`{d['headline'][res]['metric']}`): {', '.join(names)}; hypervolume {format_value(d['hypervolume'].get(res, 0))}")
+        lines.append(f"- {res} (`{d['headline'][res]['metric']}`): {', '.join(text(n) for n in names)}; hypervolume {format_value(d['hypervolume'].get(res, 0))}")
     lines += ["", "## Headline figures (Δ to baseline)", ""]
     header = ["variant", *[f"{m} ({METRICS[m].unit})" for m in metrics]]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in d["variants"]:
-        name = v["name"] + (" ★" if v["on_front"] else "")
-        lines.append("| " + " | ".join([name, *[_cell(v, m, wl) for m in metrics]]) + " |")
+        name = text(v["name"]) + (" ★" if v["on_front"] else "")
+        lines.append("| " + " | ".join([name, *[_cell(v, m, d) for m in metrics]]) + " |")
+    lines += _kernel_lines(d)
     if d["skipped"]:
-        lines += ["", "## Skipped", ""] + [f"- {n}: {why}" for n, why in d["skipped"].items()]
-    lines += ["", f"Artifacts of variants on a front: `{d['out_dir']}/variants/`. ★ = on at least one front.", ""]
+        lines += ["", "## Skipped", ""] + [f"- {text(n)}: {text(why)}" for n, why in d["skipped"].items()]
+    lines += ["", f"Artifacts of variants on a front: {text(d['out_dir'])}/variants/. ★ = on at least one front.", ""]
     return "\n".join(lines)
+
+
+def _kernel_lines(d: dict) -> list[str]:
+    """Each variant's kernels, quantized formats named, and the "no speed kernel" notes."""
+    rows = [f"- {text(v['name'])}: {text(v['kernels'])}" + (f". **{text(v['speed_kernel']['text'])}.**" if v.get("speed_kernel") else "") for v in d["variants"] if v.get("kernels")]
+    return ["", "## Kernels (linear layers, by format)", "", *rows] if rows else []

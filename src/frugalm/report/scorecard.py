@@ -29,6 +29,47 @@ def _spread(m: Measurement) -> str:
     return f"± {format_value(m.spread)} (n={m.n})"
 
 
+def kernel_protocol(measurements: list[Measurement]) -> dict | None:
+    """What ran the linear layers, as the measuring child reported it with the run's workload figures."""
+    for m in measurements:
+        if "kernels" in m.protocol:
+            return {k: m.protocol[k] for k in ("kernels", "formats", "quantized_engine") if k in m.protocol}
+    return None
+
+
+def kernel_line(protocol: dict | None) -> str | None:
+    """"w8a8-dynamic on fbgemm: 14 layers; dense: 1": each quantized format with its kernel, then the float layers."""
+    if not protocol:
+        return None
+    parts = [f"{fmt} on {kernel}: {n} layers" for fmt, kernels in sorted((protocol.get("formats") or {}).items()) for kernel, n in sorted(kernels.items())]
+    if "formats" not in protocol:  # a run stored before formats were reported
+        parts += [f"{kernel}: {n} layers" for kernel, n in sorted(protocol["kernels"].items()) if kernel != "dense"]
+    if protocol["kernels"].get("dense"):
+        parts.append(f"dense: {protocol['kernels']['dense']}")
+    return "; ".join(parts) or None
+
+
+def speed_kernel_note(measurements: list[Measurement]) -> dict | None:
+    """The run's quantized layers that have no speed kernel on its device (they ran dequantized), or None.
+
+    {"dequantized_layers": 14, "formats": {"w4a16": 14}, "text": "no speed kernel on this device for ..."}:
+    its speed figures are then no speedup claim. Read by the terminal scorecard, bench --json and the reports.
+    """
+    protocol = kernel_protocol(measurements)
+    if not protocol:
+        return None
+    if "formats" in protocol:
+        formats = {fmt: kernels["dequantize"] for fmt, kernels in sorted(protocol["formats"].items()) if kernels.get("dequantize")}
+    else:  # stored before formats were reported: the kernel counts alone
+        formats = {"quantized": protocol["kernels"]["dequantize"]} if protocol["kernels"].get("dequantize") else {}
+    layers = sum(formats.values())
+    if not layers:
+        return None
+    named = ", ".join(f"{fmt}: {n}" for fmt, n in formats.items())
+    text = f"no speed kernel on this device for {layers} quantized layer(s) ({named}): they run dequantized, so their speed figures are no speedup claim"
+    return {"dequantized_layers": layers, "formats": formats, "text": text}
+
+
 def format_scorecard(run: Run, measurements: list[Measurement]) -> str:
     env = run.environment
     lines = [
@@ -53,9 +94,12 @@ def format_scorecard(run: Run, measurements: list[Measurement]) -> str:
     fmt = lambda r: "  ".join(c.rjust(w) if i == 2 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()  # noqa: E731
     lines += ["", fmt(header), fmt(tuple("-" * w for w in widths))]
     lines += [fmt(r) for r in rows]
-    dequantized = max((m.protocol.get("kernels", {}).get("dequantize", 0) for m in measurements), default=0)
-    if dequantized:
-        lines.append(f"\nno speed kernel on this device for {dequantized} quantized layer(s): they run dequantized, so their speed figures are no speedup claim.")
+    kernels = kernel_line(kernel_protocol(measurements))
+    if kernels:
+        lines.append(f"\nkernels: {kernels}")
+    note = speed_kernel_note(measurements)
+    if note:
+        lines.append(f"\n{note['text']}.")
     if any(m.method == "estimated" for m in measurements):
         lines.append("\nestimated: derived from a stated model (profile prices, power model), not a hardware counter; see --json for each protocol.")
     return "\n".join(lines)
@@ -72,6 +116,8 @@ def scorecard_json(run: Run, measurements: list[Measurement]) -> dict:
         "wall_s": run.wall_s,
         "environment": run.environment,
         "config": run.config,
+        "kernels": kernel_protocol(measurements),
+        "speed_kernel": speed_kernel_note(measurements),
         "metrics": [
             {
                 "metric": m.metric,

@@ -59,6 +59,8 @@ class AWQQuantConfig:
     """Input columns sharing one scale; -1: one scale per output channel. Must divide in_features."""
     symmetric: bool = True
     """Zero point fixed at the middle code; False: per-group zero point."""
+    activations: Literal["none", "dynamic-int8"] = "none"
+    """8-bit format (as rtn_quant's option): none: weight-only, format w8a16 / w4a16, exportable; dynamic-int8: format w8a8-dynamic, input tensors quantized on the fly as fbgemm does and run on fbgemm's int8 kernel on x86 CPUs (fast CPU path; not exportable). Needs bits 8, group_size -1, symmetric true."""
     grid: int = 20
     """Points of the alpha grid over [0, 1] (0 included: plain RTN)."""
     clip: bool = True
@@ -67,7 +69,7 @@ class AWQQuantConfig:
     """fnmatch patterns over module names; the output head is excluded unless named."""
 
     def problems(self) -> list[str]:
-        problems = quant_problems(self.bits, self.group_size)
+        problems = quant_problems(self.bits, self.group_size, self.activations, self.symmetric)
         if self.grid < 2:
             problems.append(f"grid must be >= 2 (points of the alpha grid over [0, 1], e.g. 20), got {self.grid}")
         return problems
@@ -276,7 +278,7 @@ def apply(model: nn.Module, config: AWQQuantConfig, ctx: Context) -> nn.Module:
             count.add(w, new)
             replace_module_(model, layer_name, new)
             ctx.report(name, count.layers, len(layers))
-    details = {k: getattr(config, k) for k in ("bits", "group_size", "symmetric", "grid", "clip")}
+    details = {k: getattr(config, k) for k in ("bits", "activations", "group_size", "symmetric", "grid", "clip")}
     record_quant_change(ctx, name, [n for n, _ in layers], count, model, calibration_samples=len(tokens), unscaled_layers=unscaled, **details)
     return model
 

@@ -56,6 +56,8 @@ class GPTQQuantConfig:
     """Input columns sharing one scale; -1: one scale per output channel. Must divide in_features."""
     symmetric: bool = True
     """Zero point fixed at the middle code; False: per-group zero point."""
+    activations: Literal["none", "dynamic-int8"] = "none"
+    """8-bit format (as rtn_quant's option): none: weight-only, format w8a16 / w4a16, exportable; dynamic-int8: format w8a8-dynamic, input tensors quantized on the fly as fbgemm does and run on fbgemm's int8 kernel on x86 CPUs (fast CPU path; not exportable). Needs bits 8, group_size -1, symmetric true."""
     act_order: bool = True
     """Quantize columns in decreasing diag(H) (activation order), with static group parameters."""
     observer: Literal["minmax", "mse"] = "mse"
@@ -70,7 +72,7 @@ class GPTQQuantConfig:
     """fnmatch patterns over module names; the output head is excluded unless named."""
 
     def problems(self) -> list[str]:
-        problems = quant_problems(self.bits, self.group_size)
+        problems = quant_problems(self.bits, self.group_size, self.activations, self.symmetric)
         if not 0 < self.damp_percent <= 1:
             problems.append(f"damp_percent must be in (0, 1] (a fraction of mean(diag(H)), e.g. 0.01), got {self.damp_percent}")
         if self.block_size < 1:
@@ -321,7 +323,7 @@ def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
             replace_module_(model, layer_name, new)
             done += 1
             ctx.report(name, done, len(layers))
-    details = {k: getattr(config, k) for k in ("bits", "group_size", "symmetric", "act_order", "observer", "damp_percent", "sequential")}
+    details = {k: getattr(config, k) for k in ("bits", "activations", "group_size", "symmetric", "act_order", "observer", "damp_percent", "sequential")}
     record_quant_change(ctx, name, [n for n, _ in layers], count, model, calibration_samples=len(tokens), **details)
     return model
 

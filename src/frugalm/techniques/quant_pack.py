@@ -6,17 +6,59 @@ Symmetric quantization is the special case z = 2^(bits-1). Codes are packed: int
 byte, int4 two per byte (low nibble = even column). Scales are float16, zero points uint8.
 Bytes per weight: int8 per-channel ≈ 1 + 3/in_features; int4 group 128 ≈ 0.5 + 3/128.
 
+Each quantized layer has a *format*, which says how it computes, not only what it stores:
+
+- `w8a16` / `w4a16` (activations "none"): weight-only. Activations stay float; the weights are
+  dequantized for a float matmul. What compressed-tensors' weight-only schemes describe (export).
+- `w8a8-dynamic` (activations "dynamic-int8"; int8 per-channel symmetric only): each forward
+  quantizes its input on the fly the way fbgemm's `linear_dynamic` does: one asymmetric scale
+  and zero point for the whole input tensor (all tokens of the batch), codes 0..127 (fbgemm's
+  reduce_range, which keeps its uint8 x int8 products from saturating), then an int8 x int8
+  matmul. Coarser than the per-token W8A8 schemes of compressed-tensors/vLLM, so it is never
+  exported as one of them.
+
 `QuantLinear` is the module holding that storage. It computes by unpacking to the activation
-dtype and calling a dense matmul: correct everywhere, faster nowhere (`kernel = "dequantize"`).
-`Int8Linear` (int8, per-channel, symmetric, CPU) runs fbgemm's dynamic-quantized int8 matmul
-instead (`kernel = "fbgemm"`): a real speed kernel on x86 CPUs.
+dtype and calling a dense matmul: correct everywhere, faster nowhere (`kernel = "dequantize"`);
+a w8a8-dynamic QuantLinear quantizes its input first (an emulation of fbgemm: same numerics, no
+speed). `Int8Linear` runs fbgemm's int8 matmul instead (`kernel = "fbgemm"`): a real speed
+kernel on x86 CPUs, used for w8a8-dynamic layers only (`to_fast_kernels_`).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+ACTIVATIONS = ("none", "dynamic-int8")
+"""How a quantized layer treats its input: float (weight-only) or quantized per forward (fbgemm's dynamic int8)."""
+W8A8_DYNAMIC = "w8a8-dynamic"
+REDUCED_RANGE_QMAX = 127
+"""fbgemm's dynamic activation codes span 0..127 (reduce_range), not 0..255."""
+
+
+def format_name(bits: int, activations: str) -> str:
+    """The format of a quantized layer: w8a8-dynamic, w8a16 or w4a16."""
+    return W8A8_DYNAMIC if activations == "dynamic-int8" else f"w{bits}a16"
+
+
+def dynamic_int8_activations(x: torch.Tensor) -> torch.Tensor:
+    """x quantized and dequantized as fbgemm's linear_dynamic does (see module doc), with a straight-through gradient.
+
+    One range for the whole tensor, widened to include 0; zero point nudged to an integer.
+    """
+    xf = x.detach().float()
+    lo, hi = xf.min().clamp(max=0), xf.max().clamp(min=0)
+    scale = float((hi - lo) / REDUCED_RANGE_QMAX)
+    if scale == 0.0 or math.isinf(1.0 / scale):
+        scale = 0.1  # fbgemm's fallback for an all-zero input
+    zero = min(max(round(-float(lo) / scale), 0), REDUCED_RANGE_QMAX)
+    q = torch.round(xf / scale + zero).clamp_(0, REDUCED_RANGE_QMAX)
+    xq = ((q - zero) * scale).to(x.dtype)
+    return x + (xq - x).detach()
 
 
 def range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,6 +120,7 @@ class QuantLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool, device=None):
         super().__init__()
         self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        self.activations = "none"  # or "dynamic-int8" (w8a8-dynamic); saved in frugalm.json (inference.linear_formats)
         self.group_size = in_features if group_size <= 0 else group_size
         groups = in_features // self.group_size
         self.register_buffer("qweight", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device))
@@ -103,23 +146,32 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize_groups(unpack(self.qweight, self.bits), self.scales, self.zeros, dtype)
 
+    @property
+    def format(self) -> str:
+        return format_name(self.bits, self.activations)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.activations == "dynamic-int8":
+            x = dynamic_int8_activations(x)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}"
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, format={self.format}, kernel={self.kernel}"
 
 
 class Int8Linear(nn.Module):
-    """int8 per-channel symmetric weights run by fbgemm's dynamic-quantized matmul (x86 CPU).
+    """A w8a8-dynamic layer run by fbgemm's dynamic-quantized matmul (x86 CPU).
 
-    Activations are quantized per batch on the fly (dynamic quantization), the int8 x int8
-    product accumulates in int32, and the result is rescaled to float32. The packed weight lives
-    inside an fbgemm object that `parameters()` cannot see, so `weight_bytes()` reports it.
+    Activations are quantized on the fly, one range per input tensor, codes 0..127 (see module
+    doc); the int8 x int8 product accumulates in int32 and is rescaled to float32. The packed
+    weight lives inside an fbgemm object that `parameters()` cannot see, so `weight_bytes()`
+    reports it.
     """
 
     kernel = "fbgemm"
+    format = W8A8_DYNAMIC
+    activations = "dynamic-int8"
 
     def __init__(self, source: QuantLinear):
         super().__init__()
@@ -143,7 +195,7 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, True)
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, True)  # reduce_range=True
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -154,18 +206,53 @@ def has_fbgemm() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def to_fast_kernels_(model: nn.Module) -> list[str]:
-    """Swap every int8 per-channel QuantLinear for an fbgemm Int8Linear where the CPU has fbgemm.
+def fbgemm_eligible(module: QuantLinear) -> bool:
+    """int8, one symmetric scale per output channel (zero point 128): the weights fbgemm's kernel takes."""
+    return module.bits == 8 and module.group_size == module.in_features and bool((module.zeros == 128).all())
 
-    Returns the names of swapped modules. Other formats keep running dequantized.
+
+def to_fast_kernels_(model: nn.Module) -> list[str]:
+    """Swap every w8a8-dynamic QuantLinear on the CPU for an fbgemm Int8Linear where the CPU has fbgemm.
+
+    Returns the names of swapped modules. Weight-only layers (w8a16, w4a16) keep running
+    dequantized: fbgemm's kernel would quantize their activations, which their format does not.
     """
     if not has_fbgemm():
         return []
     torch.backends.quantized.engine = "fbgemm"
     swapped = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear) and module.bits == 8 and module.group_size == module.in_features and module.qweight.device.type == "cpu" and bool((module.zeros == 128).all()):
+        if isinstance(module, QuantLinear) and module.activations == "dynamic-int8" and module.qweight.device.type == "cpu":
+            assert fbgemm_eligible(module), f"{name}: w8a8-dynamic needs int8 per-channel symmetric weights"
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, Int8Linear(module))
             swapped.append(name)
     return swapped
+
+
+def set_linear_formats_(model: nn.Module, formats: dict[str, list[str]] | None) -> None:
+    """Give each QuantLinear the activations of its format, as listed in frugalm.json (inference.linear_formats).
+
+    None: an artifact saved before formats were recorded; its int8 per-channel symmetric layers
+    were measured on fbgemm, so they load as w8a8-dynamic and reproduce their stored figures.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    if formats is None:
+        for m in layers.values():
+            m.activations = "dynamic-int8" if fbgemm_eligible(m) else "none"
+        return
+    for fmt, names in formats.items():
+        for name in names:
+            if name in layers:
+                layers[name].activations = "dynamic-int8" if fmt == W8A8_DYNAMIC else "none"
+
+
+def format_summary(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Quantized layers by format, then by the kernel that runs them: {"w8a8-dynamic": {"fbgemm": 14}}."""
+    out: dict[str, dict[str, int]] = {}
+    for m in model.modules():
+        fmt = getattr(m, "format", None) if isinstance(m, (QuantLinear, Int8Linear)) else None
+        if fmt:
+            kernels = out.setdefault(fmt, {})
+            kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
+    return out

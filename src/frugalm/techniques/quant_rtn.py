@@ -8,9 +8,11 @@ the float32 bytes. Needs no calibration data and takes seconds.
 
 Does not look at activations: at 8 bits that costs almost nothing; at 4 bits per-channel it
 can hurt small models badly, which is what GPTQ (error feedback) and AWQ (activation-aware
-scaling) recover. Speed: int8 per-channel symmetric layers run on fbgemm's int8 kernel once
-`to_fast_kernels_` swaps them (as `load_model` does on x86 CPUs); every other format computes
-by dequantizing, so it saves memory and storage, not time.
+scaling) recover. Format (`activations`, see quant_pack): weight-only w8a16/w4a16 layers compute
+by dequantizing, so they save memory and storage, not time, and export to compressed-tensors;
+`activations: dynamic-int8` makes int8 per-channel symmetric layers w8a8-dynamic, which
+`load_model` runs on fbgemm's int8 kernel on x86 CPUs (speed), at the price of the quality lost
+to quantizing each input tensor, and which does not export.
 
 The shape checks, module swap and byte accounting here are shared by `quant_gptq` and `quant_awq`.
 """
@@ -24,7 +26,7 @@ import torch
 from torch import nn
 
 from frugalm.techniques.base import Context, Technique, TechniqueError, record_change, select_linears, weight_out_in
-from frugalm.techniques.quant_pack import QuantLinear, quantize_groups
+from frugalm.techniques.quant_pack import QuantLinear, format_name, quantize_groups
 
 DEFAULT_TARGETS = ("*.mlp.*", "*.self_attn.*", "*.attn.*", "*.attention.*")
 """Attention and MLP linears of Llama/Qwen2/OPT (self_attn, mlp), GPT-2 (attn, mlp) and GPT-NeoX (attention, mlp)."""
@@ -38,23 +40,28 @@ class RTNQuantConfig:
     """Input columns sharing one scale; -1: one scale per output channel. Must divide in_features."""
     symmetric: bool = True
     """Zero point fixed at the middle code (needed by the fbgemm int8 kernel); False: per-group zero point."""
+    activations: Literal["none", "dynamic-int8"] = "none"
+    """none: weight-only, format w8a16 (w4a16 at 4 bits): float activations, dequantized weights; exports to compressed-tensors. dynamic-int8: format w8a8-dynamic: each input tensor is quantized on the fly as fbgemm does (one range per tensor, codes 0..127) and x86 CPUs run fbgemm's int8 matmul: the fast CPU path, with that activation rounding's quality cost; not exportable. Needs bits 8, group_size -1, symmetric true."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """fnmatch patterns over module names; the output head is excluded unless named."""
 
     def problems(self) -> list[str]:
-        return quant_problems(self.bits, self.group_size)
+        return quant_problems(self.bits, self.group_size, self.activations, self.symmetric)
 
 
 # --- shared by the weight quantization techniques -----------------------------------------------
 
 
-def quant_problems(bits: int, group_size: int) -> list[str]:
-    """Rules on bits and group_size that need no model."""
+def quant_problems(bits: int, group_size: int, activations: str = "none", symmetric: bool = True) -> list[str]:
+    """Rules on bits, group_size and the format that need no model."""
     problems = []
     if bits not in (4, 8):
         problems.append(f"bits must be 4 or 8 (the packed formats), got {bits!r}")
     if group_size == 0 or group_size < -1:
         problems.append(f"group_size must be -1 (per output channel) or a positive divisor of in_features (e.g. 128), got {group_size}")
+    if activations == "dynamic-int8" and (bits, group_size, symmetric) != (8, -1, True):
+        needs = [need for need, ok in (("bits 8", bits == 8), ("group_size -1", group_size == -1), ("symmetric true", symmetric)) if not ok]
+        problems.append(f"activations dynamic-int8 (format w8a8-dynamic, fbgemm's kernel) needs {', '.join(needs)}; or use activations none (weight-only, w8a16 / w4a16)")
     return problems
 
 
@@ -120,9 +127,26 @@ class ByteCount:
         return {"weight_bytes_float32": self.float32_bytes, "weight_bytes_quantized": self.quant_bytes, "weight_bytes_ratio": self.quant_bytes / max(1, self.float32_bytes)}
 
 
-def record_quant_change(ctx: Context, technique: str, layers: list[str], count: ByteCount, model: nn.Module, **details) -> None:
-    """record_change with the byte counts of the quantized layers."""
-    record_change(ctx, technique, layers, count.params, model, **details, **count.details())
+def set_format_(model: nn.Module, layers: list[str], bits: int, activations: str) -> str:
+    """Give the quantized `layers` their activations and list them under their format in the
+    model's inference settings (saved in frugalm.json as inference.linear_formats, read back by
+    load_model to pick each layer's kernel). Returns the format's name."""
+    from frugalm.models import INFERENCE_ATTR, inference_settings
+
+    fmt = format_name(bits, activations)
+    for name in layers:
+        model.get_submodule(name).activations = activations
+    settings = inference_settings(model)
+    formats = {f: [n for n in names if n not in layers] for f, names in settings.get("linear_formats", {}).items()}
+    formats[fmt] = [*formats.get(fmt, []), *layers]
+    setattr(model, INFERENCE_ATTR, {**settings, "linear_formats": {f: names for f, names in formats.items() if names}})
+    return fmt
+
+
+def record_quant_change(ctx: Context, technique: str, layers: list[str], count: ByteCount, model: nn.Module, *, bits: int, activations: str, **details) -> None:
+    """Set the layers' format (set_format_), then record_change with it and the byte counts of the quantized layers."""
+    fmt = set_format_(model, layers, bits, activations)
+    record_change(ctx, technique, layers, count.params, model, bits=bits, activations=activations, format=fmt, **details, **count.details())
 
 
 # --- the technique ------------------------------------------------------------------------------
@@ -142,7 +166,7 @@ def apply(model: nn.Module, config: RTNQuantConfig, ctx: Context) -> nn.Module:
         count.add(w, new)
         replace_module_(model, layer_name, new)
         ctx.report(name, i + 1, len(layers))
-    record_quant_change(ctx, name, [n for n, _ in layers], count, model, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
+    record_quant_change(ctx, name, [n for n, _ in layers], count, model, bits=config.bits, activations=config.activations, group_size=config.group_size, symmetric=config.symmetric)
     return model
 
 
