@@ -71,6 +71,7 @@ def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.Pat
     from frugalm.models import load_model, read_config
     from frugalm.techniques.quant_pack import QuantLinear
 
+    check_output_folder(out_dir, force=force)  # before any work: never replace a folder frugalm did not write
     lm = load_model(artifact, fast_kernels=False)
     model = lm.model
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
@@ -79,7 +80,6 @@ def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.Pat
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(read_config(lm.source))
     not_linear = [n for n in quantized if not isinstance(skeleton.get_submodule(n), nn.Linear)]
-    check_output_folder(out_dir, force=force)  # before any work: never replace a folder frugalm did not write
     if not_linear:
         kind = type(skeleton.get_submodule(not_linear[0])).__name__
         raise ModelError(f"layer '{not_linear[0]}' is a {kind}, not nn.Linear, and {FORMAT} describes only Linear layers; keep frugalm's own artifact for this model")
