@@ -32,7 +32,7 @@ from frugalm.errors import ConfigError, FrugalmError, MeasurementError, suggest
 from frugalm.measure.metrics import BENCHMARK_VERSION
 from frugalm.pareto import Constraint
 from frugalm.measure.runner import Progress, warm_children
-from frugalm.models import METADATA_FILE, ModelSource, resolve_model
+from frugalm.models import METADATA_FILE, ModelSource, check_weights, resolve_model
 from frugalm.pipeline import RunConfig, run_recipe
 from frugalm.recipe import SHIPPED_DIR, Recipe, load_recipe, name_problems, recipe_to_dict
 from frugalm.store import Run, Store
@@ -172,6 +172,7 @@ def optimize(model: str | os.PathLike | None = None, config: OptimizeConfig = Op
     out = _check_out_dir(config.out_dir, config.force)
     spec = prepare(source.path, config.bench)  # model, data, workloads, metrics, profile, device
     _check_fits_memory(source, config.bench.device)
+    check_weights(source)  # a damaged weights file is one line now, not a failed baseline later
     settings = [BENCHMARK_VERSION, _model_identity(source), spec.data_desc, spec.workloads, spec.profile, config.bench.device, config.bench.dtype, asdict(config.bench.protocol), config.bench.warmup, config.bench.repetitions, config.bench.metrics]
     out.mkdir(parents=True, exist_ok=True)
     state = _session_state(out)
