@@ -171,10 +171,12 @@ def child_measure(folder: str, eval_tokens: int, repetitions: int) -> None:
     """Quality against the float32 model, weight statistics, and batch-1 decode speed of one saved model."""
     import torch
 
-    from frugalm.data import read_text, split_documents
     from frugalm.measure.compute import generate_timed
-    from frugalm.measure.quality import encode_documents, score_text
-    from frugalm.models import kernel_summary, load_model
+    from frugalm.measure.quality import score_text
+    from frugalm.models import load_model
+    from frugalm.runtime.modules import kernel_summary
+    from frugalm.text.encode import encode_documents
+    from frugalm.text.files import read_text, split_documents
 
     lm = load_model(folder)
     ref = load_model(STORIES).model
@@ -350,9 +352,9 @@ def prepare_calibration(samples: int, eval_tokens: int) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from frugalm.data import read_text, split_documents
-    from frugalm.measure.quality import encode_documents
-    from frugalm.techniques.calibrate import sample_calibration
+    from frugalm.techniques._calibrate import sample_calibration
+    from frugalm.text.encode import encode_documents
+    from frugalm.text.files import read_text, split_documents
 
     tokenizer = AutoTokenizer.from_pretrained(STORIES)
     docs = split_documents(read_text(TINYSTORIES))

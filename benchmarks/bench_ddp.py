@@ -5,7 +5,7 @@
 Trains random-weight SmolLM2-135M stand-ins (the real shapes of ../shared/assets/configs/
 smollm2-135m.json; --layers cuts the depth when memory or time forces it, and the output says
 so) on TinyStories with the Llama-2 32k tokenizer from the assets, one torchrun launch of
-frugalm.training.ddp_train: the same seed and data for each gradient communication (none = fp32
+frugalm.cli.ddp_train: the same seed and data for each gradient communication (none = fp32
 allreduce, fp16 compression, PowerSGD rank 4 after 2 plain steps). Prints, per compression, the
 bytes each process handed to all-reduce per step (counted inside torch's DDP comm hooks), the
 reduction against the fp32 gradient bytes (4 x parameters), median step time, and the loss
@@ -20,7 +20,7 @@ import json
 import statistics
 from pathlib import Path
 
-from frugalm.training.ddp_train import launch
+from frugalm.cli.ddp_train import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"

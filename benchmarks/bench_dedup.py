@@ -1,8 +1,8 @@
-"""Benchmark of MinHash near-duplicate removal (frugalm.dedup): recall, precision, throughput.
+"""Benchmark of MinHash near-duplicate removal (frugalm.text.dedup): recall, precision, throughput.
 
     .venv/bin/python benchmarks/bench_dedup.py [--mb 30] [--threshold 0.8] [--num-perm 128]
 
-Generates a corpus of about `--mb` MB with planted near-duplicates (frugalm.dedup_eval: random
+Generates a corpus of about `--mb` MB with planted near-duplicates (tests/dedup_ground_truth.py: random
 word documents, light copies with a few word edits, heavy copies as near misses), computes the
 exact ground truth (Jaccard of word 5-gram sets, within families; a random sample of pairs across
 families checks that those are ~0), then runs the deduplication with each verification mode and
@@ -14,10 +14,18 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
+from pathlib import Path
 
-from frugalm.dedup import DedupConfig, minhash_dedup
-from frugalm.dedup_eval import cross_family_max_jaccard, planted_corpus, precision_recall, true_duplicates
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted corpus and its exact ground truth are test code
+from dedup_ground_truth import (  # noqa: E402
+    cross_family_max_jaccard,
+    planted_corpus,
+    precision_recall,
+    true_duplicates,
+)
+from frugalm.text.dedup import DedupConfig, minhash_dedup
 
 BYTES_PER_FAMILY = 3_300  # measured mean of planted_corpus's defaults (originals + copies)
 

@@ -6,7 +6,7 @@ Protocol (printed with the figures):
 - Text: ../shared/assets/data/tinystories_valid_0000-0499.txt. Held out: its first HELD_OUT_TOKENS
   tokens as `frugalm bench --data FILE --eval-tokens HELD_OUT_TOKENS` evaluates them (documents
   encoded as [BOS] + tokens, concatenated, cut there); training and calibration read only the
-  documents after the last evaluated one (frugalm.pipeline.evaluation_split).
+  documents after the last evaluated one (frugalm.run.evaluation_split).
 - Perplexity: frugalm.measure.quality.score_text over those held-out tokens, windows of 512
   tokens every 256 (the benchmark's default protocol), per token.
 - (a) Distillation: teacher stories260K (5 layers); student = the teacher with layers dropped to
@@ -41,9 +41,10 @@ WINDOW, STRIDE = 512, 256
 
 
 def held_out_split(tokenizer):
-    from frugalm.bench import BenchConfig
-    from frugalm.measure.quality import PerplexityProtocol, encode_documents
-    from frugalm.pipeline import evaluation_split
+    from frugalm.benchmark.api import BenchConfig
+    from frugalm.measure.quality import PerplexityProtocol
+    from frugalm.run import evaluation_split
+    from frugalm.text.encode import encode_documents
 
     held_out, rest, source = evaluation_split(tokenizer, BenchConfig(data=str(DATA), protocol=PerplexityProtocol(max_tokens=HELD_OUT_TOKENS)))
     return encode_documents(tokenizer, held_out, HELD_OUT_TOKENS), held_out, rest, source
@@ -99,7 +100,7 @@ def distillation(budget: dict, encoded, split) -> list[tuple[str, str]]:
 
 def lora_recovery(budget: dict, encoded, split) -> list[tuple[str, str]]:
     from frugalm.models import load_model
-    from frugalm.techniques.calibrate import sample_calibration
+    from frugalm.techniques._calibrate import sample_calibration
     from frugalm.techniques.lora_finetune import merge_adapters
 
     lm = load_model(MODEL, fast_kernels=False)

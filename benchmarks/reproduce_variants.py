@@ -10,7 +10,7 @@ made; the two must be identical.
 import sys
 from pathlib import Path
 
-from frugalm.bench import BenchConfig, bench
+from frugalm.benchmark.api import BenchConfig, bench
 from frugalm.measure.quality import PerplexityProtocol
 from frugalm.store import Store
 

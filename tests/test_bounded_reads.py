@@ -7,12 +7,12 @@ from dataclasses import asdict, replace
 
 import pytest
 
-from frugalm.bench import BenchConfig, prepare
-from frugalm.data import read_text, split_documents
-from frugalm.measure.quality import PerplexityProtocol, encode_documents, evaluated_documents
-from frugalm.models import ModelSource, load_tokenizer
-
 from conftest import ASSETS, STORIES, needs_assets
+from frugalm.benchmark.api import BenchConfig, prepare
+from frugalm.measure.quality import PerplexityProtocol
+from frugalm.models import ModelSource, load_tokenizer
+from frugalm.text.encode import encode_documents, evaluated_documents
+from frugalm.text.files import read_text, split_documents
 
 LINE = b"Once upon a time there was a little model. It wanted to run on a small computer.\n"
 
@@ -89,7 +89,7 @@ def test_unbounded_protocol_ships_every_document(tiny_llama, text_file):
 
 
 def test_child_log_tail_is_read_from_the_end(tmp_path):
-    from frugalm.measure.runner import read_tail
+    from frugalm.benchmark.runner import read_tail
 
     log = tmp_path / "child.log"
     with open(log, "wb") as f:

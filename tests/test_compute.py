@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from frugalm.measure.compute import count_flops, flops_per_token, generate_timed, time_workload
+from frugalm.measure.compute import (
+    count_flops,
+    flops_per_token,
+    generate_timed,
+    time_workload,
+)
 from frugalm.measure.workloads import Workload
 from frugalm.models import load_model
 

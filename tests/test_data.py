@@ -1,7 +1,8 @@
 import pytest
 
-from frugalm.data import add_char_noise, read_text
 from frugalm.errors import DataError
+from frugalm.text.files import read_text
+from frugalm.text.noise import add_char_noise
 
 
 @pytest.mark.parametrize(
@@ -56,7 +57,7 @@ STREAM_TEXTS = [
 @pytest.mark.parametrize("text", STREAM_TEXTS)
 @pytest.mark.parametrize("chunk_bytes", [1, 2, 3, 7, 1 << 20])
 def test_iter_documents_matches_split_documents(tmp_path, text, chunk_bytes):
-    from frugalm.data import iter_documents, split_documents
+    from frugalm.text.files import iter_documents, split_documents
 
     path = tmp_path / "t.txt"
     path.write_bytes(text.encode("utf-8"))
@@ -66,7 +67,7 @@ def test_iter_documents_matches_split_documents(tmp_path, text, chunk_bytes):
 
 
 def test_iter_documents_caps_a_long_document_and_stops(tmp_path):
-    from frugalm.data import iter_documents
+    from frugalm.text.files import iter_documents
 
     path = tmp_path / "t.txt"
     path.write_text("short\n<|endoftext|>\n" + "long line " * 1000 + "\n<|endoftext|>\nnever read\n")
@@ -81,7 +82,7 @@ def test_iter_documents_caps_a_long_document_and_stops(tmp_path):
     [(None, "does not exist"), (b"", "is empty"), (b"  \n\t", "is empty"), (b"\x89PNG\x00\x00", "binary"), (b"caf\xe9", "not valid UTF-8"), (b"ok" * 5000 + b"\xff", "not valid UTF-8")],
 )
 def test_check_text_file_refuses_what_read_text_refuses(tmp_path, content, match):
-    from frugalm.data import check_text_file
+    from frugalm.text.files import check_text_file
 
     path = tmp_path / "t.txt"
     if content is not None:
@@ -94,7 +95,7 @@ def test_check_text_file_refuses_what_read_text_refuses(tmp_path, content, match
 def test_check_text_file_hashes_the_bytes_as_before(tmp_path):
     import hashlib
 
-    from frugalm.data import check_text_file
+    from frugalm.text.files import check_text_file
 
     path = tmp_path / "t.txt"
     text = "caf\u00e9\r\n<|endoftext|>\n" * 1000
@@ -114,7 +115,7 @@ def _big_file(path, mb: int, separators: bool):
 def test_reading_a_large_file_takes_little_memory(tmp_path):
     import tracemalloc
 
-    from frugalm.data import check_text_file, iter_documents
+    from frugalm.text.files import check_text_file, iter_documents
 
     path = _big_file(tmp_path / "big.txt", 200, separators=False)
     size = path.stat().st_size

@@ -1,9 +1,7 @@
 import numpy as np
 import pytest
 
-from frugalm.data import DOC_SEPARATOR
-from frugalm.dedup import DedupConfig, dedup_text, lsh_bands, minhash_dedup, shingle_hashes
-from frugalm.dedup_eval import (
+from dedup_ground_truth import (
     cross_family_max_jaccard,
     jaccard,
     planted_corpus,
@@ -12,6 +10,14 @@ from frugalm.dedup_eval import (
     word_shingles,
 )
 from frugalm.errors import ConfigError, DataError
+from frugalm.text.dedup import (
+    DedupConfig,
+    dedup_text,
+    lsh_bands,
+    minhash_dedup,
+    shingle_hashes,
+)
+from frugalm.text.files import DOC_SEPARATOR
 
 THRESHOLD, NGRAM = 0.8, 5
 

@@ -7,18 +7,28 @@ import hashlib
 import json
 import os
 import platform
+import sys
+from pathlib import Path
 
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
-from frugalm import default_model as dm  # noqa: E402
-from frugalm.data import read_text, split_documents  # noqa: E402
+from frugalm.assets import DEFAULT_EVAL_PATH, DEFAULT_MODEL_DIR  # noqa: E402
 from frugalm.errors import ConfigError, DataError  # noqa: E402
-from frugalm.train import TrainConfig, lr_at, train_causal_lm  # noqa: E402
+from frugalm.text.files import read_text, split_documents  # noqa: E402
+from frugalm.training.loop import TrainConfig, lr_at, train_causal_lm  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the build script is no package module
+import build_default_model as dm  # noqa: E402
 
 BUILD_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
                "tokenizer_config.json", "frugalm_build.json"}
@@ -36,7 +46,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def shipped():
-    folder = dm.default_model_dir()
+    folder = DEFAULT_MODEL_DIR
     record = json.loads((folder / "frugalm_build.json").read_text())
     model = AutoModelForCausalLM.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -52,17 +62,17 @@ def test_shipped_model_loads_with_recorded_shape(shipped):
     assert len(tokenizer) == model.config.vocab_size == record["vocab_size"]
     assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "</s>")
     assert tokenizer("x = 1").input_ids[0] == tokenizer.bos_token_id == model.config.bos_token_id
-    size = sum(p.stat().st_size for p in dm.default_model_dir().iterdir())
-    assert set(p.name for p in dm.default_model_dir().iterdir()) == BUILD_FILES
+    size = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.iterdir())
+    assert set(p.name for p in DEFAULT_MODEL_DIR.iterdir()) == BUILD_FILES
     assert size <= 12 * 2**20
 
 
 def test_shipped_eval_text_matches_build_record(shipped):
     _, _, record = shipped
-    raw = dm.default_eval_path().read_bytes()
+    raw = DEFAULT_EVAL_PATH.read_bytes()
     assert hashlib.sha256(raw).hexdigest() == record["eval_text_sha256"]
     assert 250_000 <= len(raw) <= 400_000
-    assert len(split_documents(read_text(dm.default_eval_path()))) == record["eval_documents"]
+    assert len(split_documents(read_text(DEFAULT_EVAL_PATH))) == record["eval_documents"]
 
 
 def test_eval_text_is_exactly_the_held_out_split_of_this_python(shipped):
@@ -71,13 +81,13 @@ def test_eval_text_is_exactly_the_held_out_split_of_this_python(shipped):
     docs = dm.stdlib_documents()
     held_out = [d for d in docs if dm.is_held_out(d[0])]
     expected = dm.format_eval_text(text for _, text in dm.eval_documents(held_out))
-    assert dm.default_eval_path().read_text(encoding="utf-8") == expected
+    assert DEFAULT_EVAL_PATH.read_text(encoding="utf-8") == expected
     assert len(held_out) < len(docs) / 10
 
 
 def test_shipped_model_beats_unigram_on_held_out_text(shipped):
     model, tokenizer, _ = shipped
-    docs = split_documents(read_text(dm.default_eval_path()))
+    docs = split_documents(read_text(DEFAULT_EVAL_PATH))
     # A prefix of about 12k tokens keeps the test fast: whole documents, the last one cut.
     ids, total = [], 0
     for doc_ids in dm.encode_documents(tokenizer, docs):

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
+from frugalm.cli import ddp_train
 from frugalm.errors import ConfigError
-from frugalm.training import ddp_train
 from frugalm.training.distributed import ByteCounter, CommConfig, DistInfo, make_wrapper
 
 STEPS = 5

@@ -8,7 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import STORIES, TINYSTORIES, calibration, error_message, logits, needs_assets, run
+from conftest import (
+    STORIES,
+    TINYSTORIES,
+    calibration,
+    error_message,
+    logits,
+    needs_assets,
+    run,
+)
 from frugalm.errors import ModelError
 from frugalm.export import export_compressed_tensors
 from frugalm.models import load_model, save_variant
@@ -112,12 +120,12 @@ def test_an_artifact_saved_before_formats_were_recorded_loads_as_it_was_measured
 @needs_assets()
 def test_the_w8a16_export_has_the_stored_perplexity_under_plain_transformers(tmp_path):
     """The figure frugalm stores for a w8a16 variant is the figure of the checkpoint a user ships."""
-    from frugalm.bench import BenchConfig
-    from frugalm.data import read_text, split_documents
+    from frugalm.benchmark.api import BenchConfig
     from frugalm.measure.quality import PerplexityProtocol, measure_quality
     from frugalm.models import context_length
-    from frugalm.pipeline import RunConfig, run_recipe
     from frugalm.recipe import parse_recipe
+    from frugalm.run import RunConfig, run_recipe
+    from frugalm.text.files import read_text, split_documents
 
     recipe, problems = parse_recipe({"version": 1, "name": "w8a16", "stages": [{"technique": "rtn_quant", "bits": 8, "activations": "none"}]})
     assert not problems

@@ -1,16 +1,16 @@
 import pytest
 import torch
 
+from conftest import TINY_CONFIGS
 from frugalm.errors import ConfigError, DataError
-from frugalm.importance import (
+from frugalm.training.importance import (
     ImportanceConfig,
     candidate_windows,
     importance_sample,
     sampling_probs,
     weighted_lm_loss,
 )
-from conftest import TINY_CONFIGS
-from frugalm.train import TrainConfig, causal_lm_loss, train_causal_lm
+from frugalm.training.loop import TrainConfig, causal_lm_loss, train_causal_lm
 
 SEQ = 16
 
@@ -97,7 +97,7 @@ def test_bad_windows(model_and_windows):
 
 # --- the training-time sampler: rescored pools, exact resume, counted cost ---------------------------
 
-from frugalm.importance import ImportanceWindows  # noqa: E402
+from frugalm.training.importance import ImportanceWindows  # noqa: E402
 from frugalm.training.loop import train  # noqa: E402
 
 

@@ -3,10 +3,10 @@
 import pytest
 
 from conftest import STORIES, TINYSTORIES, needs_assets
-from frugalm.bench import BenchConfig, bench
-from frugalm.data import read_text, split_documents
+from frugalm.benchmark.api import BenchConfig, bench
 from frugalm.measure.quality import PerplexityProtocol, measure_quality
 from frugalm.models import load_model
+from frugalm.text.files import read_text, split_documents
 
 pytestmark = [pytest.mark.integration, needs_assets()]
 REFERENCE_PPL = 3.682  # ../shared/assets/README.md: 512-token non-overlapping windows, first 65,536 tokens

@@ -9,12 +9,20 @@ from transformers import DynamicCache
 
 from frugalm.errors import FrugalmError
 from frugalm.measure.compute import cache_bytes, time_workload
-from frugalm.measure.quality import PerplexityProtocol, encode_documents, measure_quality, score_text
+from frugalm.measure.quality import PerplexityProtocol, measure_quality, score_text
 from frugalm.measure.workloads import Workload
-from frugalm.models import inference_settings, load_model, save_variant
+from frugalm.models import load_model, save_variant
 from frugalm.recipe import build_config
+from frugalm.runtime.kv_cache import (
+    FLUSH_TOKENS,
+    PackedKVLayer,
+    cache_factory,
+    make_cache,
+)
+from frugalm.runtime.modules import inference_settings
 from frugalm.techniques.base import Context
-from frugalm.techniques.kv_cache_quant import FLUSH_TOKENS, TECHNIQUE, KVCacheQuantConfig, PackedKVLayer, cache_factory, make_cache
+from frugalm.techniques.kv_cache_quant import TECHNIQUE, KVCacheQuantConfig
+from frugalm.text.encode import encode_documents
 
 CPU = torch.device("cpu")
 HEAD_DIM, KV_HEADS, LAYERS = 16, 2, 2  # the tiny Llama of conftest.py

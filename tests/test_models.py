@@ -1,10 +1,9 @@
 import pytest
 import torch
 
+from conftest import TINY_CONFIGS
 from frugalm.errors import ConfigError, ModelError
 from frugalm.models import context_length, load_model, resolve_model
-
-from conftest import TINY_CONFIGS
 
 
 @pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))

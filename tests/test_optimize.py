@@ -1,9 +1,6 @@
 """`frugalm optimize` end to end on a tiny model: report, resume after SIGKILL, bad input."""
 
 import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -42,7 +39,7 @@ def test_optimize_writes_report_and_resumes(tiny_llama, text_file, tmp_path, cap
 
 def _saved_variants_reproduce_their_perplexity(out: Path, db: Path, text_file: Path, tmp_path: Path) -> None:
     """Each kept artifact, benchmarked afresh under its stored protocol, gives exactly its stored ppl_tok."""
-    from frugalm.bench import BenchConfig, bench
+    from frugalm.benchmark.api import BenchConfig, bench
     from frugalm.measure.quality import PerplexityProtocol
 
     with Store(db) as store:
@@ -92,8 +89,8 @@ def test_unwritable_out_folder(tiny_llama, text_file, tmp_path, capsys):
 
 
 def test_warm_children_start_ahead_and_leave_none_behind(tiny_llama, text_file, tmp_path):
-    from frugalm.bench import BenchConfig, bench
-    from frugalm.measure import runner
+    from frugalm.benchmark import runner
+    from frugalm.benchmark.api import BenchConfig, bench
     from frugalm.measure.quality import PerplexityProtocol
 
     config = BenchConfig(data=str(text_file), workloads=("chat",), metrics=("ppl_tok",), warmup=0, repetitions=1, protocol=PerplexityProtocol(max_tokens=256))

@@ -7,13 +7,22 @@ import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
 
-from conftest import STORIES, TINYSTORIES, VOCAB, calibration, error_message, load, needs_assets, run
+from conftest import (
+    STORIES,
+    TINYSTORIES,
+    calibration,
+    error_message,
+    load,
+    needs_assets,
+    run,
+)
+from frugalm.errors import TechniqueError
 from frugalm.recipe import parse_recipe
 from frugalm.registry import get_technique
-from frugalm.techniques.base import Context, TechniqueError, select_linears, weight_out_in
-from frugalm.techniques.calibrate import collect_input_stats
+from frugalm.runtime.modules import weight_out_in
+from frugalm.techniques._calibrate import collect_input_stats
+from frugalm.techniques.base import Context, select_linears
 from frugalm.techniques.prune_magnitude import DEFAULT_TARGETS, prune_mask
 from frugalm.techniques.prune_sparsegpt import sparsegpt_weights
 from frugalm.techniques.prune_structured import ARCHS
@@ -254,10 +263,11 @@ def test_structured_unsupported_combinations_are_one_line_errors(tiny_models):
 def test_stories260k_perplexity_wanda_and_sparsegpt_beat_magnitude():
     """Perplexity on TinyStories: 512-token non-overlapping windows over the first 8,192 tokens;
     calibration 16 x 256 tokens drawn from the documents after those."""
-    from frugalm.data import read_text, split_documents
-    from frugalm.measure.quality import encode_documents, score_text
+    from frugalm.measure.quality import score_text
     from frugalm.models import load_model
-    from frugalm.techniques.calibrate import sample_calibration
+    from frugalm.techniques._calibrate import sample_calibration
+    from frugalm.text.encode import encode_documents
+    from frugalm.text.files import read_text, split_documents
 
     lm = load_model(STORIES, fast_kernels=False)
     docs = split_documents(read_text(TINYSTORIES))

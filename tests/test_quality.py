@@ -5,9 +5,15 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from frugalm.data import split_documents
-from frugalm.measure.quality import PerplexityProtocol, encode_documents, measure_quality, rolling_windows, score_text
+from frugalm.measure.quality import (
+    PerplexityProtocol,
+    measure_quality,
+    rolling_windows,
+    score_text,
+)
 from frugalm.models import load_model
+from frugalm.text.encode import encode_documents
+from frugalm.text.files import split_documents
 
 DOCS = ["Once upon a time there was a little model.", "It wanted to run on a small computer, cheaply."] * 8
 

@@ -11,15 +11,39 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from conftest import STORIES, TINY_CONFIGS, TINYSTORIES, VOCAB, calibration, error_message, load, logits, needs_assets, run
+from conftest import (
+    STORIES,
+    TINY_CONFIGS,
+    TINYSTORIES,
+    VOCAB,
+    calibration,
+    error_message,
+    load,
+    logits,
+    needs_assets,
+    run,
+)
+from frugalm.errors import TechniqueError
 from frugalm.recipe import parse_recipe
 from frugalm.registry import get_technique
-from frugalm.techniques.base import Context, TechniqueError, select_linears, weight_out_in
-from frugalm.techniques.calibrate import collect_input_stats
-from frugalm.techniques.quant_awq import clip_search, fake_quant, output_error, search_scale
+from frugalm.runtime.modules import inference_settings, weight_out_in
+from frugalm.runtime.quant_linear import (
+    Int8Linear,
+    QuantLinear,
+    dequantize_groups,
+    has_fbgemm,
+    quantize_groups,
+    to_fast_kernels_,
+)
+from frugalm.techniques._calibrate import collect_input_stats
+from frugalm.techniques.base import Context, select_linears
+from frugalm.techniques.quant_awq import (
+    clip_search,
+    fake_quant,
+    output_error,
+    search_scale,
+)
 from frugalm.techniques.quant_gptq import calibrate_blockwise, gptq_codes, group_params
-from frugalm.models import inference_settings
-from frugalm.techniques.quant_pack import Int8Linear, QuantLinear, dequantize_groups, has_fbgemm, quantize_groups, to_fast_kernels_
 from frugalm.techniques.quant_rtn import DEFAULT_TARGETS, stored_bytes
 
 ARCHS = sorted(TINY_CONFIGS)
@@ -107,7 +131,8 @@ def test_activation_quantization_needs_int8_per_channel_symmetric():
 
 
 def test_load_model_runs_each_format_on_its_own_kernel(tiny_llama, tmp_path):
-    from frugalm.models import kernel_summary, load_model, read_metadata, save_variant
+    from frugalm.models import load_model, read_metadata, save_variant
+    from frugalm.runtime.modules import kernel_summary
 
     artifacts = {}
     for activations in ("none", "dynamic-int8"):
@@ -342,10 +367,11 @@ def test_recipe_rejects_bad_gptq_damping():
 @pytest.mark.integration
 @needs_assets()
 def test_gptq_and_awq_recover_most_of_rtn4_perplexity_on_stories260k():
-    from frugalm.data import read_text, split_documents
-    from frugalm.measure.quality import encode_documents, score_text
+    from frugalm.measure.quality import score_text
     from frugalm.models import load_model
-    from frugalm.techniques.calibrate import sample_calibration
+    from frugalm.techniques._calibrate import sample_calibration
+    from frugalm.text.encode import encode_documents
+    from frugalm.text.files import read_text, split_documents
 
     docs = split_documents(read_text(TINYSTORIES))
     lm = load_model(STORIES, fast_kernels=False)
@@ -369,7 +395,7 @@ def test_gptq_and_awq_recover_most_of_rtn4_perplexity_on_stories260k():
 
 
 def test_a_quantized_tied_head_is_untied_saved_and_benchmarked(tiny_llama, text_file, tmp_path):
-    from frugalm.bench import BenchConfig, bench
+    from frugalm.benchmark.api import BenchConfig, bench
     from frugalm.measure.quality import PerplexityProtocol
     from frugalm.models import load_model, save_variant
 

@@ -4,7 +4,13 @@ import pytest
 
 from frugalm.cli import main
 from frugalm.errors import ConfigError
-from frugalm.recipe import SHIPPED_DIR, RecipeError, dump_recipe, load_recipe, option_docs
+from frugalm.recipe import (
+    SHIPPED_DIR,
+    RecipeError,
+    dump_recipe,
+    load_recipe,
+    option_docs,
+)
 from frugalm.registry import TECHNIQUES, get_technique
 
 RECIPES = sorted(SHIPPED_DIR.glob("*.yaml"))

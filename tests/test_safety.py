@@ -156,7 +156,7 @@ def test_stale_partial_and_old_folders_are_swept_and_the_old_folder_restored(tmp
 
 
 def test_measuring_child_leaves_nothing_in_tmp(tiny_llama, text_file, tmp_path, monkeypatch):
-    from frugalm.bench import BenchConfig, bench
+    from frugalm.benchmark.api import BenchConfig, bench
     from frugalm.measure.quality import PerplexityProtocol
 
     tmp = tmp_path / "tmp"
@@ -326,11 +326,12 @@ def test_required_assets_turn_a_skipped_integration_test_into_a_failure(tmp_path
 
 
 def test_evaluation_split_matches_the_whole_file_split_and_is_bounded(tiny_llama, tmp_path, monkeypatch):
-    from frugalm import pipeline
-    from frugalm.bench import BenchConfig
-    from frugalm.data import read_text, split_documents
-    from frugalm.measure.quality import PerplexityProtocol, encode_documents
+    from frugalm import run as pipeline
+    from frugalm.benchmark.api import BenchConfig
+    from frugalm.measure.quality import PerplexityProtocol
     from frugalm.models import load_tokenizer, resolve_model
+    from frugalm.text.encode import encode_documents
+    from frugalm.text.files import read_text, split_documents
 
     tokenizer = load_tokenizer(resolve_model(tiny_llama))
     text = tmp_path / "eval.txt"

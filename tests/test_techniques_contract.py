@@ -4,20 +4,20 @@ Run on the built-in default model (a real, trained 2.4M-parameter Llama), with c
 text drawn from the part of its held-out text that the perplexity check does not use.
 """
 
-import dataclasses
 import math
 
 import pytest
 import torch
 
-from frugalm.data import read_text, split_documents
-from frugalm.default_model import default_eval_path
-from frugalm.measure.quality import encode_documents, score_text
+from frugalm.assets import DEFAULT_EVAL_PATH
+from frugalm.measure.quality import score_text
 from frugalm.models import load_model, save_variant
-from frugalm.recipe import build_config, recipe_to_dict, Recipe, Stage
+from frugalm.recipe import Recipe, Stage, build_config, recipe_to_dict
 from frugalm.registry import TECHNIQUES, get_technique
+from frugalm.techniques._calibrate import sample_calibration
 from frugalm.techniques.base import Context
-from frugalm.techniques.calibrate import sample_calibration
+from frugalm.text.encode import encode_documents
+from frugalm.text.files import read_text, split_documents
 
 # Largest perplexity ratio to the dense model each technique may reach with its default
 # options on the default model (measured values are well inside; see the closing notes).
@@ -45,7 +45,7 @@ TRAINING_BUDGET = {"steps": 10, "batch_size": 4, "seq_len": 128, "warmup_steps":
 
 @pytest.fixture(scope="module")
 def setup():
-    docs = split_documents(read_text(default_eval_path()))
+    docs = split_documents(read_text(DEFAULT_EVAL_PATH))
     lm = load_model(fast_kernels=False)
     evaluated = encode_documents(lm.tokenizer, docs, EVAL_TOKENS)
     calibration = sample_calibration(lm.tokenizer, docs[len(evaluated.docs):], 16, 256, seed=0)

@@ -11,15 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from frugalm.data import read_text, split_documents
-from frugalm.default_model import default_eval_path
-from frugalm.errors import ConfigError, DataError, FrugalmError
-from frugalm.measure.quality import encode_documents, score_text
+from frugalm.assets import DEFAULT_EVAL_PATH
+from frugalm.errors import ConfigError, DataError, FrugalmError, TechniqueError
+from frugalm.measure.quality import score_text
 from frugalm.models import load_model
 from frugalm.recipe import build_config
 from frugalm.registry import get_technique
 from frugalm.store import Store
-from frugalm.techniques.base import Context, TechniqueError
+from frugalm.techniques.base import Context
+from frugalm.text.encode import encode_documents
+from frugalm.text.files import read_text, split_documents
 from frugalm.training import checkpoint as ckpt
 from frugalm.training.loop import TrainConfig, train
 
@@ -124,7 +125,7 @@ EVAL_TOKENS = 4096
 
 @pytest.fixture(scope="module")
 def default_setup():
-    docs = split_documents(read_text(default_eval_path()))
+    docs = split_documents(read_text(DEFAULT_EVAL_PATH))
     lm = load_model(fast_kernels=False)
     evaluated = encode_documents(lm.tokenizer, docs, EVAL_TOKENS)
     n = len(evaluated.docs)
@@ -178,7 +179,7 @@ def test_lora_merge_reproduces_the_adapter_model(default_setup):
 
 
 def test_lora_on_a_quantized_base_keeps_packed_weights(default_setup):
-    from frugalm.techniques.quant_pack import QuantLinear
+    from frugalm.runtime.quant_linear import QuantLinear
 
     lm = load_model(fast_kernels=False)
     ctx = _ctx(default_setup)
@@ -263,10 +264,10 @@ def test_bad_inputs_are_one_line_errors_with_the_fix(default_setup, tiny_llama, 
 
 def test_recipe_stage_trains_on_text_after_the_evaluated_part_and_records_its_cost(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path / "absent"))  # no energy counter: the training energy is estimated
-    from frugalm.bench import BenchConfig
+    from frugalm.benchmark.api import BenchConfig
     from frugalm.measure.quality import PerplexityProtocol
-    from frugalm.pipeline import RunConfig, run_recipe, training_cost_measurements
     from frugalm.recipe import parse_recipe
+    from frugalm.run import RunConfig, run_recipe, training_cost_measurements
 
     text = tmp_path / "eval.txt"
     text.write_text("\n<|endoftext|>\n".join(f"Story {i}: a little model ran {i} miles on a small computer, then rested." for i in range(120)))
@@ -373,10 +374,10 @@ def test_training_energy_uses_the_given_profile(no_rapl, tmp_path):
 
 
 def test_a_stage_and_a_recipe_estimate_training_energy_with_the_users_profile(no_rapl, tiny_llama, tmp_path):
-    from frugalm.bench import BenchConfig
+    from frugalm.benchmark.api import BenchConfig
     from frugalm.measure.quality import PerplexityProtocol
-    from frugalm.pipeline import RunConfig, run_recipe, training_cost_measurements
     from frugalm.recipe import parse_recipe
+    from frugalm.run import RunConfig, run_recipe, training_cost_measurements
 
     profiles = _profiles(tmp_path)
     text = tmp_path / "eval.txt"
@@ -397,9 +398,9 @@ def test_a_stage_and_a_recipe_estimate_training_energy_with_the_users_profile(no
 
 
 def test_a_resumed_run_counts_the_energy_of_every_segment(no_rapl, tmp_path):
-    from frugalm.bench import BenchConfig
+    from frugalm.benchmark.api import BenchConfig
     from frugalm.measure.cost import get_profile
-    from frugalm.pipeline import training_cost_measurements
+    from frugalm.run import training_cost_measurements
 
     profile = get_profile("hot-box", "cpu", _profiles(tmp_path))
     config = _interrupted(tmp_path / "ck", stop_at=6, profile=profile)  # checkpoint at 4, killed after 6

@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "FrugalmError": "frugalm.errors",
     "load_model": "frugalm.models",
-    "bench": "frugalm.bench",
+    "bench": "frugalm.benchmark.api",
     "Store": "frugalm.store",
     "METRICS": "frugalm.measure.metrics",
     "WORKLOADS": "frugalm.measure.workloads",
@@ -21,12 +21,12 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from frugalm.bench import bench
-    from frugalm.errors import FrugalmError
-    from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS
-    from frugalm.measure.workloads import WORKLOADS
-    from frugalm.models import load_model
-    from frugalm.store import Store
+    from frugalm.benchmark.api import bench  # noqa: F401 (names of the lazy API, for type checkers)
+    from frugalm.errors import FrugalmError  # noqa: F401 (names of the lazy API, for type checkers)
+    from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS  # noqa: F401 (names of the lazy API, for type checkers)
+    from frugalm.measure.workloads import WORKLOADS  # noqa: F401 (names of the lazy API, for type checkers)
+    from frugalm.models import load_model  # noqa: F401 (names of the lazy API, for type checkers)
+    from frugalm.store import Store  # noqa: F401 (names of the lazy API, for type checkers)
 
 
 def __getattr__(name: str):

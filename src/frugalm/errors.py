@@ -22,6 +22,10 @@ class ConfigError(FrugalmError):
     """A bad option, workload, metric, profile or recipe."""
 
 
+class TechniqueError(FrugalmError):
+    """A technique's options do not fit the model (no layer matched, a width not divisible...)."""
+
+
 class MeasurementError(FrugalmError):
     """A measurement that could not be completed (the child failed, timed out or was killed)."""
 

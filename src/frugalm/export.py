@@ -40,7 +40,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from frugalm.atomic import atomic_folder, check_output_folder
 from frugalm.errors import ModelError
+from frugalm.models import load_model, read_config
+from frugalm.runtime.quant_linear import QuantLinear
 
 FORMAT = "compressed-tensors"
 
@@ -64,12 +67,14 @@ def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.Pat
     `quantization_config`, the safetensors weights and the tokenizer.
     """
     from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        QuantizationStatus,
+    )
     from transformers import AutoModelForCausalLM
 
-    from frugalm.atomic import atomic_folder, check_output_folder
-    from frugalm.models import load_model, read_config
-    from frugalm.techniques.quant_pack import QuantLinear
 
     check_output_folder(out_dir, force=force)  # before any work: never replace a folder frugalm did not write
     lm = load_model(artifact, fast_kernels=False)

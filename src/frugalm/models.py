@@ -16,7 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from frugalm.assets import DEFAULT_MODEL_DIR
+from frugalm.atomic import atomic_folder
 from frugalm.errors import ConfigError, ModelError, suggest
+from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
+from frugalm.runtime.quant_linear import (
+    Int8Linear,
+    QuantLinear,
+    set_linear_formats_,
+    to_fast_kernels_,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -55,9 +64,8 @@ def resolve_model(ref: str | os.PathLike | None) -> ModelSource:
     that looks like a hub id ("org/name") is looked up in the local hub cache, then downloaded.
     """
     if ref is None or str(ref) == DEFAULT_MODEL_NAME:
-        from frugalm.default_model import default_model_dir
 
-        return ModelSource(DEFAULT_MODEL_NAME, check_model_folder(default_model_dir(), DEFAULT_MODEL_NAME))
+        return ModelSource(DEFAULT_MODEL_NAME, check_model_folder(DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME))
     text = str(ref)
     path = Path(text).expanduser()
     if path.exists():
@@ -228,7 +236,6 @@ def load_model(ref: str | os.PathLike | None = None, *, device: str = "cpu", dty
     model.to(dev).eval()
     inference = (meta or {}).get("inference") or {}
     if meta and meta.get("packed_layers"):
-        from frugalm.techniques.quant_pack import set_linear_formats_, to_fast_kernels_
 
         set_linear_formats_(model, inference.get("linear_formats"))  # None: saved before formats were recorded
         if fast_kernels and dev.type == "cpu":
@@ -236,18 +243,6 @@ def load_model(ref: str | os.PathLike | None = None, *, device: str = "cpu", dty
     if inference:
         setattr(model, INFERENCE_ATTR, inference)
     return LoadedModel(model, tokenizer, source, dev, dt, inference)
-
-
-def kernel_summary(model: nn.Module) -> dict[str, int]:
-    """How many linear layers run on which kernel: dense float, a low-bit kernel, or dequantized."""
-    from frugalm.techniques.base import is_linear
-
-    counts: dict[str, int] = {}
-    for m in model.modules():
-        kernel = getattr(m, "kernel", None) or ("dense" if is_linear(m) else None)
-        if kernel:
-            counts[kernel] = counts.get(kernel, 0) + 1
-    return counts
 
 
 def load_tokenizer(source: ModelSource):
@@ -285,22 +280,8 @@ def read_config(source: ModelSource):
 
 METADATA_FILE = "frugalm.json"
 ARTIFACT_FORMAT = "frugalm-artifact v1"
-INFERENCE_ATTR = "frugalm_inference"
-"""Model attribute holding its inference settings (a plain dict), set by techniques like kv_cache_quant."""
-
-
-def inference_settings(model: nn.Module) -> dict:
-    """How `model` is meant to run beyond its weights (e.g. {"kv_cache": {"bits": 8, ...}}); {} for plain runs.
-
-    Saved as "inference" in frugalm.json and restored by `load_model`, so a variant measured later
-    runs the way its recipe set it up.
-    """
-    return getattr(model, INFERENCE_ATTR, None) or {}
-
-
 def packed_layers(model: nn.Module) -> dict[str, dict]:
     """Shapes of every packed quantized layer, enough to rebuild its empty module before loading."""
-    from frugalm.techniques.quant_pack import Int8Linear, QuantLinear
 
     layers = {}
     for name, m in model.named_modules():
@@ -316,7 +297,6 @@ def save_variant(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metada
 
     An existing `out_dir` is replaced only if frugalm wrote it (or `force`).
     """
-    from frugalm.atomic import atomic_folder
 
     with atomic_folder(out_dir, force=force) as tmp:
         model.save_pretrained(tmp)
@@ -336,7 +316,6 @@ def _load_packed(source: ModelSource, meta: dict, dtype) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from frugalm.techniques.quant_pack import QuantLinear
 
     config = read_config(source)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -27,14 +27,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from frugalm.atomic import OWNED_BY, check_output_folder, write_text_atomic
-from frugalm.bench import BenchConfig, bench, prepare
+from frugalm.benchmark.api import BenchConfig, bench, prepare
+from frugalm.benchmark.runner import Progress, warm_children
 from frugalm.errors import ConfigError, FrugalmError, MeasurementError, suggest
 from frugalm.measure.metrics import BENCHMARK_VERSION
-from frugalm.pareto import Constraint
-from frugalm.measure.runner import Progress, warm_children
+from frugalm.measure.quality import PerplexityProtocol
 from frugalm.models import METADATA_FILE, ModelSource, check_weights, resolve_model
-from frugalm.pipeline import RunConfig, run_recipe
-from frugalm.recipe import SHIPPED_DIR, Recipe, load_recipe, name_problems, recipe_to_dict
+from frugalm.pareto import Constraint
+from frugalm.recipe import (
+    SHIPPED_DIR,
+    Recipe,
+    load_recipe,
+    name_problems,
+    recipe_to_dict,
+)
+from frugalm.report.build import build_report_data, write_reports
+from frugalm.run import RunConfig, run_recipe
 from frugalm.store import Run, Store
 
 DEFAULT_CONSTRAINTS = ("ppl_tok<=+5%", "ppl_tok<=+20%")
@@ -54,7 +62,6 @@ class OptimizeConfig:
 
 
 def _fast_protocol():
-    from frugalm.measure.quality import PerplexityProtocol
 
     return PerplexityProtocol(max_tokens=16_384, robust_tokens=4_096)
 
@@ -181,7 +188,6 @@ def optimize(model: str | os.PathLike | None = None, config: OptimizeConfig = Op
         baseline = _baseline(source, config, db, _key(settings, "baseline"), progress, say)
         variants = [_variant(name, recipe, source, config, db, _key(settings, recipe_to_dict(recipe), str(out)), out, state, progress, say) for name, recipe in recipes]
         control = _baseline(source, config, db, _key(settings, "baseline", "control"), progress, say, label="baseline again (run-to-run noise)")
-        from frugalm.report.build import build_report_data, write_reports
 
         session = Run(kind="optimize", model_ref=source.ref, model_path=str(source.path), benchmark_version=BENCHMARK_VERSION,
                       config={"baseline": baseline.run.id, "control": control.run.id, "variants": {v.name: (v.run.id if v.run else None) for v in variants},

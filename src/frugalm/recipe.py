@@ -31,7 +31,8 @@ from typing import Any, Literal
 import yaml
 
 from frugalm.errors import ConfigError, did_you_mean
-from frugalm.safe_yaml import load_yaml, short
+from frugalm.registry import TECHNIQUES, get_technique
+from frugalm.text.yaml_input import load_yaml, short
 
 RECIPE_VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "recipes"
@@ -157,7 +158,6 @@ def build_config(config_cls, options: dict, where: str) -> tuple[Any, list[str]]
 
 
 def _stage(raw, i: int) -> tuple[Stage | None, list[str]]:
-    from frugalm.registry import TECHNIQUES, get_technique
 
     where = f"stages[{i}]"
     if not isinstance(raw, dict) or "technique" not in raw:

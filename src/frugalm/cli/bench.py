@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from frugalm.bench import bench
+    from frugalm.benchmark.api import bench
     from frugalm.cli.progress import ProgressLine
 
     progress = ProgressLine(enabled=not args.quiet)

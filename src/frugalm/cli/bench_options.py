@@ -26,7 +26,7 @@ def add_bench_options(p) -> None:
 
 
 def bench_config(args, reference: str | None = None):
-    from frugalm.bench import BenchConfig
+    from frugalm.benchmark.api import BenchConfig
     from frugalm.measure.quality import PerplexityProtocol
 
     return BenchConfig(

@@ -60,8 +60,8 @@ def _profiles(args) -> str:
 
 def _techniques(args) -> str:
     """Generated from the registry: each technique, then each option with its type, default and doc."""
-    from frugalm.registry import TECHNIQUES, get_technique
     from frugalm.recipe import option_docs
+    from frugalm.registry import TECHNIQUES, get_technique
 
     blocks = []
     for name in TECHNIQUES:

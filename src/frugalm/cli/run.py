@@ -21,8 +21,8 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from frugalm.cli.progress import ProgressLine
-    from frugalm.pipeline import RunConfig, run_recipe
     from frugalm.recipe import dump_recipe, load_recipe
+    from frugalm.run import RunConfig, run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     print(f"# resolved recipe\n{dump_recipe(recipe)}", file=sys.stderr)

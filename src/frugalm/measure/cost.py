@@ -11,10 +11,10 @@ import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from frugalm.assets import PROFILES_PATH
 from frugalm.errors import ConfigError, suggest
-from frugalm.safe_yaml import load_yaml
+from frugalm.text.yaml_input import load_yaml
 
-BUILTIN_PROFILES = Path(__file__).resolve().parent.parent / "data" / "profiles.yaml"
 USER_PROFILES = Path("~/.config/frugalm/profiles.yaml")
 DEFAULT_PROFILE = {"cpu": "cloud-cpu-2vcpu", "cuda": "cloud-h100"}
 
@@ -69,7 +69,7 @@ def _read_profiles(path: Path) -> dict[str, HardwareProfile]:
 
 def load_profiles(extra: str | os.PathLike | None = None) -> dict[str, HardwareProfile]:
     """Built-in profiles, overridden by the user's file and then by `extra` (or FRUGALM_PROFILES)."""
-    profiles = _read_profiles(BUILTIN_PROFILES)
+    profiles = _read_profiles(PROFILES_PATH)
     user = USER_PROFILES.expanduser()
     if user.is_file():
         profiles.update(_read_profiles(user))

@@ -22,6 +22,9 @@ from pathlib import Path
 from frugalm.atomic import write_text_atomic
 from frugalm.measure.metrics import METRICS, get_metric
 from frugalm.pareto import Constraint, hypervolume, non_dominated, satisfying
+from frugalm.report.html import render_html
+from frugalm.report.markdown import render_markdown
+from frugalm.report.scorecard import kernel_line, kernel_protocol, speed_kernel_note
 from frugalm.store import Run, Store
 
 QUALITY = "ppl_tok"
@@ -55,7 +58,6 @@ def _figures(db: Store, run: Run) -> dict[str, dict]:
 
 def _kernels(db: Store, run: Run) -> dict:
     """The run's kernel summary (formats named) and its "no speed kernel" note, from the measuring child's protocols."""
-    from frugalm.report.scorecard import kernel_line, kernel_protocol, speed_kernel_note
 
     measurements = db.measurements(run.id)
     return {"kernels": kernel_line(kernel_protocol(measurements)), "speed_kernel": speed_kernel_note(measurements)}
@@ -209,8 +211,6 @@ def write_reports(data: dict, out_dir: Path) -> dict[str, Path]:
 
 def render_all(data: dict, stem: Path) -> dict[str, Path]:
     """Write STEM.html, STEM.md and STEM.json, each atomically (complete or absent)."""
-    from frugalm.report.html import render_html
-    from frugalm.report.markdown import render_markdown
 
     paths = {"html": stem.with_suffix(".html"), "md": stem.with_suffix(".md"), "json": stem.with_suffix(".json")}
     write_text_atomic(paths["json"], json.dumps(data, indent=2, default=str))

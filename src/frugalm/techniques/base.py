@@ -16,11 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from frugalm.errors import FrugalmError
-
-
-class TechniqueError(FrugalmError):
-    """A technique's options do not fit the model (no layer matched, a width not divisible...)."""
+from frugalm.errors import TechniqueError
+from frugalm.measure.cost import get_profile
+from frugalm.measure.memory import params_count
+from frugalm.runtime.modules import is_linear
 
 
 @dataclass(frozen=True)
@@ -74,18 +73,12 @@ class Context:
 
     def hardware_profile(self, device_type: str):
         """The HardwareProfile named by `profile` (from `profiles_file` or the built-in ones) for a device type."""
-        from frugalm.measure.cost import get_profile
 
         return get_profile(self.profile, device_type, self.profiles_file)
 
     def report(self, step: str, done: int, total: int) -> None:
         if self.progress:
             self.progress(step, done, total)
-
-
-def is_linear(module: nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) is a Linear with its weight stored (in, out).
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
 def select_linears(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] = ("lm_head",), *, technique: str = "") -> list[tuple[str, nn.Module]]:
@@ -105,12 +98,6 @@ def select_linears(model: nn.Module, targets: tuple[str, ...], exclude: tuple[st
     return chosen
 
 
-def weight_out_in(module: nn.Module) -> torch.Tensor:
-    """The weight as (out_features, in_features), a view for nn.Linear, transposed for Conv1D."""
-    w = module.weight
-    return w.t() if type(module).__name__ == "Conv1D" else w
-
-
 def embedding_params(model: nn.Module) -> tuple[int, int]:
     """(input embedding, output head) parameters; the head counts 0 when tied to the embedding."""
     if not hasattr(model, "get_input_embeddings"):  # a bare module, not a language model
@@ -128,7 +115,6 @@ def record_change(ctx: Context, technique: str, layers: list[str], params_change
     """Log what a stage changed: the layers, and the parameters changed as a fraction of all of
     them and of the non-embedding ones (embeddings and the output head are counted apart: in
     small models they are a large share)."""
-    from frugalm.measure.memory import params_count
 
     total = params_count(model)
     n_emb, n_head = embedding_params(model)

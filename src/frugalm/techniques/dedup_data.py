@@ -1,4 +1,4 @@
-"""A data stage: near-duplicate removal of the training text (MinHash LSH, see frugalm.dedup).
+"""A data stage: near-duplicate removal of the training text (MinHash LSH, see frugalm.text.dedup).
 
 Changes no weight. It replaces the training text that later training stages of the recipe read
 by default (the run's evaluation text minus its evaluated part, or this stage's own `data`
@@ -14,9 +14,10 @@ from pathlib import Path
 
 from torch import nn
 
-from frugalm.dedup import DedupConfig, minhash_dedup
 from frugalm.errors import DataError
 from frugalm.techniques.base import Context, Technique
+from frugalm.text.dedup import DedupConfig, minhash_dedup
+from frugalm.text.files import read_text, split_documents
 
 REPORTED_REMOVALS = 100
 """Removals listed one by one in the change record (all are counted)."""
@@ -29,7 +30,6 @@ class DedupDataConfig(DedupConfig):
 
 
 def apply(model: nn.Module, config: DedupDataConfig, ctx: Context) -> nn.Module:
-    from frugalm.data import read_text, split_documents
 
     if config.data is not None:
         docs, source = split_documents(read_text(Path(config.data).expanduser())), config.data

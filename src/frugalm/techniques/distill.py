@@ -27,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, TechniqueError, record_change
+from frugalm.errors import TechniqueError
+from frugalm.models import load_model
+from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.prune_structured import ARCHS, remove_layers_
 from frugalm.techniques.training_stage import TrainingOptions, run_training
 
 
@@ -74,7 +77,6 @@ def evenly_spaced(n: int, keep: int) -> list[int]:
 
 def layer_dropped_copy(teacher: nn.Module, config: DistillConfig) -> tuple[nn.Module, list[int]]:
     """A deep copy of the teacher keeping `layers` (or keep_layers of them), and the kept indices."""
-    from frugalm.techniques.prune_structured import ARCHS, remove_layers_
 
     model_type = getattr(teacher.config, "model_type", type(teacher).__name__)
     if model_type not in ARCHS:
@@ -92,7 +94,6 @@ def layer_dropped_copy(teacher: nn.Module, config: DistillConfig) -> tuple[nn.Mo
 
 def load_student(path: str, teacher_tokenizer, device) -> nn.Module:
     """The given student model; refuses one whose tokenizer differs from the teacher's."""
-    from frugalm.models import load_model
 
     lm = load_model(path, device=str(device), fast_kernels=False)
     if lm.tokenizer.get_vocab() != teacher_tokenizer.get_vocab():

@@ -30,8 +30,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, TechniqueError, is_linear, record_change
-from frugalm.techniques.quant_pack import QuantLinear, pack, unpack
+from frugalm.errors import TechniqueError
+from frugalm.runtime.modules import is_linear
+from frugalm.runtime.quant_linear import QuantLinear, pack, unpack
+from frugalm.techniques.base import Context, Technique, record_change
 from frugalm.techniques.training_stage import TrainingOptions, run_training
 
 

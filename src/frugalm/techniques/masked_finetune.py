@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, TechniqueError, record_change
+from frugalm.errors import TechniqueError
+from frugalm.techniques.base import Context, Technique, record_change
 from frugalm.techniques.training_stage import TrainingOptions, run_training
 
 GROUPS = ("biases", "norms", "embeddings")

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, TechniqueError, record_change, select_linears, weight_out_in
+from frugalm.errors import TechniqueError
+from frugalm.runtime.modules import weight_out_in
+from frugalm.techniques.base import Context, Technique, record_change, select_linears
 
 DEFAULT_TARGETS = ("*.mlp.*", "*.self_attn.*", "*.attn.*", "*.attention.*", "*.fc1", "*.fc2")
 """Attention and MLP linears of Llama/Qwen2 (self_attn, mlp), GPT-2 (attn, mlp), GPT-NeoX (attention, mlp) and OPT (self_attn, fc1, fc2)."""

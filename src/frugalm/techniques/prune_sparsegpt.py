@@ -26,8 +26,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, TechniqueError, record_change, weight_out_in
-from frugalm.techniques.prune_magnitude import DEFAULT_TARGETS, parse_pattern, pattern_problems, prune_mask, pruning_targets, sparsity_details
+from frugalm.errors import TechniqueError
+from frugalm.runtime.modules import weight_out_in
+from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.prune_magnitude import (
+    DEFAULT_TARGETS,
+    parse_pattern,
+    pattern_problems,
+    prune_mask,
+    pruning_targets,
+    sparsity_details,
+)
 from frugalm.techniques.prune_wanda import calibrated_groups
 
 

@@ -39,8 +39,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, TechniqueError, record_change, weight_out_in
-from frugalm.techniques.calibrate import collect_input_stats
+from frugalm.errors import TechniqueError
+from frugalm.runtime.modules import weight_out_in
+from frugalm.techniques._calibrate import collect_input_stats
+from frugalm.techniques.base import Context, Technique, record_change
 
 UNITS = ("mlp_channels", "heads", "layers")
 IMPORTANCES = ("magnitude", "activation")

@@ -25,9 +25,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, TechniqueError, record_change, weight_out_in
-from frugalm.techniques.calibrate import InputStats, collect_input_stats
-from frugalm.techniques.prune_magnitude import DEFAULT_TARGETS, pattern_problems, prune_mask, pruning_targets, sparsity_details, zero_masked_
+from frugalm.errors import TechniqueError
+from frugalm.runtime.modules import weight_out_in
+from frugalm.techniques._calibrate import InputStats, collect_input_stats
+from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.prune_magnitude import (
+    DEFAULT_TARGETS,
+    pattern_problems,
+    prune_mask,
+    pruning_targets,
+    sparsity_details,
+    zero_masked_,
+)
 
 
 @dataclass(frozen=True, kw_only=True)

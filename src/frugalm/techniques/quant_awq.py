@@ -40,10 +40,20 @@ from typing import Literal
 import torch
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, is_linear, select_linears, weight_out_in
+from frugalm.runtime.modules import is_linear, weight_out_in
+from frugalm.runtime.quant_linear import dequantize_groups, quantize_groups
+from frugalm.techniques.base import Context, Technique, select_linears
 from frugalm.techniques.quant_gptq import BlockCalibration, calibrate_blockwise
-from frugalm.techniques.quant_pack import dequantize_groups, quantize_groups
-from frugalm.techniques.quant_rtn import DEFAULT_TARGETS, ByteCount, check_config, check_widths, quant_linear, quant_problems, record_quant_change, replace_module_
+from frugalm.techniques.quant_rtn import (
+    DEFAULT_TARGETS,
+    ByteCount,
+    check_config,
+    check_widths,
+    quant_linear,
+    quant_problems,
+    record_quant_change,
+    replace_module_,
+)
 
 CLIP_STEPS = 10
 """Clipping ranges tried: max|w| * (1 - i / 20) for i < 10 (the reference's max_shrink 0.5, 20-point grid)."""

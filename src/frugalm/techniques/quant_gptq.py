@@ -39,10 +39,21 @@ from typing import Literal
 import torch
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, TechniqueError, select_linears, weight_out_in
-from frugalm.techniques.calibrate import InputStats, collect_input_stats
-from frugalm.techniques.quant_pack import quantize_groups, range_params
-from frugalm.techniques.quant_rtn import DEFAULT_TARGETS, ByteCount, check_config, check_widths, quant_linear, quant_problems, record_quant_change, replace_module_
+from frugalm.errors import TechniqueError
+from frugalm.runtime.modules import weight_out_in
+from frugalm.runtime.quant_linear import quantize_groups, range_params
+from frugalm.techniques._calibrate import InputStats, collect_input_stats
+from frugalm.techniques.base import Context, Technique, select_linears
+from frugalm.techniques.quant_rtn import (
+    DEFAULT_TARGETS,
+    ByteCount,
+    check_config,
+    check_widths,
+    quant_linear,
+    quant_problems,
+    record_quant_change,
+    replace_module_,
+)
 
 CALIBRATION_BATCH = 8
 """Calibration sequences per forward pass."""

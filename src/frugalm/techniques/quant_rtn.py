@@ -25,8 +25,10 @@ from typing import Literal
 import torch
 from torch import nn
 
-from frugalm.techniques.base import Context, Technique, TechniqueError, record_change, select_linears, weight_out_in
-from frugalm.techniques.quant_pack import QuantLinear, format_name, quantize_groups
+from frugalm.errors import TechniqueError
+from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, weight_out_in
+from frugalm.runtime.quant_linear import QuantLinear, format_name, quantize_groups
+from frugalm.techniques.base import Context, Technique, record_change, select_linears
 
 DEFAULT_TARGETS = ("*.mlp.*", "*.self_attn.*", "*.attn.*", "*.attention.*")
 """Attention and MLP linears of Llama/Qwen2/OPT (self_attn, mlp), GPT-2 (attn, mlp) and GPT-NeoX (attention, mlp)."""
@@ -131,7 +133,6 @@ def set_format_(model: nn.Module, layers: list[str], bits: int, activations: str
     """Give the quantized `layers` their activations and list them under their format in the
     model's inference settings (saved in frugalm.json as inference.linear_formats, read back by
     load_model to pick each layer's kernel). Returns the format's name."""
-    from frugalm.models import INFERENCE_ATTR, inference_settings
 
     fmt = format_name(bits, activations)
     for name in layers:

@@ -20,9 +20,21 @@ from typing import Literal
 import torch
 from torch import nn
 
-from frugalm.errors import DataError
-from frugalm.techniques.base import Context, TechniqueError
-from frugalm.training.loop import LossFn, TrainConfig, TrainResult, causal_lm_loss, config_problems, process_group, train
+from frugalm.errors import DataError, TechniqueError
+from frugalm.models import context_length
+from frugalm.techniques.base import Context
+from frugalm.text.encode import encode_documents
+from frugalm.text.files import read_text, split_documents
+from frugalm.training.importance import ImportanceWindows
+from frugalm.training.loop import (
+    LossFn,
+    TrainConfig,
+    TrainResult,
+    causal_lm_loss,
+    config_problems,
+    process_group,
+    train,
+)
 
 SAMPLINGS = ("uniform", "importance")
 
@@ -60,7 +72,7 @@ class TrainingOptions:
     log_every: int = 20
     """Record the mean training loss every this many steps."""
     sampling: Literal["uniform", "importance"] = "uniform"
-    """How windows are drawn: 'uniform' from the text, or 'importance': every rescore_every steps a pool of random windows is scored with the model being trained and batches drawn from it with probability growing with the loss (frugalm.importance; the scoring's FLOPs count as training cost)."""
+    """How windows are drawn: 'uniform' from the text, or 'importance': every rescore_every steps a pool of random windows is scored with the model being trained and batches drawn from it with probability growing with the loss (frugalm.training.importance; the scoring's FLOPs count as training cost)."""
     sampling_pool: int = 256
     """Windows scored per rescoring (importance sampling): one forward pass each."""
     sampling_power: float = 1.0
@@ -87,7 +99,6 @@ class TrainingOptions:
 
 def train_config(options: TrainingOptions, model: nn.Module, ctx: Context) -> TrainConfig:
     """The loop's config from a stage's options; seq_len capped at the model's context."""
-    from frugalm.models import context_length
 
     names = {f.name for f in fields(TrainConfig)} - {"checkpoint_dir", "seq_len"}
     context = context_length(model.config) if hasattr(model, "config") else None
@@ -97,8 +108,6 @@ def train_config(options: TrainingOptions, model: nn.Module, ctx: Context) -> Tr
 
 def training_tokens(options: TrainingOptions, ctx: Context, technique: str, seq_len: int) -> tuple[torch.Tensor, dict]:
     """1-D token stream of the stage's training text ([BOS] + tokens per document) and its description."""
-    from frugalm.data import read_text, split_documents
-    from frugalm.measure.quality import encode_documents
 
     if ctx.tokenizer is None:
         raise TechniqueError(f"{technique}: the stage needs the model's tokenizer in its Context (Context(tokenizer=...)); run it through a recipe or pass one")
@@ -128,7 +137,6 @@ def run_training(model: nn.Module, options: TrainingOptions, ctx: Context, techn
     tokens, text = training_tokens(options, ctx, technique, config.seq_len)
     data, sampler = tokens, None
     if options.sampling == "importance":
-        from frugalm.importance import ImportanceWindows
 
         rank, world = process_group()
         data = sampler = ImportanceWindows(

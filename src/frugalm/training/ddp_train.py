@@ -1,6 +1,6 @@
 """A seeded data-parallel training run with measured gradient communication, runnable by torchrun.
 
-    torchrun --nproc-per-node 2 -m frugalm.training.ddp_train --model tiny --steps 10 \\
+    torchrun --nproc-per-node 2 -m frugalm.cli.ddp_train --model tiny --steps 10 \\
         --compression none,fp16,powersgd --out ddp.json
 
 For each compression in the list, every process builds the same model from the same seed,
@@ -8,8 +8,8 @@ wraps it with frugalm.training.distributed (counted DDP comm hook) and trains it
 training loop (frugalm.training.loop.train) for --steps steps on windows of the text. Rank 0
 writes one JSON document atomically: per run, the per-step loss curve (mean over processes),
 bytes handed to collectives per step, the expected fp32 gradient bytes per step
-(4 x trainable parameters), step times and wall time. `launch()` runs this module under
-torchrun from Python and returns that document.
+(4 x trainable parameters), step times and wall time. `frugalm.cli.ddp_train` is the
+entry point torchrun starts; its `launch()` runs it from Python and returns that document.
 
 --model is `tiny` (a 2-layer Llama built in code, byte-level: token ids are UTF-8 bytes), a
 config .json (random weights of those shapes; --layers may cut the depth), or a model folder /
@@ -23,9 +23,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -33,8 +30,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from frugalm.errors import ConfigError, DataError, FrugalmError
-from frugalm.training.distributed import COMPRESSIONS, CommConfig, DistInfo, gradient_bytes, make_wrapper, setup_distributed, teardown_distributed
+from frugalm.assets import DEFAULT_EVAL_PATH
+from frugalm.errors import ConfigError, DataError
+from frugalm.measure.metrics import BENCHMARK_VERSION, Measurement
+from frugalm.models import load_model
+from frugalm.store import Run, Store
+from frugalm.text.files import read_text
+from frugalm.training.distributed import (
+    CommConfig,
+    DistInfo,
+    gradient_bytes,
+    make_wrapper,
+    setup_distributed,
+    teardown_distributed,
+)
 from frugalm.training.loop import TrainConfig, causal_lm_loss, train
 
 TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -58,7 +67,6 @@ def build_model(spec: str, seed: int, layers: int | None = None) -> tuple[nn.Mod
         if layers:
             config.num_hidden_layers, desc = layers, desc + f", cut to {layers} layers"
         return AutoModelForCausalLM.from_config(config), None, desc
-    from frugalm.models import load_model
 
     loaded = load_model(spec)
     model = loaded.model.train()
@@ -105,40 +113,8 @@ def train_ddp(model: nn.Module, tokens: torch.Tensor, config: TrainConfig, comm:
     }
 
 
-def write_json_atomic(path: str | os.PathLike, doc: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".partial")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m frugalm.training.ddp_train", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="'tiny', a config .json (random weights) or a model folder / reference")
-    p.add_argument("--tokenizer", help="tokenizer folder (default: the model's, else UTF-8 bytes)")
-    p.add_argument("--layers", type=int, help="cut a config's depth to this many layers")
-    p.add_argument("--data", help="training text (default: frugalm's built-in evaluation text)")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=4, help="windows per process per step")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup-steps", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compression", default="none", help=f"comma-separated list, one run each: {', '.join(COMPRESSIONS)}")
-    p.add_argument("--powersgd-rank", type=int, default=4)
-    p.add_argument("--powersgd-start-step", type=int, default=2)
-    p.add_argument("--bucket-cap-mb", type=float, default=25.0)
-    p.add_argument("--no-count-flops", action="store_true", help="skip counting one step's FLOPs before training")
-    p.add_argument("--out", required=True, help="JSON result file (written by rank 0, atomically)")
-    p.add_argument("--store", help="also store each run, with its communicated bytes and loss curve, in this frugalm results store")
-    return p.parse_args(argv)
-
-
 def run(args: argparse.Namespace) -> dict:
-    from frugalm.data import read_text
-
+    """This process's share of the runs the parsed options ask for; rank 0's document of all of them."""
     comms = [CommConfig(compression=c.strip(), powersgd_rank=args.powersgd_rank, powersgd_start_step=args.powersgd_start_step,
                         bucket_cap_mb=args.bucket_cap_mb, seed=args.seed) for c in args.compression.split(",")]  # fmt: skip
     problems = [p for c in comms for p in c.problems()]
@@ -150,9 +126,7 @@ def run(args: argparse.Namespace) -> dict:
         if args.data:
             text = read_text(args.data)
         else:
-            from frugalm.default_model import default_eval_path
-
-            text = read_text(default_eval_path())
+            text = read_text(DEFAULT_EVAL_PATH)
         runs, desc = [], ""
         for comm in comms:
             model, tokenizer, desc = build_model(args.model, args.seed, args.layers)
@@ -175,24 +149,8 @@ def run(args: argparse.Namespace) -> dict:
         teardown_distributed()
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        doc = run(args)
-    except FrugalmError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_json_atomic(args.out, doc)
-        if args.store:
-            store_runs(doc, args.store)
-    return 0
-
-
 def store_runs(doc: dict, store_path: str | os.PathLike) -> list[str]:
     """One stored run per compression: bytes communicated (network), wall time, tokens, FLOPs; the curves in its config."""
-    from frugalm.measure.metrics import BENCHMARK_VERSION, Measurement
-    from frugalm.store import Run, Store
 
     setting = {k: doc[k] for k in ("world_size", "backend", "device", "model", "data", "tokens", "train", "threads_per_process")}
     environment = {k: doc[k] for k in ("torch", "python", "machine")}
@@ -212,21 +170,3 @@ def store_runs(doc: dict, store_path: str | os.PathLike) -> list[str]:
                       config={**setting, "compression": r["comm"], **curves}, wall_s=r["wall_time_s"])
             ids.append(db.add_run(run, figures))
     return ids
-
-
-def launch(args: list[str], nproc: int = 2, timeout_s: float = 600) -> dict:
-    """Run this module under torchrun with `args` (no --out) and return rank 0's JSON document."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "ddp.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "frugalm.training.ddp_train", *args, "--out", str(out)]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-        if proc.returncode != 0 or not out.exists():
-            errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-            tail = errors[0] if errors else " | ".join(proc.stderr.strip().splitlines()[-5:])
-            raise FrugalmError(f"data-parallel run failed (exit {proc.returncode}): {tail}")
-        return json.loads(out.read_text())
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -43,6 +43,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugalm.errors import ConfigError, DataError
+from frugalm.measure.compute import _EXTRA_FLOP_FORMULAS
+from frugalm.measure.cost import get_profile
+from frugalm.measure.energy import EnergyMeter
 from frugalm.training import checkpoint as ckpt
 
 if TYPE_CHECKING:
@@ -275,8 +278,6 @@ def train(
         run = _restore(model, optimizer, generator, state)
     if config.gradient_checkpointing:
         _set_checkpointing(model, True)
-    from frugalm.measure.cost import get_profile
-    from frugalm.measure.energy import EnergyMeter
 
     model.train()
     flops_per_step = _count_step_flops(model, loss_fn, config, device) if count_flops else None  # before wrapping: no collectives
@@ -356,7 +357,6 @@ def _count_step_flops(model: nn.Module, loss_fn: LossFn, config: TrainConfig, de
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    from frugalm.measure.compute import _EXTRA_FLOP_FORMULAS
 
     rng = torch.get_rng_state()
     probe = torch.zeros(config.batch_size, config.seq_len + 1, dtype=torch.long, device=device)

@@ -12,16 +12,32 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from frugalm.data import check_text_file
+from frugalm.assets import DEFAULT_EVAL_PATH
+from frugalm.benchmark.child import BenchSpec
+from frugalm.benchmark.runner import ChildCrash, Progress, run_child
 from frugalm.errors import DataError
 from frugalm.measure.cost import get_profile
-from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement, check_metric_names
-from frugalm.measure.quality import PerplexityProtocol, describe_data, evaluated_documents
-from frugalm.measure.runner import ChildCrash, Progress, run_child
-from frugalm.measure.scorecard import BenchSpec
+from frugalm.measure.metrics import (
+    BENCHMARK_VERSION,
+    METRICS,
+    Measurement,
+    check_metric_names,
+)
+from frugalm.measure.quality import PerplexityProtocol, describe_data
 from frugalm.measure.workloads import DEFAULT_WORKLOADS, fit_to_context, get_workloads
-from frugalm.models import ModelSource, check_weights, context_length, read_config, resolve_model, torch_device, torch_dtype
+from frugalm.models import (
+    ModelSource,
+    check_weights,
+    context_length,
+    load_tokenizer,
+    read_config,
+    resolve_model,
+    torch_device,
+    torch_dtype,
+)
 from frugalm.store import Run, Store
+from frugalm.text.encode import evaluated_documents
+from frugalm.text.files import check_text_file
 
 
 @dataclass(frozen=True)
@@ -81,10 +97,8 @@ def _evaluated_text(source, config: BenchConfig, metrics: list[str]) -> tuple[li
     protocol evaluates (its first max_tokens tokens, which also hold the robustness text) are
     read into memory and shipped to the child, and none when no quality metric is asked for.
     """
-    from frugalm.default_model import default_eval_path
-    from frugalm.models import load_tokenizer
 
-    path = config.data if config.data is not None else default_eval_path()
+    path = config.data if config.data is not None else DEFAULT_EVAL_PATH
     desc = describe_data(str(config.data) if config.data is not None else None, check_text_file(path))
     if not any(METRICS[m].resource == "quality" for m in metrics):
         return [], desc

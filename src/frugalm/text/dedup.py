@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from frugalm.data import DOC_SEPARATOR, split_documents
 from frugalm.errors import ConfigError, DataError, suggest
+from frugalm.text.files import DOC_SEPARATOR, split_documents
 
 SHINGLES = ("word", "char")
 VERIFY = ("exact", "minhash")
@@ -198,7 +198,7 @@ def minhash_dedup(docs: Sequence[str], config: DedupConfig = DedupConfig()) -> D
 
     check_config(config)
     if isinstance(docs, (str, bytes)) or not all(isinstance(d, str) for d in docs):
-        raise DataError("minhash_dedup: pass a list of document strings (split a text with dedup_text or frugalm.data.split_documents)")
+        raise DataError("minhash_dedup: pass a list of document strings (split a text with dedup_text or frugalm.text.files.split_documents)")
     if len(docs) == 0:
         raise DataError("minhash_dedup: no documents to deduplicate; pass at least one document")
     start = time.perf_counter()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+import frugalm
+from frugalm.errors import ModelError
 from frugalm.measure import compute, memory, network
 from frugalm.measure.cost import HardwareProfile, grams_co2e, usd
 from frugalm.measure.energy import EnergyMeter
@@ -22,6 +24,10 @@ from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement
 from frugalm.measure.quality import PerplexityProtocol, measure_quality
 from frugalm.measure.stats import percentile, spread
 from frugalm.measure.workloads import Workload
+from frugalm.models import context_length, load_model
+from frugalm.runtime.kv_cache import cache_factory
+from frugalm.runtime.modules import inference_settings, kernel_summary
+from frugalm.runtime.quant_linear import format_summary
 
 Emit = Callable[[str, int, int], None]
 
@@ -62,7 +68,6 @@ def interpreter_baseline(model_path: str) -> int:
 
 def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     """All selected metrics of the spec's model, and the interpreter baseline RSS (bytes)."""
-    from frugalm.models import load_model
 
     baseline_rss = interpreter_baseline(spec.model_path)
     emit("loading model", 0, 1)
@@ -70,7 +75,6 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     emit("loading model", 1, 1)
     out = _static(lm.model, Path(spec.model_path), spec)
     profile = HardwareProfile(**spec.profile)
-    from frugalm.techniques.kv_cache_quant import cache_factory
 
     kv_cache = cache_factory(lm.model, lm.inference)  # the artifact's quantized KV cache, if it has one
     # Workloads before the quality passes: those allocate large logits tensors whose freed
@@ -99,7 +103,6 @@ def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:
 
 
 def _quality(lm, spec: BenchSpec, emit: Emit) -> list[Measurement]:
-    from frugalm.models import context_length, load_model
 
     reference = None
     if spec.reference_path:
@@ -112,7 +115,6 @@ def _quality(lm, spec: BenchSpec, emit: Emit) -> list[Measurement]:
 
 
 def _check_same_tokenizer(tok, ref_tok, ref_path: str) -> None:
-    from frugalm.errors import ModelError
 
     if tok.get_vocab() != ref_tok.get_vocab():
         raise ModelError(f"reference model '{ref_path}' has a different tokenizer; fidelity (KL, top-1 agreement) needs the same vocabulary: pass a reference with the same tokenizer")
@@ -120,7 +122,6 @@ def _check_same_tokenizer(tok, ref_tok, ref_path: str) -> None:
 
 def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProfile, baseline_rss: int, emit: Emit, kv_cache=None) -> list[Measurement]:
     label = f"workload {w.name}"
-    from frugalm.models import inference_settings
 
     kv = inference_settings(model).get("kv_cache")  # what kv_cache (the cache factory) builds
     wp = {"workload": w.to_dict(), "warmup": spec.warmup, "repetitions": spec.repetitions, "device": str(device), "dtype": spec.dtype, **kernel_protocol(model),
@@ -149,8 +150,6 @@ def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProf
 
 def kernel_protocol(model) -> dict:
     """What runs the linear layers: counts per kernel, quantized layers per format and kernel, and torch's quantized engine."""
-    from frugalm.models import kernel_summary
-    from frugalm.techniques.quant_pack import format_summary
 
     formats = format_summary(model)
     out = {"kernels": kernel_summary(model), "formats": formats}
@@ -200,7 +199,6 @@ def environment(device: str) -> dict:
     """Hardware and software the figures were taken on."""
     import transformers
 
-    import frugalm
 
     env = {
         "benchmark_version": BENCHMARK_VERSION,

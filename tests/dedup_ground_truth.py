@@ -7,9 +7,9 @@ copies (many edits: typically 0.3-0.7, near but not duplicates, to test precisio
 different families share no shingle in practice (independent random words), which
 `cross_family_max_jaccard` checks on a sample. The documents are shuffled.
 
-Ground truth applies the same rule as `frugalm.dedup.minhash_dedup`, exactly: in order, a
+Ground truth applies the same rule as `frugalm.text.dedup.minhash_dedup`, exactly: in order, a
 document is a duplicate when the exact Jaccard of its word n-gram set (Python sets of word
-tuples, independent of the hashing in frugalm.dedup) with some earlier kept document is at
+tuples, independent of the hashing in frugalm.text.dedup) with some earlier kept document is at
 least the threshold. Only pairs inside a family are compared (all pairs when the corpus is
 small enough), since pairs across families have Jaccard ~0.
 """
@@ -19,7 +19,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from frugalm.dedup import DedupResult
+from frugalm.text.dedup import DedupResult
 
 
 @dataclass(frozen=True)

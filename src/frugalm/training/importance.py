@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugalm.errors import ConfigError, DataError
+from frugalm.measure.compute import _EXTRA_FLOP_FORMULAS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -208,7 +209,6 @@ def _scoring_flops_per_window(model: nn.Module, seq_len: int) -> int:
     """Counted FLOPs of one window's scoring forward (a probe of token 0: FLOPs do not depend on the values)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from frugalm.measure.compute import _EXTRA_FLOP_FORMULAS
 
     device = next(model.parameters()).device
     probe = torch.zeros(1, seq_len + 1, dtype=torch.long, device=device)

@@ -1,8 +1,9 @@
 """The built-in default model: a ~2.4M-parameter Llama trained here on the Python standard library.
 
 `frugalm bench` with no model argument must run on a fresh machine with no download, so frugalm
-ships a small but real language model in `data/default_model/` and held-out text for it in
-`data/default_eval.txt`. Both are rebuilt by `python -m frugalm.default_model`.
+ships a small but real language model in `src/frugalm/assets/default_model/` and held-out text
+for it in `src/frugalm/assets/default_eval.txt`. Both are rebuilt by
+`python scripts/build_default_model.py` (a build script: nothing in the package imports it).
 
 Corpus: every Python install carries the same kind of text, the standard library's `.py` sources
 and the documentation topics in `pydoc_data/topics.py`. Each file or topic is one document. A
@@ -12,7 +13,7 @@ documents separated by a line containing exactly `<|endoftext|>`.
 
 Tokenizer: byte-level BPE (GPT-2 style, no unknown tokens), 4096 entries, `<s>` BOS, `</s>` EOS.
 Model: `LlamaForCausalLM` with tied embeddings and a 512-token context, trained by
-`frugalm.train` on 512-token windows of the training stream ([BOS] doc [EOS] concatenated).
+`frugalm.training.loop` on 512-token windows of the training stream ([BOS] doc [EOS] concatenated).
 
 It does not aim to be a useful assistant: it is a model whose quality is measurably far above a
 unigram baseline, so that compression techniques have something real to lose.
@@ -32,9 +33,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from frugalm.assets import DEFAULT_MODEL_DIR
 from frugalm.atomic import atomic_folder, write_text_atomic
-from frugalm.data import DOC_SEPARATOR  # a line holding only this ends a document
 from frugalm.errors import DataError
+from frugalm.text.files import DOC_SEPARATOR  # a line holding only this ends a document
+from frugalm.training.loop import TrainConfig, train_causal_lm
 
 HELD_OUT_PER_MILLE = 50
 """Documents whose name hashes below this (out of 1000) are held out."""
@@ -54,16 +57,6 @@ _EXCLUDED_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test"
 _GENERATED = re.compile(r"gencodec\.py|DO NOT EDIT|auto-?generated|automatically generated", re.IGNORECASE)
 
 Progress = Callable[[str], None]
-
-
-def default_model_dir() -> Path:
-    """The shipped model folder, `frugalm/data/default_model/`."""
-    return Path(__file__).parent / "data" / "default_model"
-
-
-def default_eval_path() -> Path:
-    """The shipped held-out evaluation text, `frugalm/data/default_eval.txt`."""
-    return Path(__file__).parent / "data" / "default_eval.txt"
 
 
 # ----------------------------------------------------------------------------- corpus
@@ -145,7 +138,14 @@ def format_eval_text(texts: Iterable[str]) -> str:
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE):
     """Byte-level BPE trained on `texts`, wrapped as a PreTrainedTokenizerFast that adds BOS."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -245,7 +245,6 @@ def model_config(vocab_size: int):
 
 
 def default_train_config(steps: int, seed: int):
-    from frugalm.train import TrainConfig
 
     # Small batches: this budget (~1.5M tokens) is limited by the number of updates. Measured
     # after 491,520 training tokens (perplexity on the first 30,000 held-out tokens): batch
@@ -275,7 +274,7 @@ def build_default_model(
     """Build the default model into `out_dir` and return the build record (also frugalm_build.json).
 
     The held-out evaluation text goes to `eval_text_path` (default: `default_eval.txt` beside
-    out_dir, which for the shipped folder is `default_eval_path()`). `corpus_limit` keeps only
+    out_dir, which for the shipped folder is `DEFAULT_EVAL_PATH`). `corpus_limit` keeps only
     the first N documents, for quick tests. Everything is written into a temporary sibling folder
     that is renamed to out_dir only when complete, so a partial build never sits at out_dir.
     """
@@ -318,7 +317,6 @@ def _build_into(folder: Path, *, steps: int, seed: int, say: Progress, corpus_li
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    from frugalm.train import train_causal_lm
 
     start = time.perf_counter()
     corpus = _prepare_corpus(corpus_limit, say)
@@ -402,7 +400,7 @@ def write_build_record(folder: Path, record: dict) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m frugalm.default_model", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=default_model_dir(), help="model folder (default: the shipped one)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_MODEL_DIR, help="model folder (default: the shipped one)")
     parser.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"training steps (default {DEFAULT_STEPS})")
     parser.add_argument("--seed", type=int, default=0)
     # One thread by default: the shipped build used one, so a default rebuild repeats it exactly,

@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from frugalm.errors import DataError
+from frugalm.text.encode import encode_documents
+
 
 @dataclass
 class InputStats:
@@ -77,8 +80,6 @@ def sample_calibration(tokenizer, docs: list[str], samples: int, seq_len: int, s
     Documents are encoded as [BOS] + tokens and concatenated, as the benchmark encodes them.
     Returns int64 (samples, seq_len).
     """
-    from frugalm.errors import DataError
-    from frugalm.measure.quality import encode_documents
 
     stream = encode_documents(tokenizer, docs).ids
     if len(stream) < seq_len + 1:

@@ -1,6 +1,6 @@
 """Measure a model in a fresh child process, with a timeout, and get typed messages back.
 
-The child (`python -m frugalm.measure.runner SPEC FD`) writes JSON lines to a dedicated pipe:
+The child (`python -m frugalm.benchmark.runner SPEC FD`) writes JSON lines to a dedicated pipe:
 `{"progress": [step, done, total]}` while it works, then exactly one `{"ok": ...}` or
 `{"error": ...}`. The parent blocks on that pipe with a deadline (no spinning), kills the child
 when the deadline passes, and treats an end of the pipe without a final message as a crash.
@@ -27,6 +27,7 @@ from pathlib import Path
 
 from frugalm import errors
 from frugalm.atomic import process_alive
+from frugalm.benchmark.child import BenchSpec, environment, measure_model
 from frugalm.errors import FrugalmError, MeasurementError
 
 Progress = Callable[[str, int, int], None]
@@ -48,7 +49,7 @@ class _Child:
         self.log_tail = ""
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "frugalm.measure.runner", str(self.spec_path), str(write_fd)],
+                [sys.executable, "-m", "frugalm.benchmark.runner", str(self.spec_path), str(write_fd)],
                 pass_fds=(write_fd,), stdin=subprocess.PIPE, stdout=log, stderr=log,
                 env={**os.environ, "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"},
             )  # fmt: skip
@@ -215,7 +216,6 @@ def child_main(spec_path: str, fd: int) -> None:
     try:
         import transformers
 
-        from frugalm.measure.scorecard import BenchSpec, environment, measure_model
 
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()

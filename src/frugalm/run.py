@@ -21,14 +21,21 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from frugalm.bench import BenchConfig, BenchResult, bench
+from frugalm.assets import DEFAULT_EVAL_PATH
 from frugalm.atomic import check_output_folder
+from frugalm.benchmark.api import BenchConfig, BenchResult, bench
+from frugalm.benchmark.runner import Progress
 from frugalm.errors import ConfigError, DataError, MeasurementError
+from frugalm.measure.cost import get_profile, usd
 from frugalm.measure.metrics import Measurement
-from frugalm.measure.runner import Progress
+from frugalm.models import context_length, load_model, resolve_model, save_variant
 from frugalm.recipe import Recipe, name_problems, recipe_to_dict
 from frugalm.registry import get_technique
 from frugalm.store import Store
+from frugalm.techniques._calibrate import sample_calibration
+from frugalm.techniques.base import Context
+from frugalm.text.encode import evaluated_documents
+from frugalm.text.files import iter_documents
 
 
 @dataclass(frozen=True)
@@ -49,7 +56,6 @@ class RunResult:
 
 
 def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: RunConfig = RunConfig(), *, store: Store | str | os.PathLike | None = None, progress: Progress | None = None, key: str | None = None) -> RunResult:
-    from frugalm.models import load_model, resolve_model, save_variant
 
     unmerged = [i for i, s in enumerate(recipe.stages) if s.technique == "lora_finetune" and not s.config.merge]
     if unmerged:
@@ -60,7 +66,6 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
     out_dir = check_output_folder(config.out_dir or Path("frugalm-out") / recipe.name, force=config.force)
     lm = load_model(source.path, device=config.bench.device, dtype=config.bench.dtype, fast_kernels=False)
     calibration, calibration_desc = _calibration(recipe, lm, config.bench)
-    from frugalm.techniques.base import Context
 
     ctx = Context(device=lm.device, calibration=calibration, progress=progress, tokenizer=lm.tokenizer, profile=config.bench.profile, profiles_file=config.bench.profiles_file)
     if any(get_technique(s.technique).kind in ("training", "data") for s in recipe.stages):
@@ -116,7 +121,6 @@ def training_cost_measurements(changes: list[dict], produce_s: float, device, be
     written before checkpoints stored energy. USD prices the whole production wall time (every
     stage) plus that energy at the hardware profile's rates.
     """
-    from frugalm.measure.cost import get_profile, usd
 
     costs = [{"stage": c["technique"], **c["training"]} for c in changes if "training" in c]
     if not costs:
@@ -149,11 +153,8 @@ def evaluation_split(tokenizer, bench_config: BenchConfig) -> tuple[list[str], l
     rest, read as a stream up to TRAINING_TEXT_MAX_CHARS characters (the description says when
     the text went on beyond that).
     """
-    from frugalm.data import iter_documents
-    from frugalm.default_model import default_eval_path
-    from frugalm.measure.quality import evaluated_documents
 
-    path = bench_config.data or default_eval_path()
+    path = bench_config.data or DEFAULT_EVAL_PATH
     n_evaluated = len(evaluated_documents(path, tokenizer, bench_config.protocol.max_tokens))
     documents = iter_documents(path, max_doc_chars=TRAINING_TEXT_MAX_CHARS)
     held_out = [doc for doc, _ in itertools.islice(documents, n_evaluated)]
@@ -175,15 +176,12 @@ def _take_chars(documents, max_chars: int) -> tuple[list[str], str]:
 
 def _calibration(recipe: Recipe, lm, bench_config: BenchConfig):
     """Calibration tokens when a stage needs them, and a description for the artifact."""
-    from frugalm.models import context_length
-    from frugalm.techniques.calibrate import sample_calibration
 
     tokenizer = lm.tokenizer
     if not any(get_technique(s.technique).wants_calibration(s.config) for s in recipe.stages):
         return None, None
     cal = recipe.calibration
     if cal.data:
-        from frugalm.data import iter_documents
 
         docs, cut = _take_chars(iter_documents(cal.data, max_doc_chars=TRAINING_TEXT_MAX_CHARS), TRAINING_TEXT_MAX_CHARS)
         source = cal.data + cut

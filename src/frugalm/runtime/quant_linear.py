@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 ACTIVATIONS = ("none", "dynamic-int8")
 """How a quantized layer treats its input: float (weight-only) or quantized per forward (fbgemm's dynamic int8)."""
 W8A8_DYNAMIC = "w8a8-dynamic"
