@@ -1,4 +1,7 @@
-"""User-facing errors. The CLI prints a FrugalmError as one line and exits 2; anything else is a bug."""
+"""User-facing errors, the did-you-mean helpers and the one formatter for a list of problems.
+
+The CLI prints a FrugalmError as one line and exits 2; anything else is a bug.
+"""
 
 from __future__ import annotations
 
@@ -40,3 +43,15 @@ def suggest(value: str, choices: Iterable[str]) -> str:
     """The did-you-mean hint, then the valid choices: append to "unknown X 'value'"."""
     choices = sorted(choices)
     return f"{did_you_mean(value, choices)} Valid choices: {', '.join(choices)}"
+
+
+def problems_message(origin: str, problems: Iterable[str], closing: str = "Fix these options.") -> str:
+    """The one-line message for a list of problems: "origin: a; b. Fix these options."
+
+    Repeats are dropped (order kept) and line breaks flattened, so the CLI prints one line.
+    `closing` ends the message ("" for none); no "." is added after a problem that ends a sentence.
+    """
+    text = "; ".join(dict.fromkeys(" ".join(p.splitlines()) for p in problems))
+    if not closing:
+        return f"{origin}: {text}"
+    return f"{origin}: {text}{'' if text.endswith(('.', '?', '!')) else '.'} {closing}"

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import yaml
 
-from frugalm.errors import ConfigError, did_you_mean
+from frugalm.errors import ConfigError, did_you_mean, problems_message
 from frugalm.registry import TECHNIQUES, get_technique
 from frugalm.text.yaml_input import load_yaml, short
 
@@ -75,7 +75,7 @@ class Recipe:
 class RecipeError(ConfigError):
     def __init__(self, origin: str, problems: list[str]):
         self.problems = problems
-        super().__init__("; ".join(f"{origin}: {p}" for p in problems) if len(problems) > 1 else f"{origin}: {problems[0]}")
+        super().__init__(problems_message(origin, problems, closing=""))  # each problem names its place and fix
 
 
 # --- option parsing --------------------------------------------------------------------------

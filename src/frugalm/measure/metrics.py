@@ -13,7 +13,6 @@ from typing import Literal
 
 from frugalm.errors import ConfigError, did_you_mean, suggest
 
-BENCHMARK_NAME = "frugalm-bench"
 BENCHMARK_VERSION = "frugalm-bench v1"
 Method = Literal["measured", "estimated", "counted"]
 RESOURCES = ("quality", "computation", "memory", "energy", "money", "network")

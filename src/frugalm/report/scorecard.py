@@ -5,8 +5,6 @@ from __future__ import annotations
 from frugalm.measure.metrics import METRICS, RESOURCES, Measurement
 from frugalm.store import Run
 
-METHOD_MARK = {"measured": "", "estimated": " (est.)", "counted": ""}
-
 
 def format_value(value: float) -> str:
     if value == 0:

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from frugalm.errors import ConfigError, DataError, suggest
+from frugalm.errors import ConfigError, DataError, problems_message, suggest
 from frugalm.text.files import DOC_SEPARATOR, split_documents
 
 SHINGLES = ("word", "char")
@@ -118,7 +118,7 @@ class DedupResult:
 
 def check_config(config: DedupConfig) -> None:
     if problems := config.problems():
-        raise ConfigError(f"DedupConfig: {'; '.join(problems)}. Fix these options.")
+        raise ConfigError(problems_message("DedupConfig", problems))
 
 
 def _identity(value: int) -> int:

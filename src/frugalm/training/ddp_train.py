@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from frugalm.assets import DEFAULT_EVAL_PATH
-from frugalm.errors import ConfigError, DataError
+from frugalm.errors import ConfigError, DataError, problems_message
 from frugalm.measure.metrics import BENCHMARK_VERSION, Measurement
 from frugalm.models import load_model
 from frugalm.store import Run, Store
@@ -119,7 +119,7 @@ def run(args: argparse.Namespace) -> dict:
                         bucket_cap_mb=args.bucket_cap_mb, seed=args.seed) for c in args.compression.split(",")]  # fmt: skip
     problems = [p for c in comms for p in c.problems()]
     if problems:
-        raise ConfigError(f"ddp_train: {'; '.join(dict.fromkeys(problems))}. Fix these options.")
+        raise ConfigError(problems_message("ddp_train", problems))
     config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed)
     info = setup_distributed()
     try:

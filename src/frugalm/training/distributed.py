@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from frugalm.errors import ConfigError, FrugalmError, suggest
+from frugalm.errors import ConfigError, FrugalmError, problems_message, suggest
 
 COMPRESSIONS = ("none", "fp16", "bf16", "powersgd")
 
@@ -252,7 +252,7 @@ def wrap_ddp(model: nn.Module, comm: CommConfig, info: DistInfo, counter: ByteCo
     from torch.nn.parallel import DistributedDataParallel
 
     if problems := comm.problems():
-        raise ConfigError(f"CommConfig: {'; '.join(problems)}. Fix these options.")
+        raise ConfigError(problems_message("CommConfig", problems))
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError("data-parallel training: no parameter of the model is trainable; select some parameters to train")
     counter = counter or ByteCounter(compression=comm.compression)
@@ -268,7 +268,7 @@ def wrap_ddp(model: nn.Module, comm: CommConfig, info: DistInfo, counter: ByteCo
 def make_wrapper(comm: CommConfig, info: DistInfo):
     """(wrap_model, counter) for frugalm.training.loop.train: the counter exists before the loop wraps the model."""
     if problems := comm.problems():
-        raise ConfigError(f"CommConfig: {'; '.join(problems)}. Fix these options.")
+        raise ConfigError(problems_message("CommConfig", problems))
     counter = ByteCounter(compression=comm.compression)
     return (lambda model: wrap_ddp(model, comm, info, counter)[0]), counter
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugalm.errors import ConfigError, DataError
+from frugalm.errors import ConfigError, DataError, problems_message
 from frugalm.measure.compute import _EXTRA_FLOP_FORMULAS
 
 
@@ -123,7 +123,7 @@ def sampling_probs(losses: torch.Tensor, power: float, uniform_mix: float) -> to
 def importance_sample(model: nn.Module, windows: torch.Tensor, config: ImportanceConfig) -> ImportanceSample:
     """Score every candidate window with `model`, then draw config.num_samples with p ∝ tempered loss."""
     if problems := config.problems():
-        raise ConfigError(f"ImportanceConfig: {'; '.join(problems)}. Fix these options.")
+        raise ConfigError(problems_message("ImportanceConfig", problems))
     losses = window_losses(model, windows, config.batch_size)
     probs = sampling_probs(losses, config.power, config.uniform_mix)
     generator = torch.Generator().manual_seed(config.seed)
