@@ -182,7 +182,7 @@ def test_non_finite_figure_stores_a_failed_run_and_keeps_the_store_whole(tmp_pat
     run = Run(model_ref="m", benchmark_version="v", config={}, environment={})
     with Store(tmp_path / "s.db") as store:
         with pytest.raises(MeasurementError, match=r"ppl_tok = nan"):
-            store.add_run(run, [Measurement("ppl_tok", float("nan"), "ppl", "measured"), Measurement("params_count", 10, "count", "counted")])
+            store.add_run(run, [Measurement("ppl_tok", float("nan"), method="measured"), Measurement("params_count", 10, method="counted")])
         stored = store.get_run(run.id)
         assert stored.status == "failed" and "ppl_tok = nan" in stored.error and store.measurements(run.id) == []
         assert store.integrity_check() == "ok"

@@ -97,7 +97,7 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
     if not config.measure:
         return RunResult(artifact, metadata, None)
     bench_config = replace(config.bench, reference=str(source.path))
-    produce = Measurement("produce_wall_s", produce_s, "s", "measured", protocol={"stages": timings, "device": str(lm.device)})
+    produce = Measurement("produce_wall_s", produce_s, method="measured", protocol={"stages": timings, "device": str(lm.device)})
     extra = [produce, *training_cost_measurements(ctx.changes, produce_s, lm.device, config.bench)]
     result = bench(artifact, bench_config, store=store, progress=progress, kind="variant", record={"variant": metadata}, extra=extra, key=key)
     return RunResult(artifact, metadata, result)
@@ -132,12 +132,12 @@ def training_cost_measurements(changes: list[dict], produce_s: float, device, be
     partial = [f"training stage {i} ({c['stage']}): {c['energy_protocol']['covers']}" for i, c in enumerate(costs) if c["energy_protocol"].get("uncovered_steps")]
     covers = "; ".join(partial) or "every step of every training stage"
     out = [
-        Measurement("produce_train_tokens", sum(c["tokens_seen"] for c in costs), "tok", "counted", protocol={"stages": per_stage}),
-        Measurement("produce_energy_j", joules, "J", energy_method, protocol={"covers": covers, "stages": per_stage, "energy": [c["energy_protocol"] for c in costs]}),
-        Measurement("produce_cost_usd", usd(profile, produce_s, joules), "USD", "estimated", protocol={"profile": profile.to_dict(), "wall_s": produce_s, "energy_j": joules}),
+        Measurement("produce_train_tokens", sum(c["tokens_seen"] for c in costs), method="counted", protocol={"stages": per_stage}),
+        Measurement("produce_energy_j", joules, method=energy_method, protocol={"covers": covers, "stages": per_stage, "energy": [c["energy_protocol"] for c in costs]}),
+        Measurement("produce_cost_usd", usd(profile, produce_s, joules), method="estimated", protocol={"profile": profile.to_dict(), "wall_s": produce_s, "energy_j": joules}),
     ]
     if all(c["flops"] is not None for c in costs):
-        out.append(Measurement("produce_flops", sum(c["flops"] for c in costs), "FLOP", "counted", protocol={"counter": "torch FlopCounterMode over one training step x steps, plus importance-scoring forwards where a stage samples by importance (optimizer update not counted; each stage's flops_method)", "stages": per_stage}))
+        out.append(Measurement("produce_flops", sum(c["flops"] for c in costs), method="counted", protocol={"counter": "torch FlopCounterMode over one training step x steps, plus importance-scoring forwards where a stage samples by importance (optimizer update not counted; each stage's flops_method)", "stages": per_stage}))
     return out
 
 

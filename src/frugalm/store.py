@@ -195,10 +195,12 @@ class Store:
         return _run_from_row(row) if row else None
 
     def measurements(self, run_id: str) -> list[Measurement]:
+        """The run's figures as they were written: not checked against today's METRICS, so a figure
+        whose metric or unit a later benchmark version renamed still reads."""
         rows = self.db.execute("SELECT * FROM measurements WHERE run_id = ? ORDER BY rowid", (run_id,))
         return [
-            Measurement(r["metric"], r["value"], r["unit"], r["method"], r["workload"] or None, r["n"], r["spread"],
-                        json.loads(r["protocol_json"]), json.loads(r["samples_json"]) if r["samples_json"] else None)
+            Measurement.stored(r["metric"], r["value"], r["unit"], r["method"], r["workload"] or None, r["n"], r["spread"],
+                               json.loads(r["protocol_json"]), json.loads(r["samples_json"]) if r["samples_json"] else None)
             for r in rows
         ]
 

@@ -89,15 +89,15 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
 def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:
     mib = memory.MIB
     out = [
-        Measurement("params_count", memory.params_count(model), "params", "counted", protocol={"tied_weights": "counted once"}),
-        Measurement("weights_mib", memory.weights_bytes(model) / mib, "MiB", "counted", protocol={"what": "parameters and buffers in memory", "dtype": spec.dtype}),
-        Measurement("artifact_mib", memory.folder_bytes(folder) / mib, "MiB", "counted", protocol={"folder": str(folder)}),
+        Measurement("params_count", memory.params_count(model), method="counted", protocol={"tied_weights": "counted once"}),
+        Measurement("weights_mib", memory.weights_bytes(model) / mib, method="counted", protocol={"what": "parameters and buffers in memory", "dtype": spec.dtype}),
+        Measurement("artifact_mib", memory.folder_bytes(folder) / mib, method="counted", protocol={"folder": str(folder)}),
     ]
     if _want(spec, "network"):
         files = network.artifact_files(folder)
         out += [
-            Measurement("ship_mib", sum(f.stat().st_size for f in files) / mib, "MiB", "counted", protocol={"files": len(files)}),
-            Measurement("ship_compressed_mib", network.compressed_bytes(folder) / mib, "MiB", "counted", protocol={"codec": "zlib level 6 per file"}),
+            Measurement("ship_mib", sum(f.stat().st_size for f in files) / mib, method="counted", protocol={"files": len(files)}),
+            Measurement("ship_compressed_mib", network.compressed_bytes(folder) / mib, method="counted", protocol={"codec": "zlib level 6 per file"}),
         ]
     return out
 
@@ -131,8 +131,8 @@ def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProf
         prefill_flops, decode_flops = compute.flops_per_token(model, w, device)
         fp = {**wp, "counter": "torch.utils.flop_counter.FlopCounterMode (+ CPU sdpa formula)", "context_tokens": w.prompt_tokens}
         out += [
-            Measurement("flops_per_tok_prefill", prefill_flops, "FLOP/tok", "counted", w.name, protocol=fp),
-            Measurement("flops_per_tok_decode", decode_flops, "FLOP/tok", "counted", w.name, protocol=fp),
+            Measurement("flops_per_tok_prefill", prefill_flops, method="counted", workload=w.name, protocol=fp),
+            Measurement("flops_per_tok_decode", decode_flops, method="counted", workload=w.name, protocol=fp),
         ]
     total = spec.warmup + spec.repetitions
     progress = lambda rep: emit(label, rep, total)  # noqa: E731
@@ -141,9 +141,9 @@ def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProf
         with EnergyMeter(device, profile) as energy:
             timing = compute.time_workload(model, w, device, warmup=0, repetitions=spec.repetitions, on_rep=lambda r: progress(spec.warmup + r), cache_factory=kv_cache)
     out += _timing_measurements(w, timing, wp)
-    out.append(Measurement("peak_mem_mib", peak.peak_over_baseline_mib, "MiB", "measured", w.name, protocol={**wp, **peak.protocol()}))
+    out.append(Measurement("peak_mem_mib", peak.peak_over_baseline_mib, method="measured", workload=w.name, protocol={**wp, **peak.protocol()}))
     cached = w.prompt_tokens + w.output_tokens - 1  # the last generated token is never fed back
-    out.append(Measurement("kv_cache_mib", timing.cache_bytes[-1] / memory.MIB, "MiB", "counted", w.name, protocol={**wp, "cached_tokens_per_sequence": cached, "counted": "bytes of the cache's tensors after the last repetition"}))
+    out.append(Measurement("kv_cache_mib", timing.cache_bytes[-1] / memory.MIB, method="counted", workload=w.name, protocol={**wp, "cached_tokens_per_sequence": cached, "counted": "bytes of the cache's tensors after the last repetition"}))
     out += _energy_money(model, w, spec, energy, profile, wp)
     return out
 
@@ -158,25 +158,25 @@ def kernel_protocol(model) -> dict:
     return out
 
 
-def _summary(metric: str, unit: str, workload: str, per_rep: list[float], protocol: dict, value: float | None = None) -> Measurement:
+def _summary(metric: str, workload: str, per_rep: list[float], protocol: dict, value: float | None = None) -> Measurement:
     """Median of per-repetition values (unless `value` is given), their spread, and the raw samples."""
     v = percentile(per_rep, 50) if value is None else value
-    return Measurement(metric, v, unit, "measured", workload, n=len(per_rep), spread=spread(per_rep), protocol=protocol, samples=per_rep)
+    return Measurement(metric, v, method="measured", workload=workload, n=len(per_rep), spread=spread(per_rep), protocol=protocol, samples=per_rep)
 
 
 def _timing_measurements(w: Workload, timing: compute.GenerationTiming, wp: dict) -> list[Measurement]:
     ttft_ms = [s * 1e3 for s in timing.prefill_s]
-    out = [_summary(f"ttft_p{q}_ms", "ms", w.name, ttft_ms, wp, percentile(ttft_ms, q)) for q in (50, 90, 99)]
-    out.append(_summary("prefill_tok_s", "tok/s", w.name, [w.batch_size * w.prompt_tokens / s for s in timing.prefill_s], wp))
+    out = [_summary(f"ttft_p{q}_ms", w.name, ttft_ms, wp, percentile(ttft_ms, q)) for q in (50, 90, 99)]
+    out.append(_summary("prefill_tok_s", w.name, [w.batch_size * w.prompt_tokens / s for s in timing.prefill_s], wp))
     if w.output_tokens > 1:
         steps_ms = [[s * 1e3 for s in rep] for rep in timing.decode_step_s]
         pooled = [s for rep in steps_ms for s in rep]
         tp = {**wp, "decode_steps": len(pooled), "spread": "std of the per-repetition percentile"}
         for q in (50, 90, 99):
             per_rep = [percentile(rep, q) for rep in steps_ms]
-            out.append(Measurement(f"tpot_p{q}_ms", percentile(pooled, q), "ms", "measured", w.name, n=len(per_rep), spread=spread(per_rep), protocol=tp, samples=pooled))
+            out.append(Measurement(f"tpot_p{q}_ms", percentile(pooled, q), method="measured", workload=w.name, n=len(per_rep), spread=spread(per_rep), protocol=tp, samples=pooled))
         tok_s = [w.batch_size * (w.output_tokens - 1) / s for s in timing.decode_s]
-        out.append(_summary("decode_tok_s", "tok/s", w.name, tok_s, wp))
+        out.append(_summary("decode_tok_s", w.name, tok_s, wp))
     return out
 
 
@@ -188,10 +188,10 @@ def _energy_money(model, w: Workload, spec: BenchSpec, energy: EnergyMeter, prof
     mp = {**ep, "profile": profile.to_dict(), "formula": "usd_per_hour * wall_h + usd_per_kwh * kWh, per generated token"}
     bparams = memory.params_count(model) / 1e9
     return [
-        Measurement("energy_j_per_tok", j_per_tok, "J/tok", energy.method, w.name, n=spec.repetitions, protocol=ep),
-        Measurement("carbon_g_per_mtok", grams_co2e(profile, j_per_tok * 1e6), "gCO2e/Mtok", "estimated", w.name, protocol={**ep, "gco2e_per_kwh": profile.gco2e_per_kwh, "energy_method": energy.method}),
-        Measurement("cost_usd_per_mtok", money, "USD/Mtok", "estimated", w.name, protocol=mp),
-        Measurement("cost_usd_per_mtok_per_bparam", money / bparams, "USD/Mtok/Bparam", "estimated", w.name, protocol=mp),
+        Measurement("energy_j_per_tok", j_per_tok, method=energy.method, workload=w.name, n=spec.repetitions, protocol=ep),
+        Measurement("carbon_g_per_mtok", grams_co2e(profile, j_per_tok * 1e6), method="estimated", workload=w.name, protocol={**ep, "gco2e_per_kwh": profile.gco2e_per_kwh, "energy_method": energy.method}),
+        Measurement("cost_usd_per_mtok", money, method="estimated", workload=w.name, protocol=mp),
+        Measurement("cost_usd_per_mtok_per_bparam", money / bparams, method="estimated", workload=w.name, protocol=mp),
     ]
 
 

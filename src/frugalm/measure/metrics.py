@@ -32,12 +32,21 @@ class Metric:
 
 @dataclass
 class Measurement:
-    """One stored figure: a value with its unit, method, repetitions, spread and protocol."""
+    """One stored figure: a value with its unit, method, repetitions, spread and protocol.
+
+    The unit is the metric's declared one (METRICS, below): leave it out and it is filled in;
+    give one that differs and construction raises, so a mismatch cannot be written. A figure of
+    an undeclared metric raises too. Figures read back from the store are rebuilt with
+    `Measurement.stored` instead, unchecked, so a database written by another benchmark
+    version still reads.
+    """
 
     metric: str
     value: float
-    unit: str
-    method: Method
+    unit: str | None = None
+    """The metric's declared unit; None: filled in from METRICS."""
+    method: Method | None = None
+    """How this figure was obtained (required; may differ from the metric's usual method)."""
     workload: str | None = None
     n: int = 1
     """Number of repetitions the value summarises (1 for a count or a single pass)."""
@@ -46,6 +55,28 @@ class Measurement:
     protocol: dict = field(default_factory=dict)
     samples: list[float] | None = None
     """Raw samples, in the metric's unit, when the figure is a statistic of repeated timings."""
+
+    def __post_init__(self) -> None:
+        # Mistakes here are frugalm's bugs, not the user's: ValueError, with its traceback.
+        declared = METRICS.get(self.metric)
+        if declared is None:
+            raise ValueError(f"no metric '{self.metric}' is declared in measure/metrics.py{suggest(self.metric, METRICS)}; declare it there (name, unit, direction, method) before storing figures of it")
+        if self.unit is None:
+            self.unit = declared.unit
+        elif self.unit != declared.unit:
+            raise ValueError(f"figure of '{self.metric}' given in '{self.unit}', but the metric is declared in '{declared.unit}' (measure/metrics.py); leave the unit out, or convert the value")
+        if self.method is None:
+            raise ValueError(f"figure of '{self.metric}' has no method; say how it was obtained: method='measured', 'estimated' or 'counted'")
+
+    @classmethod
+    def stored(cls, metric: str, value: float, unit: str, method: str, workload: str | None = None, n: int = 1,
+               spread: float | None = None, protocol: dict | None = None, samples: list[float] | None = None) -> Measurement:
+        """A figure as the store holds it, not checked against today's METRICS: a database keeps
+        the units and metrics of the benchmark version that wrote it, and must still read."""
+        m = object.__new__(cls)
+        m.__dict__.update(metric=metric, value=value, unit=unit, method=method, workload=workload, n=n, spread=spread,
+                          protocol=protocol if protocol is not None else {}, samples=samples)
+        return m
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -166,14 +166,14 @@ def measure_quality(model, tokenizer, docs: list[str], protocol: PerplexityProto
         **_scoring_mode(model),
     }
     out = [
-        Measurement("ppl_tok", math.exp(scores.nll_sum / scores.n_predicted), "ppl", "measured", protocol=proto),
-        Measurement("ppl_word", math.exp(scores.nll_sum / max(1, encoded.n_words)), "ppl", "measured", protocol=proto),
-        Measurement("ppl_byte", math.exp(scores.nll_sum / encoded.n_bytes), "ppl", "measured", protocol=proto),
+        Measurement("ppl_tok", math.exp(scores.nll_sum / scores.n_predicted), method="measured", protocol=proto),
+        Measurement("ppl_word", math.exp(scores.nll_sum / max(1, encoded.n_words)), method="measured", protocol=proto),
+        Measurement("ppl_byte", math.exp(scores.nll_sum / encoded.n_bytes), method="measured", protocol=proto),
     ]
     if reference is not None:
         out += [
-            Measurement("kl_ref_nats", scores.kl_sum / scores.n_predicted, "nats", "measured", protocol=proto),
-            Measurement("top1_agree_frac", scores.n_agree / scores.n_predicted, "fraction", "measured", protocol=proto),
+            Measurement("kl_ref_nats", scores.kl_sum / scores.n_predicted, method="measured", protocol=proto),
+            Measurement("top1_agree_frac", scores.n_agree / scores.n_predicted, method="measured", protocol=proto),
         ]
     out.append(_robustness(model, tokenizer, encoded, scores, protocol, window, stride, proto, progress))
     return out
@@ -211,7 +211,7 @@ def _robustness(model, tokenizer, encoded: EncodedText, scores: Scores, protocol
         "clean_ppl_byte": per_byte[0],
         "noisy_ppl_byte": per_byte[1],
     }
-    return Measurement("robust_ppl_ratio", per_byte[1] / per_byte[0], "ratio", "measured", protocol=rproto)
+    return Measurement("robust_ppl_ratio", per_byte[1] / per_byte[0], method="measured", protocol=rproto)
 
 
 def describe_text(path: str | None, text: str) -> dict:
