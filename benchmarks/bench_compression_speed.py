@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_compression_speed.py [--repetitions N]
 
 On the random-weight SmolLM2-135M stand-in (real shapes; see bench_foundation.py), builds:
-- int8: RTN int8 per-channel symmetric on every decoder linear (runs fbgemm's int8 kernel),
+- int8: RTN int8 per-channel symmetric on every decoder linear, w8a8-dynamic (fbgemm's int8 kernel),
 - int8+head: the same plus the output head (untied from the embedding),
 - int4-g64: RTN int4, group 64 (no int4 kernel on this CPU: runs dequantized, said so),
 - structured25: 25% of MLP channels physically removed (magnitude importance),
@@ -31,8 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_foundation import ROOT, build_standin, figure, frugalm  # noqa: E402
 
 VARIANTS = {
-    "int8": ("rtn_quant", {"bits": 8, "group_size": -1, "symmetric": True}),
-    "int8+head": ("rtn_quant", {"bits": 8, "group_size": -1, "symmetric": True, "targets": ("*.mlp.*", "*.self_attn.*", "lm_head")}),
+    "int8": ("rtn_quant", {"bits": 8, "group_size": -1, "symmetric": True, "activations": "dynamic-int8"}),
+    "int8+head": ("rtn_quant", {"bits": 8, "group_size": -1, "symmetric": True, "activations": "dynamic-int8", "targets": ("*.mlp.*", "*.self_attn.*", "lm_head")}),
     "int4-g64": ("rtn_quant", {"bits": 4, "group_size": 64, "symmetric": False}),
     "structured25": ("structured_prune", {"unit": "mlp_channels", "fraction": 0.25, "importance": "magnitude"}),
 }
@@ -44,7 +44,7 @@ def build_variant(base: Path, name: str) -> tuple[Path, float]:
     from frugalm.registry import get_technique
     from frugalm.techniques.base import Context
 
-    out = ROOT / ".cache" / "variants" / f"smollm2-135m-{name}"
+    out = ROOT / ".cache" / "variants" / f"smollm2-135m-{name}-v2"  # v2: int8 says its format (w8a8-dynamic)
     technique_name, options = VARIANTS[name]
     technique = get_technique(technique_name)
     config = technique.config_cls(**options)
