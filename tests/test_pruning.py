@@ -21,12 +21,12 @@ from frugalm.errors import TechniqueError
 from frugalm.recipe import parse_recipe
 from frugalm.registry import get_technique
 from frugalm.runtime.modules import weight_out_in
-from frugalm.techniques._calibrate import collect_input_stats
+from frugalm.techniques._arch import ARCHS, DEFAULT_TARGETS
+from frugalm.techniques._calibrate import calibrate_blocks, collect_input_stats
 from frugalm.techniques.base import Context, select_linears
-from frugalm.techniques.prune_magnitude import DEFAULT_TARGETS, prune_mask
+from frugalm.techniques.prune_magnitude import prune_mask
 from frugalm.techniques.prune_sparsegpt import sparsegpt_weights
-from frugalm.techniques.prune_structured import ARCHS
-from frugalm.techniques.prune_wanda import block_input_stats, group_by_block, wanda_mask
+from frugalm.techniques.prune_wanda import wanda_mask
 
 ARCHS_ALL = ["llama", "gpt2", "gpt_neox", "opt", "qwen2"]
 UNSTRUCTURED = ["magnitude_prune", "wanda_prune", "sparsegpt_prune"]
@@ -113,18 +113,32 @@ def test_layer_output_error_wanda_below_magnitude_and_sparsegpt_below_wanda(tiny
 def test_block_wise_calibration_stops_early_and_matches_a_full_pass(tiny_models):
     model = load(tiny_models["opt"])  # OPT: fc1/fc2 sit directly on the block
     layers = select_linears(model, DEFAULT_TARGETS)
-    groups = group_by_block(model, layers)
-    assert [block for block, _ in groups] == list(model.model.decoder.layers)
     tokens = calibration(4, 32)
     full = collect_input_stats(model, layers, tokens, gram=True)
     calls = []
     hook = model.lm_head.register_forward_hook(lambda *a: calls.append(1))
-    for block, group in groups:
-        stats = block_input_stats(model, block, group, tokens, gram=True)
-        for name, _ in group:
-            assert stats[name].tokens == full[name].tokens and torch.allclose(stats[name].gram, full[name].gram)
+    steps = list(calibrate_blocks(model, layers, tokens, gram=True))
     hook.remove()
-    assert not calls  # the forward pass stopped at each block: the head never ran
+    assert [s.module for s in steps] == list(model.model.decoder.layers)
+    assert [n for s in steps for n, _ in s.layers] == [n for n, _ in layers]
+    for step in steps:
+        for name, _ in step.layers:
+            assert step.stats[name].tokens == full[name].tokens
+            torch.testing.assert_close(step.stats[name].gram, full[name].gram, rtol=1e-6, atol=1e-8)
+    assert not calls  # the forward pass stopped at block 0, then replayed block by block: the head never ran
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_calibration_sees_changed_blocks_only_when_sequential(tiny_llama, sequential):
+    model = load(tiny_llama)
+    layers = select_linears(model, DEFAULT_TARGETS)
+    tokens = calibration(4, 16)
+    dense = collect_input_stats(model, layers, tokens)
+    for step in calibrate_blocks(model, layers, tokens, gram=False, sequential=sequential):
+        same = all(torch.allclose(step.stats[n].sq_sum, dense[n].sq_sum) for n, _ in step.layers)
+        assert same == (step.name == "model.layers.0" or not sequential), step.name
+        for _, module in step.layers:  # change the block: later blocks see it only when sequential
+            module.weight.data.mul_(0.5)
 
 
 def test_wanda_one_pass_and_sequential_differ_only_after_the_first_block(tiny_llama):

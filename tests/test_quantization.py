@@ -26,7 +26,7 @@ from conftest import (
 from frugalm.errors import TechniqueError
 from frugalm.recipe import parse_recipe
 from frugalm.registry import get_technique
-from frugalm.runtime.modules import inference_settings, weight_out_in
+from frugalm.runtime.modules import inference_settings, is_linear, weight_out_in
 from frugalm.runtime.quant_linear import (
     Int8Linear,
     QuantLinear,
@@ -35,7 +35,9 @@ from frugalm.runtime.quant_linear import (
     quantize_groups,
     to_fast_kernels_,
 )
-from frugalm.techniques._calibrate import collect_input_stats
+from frugalm.techniques._arch import ARCHS as ARCH_TABLE
+from frugalm.techniques._arch import DEFAULT_TARGETS, decoder_blocks
+from frugalm.techniques._calibrate import calibrate_blocks, collect_input_stats
 from frugalm.techniques.base import Context, select_linears
 from frugalm.techniques.quant_awq import (
     clip_search,
@@ -43,8 +45,8 @@ from frugalm.techniques.quant_awq import (
     output_error,
     search_scale,
 )
-from frugalm.techniques.quant_gptq import calibrate_blockwise, gptq_codes, group_params
-from frugalm.techniques.quant_rtn import DEFAULT_TARGETS, stored_bytes
+from frugalm.techniques.quant_gptq import gptq_codes, group_params
+from frugalm.techniques.quant_rtn import stored_bytes
 
 ARCHS = sorted(TINY_CONFIGS)
 QUANT = ["rtn_quant", "gptq_quant", "awq_quant"]
@@ -77,6 +79,17 @@ def test_every_technique_quantizes_every_architecture(tiny_models, arch, techniq
     assert change["layers"] == targeted and change["bits"] == 4 and 0 < change["fraction_of_params"] < 1
     # 4-bit per-channel on a random tiny model: close to, not equal to, the float output
     assert 0 < (after - before).pow(2).mean() < 0.05 * before.pow(2).mean()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_architecture_table_finds_the_blocks_and_every_linear_in_them(tiny_models, arch):
+    model = load(tiny_models[arch])
+    name, blocks = decoder_blocks(model)
+    assert name == ARCH_TABLE[arch].blocks and len(blocks) == model.config.num_hidden_layers
+    inside = [n for n, m in model.named_modules() if is_linear(m) and n.startswith(name + ".")]
+    assert [n for n, _ in select_linears(model, DEFAULT_TARGETS)] == inside  # OPT's fc1/fc2 included, the head not
+    for technique in ("rtn_quant", "gptq_quant", "awq_quant", "magnitude_prune", "wanda_prune", "sparsegpt_prune"):
+        assert get_technique(technique).config_cls().targets == DEFAULT_TARGETS, technique
 
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
@@ -264,7 +277,7 @@ def test_blockwise_calibration_replays_block_inputs_exactly(tiny_models):
     layers = select_linears(model, DEFAULT_TARGETS)
     calib = calibration(4, 16)
     one_pass = collect_input_stats(model, layers, calib, gram=True)
-    steps = list(calibrate_blockwise(model, layers, calib, gram=True))
+    steps = list(calibrate_blocks(model, layers, calib, gram=True))
     assert [s.name for s in steps] == ["model.layers.0", "model.layers.1"]
     for step in steps:
         for name, _ in step.layers:

@@ -29,8 +29,8 @@ from torch import nn
 
 from frugalm.errors import TechniqueError
 from frugalm.models import load_model
+from frugalm.techniques._arch import ARCHS, remove_layers_
 from frugalm.techniques.base import Context, Technique, record_change
-from frugalm.techniques.prune_structured import ARCHS, remove_layers_
 from frugalm.techniques.training_stage import TrainingOptions, run_training
 
 

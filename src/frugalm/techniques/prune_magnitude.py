@@ -21,10 +21,8 @@ from torch import nn
 
 from frugalm.errors import TechniqueError
 from frugalm.runtime.modules import weight_out_in
+from frugalm.techniques._arch import DEFAULT_TARGETS
 from frugalm.techniques.base import Context, Technique, record_change, select_linears
-
-DEFAULT_TARGETS = ("*.mlp.*", "*.self_attn.*", "*.attn.*", "*.attention.*", "*.fc1", "*.fc2")
-"""Attention and MLP linears of Llama/Qwen2 (self_attn, mlp), GPT-2 (attn, mlp), GPT-NeoX (attention, mlp) and OPT (self_attn, fc1, fc2)."""
 
 
 @dataclass(frozen=True, kw_only=True)

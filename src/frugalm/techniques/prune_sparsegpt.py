@@ -10,8 +10,8 @@ a rank-1 update. Masks are chosen adaptively per block of `blocksize` columns, o
 together, as the paper's code does); with an N:M pattern, per group of M columns of each row.
 
 Calibration is sequential, as in the paper: decoder blocks are pruned in order; each block's
-Gram matrices X^T X (float64, (in, in) per layer) are gathered on the outputs of the already
-pruned blocks before it, one block at a time, so memory holds one block's Grams at once.
+Gram matrices X^T X (float64, (in, in) per distinct input) are gathered on the outputs of the
+already pruned blocks before it (`_calibrate.calibrate_blocks`), so memory holds one block's Grams.
 Unlike the reference code, input features that are always zero in the calibration data keep
 their weights (the reference zeroes them): on other text they may not be zero.
 
@@ -28,16 +28,16 @@ from torch import nn
 
 from frugalm.errors import TechniqueError
 from frugalm.runtime.modules import weight_out_in
+from frugalm.techniques._arch import DEFAULT_TARGETS
+from frugalm.techniques._calibrate import calibrate_blocks, require_inputs
 from frugalm.techniques.base import Context, Technique, record_change
 from frugalm.techniques.prune_magnitude import (
-    DEFAULT_TARGETS,
     parse_pattern,
     pattern_problems,
     prune_mask,
     pruning_targets,
     sparsity_details,
 )
-from frugalm.techniques.prune_wanda import calibrated_groups
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,12 +115,12 @@ def apply(model: nn.Module, config: SparseGPTPruneConfig, ctx: Context) -> nn.Mo
     nm, sparsity, layers = pruning_targets(name, config, model)
     tokens = ctx.calibration_tokens(name)  # (n, seq_len) int64
     masks = {}
-    for group, stats in calibrated_groups(model, layers, tokens, sequential=True, gram=True, batch_size=config.batch_size):
-        for layer_name, module in group:
+    for step in calibrate_blocks(model, layers, tokens, gram=True, sequential=True, batch_size=config.batch_size):
+        require_inputs(name, step)
+        for layer_name, module in step.layers:
             w = weight_out_in(module)  # (out, in), a view
-            new_w, masks[layer_name] = sparsegpt_weights(w, stats[layer_name].gram, sparsity, nm, blocksize=config.blocksize, percdamp=config.percdamp, layer=layer_name)
+            new_w, masks[layer_name] = sparsegpt_weights(w, step.stats[layer_name].gram, sparsity, nm, blocksize=config.blocksize, percdamp=config.percdamp, layer=layer_name)
             w.copy_(new_w.to(w.dtype))
-            stats[layer_name].gram = None  # free (in, in) float64 as soon as the layer is done
         ctx.report(name, len(masks), len(layers))
     details = sparsity_details(masks, sparsity, config.pattern)
     changed = sum(m.numel() for m in masks.values())  # every weight of a targeted layer may be updated

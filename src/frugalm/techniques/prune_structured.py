@@ -33,15 +33,17 @@ kernel-friendly multiples (choose `fraction` for that).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from frugalm.errors import TechniqueError
 from frugalm.runtime.modules import weight_out_in
-from frugalm.techniques._calibrate import collect_input_stats
+from frugalm.techniques._arch import ARCHS, Arch, model_type, remove_layers_
+from frugalm.techniques._calibrate import block_output, capture_block_inputs, collect_input_stats
 from frugalm.techniques.base import Context, Technique, record_change
 
 UNITS = ("mlp_channels", "heads", "layers")
@@ -72,34 +74,12 @@ class StructuredPruneConfig:
         return problems
 
 
-@dataclass(frozen=True)
-class Arch:
-    """Where an architecture keeps its blocks and projections (names relative to one block)."""
-
-    blocks: str  # the ModuleList of decoder blocks
-    mlp_in: tuple[str, ...]  # linears whose output features are the MLP channels
-    mlp_out: str  # the linear whose input features are the MLP channels
-    mlp_size: str  # the config field holding the number of channels
-    attn_out: str  # the attention output projection
-    attn: str | None = None  # the GQA attention module (q/k/v/o_proj) when `heads` is supported
-
-
-_LLAMA = Arch("model.layers", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size", "self_attn.o_proj", attn="self_attn")
-ARCHS = {
-    "llama": _LLAMA,
-    "qwen2": _LLAMA,
-    "gpt2": Arch("transformer.h", ("mlp.c_fc",), "mlp.c_proj", "n_inner", "attn.c_proj"),
-    "opt": Arch("model.decoder.layers", ("fc1",), "fc2", "ffn_dim", "self_attn.out_proj"),
-    "gpt_neox": Arch("gpt_neox.layers", ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "intermediate_size", "attention.dense"),
-}
-
-
 def arch_of(model: nn.Module, unit: str) -> Arch:
-    model_type = getattr(model.config, "model_type", type(model).__name__)
+    kind = model_type(model)
     supported = [t for t, a in ARCHS.items() if unit != "heads" or a.attn]
-    if model_type not in supported:
-        raise TechniqueError(f"structured_prune: unit '{unit}' supports model types {supported}, not '{model_type}'; use another unit or an unstructured technique (wanda_prune)")
-    return ARCHS[model_type]
+    if kind not in supported:
+        raise TechniqueError(f"structured_prune: unit '{unit}' supports model types {supported}, not '{kind}'; use another unit or an unstructured technique (wanda_prune)")
+    return ARCHS[kind]
 
 
 def units_to_remove(n_units: int, fraction: float, what: str) -> int:
@@ -170,31 +150,15 @@ def column_scores(model, blocks, out_name: str, config: StructuredPruneConfig, c
 
 @torch.no_grad()
 def block_influence(model, blocks, ctx: Context, batch_size: int) -> torch.Tensor:
-    """(n_blocks,) 1 - mean cosine similarity between each block's input and output hidden states."""
-    tokens = ctx.calibration_tokens(TECHNIQUE.name)
-    sums, counts, inputs = torch.zeros(len(blocks), dtype=torch.float64), torch.zeros(len(blocks)), {}
-
-    def pre(i):
-        return lambda mod, args, kwargs: inputs.__setitem__(i, args[0] if args else kwargs["hidden_states"])
-
-    def post(i):
-        def hook(mod, args, kwargs, out):
-            h_out = out[0] if isinstance(out, tuple) else out  # (batch, seq, hidden)
-            cos = torch.nn.functional.cosine_similarity(inputs.pop(i).float(), h_out.float(), dim=-1)  # (batch, seq)
-            sums[i] += cos.double().sum().cpu()
-            counts[i] += cos.numel()
-
-        return hook
-
-    handles = [h for i, b in enumerate(blocks) for h in (b.register_forward_pre_hook(pre(i), with_kwargs=True), b.register_forward_hook(post(i), with_kwargs=True))]
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(tokens), batch_size):
-            model(tokens[i : i + batch_size].to(device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return 1 - sums / counts.clamp(min=1)
+    """(n_blocks,) 1 - mean cosine similarity between each block's input and output hidden states, on the dense model."""
+    batches = capture_block_inputs(model, blocks[0], ctx.calibration_tokens(TECHNIQUE.name), batch_size)
+    scores = []
+    for block in blocks:
+        outputs = [replace(b, hidden=block_output(block, b)) for b in batches]  # the next block's inputs
+        cos = torch.cat([F.cosine_similarity(b.hidden.float(), o.hidden.float(), dim=-1).flatten() for b, o in zip(batches, outputs)])  # (tokens,)
+        scores.append(1 - cos.double().mean())
+        batches = outputs
+    return torch.stack(scores).cpu()
 
 
 # --- the three units ----------------------------------------------------------------------------------
@@ -255,24 +219,6 @@ def prune_layers_(model, arch: Arch, blocks, config: StructuredPruneConfig, ctx:
     removed = lowest(score, k)
     remove_layers_(model, arch, blocks, removed)
     return {"units_removed": removed, "new_sizes": {"num_hidden_layers": len(blocks) - len(removed)}}
-
-
-def remove_layers_(model: nn.Module, arch: Arch, blocks, removed: list[int]) -> None:
-    """Drop the decoder blocks at indices `removed`, renumber the rest, update the config (shared with distill)."""
-    cfg = model.config
-    kept = [b for i, b in enumerate(blocks) if i not in removed]
-    for new_idx, block in enumerate(kept):
-        for m in block.modules():  # the KV cache is indexed by layer_idx: it must be the new position
-            if isinstance(getattr(m, "layer_idx", None), int):
-                m.layer_idx = new_idx
-    parent, _, attr = arch.blocks.rpartition(".")
-    setattr(model.get_submodule(parent), attr, nn.ModuleList(kept))
-    if isinstance(getattr(cfg, "layer_types", None), list):
-        cfg.layer_types = [t for i, t in enumerate(cfg.layer_types) if i not in removed]
-        inner = model.get_submodule(parent)
-        if hasattr(inner, "has_sliding_layers"):
-            inner.has_sliding_layers = "sliding_attention" in cfg.layer_types
-    cfg.num_hidden_layers = len(kept)
 
 
 PRUNERS = {"mlp_channels": prune_mlp_channels_, "heads": prune_heads_, "layers": prune_layers_}

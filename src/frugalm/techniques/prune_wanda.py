@@ -8,29 +8,25 @@ magnitude pruning removes. No weight update, no second-order information: one pa
 
 Calibration is sequential by default, as in the paper's code: the decoder blocks are pruned in
 order, and each block's input norms are measured on the outputs of the already pruned blocks
-before it (a forward pass that stops at the block). `sequential: false` measures every layer
-once on the dense model (one forward pass over the calibration set, cheaper, slightly worse).
+before it (`_calibrate.calibrate_blocks`). `sequential: false` measures every layer on the dense
+model's activations (the unpruned blocks' outputs feed the next block; slightly worse).
 
 Does not make dense kernels faster by itself (see `magnitude_prune`); does not reconstruct the
 remaining weights (that is SparseGPT).
-
-The block-wise calibration helpers here are shared with `prune_sparsegpt`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from frugalm.errors import TechniqueError
 from frugalm.runtime.modules import weight_out_in
-from frugalm.techniques._calibrate import InputStats, collect_input_stats
+from frugalm.techniques._arch import DEFAULT_TARGETS
+from frugalm.techniques._calibrate import calibrate_blocks, require_inputs
 from frugalm.techniques.base import Context, Technique, record_change
 from frugalm.techniques.prune_magnitude import (
-    DEFAULT_TARGETS,
     pattern_problems,
     prune_mask,
     pruning_targets,
@@ -63,70 +59,6 @@ def wanda_mask(w: torch.Tensor, feature_norm: torch.Tensor, sparsity: float, nm:
     return prune_mask(scores, sparsity, nm, per_row=True)
 
 
-# --- block-wise calibration (shared with SparseGPT) ----------------------------------------------
-
-_BLOCK = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3.mlp.up_proj" -> "model.layers.3"
-
-
-def group_by_block(model: nn.Module, layers: list[tuple[str, nn.Module]]) -> list[tuple[nn.Module | None, list[tuple[str, nn.Module]]]]:
-    """Targeted layers grouped by the first numbered module above them (the decoder block), in model order.
-
-    Layers outside any numbered block form a group with block None (calibrated by a full pass).
-    """
-    groups: dict[str, list[tuple[str, nn.Module]]] = {}
-    for name, module in layers:  # named_modules order = the order blocks run in
-        match = _BLOCK.match(name)
-        groups.setdefault(match.group(1) if match else "", []).append((name, module))
-    return [(model.get_submodule(prefix) if prefix else None, group) for prefix, group in groups.items()]
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the block of interest has run: the rest of the model is not needed."""
-
-
-def _stop(module, args, output):
-    raise _StopForward
-
-
-@torch.no_grad()
-def block_input_stats(model: nn.Module, block: nn.Module | None, layers: list[tuple[str, nn.Module]], tokens: torch.Tensor, *, gram: bool, batch_size: int = 8) -> dict[str, InputStats]:
-    """Input statistics of `layers` (all inside `block`) over `tokens` (n, seq_len), running the model only up to `block`."""
-    stats = {name: InputStats(want_gram=gram) for name, _ in layers}
-    handles = [module.register_forward_hook(lambda mod, args, out, s=stats[name]: s.add(args[0])) for name, module in layers]
-    if block is not None:
-        handles.append(block.register_forward_hook(_stop))
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(tokens), batch_size):
-            try:
-                model(tokens[i : i + batch_size].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
-
-
-def calibrated_groups(model: nn.Module, layers, tokens: torch.Tensor, *, sequential: bool, gram: bool, batch_size: int):
-    """Yield (layers of one block, their input stats); with `sequential`, stats are taken just before the block is pruned.
-
-    The caller prunes each group before asking for the next, so later blocks see pruned inputs.
-    """
-    if not sequential:
-        yield layers, _checked(collect_input_stats(model, layers, tokens, gram=gram, batch_size=batch_size))
-        return
-    for block, group in group_by_block(model, layers):
-        yield group, _checked(block_input_stats(model, block, group, tokens, gram=gram, batch_size=batch_size))
-
-
-def _checked(stats: dict[str, InputStats]) -> dict[str, InputStats]:
-    unseen = [name for name, s in stats.items() if s.tokens == 0]
-    if unseen:
-        raise TechniqueError(f"layers {unseen[:3]} received no input during calibration (not used in the forward pass?); leave them out of `targets`")
-    return stats
-
-
 # --- the technique ------------------------------------------------------------------------------
 
 
@@ -136,9 +68,10 @@ def apply(model: nn.Module, config: WandaPruneConfig, ctx: Context) -> nn.Module
     nm, sparsity, layers = pruning_targets(name, config, model)
     tokens = ctx.calibration_tokens(name)  # (n, seq_len) int64
     masks = {}
-    for group, stats in calibrated_groups(model, layers, tokens, sequential=config.sequential, gram=False, batch_size=config.batch_size):
-        for layer_name, module in group:
-            masks[layer_name] = wanda_mask(weight_out_in(module), stats[layer_name].feature_norm, sparsity, nm)
+    for step in calibrate_blocks(model, layers, tokens, gram=False, sequential=config.sequential, batch_size=config.batch_size):
+        require_inputs(name, step)
+        for layer_name, module in step.layers:
+            masks[layer_name] = wanda_mask(weight_out_in(module), step.stats[layer_name].feature_norm, sparsity, nm)
             zero_masked_(module, masks[layer_name])
         ctx.report(name, len(masks), len(layers))
     details = sparsity_details(masks, sparsity, config.pattern)

@@ -27,7 +27,7 @@ artifact stays plain QuantLinear layers that `load_model` rebuilds. These are li
 `unscaled_layers` in the change record.
 
 Calibration is sequential: block by block on the outputs of the already quantized blocks
-(`quant_gptq.calibrate_blockwise`). Does not change the storage format or speed (same packed
+(`_calibrate.calibrate_blocks`). Does not change the storage format or speed (same packed
 layers as RTN). At 4 bits it recovers much of RTN's loss with less compute than GPTQ; it only
 chooses scales and ranges, so it fits the calibration text less closely than GPTQ does.
 """
@@ -42,10 +42,10 @@ from torch import nn
 
 from frugalm.runtime.modules import is_linear, weight_out_in
 from frugalm.runtime.quant_linear import dequantize_groups, quantize_groups
+from frugalm.techniques._arch import DEFAULT_TARGETS
+from frugalm.techniques._calibrate import BlockStep, calibrate_blocks
 from frugalm.techniques.base import Context, Technique, select_linears
-from frugalm.techniques.quant_gptq import BlockCalibration, calibrate_blockwise
 from frugalm.techniques.quant_rtn import (
-    DEFAULT_TARGETS,
     ByteCount,
     check_config,
     check_widths,
@@ -207,7 +207,7 @@ def _fold_(prev: nn.Module, rows: torch.Tensor | None, layers: list[nn.Module], 
         weight_out_in(m).mul_(s.to(m.weight)[None, :])
 
 
-def _try_fold_(step: BlockCalibration, fold: Fold, config: AWQQuantConfig, reference: torch.Tensor) -> tuple[list[str], torch.Tensor] | None:
+def _try_fold_(step: BlockStep, fold: Fold, config: AWQQuantConfig, reference: torch.Tensor) -> tuple[list[str], torch.Tensor] | None:
     """Search s for one fold rule and apply it if the block's output stays the same; (targeted names, s) or None."""
     try:
         prev = step.module.get_submodule(fold.prev)
@@ -248,7 +248,7 @@ def _params(prev: nn.Module, layers: list[nn.Module]) -> list[torch.Tensor]:
     return [t for m in (prev, *layers) for t in (m.weight, getattr(m, "bias", None)) if t is not None]
 
 
-def scale_block_(step: BlockCalibration, config: AWQQuantConfig) -> dict[str, torch.Tensor]:
+def scale_block_(step: BlockStep, config: AWQQuantConfig) -> dict[str, torch.Tensor]:
     """Apply every fold rule that fits this block; {targeted layer name: its s (in,)}."""
     scales: dict[str, torch.Tensor] = {}
     if not step.batches:  # layers outside the decoder blocks: nothing to fold into
@@ -274,7 +274,7 @@ def apply(model: nn.Module, config: AWQQuantConfig, ctx: Context) -> nn.Module:
     check_widths(name, layers, config.bits, config.group_size)
     tokens = ctx.calibration_tokens(name)
     count, unscaled = ByteCount(), []
-    for step in calibrate_blockwise(model, layers, tokens, gram=True):
+    for step in calibrate_blocks(model, layers, tokens, gram=True):
         scales = scale_block_(step, config)
         for layer_name, module in step.layers:
             w, stats = weight_out_in(module).float().clone(), step.stats[layer_name]  # (out, in), already scaled

@@ -17,23 +17,21 @@ positive definite); inputs never seen (zero diagonal) get zero weight.
 - act_order: columns go in decreasing diag(H). The packed storage has no g_idx, so group (and
   per-channel) parameters are computed once, from the original weights in the original column
   order ("static groups", as in the reference's --static-groups); QuantLinear holds them as is.
-- Calibration is sequential by default, as in the paper and llm-compressor: the inputs of
-  decoder block 0 are captured by a hook, then block by block the targeted layers' Grams are
-  accumulated, the layers quantized, and the quantized block's outputs fed to the next block.
-  All layers of one block see the block's inputs before any of them is quantized (not the
-  reference's "true-sequential" sub-block order). Targeted layers outside the blocks (or all of
-  them with `sequential: false`) are calibrated in one pass of the model.
+- Calibration is sequential by default, as in the paper and llm-compressor
+  (`_calibrate.calibrate_blocks`): block by block the targeted layers' Grams are accumulated, the
+  layers quantized, and the quantized block's outputs fed to the next block. All layers of one
+  block see the block's inputs before any of them is quantized (not the reference's
+  "true-sequential" sub-block order). `sequential: false`: every layer sees the float model's
+  activations.
 
 Does not speed anything up by itself (same packed format and kernels as RTN); it recovers most
 of RTN's 4-bit quality loss at the price of calibration data and minutes of compute (one
 Cholesky per layer, a Python loop over columns). At 8 bits RTN is usually enough.
-`calibrate_blockwise` here is shared with `quant_awq`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -42,10 +40,10 @@ from torch import nn
 from frugalm.errors import TechniqueError
 from frugalm.runtime.modules import weight_out_in
 from frugalm.runtime.quant_linear import quantize_groups, range_params
-from frugalm.techniques._calibrate import InputStats, collect_input_stats
+from frugalm.techniques._arch import DEFAULT_TARGETS
+from frugalm.techniques._calibrate import InputStats, calibrate_blocks
 from frugalm.techniques.base import Context, Technique, select_linears
 from frugalm.techniques.quant_rtn import (
-    DEFAULT_TARGETS,
     ByteCount,
     check_config,
     check_widths,
@@ -54,9 +52,6 @@ from frugalm.techniques.quant_rtn import (
     record_quant_change,
     replace_module_,
 )
-
-CALIBRATION_BATCH = 8
-"""Calibration sequences per forward pass."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +73,7 @@ class GPTQQuantConfig:
     block_size: int = 128
     """Columns per lazy-update block."""
     sequential: bool = True
-    """Calibrate block by block on the outputs of the already quantized blocks; False: one pass."""
+    """Calibrate block by block on the outputs of the already quantized blocks; False: on the float model's activations."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """fnmatch patterns over module names; the output head is excluded unless named."""
 
@@ -179,138 +174,6 @@ def layer_hessian(stats: InputStats) -> torch.Tensor:
     return 2 * stats.gram / stats.tokens
 
 
-# --- sequential calibration, block by block ----------------------------------------------------
-
-
-class _Captured(Exception):
-    """Raised by the capture hook to stop the forward pass at block 0."""
-
-
-@dataclass
-class _Batch:
-    hidden: torch.Tensor  # (batch, seq, hidden): the block's first argument
-    args: tuple  # its other positional arguments
-    kwargs: dict  # attention mask, position embeddings ...
-
-
-@dataclass
-class BlockCalibration:
-    """One calibration step: the targeted layers of one block (or the rest of the model) with their input stats."""
-
-    name: str
-    module: nn.Module
-    """The decoder block, or the whole model for targeted layers outside the blocks."""
-    layers: list[tuple[str, nn.Module]]
-    stats: dict[str, InputStats]
-    batches: list[_Batch] = field(default_factory=list)
-    """The block's inputs (empty when `module` is the whole model)."""
-
-    def run(self, i: int = 0) -> torch.Tensor:
-        """The block's output hidden states (batch, seq, hidden) on calibration batch i."""
-        b = self.batches[i]
-        out = self.module(b.hidden, *b.args, **b.kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-
-def find_blocks(model: nn.Module, layer_names: list[str]) -> tuple[str, nn.ModuleList] | None:
-    """The ModuleList holding the most targeted layers (the decoder blocks), or None."""
-    best, best_count = None, 0
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name:
-            count = sum(n.startswith(name + ".") for n in layer_names)
-            if count > best_count:
-                best, best_count = (name, module), count
-    return best
-
-
-def _capture_block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor) -> list[_Batch]:
-    captured: list[_Batch] = []
-
-    def hook(module, args, kwargs):
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append(_Batch(hidden, tuple(args[1:]), kwargs))
-        raise _Captured
-
-    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
-    try:
-        for i in range(0, len(tokens), CALIBRATION_BATCH):
-            try:
-                model(tokens[i : i + CALIBRATION_BATCH].to(device), use_cache=False)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _block_stats(step: BlockCalibration, gram: bool) -> None:
-    """Accumulate the input stats of the step's layers over its batches, once per distinct input.
-
-    Layers fed the very same tensor (q/k/v, gate/up) share one InputStats: the Gram matrix is
-    the costly part. `seen` holds this batch's inputs, so no address is reused while compared.
-    """
-    seen: list[tuple[torch.Tensor, str]] = []
-    alias: dict[str, str] = {}
-
-    def hook(module, args, out, name):
-        x = args[0]
-        first = next((n for t, n in seen if t is x), None)
-        if first is None:
-            seen.append((x, name))
-            step.stats[name].add(x)
-        else:
-            alias[name] = first
-
-    handles = []
-    for name, module in step.layers:
-        step.stats[name] = InputStats(want_gram=gram)
-        handles.append(module.register_forward_hook(lambda mod, args, out, name=name: hook(mod, args, out, name)))
-    try:
-        for i in range(len(step.batches)):
-            seen.clear()
-            step.run(i)
-    finally:
-        for h in handles:
-            h.remove()
-    for name, first in alias.items():
-        step.stats[name] = step.stats[first]
-
-
-def calibrate_blockwise(model: nn.Module, layers: list[tuple[str, nn.Module]], tokens: torch.Tensor, *, gram: bool, sequential: bool = True) -> Iterator[BlockCalibration]:
-    """Yield the targeted layers block by block with their input statistics.
-
-    The caller quantizes (replaces) the yielded layers before asking for the next step; the
-    block is then run again to give the next block its inputs, so each block is calibrated on
-    the outputs of the already quantized ones. Layers outside the blocks (or all of them when
-    not `sequential`) come last, calibrated in one pass of the model.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        names = [n for n, _ in layers]
-        found = find_blocks(model, names) if sequential else None
-        rest = layers
-        if found:
-            prefix, blocks = found
-            batches = _capture_block_inputs(model, blocks[0], tokens)
-            for i, block in enumerate(blocks):
-                inside = [(n, m) for n, m in layers if n.startswith(f"{prefix}.{i}.")]
-                if inside:
-                    step = BlockCalibration(f"{prefix}.{i}", block, inside, {}, batches)
-                    _block_stats(step, gram)
-                    yield step
-                for j, b in enumerate(batches):  # this block's (quantized) outputs feed the next
-                    out = block(b.hidden, *b.args, **b.kwargs)
-                    batches[j] = _Batch(out[0] if isinstance(out, tuple) else out, b.args, b.kwargs)
-            rest = [(n, m) for n, m in layers if not n.startswith(prefix + ".")]
-        if rest:
-            yield BlockCalibration("", model, rest, collect_input_stats(model, rest, tokens, gram=gram, batch_size=CALIBRATION_BATCH))
-    finally:
-        model.train(was_training)
-
-
 # --- the technique ------------------------------------------------------------------------------
 
 
@@ -322,7 +185,7 @@ def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
     check_widths(name, layers, config.bits, config.group_size)
     tokens = ctx.calibration_tokens(name)
     count, done = ByteCount(), 0
-    for step in calibrate_blockwise(model, layers, tokens, gram=True, sequential=config.sequential):
+    for step in calibrate_blocks(model, layers, tokens, gram=True, sequential=config.sequential):
         for layer_name, module in step.layers:
             w, stats = weight_out_in(module), step.stats[layer_name]  # (out, in)
             if stats.tokens:

@@ -28,10 +28,8 @@ from torch import nn
 from frugalm.errors import TechniqueError
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, weight_out_in
 from frugalm.runtime.quant_linear import QuantLinear, format_name, quantize_groups
+from frugalm.techniques._arch import DEFAULT_TARGETS
 from frugalm.techniques.base import Context, Technique, record_change, select_linears
-
-DEFAULT_TARGETS = ("*.mlp.*", "*.self_attn.*", "*.attn.*", "*.attention.*")
-"""Attention and MLP linears of Llama/Qwen2/OPT (self_attn, mlp), GPT-2 (attn, mlp) and GPT-NeoX (attention, mlp)."""
 
 
 @dataclass(frozen=True, kw_only=True)
