@@ -50,20 +50,23 @@ DEFAULT_CONSTRAINTS = ("ppl_tok<=+5%", "ppl_tok<=+20%")
 
 @dataclass(frozen=True)
 class OptimizeConfig:
+    """The main job's settings; `frugalm optimize`'s options and their defaults are generated from
+    these fields and BenchConfig's (cli/config_options.py)."""
+
     out_dir: str = "frugalm-optimize"
+    """Output folder: report.html, .md and .json, and variants/."""
     recipes: tuple[str, ...] = ()
     """Recipe files or names of shipped recipes; empty: every shipped recipe."""
-    bench: BenchConfig = field(default_factory=lambda: BenchConfig(repetitions=3, protocol=_fast_protocol()))
+    bench: BenchConfig = field(default_factory=lambda: BenchConfig(repetitions=3, protocol=PerplexityProtocol(max_tokens=16_384)))
+    """Fewer repetitions and evaluated tokens than `bench`: the job measures every recipe's variant
+    and the baseline twice. The robustness text is PerplexityProtocol's default, as in `bench`, so
+    both give the same robust_ppl_ratio of a model."""
     constraints: tuple[str, ...] = DEFAULT_CONSTRAINTS
+    """Quality bounds for the recommendations, relative to the baseline ('ppl_tok<=+5%') or absolute ('peak_mem_mib<=200')."""
     keep_dominated: bool = False
     """Keep the artifacts of variants on no front (by default they are removed; their figures stay)."""
     force: bool = False
-    """Write into an existing `out_dir` that frugalm did not write (by default refused)."""
-
-
-def _fast_protocol():
-
-    return PerplexityProtocol(max_tokens=16_384, robust_tokens=4_096)
+    """Write into an existing output folder that frugalm did not write (by default refused; its variants/ folders may be replaced)."""
 
 
 @dataclass

@@ -42,22 +42,35 @@ from frugalm.text.files import check_text_file
 
 @dataclass(frozen=True)
 class BenchConfig:
+    """How a model is measured. The command line's options are generated from these fields (help
+    from the docstrings, defaults from the defaults), so each default is defined here only."""
+
     data: str | None = None
-    """Evaluation text (UTF-8; documents split at `<|endoftext|>` lines). None: the built-in held-out text."""
+    """Evaluation text, UTF-8, documents split at <|endoftext|> lines; by default (None) the built-in held-out text."""
     workloads: tuple[str, ...] = DEFAULT_WORKLOADS
+    """Inference workloads to run."""
     device: str = "cpu"
+    """cpu or cuda[:N]."""
     dtype: str = "float32"
+    """float32, bfloat16 or float16."""
     reference: str | None = None
     """A model with the same tokenizer to measure fidelity against (KL divergence, top-1 agreement)."""
     metrics: tuple[str, ...] | None = None
-    """Metrics to report (None: all)."""
+    """Metrics to report; by default (None) all."""
     profile: str | None = None
+    """Hardware profile for money and estimated energy; by default (None) the device type's default profile."""
     profiles_file: str | None = None
+    """YAML file of extra hardware profiles."""
     protocol: PerplexityProtocol = field(default_factory=PerplexityProtocol)
+    """How quality is measured: perplexity windows, evaluated tokens, the robustness text."""
     warmup: int = 1
+    """Untimed warm-up repetitions per workload."""
     repetitions: int = 5
+    """Timed repetitions per workload after warm-up."""
     scale_workloads: bool = False
+    """Scale workloads longer than the model's context to fit (recorded as scaled)."""
     timeout_s: float = 3600.0
+    """Seconds before the measuring child is stopped."""
 
 
 @dataclass

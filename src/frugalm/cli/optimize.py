@@ -5,32 +5,40 @@ from __future__ import annotations
 import sys
 
 from frugalm.cli.bench_options import add_bench_options, bench_config
+from frugalm.cli.config_options import Option, add_options, configure
+
+OPTIMIZE = ("frugalm.optimize", "OptimizeConfig")
+OPTIONS = [
+    Option("--out", "out_dir", {"metavar": "DIR"}),
+    Option("--recipe", "recipes", {"action": "append", "metavar": "NAME|FILE"}, "repeatable"),
+    Option("--constraint", "constraints", {"action": "append", "metavar": "SPEC"}, "repeatable"),
+    Option("--keep-dominated", "keep_dominated", {"action": "store_true"}),
+    Option("--force", "force", {"action": "store_true"}),
+]
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("optimize", help="run the recipe portfolio, find the Pareto front, write the report (the main job)")
     p.add_argument("model", nargs="?", help="local Hugging Face folder or hub id (default: the built-in model)")
-    p.add_argument("--out", default="frugalm-optimize", help="output folder: report.html/.md/.json and variants/ (default: ./frugalm-optimize)")
-    p.add_argument("--recipe", action="append", dest="recipes", metavar="NAME|FILE", help="recipe to include, repeatable (default: every shipped recipe)")
-    p.add_argument("--constraint", action="append", dest="constraints", metavar="SPEC", help="e.g. 'ppl_tok<=+5%%' (relative to baseline) or 'peak_mem_mib<=200', repeatable (default: ppl_tok<=+5%% and <=+20%%)")
-    p.add_argument("--keep-dominated", action="store_true", help="keep the artifacts of variants on no front")
-    p.add_argument("--force", action="store_true", help="write into --out even if frugalm did not write it (its variants/ folders may be replaced)")
-    add_bench_options(p)
-    p.set_defaults(func=run, eval_tokens=16_384, repetitions=3)
+    add_options(p, OPTIONS, *OPTIMIZE)
+    add_bench_options(p, owner=(*OPTIMIZE, "bench"))
+    p.set_defaults(func=run)
+
+
+def config(args):
+    """What `optimize()` does by default (OptimizeConfig()), with the options given."""
+    from dataclasses import replace
+
+    from frugalm.optimize import OptimizeConfig
+
+    base = configure(OptimizeConfig(), OPTIONS, args)
+    return replace(base, bench=bench_config(args, base.bench))
 
 
 def run(args) -> int:
     from frugalm.cli.progress import ProgressLine
-    from frugalm.optimize import DEFAULT_CONSTRAINTS, OptimizeConfig, optimize
+    from frugalm.optimize import optimize
 
-    config = OptimizeConfig(
-        out_dir=args.out,
-        recipes=tuple(args.recipes or ()),
-        bench=bench_config(args),
-        constraints=tuple(args.constraints or DEFAULT_CONSTRAINTS),
-        keep_dominated=args.keep_dominated,
-        force=args.force,
-    )
     progress = ProgressLine(enabled=not args.quiet)
 
     def say(line: str) -> None:
@@ -38,7 +46,7 @@ def run(args) -> int:
         print(line, file=sys.stderr)
 
     try:
-        result = optimize(args.model, config, store=args.store, progress=progress, say=say)
+        result = optimize(args.model, config(args), store=args.store, progress=progress, say=say)
     finally:
         progress.close()
     print((result.out_dir / "report.md").read_text())

@@ -5,6 +5,13 @@ from __future__ import annotations
 import sys
 
 from frugalm.cli.bench_options import add_bench_options, bench_config, print_result
+from frugalm.cli.config_options import Option, add_options, configure
+
+RUN = ("frugalm.run", "RunConfig")
+OPTIONS = [
+    Option("--out", "out_dir", {"metavar": "DIR"}, "an existing one is replaced only if frugalm wrote it"),
+    Option("--force", "force", {"action": "store_true"}),
+]
 
 
 def add_parser(sub) -> None:
@@ -12,24 +19,32 @@ def add_parser(sub) -> None:
     p.add_argument("recipe", help="recipe YAML file (see recipes/ and `frugalm ls techniques`)")
     p.add_argument("model", nargs="?", help="model to start from (default: the recipe's `model`, else the built-in model)")
     p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override a recipe value, e.g. stages.0.bits=4 (repeatable)")
-    p.add_argument("--out", help="artifact folder (default: ./frugalm-out/<recipe name>); an existing one is replaced only if frugalm wrote it")
-    p.add_argument("--force", action="store_true", help="replace --out even if frugalm did not write it")
+    add_options(p, OPTIONS, *RUN)
     p.add_argument("--no-measure", action="store_true", help="only produce and save the variant")
-    add_bench_options(p)
+    add_bench_options(p, owner=(*RUN, "bench"))
     p.set_defaults(func=run)
+
+
+def config(args):
+    """What `run_recipe()` does by default (RunConfig()), with the options given."""
+    from dataclasses import replace
+
+    from frugalm.run import RunConfig
+
+    base = configure(RunConfig(), OPTIONS, args)
+    return replace(base, bench=bench_config(args, base.bench), measure=base.measure and not args.no_measure)
 
 
 def run(args) -> int:
     from frugalm.cli.progress import ProgressLine
     from frugalm.recipe import dump_recipe, load_recipe
-    from frugalm.run import RunConfig, run_recipe
+    from frugalm.run import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     print(f"# resolved recipe\n{dump_recipe(recipe)}", file=sys.stderr)
     progress = ProgressLine(enabled=not args.quiet)
-    config = RunConfig(out_dir=args.out, bench=bench_config(args), measure=not args.no_measure, force=args.force)
     try:
-        result = run_recipe(recipe, args.model, config, store=args.store, progress=progress)
+        result = run_recipe(recipe, args.model, config(args), store=args.store, progress=progress)
     finally:
         progress.close()
     print(f"variant saved to {result.artifact}", file=sys.stderr)
