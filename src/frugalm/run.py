@@ -15,6 +15,7 @@ as figures beside the inference ones.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -65,12 +66,12 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
     source = resolve_model(model or recipe.model)
     out_dir = check_output_folder(config.out_dir or Path("frugalm-out") / recipe.name, force=config.force)
     lm = load_model(source.path, device=config.bench.device, dtype=config.bench.dtype, fast_kernels=False)
-    calibration, calibration_desc = _calibration(recipe, lm, config.bench)
+    split = functools.cache(lambda: evaluation_split(lm.tokenizer, config.bench))  # read once, for calibration and training alike
+    calibration, calibration_desc = _calibration(recipe, lm, split)
 
     ctx = Context(device=lm.device, calibration=calibration, progress=progress, tokenizer=lm.tokenizer, profile=config.bench.profile, profiles_file=config.bench.profiles_file)
-    if any(get_technique(s.technique).kind in ("training", "data") for s in recipe.stages):
-        held_out, rest, text_source = evaluation_split(lm.tokenizer, config.bench)
-        ctx.training_documents, ctx.held_out_documents, ctx.training_source = rest, held_out, text_source
+    if any(get_technique(s.technique).kind in ("training", "data") for s in recipe.stages):  # the default training text
+        ctx.held_out_documents, ctx.training_documents, ctx.training_source = split()
     checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints"
     timings = []
     t_total = time.perf_counter()
@@ -174,8 +175,9 @@ def _take_chars(documents, max_chars: int) -> tuple[list[str], str]:
     return taken, ""
 
 
-def _calibration(recipe: Recipe, lm, bench_config: BenchConfig):
-    """Calibration tokens when a stage needs them, and a description for the artifact."""
+def _calibration(recipe: Recipe, lm, split):
+    """Calibration tokens when a stage needs them, and a description for the artifact; `split()`
+    gives the run's evaluation_split, read when the recipe names no calibration text."""
 
     tokenizer = lm.tokenizer
     if not any(get_technique(s.technique).wants_calibration(s.config) for s in recipe.stages):
@@ -186,7 +188,7 @@ def _calibration(recipe: Recipe, lm, bench_config: BenchConfig):
         docs, cut = _take_chars(iter_documents(cal.data, max_doc_chars=TRAINING_TEXT_MAX_CHARS), TRAINING_TEXT_MAX_CHARS)
         source = cal.data + cut
     else:
-        _, docs, source = evaluation_split(tokenizer, bench_config)
+        _, docs, source = split()
         if not docs:
             raise DataError("the stages need calibration text and the evaluation text has none left over after the evaluated part; add `calibration: {data: FILE}` to the recipe")
     seq_len = min(cal.seq_len, context_length(lm.model.config) or cal.seq_len)

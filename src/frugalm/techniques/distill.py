@@ -51,9 +51,7 @@ class DistillConfig(TrainingOptions):
     hidden_layers: tuple[int, ...] = ()
     """Teacher layer matched by each student layer, for hidden-state matching; empty: the kept layers (copy) or evenly spaced (given student)."""
     lr: float = 2e-3
-    """Peak learning rate, after linear warm-up; cosine decay to lr * min_lr_ratio."""
-    weight_decay: float = 0.1
-    """AdamW weight decay on matrices."""
+    weight_decay: float = 0.1  # the student relearns whole layers: decay as in pre-training (the loop's default)
 
     def problems(self) -> list[str]:
         problems = super().problems()

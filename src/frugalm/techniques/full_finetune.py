@@ -18,10 +18,8 @@ from frugalm.techniques.training_stage import TrainingOptions, run_training
 
 @dataclass(frozen=True, kw_only=True)
 class FullFinetuneConfig(TrainingOptions):
-    lr: float = 3e-4
-    """Peak learning rate, after linear warm-up; cosine decay to lr * min_lr_ratio."""
-    weight_decay: float = 0.1
-    """AdamW weight decay on matrices (embeddings and linear weights)."""
+    lr: float = 3e-4  # every weight trains: a smaller step than the stages that train a few parameters
+    weight_decay: float = 0.1  # the whole network trains: decay as in pre-training (the loop's default)
 
 
 def apply(model: nn.Module, config: FullFinetuneConfig, ctx: Context) -> nn.Module:

@@ -50,7 +50,6 @@ class LoraFinetuneConfig(TrainingOptions):
     merge: bool = True
     """Fold the adapters into the weights (re-quantizing a packed base, with the loss recorded); false keeps them separate (in-process use: artifacts store merged weights)."""
     lr: float = 2e-3
-    """Peak learning rate, after linear warm-up; cosine decay to lr * min_lr_ratio."""
 
     def problems(self) -> list[str]:
         problems = super().problems()

@@ -27,7 +27,6 @@ class MaskedFinetuneConfig(TrainingOptions):
     train: tuple[str, ...] = ("biases", "norms")
     """What trains: groups (biases, norms = parameters of normalisation layers, embeddings) and/or fnmatch patterns over parameter names."""
     lr: float = 3e-3
-    """Peak learning rate, after linear warm-up; cosine decay to lr * min_lr_ratio."""
 
     def problems(self) -> list[str]:
         return super().problems() + ([] if self.train else ["train must name at least one group or parameter pattern, e.g. [biases, norms]"])

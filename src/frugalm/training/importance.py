@@ -37,6 +37,25 @@ from torch import nn
 from frugalm.errors import ConfigError, DataError, problems_message
 from frugalm.measure.compute import _EXTRA_FLOP_FORMULAS
 
+_RULES = {
+    "pool": (lambda v: v >= 1, "must be >= 1"),
+    "score_batch": (lambda v: v >= 1, "must be >= 1"),
+    "rescore_every": (lambda v: v >= 1, "must be >= 1"),
+    "power": (lambda v: v >= 0, "must be >= 0 (0 samples uniformly)"),
+    "uniform_mix": (lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+}
+
+
+def sampling_problems(**settings: tuple[str, float]) -> list[str]:
+    """Every bad importance-sampling setting: THE check, used by ImportanceConfig, ImportanceWindows
+    and a training stage's `sampling_*` options.
+
+    Each keyword is one setting (pool, score_batch, rescore_every, power, uniform_mix), given as
+    (its name where the user wrote it, its value), so the messages name what the user can fix:
+    sampling_problems(pool=("sampling_pool", 0)) == ["sampling_pool=0 must be >= 1"].
+    """
+    return [f"{name}={value!r} {rule}" for setting, (name, value) in settings.items() for ok, rule in [_RULES[setting]] if not ok(value)]
+
 
 @dataclass(frozen=True, kw_only=True)
 class ImportanceConfig:
@@ -52,12 +71,8 @@ class ImportanceConfig:
     """Seeds the draw."""
 
     def problems(self) -> list[str]:
-        out = [f"{name}={getattr(self, name)!r} must be >= 1" for name in ("num_samples", "batch_size") if getattr(self, name) < 1]
-        if not self.power >= 0:
-            out.append(f"power={self.power!r} must be >= 0 (0 samples uniformly)")
-        if not 0 <= self.uniform_mix <= 1:
-            out.append(f"uniform_mix={self.uniform_mix!r} must be in [0, 1]")
-        return out
+        return sampling_problems(pool=("num_samples", self.num_samples), score_batch=("batch_size", self.batch_size),
+                                 power=("power", self.power), uniform_mix=("uniform_mix", self.uniform_mix))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -149,11 +164,10 @@ class ImportanceWindows:
                  uniform_mix: float, rescore_every: int, grad_accum: int = 1, rank: int = 0, world_size: int = 1, score_batch: int = 16):  # fmt: skip
         if tokens.dim() != 1 or tokens.numel() < seq_len + 1:
             raise DataError(f"importance sampling: need a 1-D token stream of at least seq_len + 1 = {seq_len + 1} tokens, got shape {tuple(tokens.shape)}; give more text or lower seq_len.")
-        problems = ImportanceConfig(num_samples=pool, power=power, uniform_mix=uniform_mix, batch_size=score_batch).problems()
-        if rescore_every < 1:
-            problems.append(f"rescore_every={rescore_every} must be >= 1")
+        problems = sampling_problems(pool=("pool", pool), score_batch=("score_batch", score_batch), power=("power", power),
+                                     uniform_mix=("uniform_mix", uniform_mix), rescore_every=("rescore_every", rescore_every))  # fmt: skip
         if problems:
-            raise ConfigError(f"importance sampling: {'; '.join(problems)}. Fix these options.")
+            raise ConfigError(problems_message("importance sampling", problems))
         self.model, self.tokens = model, tokens.to(torch.long)
         self.batch_size, self.seq_len, self.pool_size = batch_size, seq_len, pool
         self.power, self.uniform_mix, self.score_batch = power, uniform_mix, score_batch

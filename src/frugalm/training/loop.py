@@ -21,12 +21,11 @@ from the same generator and keeps its own slice, so N ranks see exactly the wind
 would with N times the batch, all ranks' random states stay equal, and rank 0 alone writes
 checkpoints that every rank can resume from.
 
-Cost record: wall time, FLOPs (counted with torch's FLOP counter over one whole step, forward
-and backward of every micro-batch, a teacher's forward included, times the steps; the analytic
-6 * params * tokens is kept beside it), tokens seen, energy (hardware counter or the stated
-power model of frugalm.measure.energy, with the hardware profile the caller gives) and the loss
-curve. Checkpoints carry the energy spent so far, so a resumed run's figure covers every segment;
-one resumed from a checkpoint written before energy was stored says which steps it covers.
+Options: `LoopOptions` declares every option a user sets (a recipe's training stage exposes
+them under the same names); `TrainConfig` adds where the checkpoints go.
+
+Cost record: frugalm.training.accounting keeps the run's account (wall time, FLOPs, tokens,
+energy, losses) across resumes and writes the TrainResult.
 """
 
 from __future__ import annotations
@@ -35,18 +34,18 @@ import contextlib
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from frugalm.errors import ConfigError, DataError
-from frugalm.measure.compute import _EXTRA_FLOP_FORMULAS
+from frugalm.errors import ConfigError, DataError, problems_message
 from frugalm.measure.cost import get_profile
 from frugalm.measure.energy import EnergyMeter
 from frugalm.training import checkpoint as ckpt
+from frugalm.training.accounting import RunAccount, TrainResult, count_step_flops
 
 if TYPE_CHECKING:
     from frugalm.measure.cost import HardwareProfile
@@ -59,17 +58,26 @@ PRECISIONS = ("fp32", "bf16")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class LoopOptions:
+    """Every option of the loop a user chooses: each declared once here, with its type, doc and default.
+
+    The defaults suit pre-training a small model from scratch; a recipe's training stages
+    (frugalm.techniques.training_stage.TrainingOptions) take these same options and state where
+    they default otherwise, and why.
+    """
+
     steps: int = 1000
-    """Optimizer steps."""
+    """Optimizer steps (the training budget)."""
     batch_size: int = 16
     """Windows per micro-batch (per process in data-parallel training)."""
     seq_len: int = 512
-    """Tokens per window (the model sees seq_len inputs and predicts seq_len targets)."""
+    """Tokens per window: the model sees seq_len inputs and predicts seq_len targets (a training stage caps it at the model's context)."""
+    grad_accum: int = 1
+    """Micro-batches whose gradients are summed per optimizer step (effective batch = batch_size * grad_accum)."""
     lr: float = 3e-3
-    """Peak learning rate, reached after warm-up."""
+    """Peak learning rate, reached after linear warm-up; cosine decay to lr * min_lr_ratio."""
     min_lr_ratio: float = 0.1
-    """The cosine decays from lr to lr * min_lr_ratio at the last step."""
+    """Final learning rate as a fraction of lr: the cosine decays from lr to lr * min_lr_ratio at the last step."""
     warmup_steps: int = 100
     """Steps of linear warm-up from 0 to lr."""
     weight_decay: float = 0.1
@@ -77,45 +85,47 @@ class TrainConfig:
     grad_clip: float = 1.0
     """Maximum global gradient L2 norm; 0 disables clipping."""
     seed: int = 0
-    """Seeds window sampling (and torch's global RNG, for dropout and adapter initialisation)."""
-    log_every: int = 50
-    """Record the mean training loss every this many steps (and at the last step)."""
-    grad_accum: int = 1
-    """Micro-batches whose gradients are summed per optimizer step (effective batch = batch_size * grad_accum)."""
+    """Seeds window sampling and torch's global RNG (dropout, random initialisation of adapters)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """fp32, or bf16 autocast for the forward pass (weights, gradients and optimizer state stay fp32)."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass instead of storing them (less memory, ~1/3 more compute)."""
     checkpoint_every: int = 0
-    """Save a resumable checkpoint every this many steps into checkpoint_dir; 0: never."""
+    """Save a resumable checkpoint every this many steps (0: never); a rerun resumes from the last one."""
+    log_every: int = 50
+    """Record the mean training loss every this many steps (and at the last step)."""
+
+    def problems(self) -> list[str]:
+        """Every bad option, named as the user wrote it."""
+        problems = [
+            f"{name}={getattr(self, name)!r} must be >= {low}"
+            for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("log_every", 1), ("grad_accum", 1),
+                              ("warmup_steps", 0), ("weight_decay", 0), ("grad_clip", 0), ("checkpoint_every", 0))
+            if getattr(self, name) < low
+        ]  # fmt: skip
+        if self.steps == 0:
+            problems[0] = "steps=0 must be >= 1 (a budget of zero steps trains nothing; give steps >= 1 or remove the stage)"
+        if not self.lr > 0:
+            problems.append(f"lr={self.lr!r} must be > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"min_lr_ratio={self.min_lr_ratio!r} must be in [0, 1]")
+        if self.precision not in PRECISIONS:
+            problems.append(f"precision={self.precision!r} must be one of {', '.join(PRECISIONS)}")
+        return problems
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig(LoopOptions):
+    """The loop's options and where the run keeps its checkpoints."""
+
     checkpoint_dir: str | None = None
     """Folder of the checkpoints; a run started with a checkpoint there resumes from it, and deletes them when it completes."""
 
 
-def config_problems(config) -> list[str]:
-    """Every bad training option of `config` (a TrainConfig, or a stage config with the same fields)."""
-    problems = [
-        f"{name}={getattr(config, name)!r} must be >= {low}"
-        for name, low in (("steps", 1), ("batch_size", 1), ("seq_len", 1), ("log_every", 1), ("grad_accum", 1),
-                          ("warmup_steps", 0), ("weight_decay", 0), ("grad_clip", 0), ("checkpoint_every", 0))
-        if getattr(config, name) < low
-    ]  # fmt: skip
-    if config.steps == 0:
-        problems[0] = "steps=0 must be >= 1 (a budget of zero steps trains nothing; give steps >= 1 or remove the stage)"
-    if not config.lr > 0:
-        problems.append(f"lr={config.lr!r} must be > 0")
-    if not 0 <= config.min_lr_ratio <= 1:
-        problems.append(f"min_lr_ratio={config.min_lr_ratio!r} must be in [0, 1]")
-    if config.precision not in PRECISIONS:
-        problems.append(f"precision={config.precision!r} must be one of {', '.join(PRECISIONS)}")
-    return problems
-
-
 def check_config(config: TrainConfig) -> None:
     """Raise one ConfigError listing every bad field."""
-    problems = config_problems(config)
-    if problems:
-        raise ConfigError(f"TrainConfig: {'; '.join(problems)}. Fix these fields.")
+    if problems := config.problems():
+        raise ConfigError(problems_message("TrainConfig", problems))
 
 
 def lr_at(step: int, config: TrainConfig) -> float:
@@ -166,46 +176,6 @@ def causal_lm_loss(model: nn.Module, window: torch.Tensor) -> torch.Tensor:
     inputs, targets = window[:, :-1], window[:, 1:]  # (batch, seq_len) each
     logits = model(input_ids=inputs).logits  # (batch, seq_len, vocab)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
-@dataclass(frozen=True)
-class TrainResult:
-    losses: list[tuple[int, float]]
-    """(step, mean training loss over the steps since the previous record), step is 1-based."""
-    final_loss: float
-    """The last recorded mean training loss."""
-    tokens_seen: int
-    """Target tokens processed, over all processes: steps * batch_size * grad_accum * world_size * seq_len."""
-    wall_time_s: float
-    """Training wall time over every segment of the run (time lost after the last checkpoint of a killed segment is not counted)."""
-    flops: int | None = None
-    """Counted FLOPs of the whole run (one step counted with torch's FLOP counter, times the steps); None when not counted."""
-    flops_analytic: int = 0
-    """6 * parameters * tokens_seen: the usual estimate for full training (forward 2N, backward 4N per token)."""
-    energy_j: float = 0.0
-    energy_method: str = "estimated"
-    energy_protocol: dict = field(default_factory=dict)
-    resumed_from_step: int = 0
-    """The step of the checkpoint this run resumed from (0: started fresh)."""
-    params: int = 0
-    trainable_params: int = 0
-    settings: dict = field(default_factory=dict)
-
-    def _flops_method(self) -> str | None:
-        if self.flops is None:
-            return None
-        scoring = " + importance scoring: one window's forward x windows scored" if "sampling" in self.settings else ""
-        return "counted: torch FlopCounterMode over one step x steps" + scoring
-
-    def cost(self) -> dict:
-        """The cost record stored with a variant: JSON-ready, units in the names."""
-        return {
-            "wall_s": self.wall_time_s, "flops": self.flops, "flops_method": self._flops_method(),
-            "flops_analytic_6nt": self.flops_analytic, "tokens_seen": self.tokens_seen, "energy_j": self.energy_j,
-            "energy_method": self.energy_method, "energy_protocol": self.energy_protocol, "params": self.params,
-            "trainable_params": self.trainable_params, "resumed_from_step": self.resumed_from_step,
-            "loss_curve": self.losses, "final_loss": self.final_loss, "settings": self.settings,
-        }  # fmt: skip
 
 
 def process_group() -> tuple[int, int]:
@@ -273,9 +243,7 @@ def train(
     settings.pop("checkpoint_dir")
     fp = ckpt.fingerprint(settings)
     state = ckpt.load_latest(config.checkpoint_dir, fp) if config.checkpoint_every else None
-    run = _LoopState(losses=[], pending=(0.0, 0), start_step=0, wall_before=0.0, energy_before=0.0, energy_method_before=None, energy_from_step=0)
-    if state is not None:
-        run = _restore(model, optimizer, generator, state)
+    run = _restore(model, optimizer, generator, state) if state is not None else RunAccount()
     if config.gradient_checkpointing:
         _set_checkpointing(model, True)
 
@@ -287,7 +255,9 @@ def train(
     with meter:
         for step in range(run.start_step, config.steps):
             loss = _one_step(trained, model, optimizer, batches, generator, loss_fn, config, step, device)
-            run.add_loss(step, loss, config, progress, start)
+            if run.add_loss(step, loss, config.log_every, config.steps) and progress is not None:
+                elapsed = run.wall_before + time.perf_counter() - start
+                progress(f"step {step + 1}/{config.steps}  loss {run.losses[-1][1]:.4f}  lr {lr_at(step, config):.2e}  {elapsed:.0f}s")
             if on_step:
                 on_step(step + 1, config.steps)
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
@@ -297,34 +267,9 @@ def train(
     model.eval()
     if config.checkpoint_every and config.checkpoint_dir and rank == 0:
         ckpt.remove_checkpoints(config.checkpoint_dir)
-    return _result(model, config, run, world, flops_per_step, meter, settings)
-
-
-@dataclass
-class _LoopState:
-    losses: list[tuple[int, float]]
-    pending: tuple[float, int]
-    start_step: int
-    wall_before: float
-    energy_before: float
-    """Joules of the earlier segments (stored in the checkpoint resumed from)."""
-    energy_method_before: str | None
-    energy_from_step: int
-    """The first step the energy covers (0 unless resumed from a checkpoint that stored none)."""
-
-    def energy_method(self, meter) -> str:
-        """'measured' only when this segment and every earlier one read a hardware counter."""
-        return "measured" if meter.method == "measured" and self.energy_method_before in (None, "measured") else "estimated"
-
-    def add_loss(self, step: int, loss: float, config: TrainConfig, progress, start: float) -> None:
-        total, n = self.pending[0] + loss, self.pending[1] + 1
-        self.pending = (total, n)
-        if (step + 1) % config.log_every == 0 or step + 1 == config.steps:
-            self.losses.append((step + 1, total / n))
-            self.pending = (0.0, 0)
-            if progress is not None:
-                elapsed = self.wall_before + time.perf_counter() - start
-                progress(f"step {step + 1}/{config.steps}  loss {self.losses[-1][1]:.4f}  lr {lr_at(step, config):.2e}  {elapsed:.0f}s")
+    tokens = config.steps * config.batch_size * config.grad_accum * world * config.seq_len
+    flops = flops_per_step * config.steps * world if flops_per_step is not None else None
+    return run.result(model, config.steps, tokens, flops, meter, {k: v for k, v in settings.items() if k != "params"})
 
 
 def _one_step(trained, model, optimizer, batches: BatchFn, generator, loss_fn: LossFn, config: TrainConfig, step: int, device) -> float:
@@ -348,84 +293,30 @@ def _one_step(trained, model, optimizer, batches: BatchFn, generator, loss_fn: L
 
 
 def _count_step_flops(model: nn.Module, loss_fn: LossFn, config: TrainConfig, device) -> int:
-    """FLOPs of one optimizer step: forward and backward of one micro-batch, counted, times grad_accum.
-
-    Counted on a probe micro-batch (token id 0 everywhere: FLOPs do not depend on the values)
-    before training, not inside a real step: torch's counter dispatches some ops differently,
-    which would change the trained bits. The probe's gradients are dropped and torch's RNG state
-    restored, so training is unaffected. The optimizer's elementwise update is not counted.
-    """
-    from torch.utils.flop_counter import FlopCounterMode
-
-
-    rng = torch.get_rng_state()
+    """FLOPs of one optimizer step: one micro-batch counted (frugalm.training.accounting), times grad_accum."""
     probe = torch.zeros(config.batch_size, config.seq_len + 1, dtype=torch.long, device=device)
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
-        with _autocast(device, config.precision):
-            loss = loss_fn(model, probe)
-        loss.backward()
-    for p in model.parameters():
-        p.grad = None
-    torch.set_rng_state(rng)
-    return counter.get_total_flops() * config.grad_accum
+    return count_step_flops(model, loss_fn, probe, _autocast(device, config.precision)) * config.grad_accum
 
 
-def _checkpoint(model, optimizer, generator, run: _LoopState, step: int, meter, fp: str, config: TrainConfig, rank: int) -> None:
+def _checkpoint(model, optimizer, generator, run: RunAccount, step: int, meter, fp: str, config: TrainConfig, rank: int) -> None:
     if rank == 0:
-        joules = meter.so_far()  # also brings meter.wall_s up to now
         ckpt.save_checkpoint(config.checkpoint_dir, ckpt.TrainState(
             step=step, model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
             cpu_rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            losses=list(run.losses), pending=run.pending, wall_s=run.wall_before + meter.wall_s, fingerprint=fp,
-            energy_j=run.energy_before + joules, energy_method=run.energy_method(meter), energy_from_step=run.energy_from_step,
+            fingerprint=fp, **run.for_checkpoint(meter),
         ))  # fmt: skip
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # no rank runs ahead of a checkpoint that is not yet complete
 
 
-def _restore(model, optimizer, generator, state: ckpt.TrainState) -> _LoopState:
+def _restore(model, optimizer, generator, state: ckpt.TrainState) -> RunAccount:
     model.load_state_dict(state.model)
     optimizer.load_state_dict(state.optimizer)
     generator.set_state(state.generator)
     torch.set_rng_state(state.cpu_rng)
     if state.cuda_rng and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state.cuda_rng)
-    stored = state.energy_j is not None  # checkpoints written before energy was stored have none
-    return _LoopState(
-        losses=list(state.losses), pending=tuple(state.pending), start_step=state.step, wall_before=state.wall_s,
-        energy_before=state.energy_j if stored else 0.0, energy_method_before=state.energy_method if stored else None,
-        energy_from_step=state.energy_from_step if stored else state.step,
-    )  # fmt: skip
-
-
-def _result(model, config: TrainConfig, run: _LoopState, world: int, flops_per_step, meter, settings: dict) -> TrainResult:
-    tokens = config.steps * config.batch_size * config.grad_accum * world * config.seq_len
-    params = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    protocol = _energy_protocol(meter, run, config.steps)
-    return TrainResult(
-        losses=run.losses, final_loss=run.losses[-1][1], tokens_seen=tokens, wall_time_s=run.wall_before + meter.wall_s,
-        flops=flops_per_step * config.steps * world if flops_per_step is not None else None,
-        flops_analytic=6 * params * tokens, energy_j=run.energy_before + meter.joules, energy_method=run.energy_method(meter), energy_protocol=protocol,
-        resumed_from_step=run.start_step, params=params, trainable_params=trainable,
-        settings={k: v for k, v in settings.items() if k != "params"},
-    )  # fmt: skip
-
-
-def _energy_protocol(meter, run: _LoopState, steps: int) -> dict:
-    """The meter's protocol of the last segment, plus which steps the run's energy figure covers."""
-    protocol = {**meter.protocol(), "covers": f"steps {run.energy_from_step}..{steps} of {steps}", "uncovered_steps": run.energy_from_step}
-    if not run.start_step:
-        return protocol
-    at, since = run.start_step, run.energy_from_step
-    notes = [f"wall_s and joules above are the segment after the resume at step {at}"]
-    if since < at:
-        protocol["energy_before_resume_j"], protocol["energy_before_resume_method"] = run.energy_before, run.energy_method_before
-        notes.append(f"the figure adds the {run.energy_before:.6g} J the checkpoint stored for steps {since}..{at}")
-    if since:
-        notes.append(f"steps 0..{since} are not counted: a checkpoint this run resumed from predates stored energy")
-    notes.append("the energy of work a killed segment did after its last checkpoint is not counted (that work is redone and counted then)")
-    return {**protocol, "resumed_at_step": at, "note": "; ".join(notes)}
+    return RunAccount.resumed(state)
 
 
 def train_causal_lm(model: nn.Module, data: torch.Tensor | BatchFn, config: TrainConfig, progress: Callable[[str], None] | None = None) -> TrainResult:
