@@ -46,7 +46,7 @@ class RunConfig:
     bench: BenchConfig = BenchConfig()
     measure: bool = True
     force: bool = False
-    """Replace an existing `out_dir` that frugalm did not write (by default refused)."""
+    """Replace an existing output folder that frugalm did not write (by default refused)."""
 
 
 @dataclass

@@ -26,9 +26,11 @@ from frugalm.techniques.base import Context, Technique, record_change, select_li
 
 
 @dataclass(frozen=True, kw_only=True)
-class MagnitudePruneConfig:
+class PruneOptions:
+    """The options every unstructured / N:M pruning technique shares (magnitude, wanda, sparsegpt)."""
+
     sparsity: float = 0.5
-    """Fraction of weights zeroed in each targeted layer, in [0, 1); ignored with an N:M pattern (which zeroes (M-N)/M)."""
+    """Fraction of weights zeroed in each targeted layer (Wanda: in each output row), in [0, 1); ignored with an N:M pattern (which zeroes (M-N)/M)."""
     pattern: str = "unstructured"
     """"unstructured", or "N:M" (e.g. "2:4"): in every M consecutive input weights of a row keep the N largest."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
@@ -36,6 +38,11 @@ class MagnitudePruneConfig:
 
     def problems(self) -> list[str]:
         return pattern_problems(self.sparsity, self.pattern)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MagnitudePruneConfig(PruneOptions):
+    """Magnitude pruning takes the shared options only."""
 
 
 # --- shared by the pruning techniques ---------------------------------------------------------

@@ -28,12 +28,11 @@ from torch import nn
 
 from frugalm.errors import TechniqueError
 from frugalm.runtime.modules import weight_out_in
-from frugalm.techniques._arch import DEFAULT_TARGETS
 from frugalm.techniques._calibrate import calibrate_blocks, require_inputs
 from frugalm.techniques.base import Context, Technique, record_change
 from frugalm.techniques.prune_magnitude import (
+    PruneOptions,
     parse_pattern,
-    pattern_problems,
     prune_mask,
     pruning_targets,
     sparsity_details,
@@ -41,13 +40,7 @@ from frugalm.techniques.prune_magnitude import (
 
 
 @dataclass(frozen=True, kw_only=True)
-class SparseGPTPruneConfig:
-    sparsity: float = 0.5
-    """Fraction of weights zeroed in each targeted layer, in [0, 1); ignored with an N:M pattern."""
-    pattern: str = "unstructured"
-    """"unstructured", or "N:M" (e.g. "2:4"): in every M consecutive input weights of a row keep N."""
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    """fnmatch patterns over module names; the output head is excluded unless named."""
+class SparseGPTPruneConfig(PruneOptions):
     blocksize: int = 128
     """Columns per lazy-update block; the unstructured mask is chosen per block."""
     percdamp: float = 0.01
@@ -56,7 +49,7 @@ class SparseGPTPruneConfig:
     """Calibration sequences per forward pass."""
 
     def problems(self) -> list[str]:
-        problems = pattern_problems(self.sparsity, self.pattern)
+        problems = super().problems()
         if self.blocksize < 1:
             problems.append(f"blocksize must be >= 1, got {self.blocksize}")
         if not 0 < self.percdamp <= 1:

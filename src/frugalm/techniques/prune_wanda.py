@@ -23,11 +23,10 @@ import torch
 from torch import nn
 
 from frugalm.runtime.modules import weight_out_in
-from frugalm.techniques._arch import DEFAULT_TARGETS
 from frugalm.techniques._calibrate import calibrate_blocks, require_inputs
 from frugalm.techniques.base import Context, Technique, record_change
 from frugalm.techniques.prune_magnitude import (
-    pattern_problems,
+    PruneOptions,
     prune_mask,
     pruning_targets,
     sparsity_details,
@@ -36,13 +35,7 @@ from frugalm.techniques.prune_magnitude import (
 
 
 @dataclass(frozen=True, kw_only=True)
-class WandaPruneConfig:
-    sparsity: float = 0.5
-    """Fraction of weights zeroed in each output row of each targeted layer, in [0, 1); ignored with an N:M pattern."""
-    pattern: str = "unstructured"
-    """"unstructured", or "N:M" (e.g. "2:4"): in every M consecutive input weights of a row keep the N best."""
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    """fnmatch patterns over module names; the output head is excluded unless named."""
+class WandaPruneConfig(PruneOptions):
     sequential: bool = True
     """Measure each block's inputs after pruning the blocks before it (the paper's code); false: one pass on the dense model."""
     batch_size: int = 8
@@ -50,7 +43,7 @@ class WandaPruneConfig:
 
     def problems(self) -> list[str]:
         extra = [f"batch_size must be >= 1, got {self.batch_size}"] if self.batch_size < 1 else []
-        return pattern_problems(self.sparsity, self.pattern) + extra
+        return super().problems() + extra
 
 
 def wanda_mask(w: torch.Tensor, feature_norm: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:

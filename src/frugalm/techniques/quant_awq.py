@@ -42,15 +42,13 @@ from torch import nn
 
 from frugalm.runtime.modules import is_linear, weight_out_in
 from frugalm.runtime.quant_linear import dequantize_groups, quantize_groups
-from frugalm.techniques._arch import DEFAULT_TARGETS
 from frugalm.techniques._calibrate import BlockStep, calibrate_blocks
-from frugalm.techniques.base import Context, Technique, select_linears
+from frugalm.techniques.base import Context, Technique
 from frugalm.techniques.quant_rtn import (
     ByteCount,
-    check_config,
-    check_widths,
+    WeightQuantOptions,
     quant_linear,
-    quant_problems,
+    quant_targets,
     record_quant_change,
     replace_module_,
 )
@@ -62,24 +60,16 @@ NO_CLIP = ("q_proj", "k_proj")
 
 
 @dataclass(frozen=True, kw_only=True)
-class AWQQuantConfig:
+class AWQQuantConfig(WeightQuantOptions):
     bits: Literal[4, 8] = 4
-    """Bits per weight: 4 (packed two per byte) or 8."""
-    group_size: int = -1
-    """Input columns sharing one scale; -1: one scale per output channel. Must divide in_features."""
-    symmetric: bool = True
-    """Zero point fixed at the middle code; False: per-group zero point."""
-    activations: Literal["none", "dynamic-int8"] = "none"
-    """8-bit format (as rtn_quant's option): none: weight-only, format w8a16 / w4a16, exportable; dynamic-int8: format w8a8-dynamic, input tensors quantized on the fly as fbgemm does and run on fbgemm's int8 kernel on x86 CPUs (fast CPU path; not exportable). Needs bits 8, group_size -1, symmetric true."""
+    """Bits per weight: 4 (packed two per byte) or 8. The other shared options: see rtn_quant."""
     grid: int = 20
     """Points of the alpha grid over [0, 1] (0 included: plain RTN)."""
     clip: bool = True
     """Also search each weight group's clipping range (the reference's auto_clip)."""
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    """fnmatch patterns over module names; the output head is excluded unless named."""
 
     def problems(self) -> list[str]:
-        problems = quant_problems(self.bits, self.group_size, self.activations, self.symmetric)
+        problems = super().problems()
         if self.grid < 2:
             problems.append(f"grid must be >= 2 (points of the alpha grid over [0, 1], e.g. 20), got {self.grid}")
         return problems
@@ -269,9 +259,7 @@ def scale_block_(step: BlockStep, config: AWQQuantConfig) -> dict[str, torch.Ten
 @torch.no_grad()
 def apply(model: nn.Module, config: AWQQuantConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    check_config(name, config)
-    layers = select_linears(model, config.targets, technique=name)
-    check_widths(name, layers, config.bits, config.group_size)
+    layers = quant_targets(name, config, model)
     tokens = ctx.calibration_tokens(name)
     count, unscaled = ByteCount(), []
     for step in calibrate_blocks(model, layers, tokens, gram=True):

@@ -40,30 +40,22 @@ from torch import nn
 from frugalm.errors import TechniqueError
 from frugalm.runtime.modules import weight_out_in
 from frugalm.runtime.quant_linear import quantize_groups, range_params
-from frugalm.techniques._arch import DEFAULT_TARGETS
 from frugalm.techniques._calibrate import InputStats, calibrate_blocks
-from frugalm.techniques.base import Context, Technique, select_linears
+from frugalm.techniques.base import Context, Technique
 from frugalm.techniques.quant_rtn import (
     ByteCount,
-    check_config,
-    check_widths,
+    WeightQuantOptions,
     quant_linear,
-    quant_problems,
+    quant_targets,
     record_quant_change,
     replace_module_,
 )
 
 
 @dataclass(frozen=True, kw_only=True)
-class GPTQQuantConfig:
+class GPTQQuantConfig(WeightQuantOptions):
     bits: Literal[4, 8] = 4
-    """Bits per weight: 4 (packed two per byte) or 8."""
-    group_size: int = -1
-    """Input columns sharing one scale; -1: one scale per output channel. Must divide in_features."""
-    symmetric: bool = True
-    """Zero point fixed at the middle code; False: per-group zero point."""
-    activations: Literal["none", "dynamic-int8"] = "none"
-    """8-bit format (as rtn_quant's option): none: weight-only, format w8a16 / w4a16, exportable; dynamic-int8: format w8a8-dynamic, input tensors quantized on the fly as fbgemm does and run on fbgemm's int8 kernel on x86 CPUs (fast CPU path; not exportable). Needs bits 8, group_size -1, symmetric true."""
+    """Bits per weight: 4 (packed two per byte) or 8. The other shared options: see rtn_quant."""
     act_order: bool = True
     """Quantize columns in decreasing diag(H) (activation order), with static group parameters."""
     observer: Literal["minmax", "mse"] = "mse"
@@ -74,11 +66,9 @@ class GPTQQuantConfig:
     """Columns per lazy-update block."""
     sequential: bool = True
     """Calibrate block by block on the outputs of the already quantized blocks; False: on the float model's activations."""
-    targets: tuple[str, ...] = DEFAULT_TARGETS
-    """fnmatch patterns over module names; the output head is excluded unless named."""
 
     def problems(self) -> list[str]:
-        problems = quant_problems(self.bits, self.group_size, self.activations, self.symmetric)
+        problems = super().problems()
         if not 0 < self.damp_percent <= 1:
             problems.append(f"damp_percent must be in (0, 1] (a fraction of mean(diag(H)), e.g. 0.01), got {self.damp_percent}")
         if self.block_size < 1:
@@ -180,9 +170,7 @@ def layer_hessian(stats: InputStats) -> torch.Tensor:
 @torch.no_grad()
 def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    check_config(name, config)
-    layers = select_linears(model, config.targets, technique=name)
-    check_widths(name, layers, config.bits, config.group_size)
+    layers = quant_targets(name, config, model)
     tokens = ctx.calibration_tokens(name)
     count, done = ByteCount(), 0
     for step in calibrate_blocks(model, layers, tokens, gram=True, sequential=config.sequential):

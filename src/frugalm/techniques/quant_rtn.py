@@ -33,7 +33,9 @@ from frugalm.techniques.base import Context, Technique, record_change, select_li
 
 
 @dataclass(frozen=True, kw_only=True)
-class RTNQuantConfig:
+class WeightQuantOptions:
+    """The options every weight quantization technique shares (rtn_quant, gptq_quant, awq_quant)."""
+
     bits: Literal[4, 8] = 8
     """Bits per weight: 8 (near lossless) or 4 (packed two per byte)."""
     group_size: int = -1
@@ -47,6 +49,11 @@ class RTNQuantConfig:
 
     def problems(self) -> list[str]:
         return quant_problems(self.bits, self.group_size, self.activations, self.symmetric)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RTNQuantConfig(WeightQuantOptions):
+    """Round-to-nearest takes the shared options only."""
 
 
 # --- shared by the weight quantization techniques -----------------------------------------------
@@ -70,6 +77,14 @@ def check_config(technique: str, config) -> None:
     problems = config.problems()
     if problems:
         raise TechniqueError(f"{technique}: " + "; ".join(problems))
+
+
+def quant_targets(technique: str, config: WeightQuantOptions, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layers a weight quantization config targets in `model`, after every check that needs no calibration."""
+    check_config(technique, config)
+    layers = select_linears(model, config.targets, technique=technique)
+    check_widths(technique, layers, config.bits, config.group_size)
+    return layers
 
 
 def _divisors(n: int) -> list[int]:
@@ -154,9 +169,7 @@ def record_quant_change(ctx: Context, technique: str, layers: list[str], count: 
 @torch.no_grad()
 def apply(model: nn.Module, config: RTNQuantConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    check_config(name, config)
-    layers = select_linears(model, config.targets, technique=name)
-    check_widths(name, layers, config.bits, config.group_size)
+    layers = quant_targets(name, config, model)
     count = ByteCount()
     for i, (layer_name, module) in enumerate(layers):
         w = weight_out_in(module)  # (out, in)
