@@ -62,7 +62,10 @@ PROMPT_TOKENS, NEW_TOKENS = 128, 64  # decode-speed workload, batch 1
 REFERENCE_PPL = 3.682  # ../shared/assets/README.md, "Measured perplexity", TinyStories
 CHILD_TIMEOUT_S = 1800
 MARK = "@@RESULT@@ "  # prefixes the one JSON line a child prints
-CHANGED = {"block": re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\."), "mlp": re.compile(r"^model\.layers\.\d+\.mlp\.")}
+CHANGED = {
+    "block": re.compile(r"^model\.layers\.\d+\.(self_attn|mlp)\."),
+    "mlp": re.compile(r"^model\.layers\.\d+\.mlp\."),
+}
 """Safetensors keys of the layers a variant changes: every attention/MLP linear, or the MLP only."""
 
 
@@ -79,22 +82,53 @@ class Variant:
 F, P = "frugalm", "llm-compressor"
 VARIANTS = [  # matched frugalm / peer pairs next to each other, so load drifts hit both alike
     Variant("f-rtn4", "RTN-4 per-channel", F, "rtn_quant", {"bits": 4, "group_size": -1}),
-    Variant("f-gptq4-minmax", "GPTQ-4 per-channel, minmax", F, "gptq_quant", {"bits": 4, "observer": "minmax", "damp_percent": 0.01}),
-    Variant("p-gptq4-minmax", "GPTQ-4 per-channel, minmax", P, "gptq", {"bits": 4, "observer": "memoryless_minmax", "dampening_frac": 0.01}),
-    Variant("f-gptq4-mse", "GPTQ-4 per-channel, mse", F, "gptq_quant", {"bits": 4, "observer": "mse", "damp_percent": 0.01}),
-    Variant("p-gptq4-mse", "GPTQ-4 per-channel, mse", P, "gptq", {"bits": 4, "observer": "memoryless_mse", "dampening_frac": 0.01}),
+    Variant(
+        "f-gptq4-minmax",
+        "GPTQ-4 per-channel, minmax",
+        F,
+        "gptq_quant",
+        {"bits": 4, "observer": "minmax", "damp_percent": 0.01},
+    ),
+    Variant(
+        "p-gptq4-minmax",
+        "GPTQ-4 per-channel, minmax",
+        P,
+        "gptq",
+        {"bits": 4, "observer": "memoryless_minmax", "dampening_frac": 0.01},
+    ),
+    Variant(
+        "f-gptq4-mse", "GPTQ-4 per-channel, mse", F, "gptq_quant", {"bits": 4, "observer": "mse", "damp_percent": 0.01}
+    ),
+    Variant(
+        "p-gptq4-mse",
+        "GPTQ-4 per-channel, mse",
+        P,
+        "gptq",
+        {"bits": 4, "observer": "memoryless_mse", "dampening_frac": 0.01},
+    ),
     Variant("f-awq4", "AWQ-4 per-channel", F, "awq_quant", {"bits": 4}),
     Variant("f-mag50", "magnitude 50%", F, "magnitude_prune", {"sparsity": 0.5}),
     Variant("f-wanda50", "Wanda 50%", F, "wanda_prune", {"sparsity": 0.5}),
     Variant("p-wanda50", "Wanda 50%", P, "wanda", {"sparsity": 0.5, "mask_structure": "0:0"}),
     Variant("f-sgpt50", "SparseGPT 50%", F, "sparsegpt_prune", {"sparsity": 0.5, "percdamp": 0.01}),
-    Variant("p-sgpt50", "SparseGPT 50%", P, "sparsegpt", {"sparsity": 0.5, "mask_structure": "0:0", "dampening_frac": 0.01}),
+    Variant(
+        "p-sgpt50", "SparseGPT 50%", P, "sparsegpt", {"sparsity": 0.5, "mask_structure": "0:0", "dampening_frac": 0.01}
+    ),
     Variant("f-mag24", "magnitude 2:4", F, "magnitude_prune", {"pattern": "2:4"}),
     Variant("f-wanda24", "Wanda 2:4", F, "wanda_prune", {"pattern": "2:4"}),
     Variant("p-wanda24", "Wanda 2:4", P, "wanda", {"sparsity": 0.5, "mask_structure": "2:4"}),
     Variant("f-sgpt24", "SparseGPT 2:4", F, "sparsegpt_prune", {"pattern": "2:4", "percdamp": 0.01}),
-    Variant("p-sgpt24", "SparseGPT 2:4", P, "sparsegpt", {"sparsity": 0.5, "mask_structure": "2:4", "dampening_frac": 0.01}),
-    Variant("f-struct25", "structured 25% MLP channels", F, "structured_prune", {"unit": "mlp_channels", "fraction": 0.25}, changed="mlp"),
+    Variant(
+        "p-sgpt24", "SparseGPT 2:4", P, "sparsegpt", {"sparsity": 0.5, "mask_structure": "2:4", "dampening_frac": 0.01}
+    ),
+    Variant(
+        "f-struct25",
+        "structured 25% MLP channels",
+        F,
+        "structured_prune",
+        {"unit": "mlp_channels", "fraction": 0.25},
+        changed="mlp",
+    ),
 ]
 BY_KEY = {v.key: v for v in VARIANTS}
 
@@ -109,7 +143,14 @@ THREADS = 1
 def child_env() -> dict:
     # Thread count through the environment, so that both tools' processes start with it.
     threads = {k: str(THREADS) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
-    return {**os.environ, **threads, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return {
+        **os.environ,
+        **threads,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+    }
 
 
 def error_lines(text: str, n: int = 6) -> str:
@@ -128,7 +169,7 @@ def run_child(cmd: list[str], log: Path, timeout_s: float = CHILD_TIMEOUT_S) -> 
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s: {' '.join(cmd[:3])} ..."}
     log.write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    found = [ln[len(MARK):] for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
+    found = [ln[len(MARK) :] for ln in proc.stdout.splitlines() if ln.startswith(MARK)]
     if proc.returncode == 0 and found:
         return json.loads(found[-1])
     return {"error": f"exit {proc.returncode}: " + error_lines(proc.stderr + "\n" + proc.stdout)}
@@ -156,15 +197,37 @@ def child_compress(key: str) -> None:
     technique = get_technique(v.technique)
     config = technique.config_cls(**v.options)
     seen: list = []  # every row the embedding sees while compressing (proves which tokens calibrated)
-    hook = lm.model.get_input_embeddings().register_forward_pre_hook(lambda m, args: seen.extend(args[0].reshape(-1, args[0].shape[-1]).cpu()))
+    hook = lm.model.get_input_embeddings().register_forward_pre_hook(
+        lambda m, args: seen.extend(args[0].reshape(-1, args[0].shape[-1]).cpu())
+    )
     ctx = Context(device=lm.device, calibration=tokens if technique.wants_calibration(config) else None)
     load = os.getloadavg()[0]
     t0, c0 = time.perf_counter(), time.process_time()
     lm.model = technique.apply(lm.model, config, ctx)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     hook.remove()
-    save_variant(lm.model, lm.tokenizer, WORK / key, {"base_model": str(STORIES), "technique": v.technique, "config": asdict(config), "changes": ctx.changes, "produce_wall_s": wall})
-    emit({"wall_s": wall, "cpu_s": cpu, "load_1min": load, "threads": torch.get_num_threads(), "calibrated_rows": len(seen), "calibration_rows_match": bool(seen) and set(row_hashes(seen)) == set(row_hashes(tokens))})
+    save_variant(
+        lm.model,
+        lm.tokenizer,
+        WORK / key,
+        {
+            "base_model": str(STORIES),
+            "technique": v.technique,
+            "config": asdict(config),
+            "changes": ctx.changes,
+            "produce_wall_s": wall,
+        },
+    )
+    emit(
+        {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "load_1min": load,
+            "threads": torch.get_num_threads(),
+            "calibrated_rows": len(seen),
+            "calibration_rows_match": bool(seen) and set(row_hashes(seen)) == set(row_hashes(tokens)),
+        }
+    )
 
 
 def child_measure(folder: str, eval_tokens: int, repetitions: int) -> None:
@@ -202,7 +265,9 @@ def weight_stats(model) -> dict:
 
     zeros = total = groups_ok = groups = levels = 0
     for name, m in model.named_modules():
-        if not name.startswith("model.layers.") or not (hasattr(m, "dequantized_weight") or isinstance(m, torch.nn.Linear)):
+        if not name.startswith("model.layers.") or not (
+            hasattr(m, "dequantized_weight") or isinstance(m, torch.nn.Linear)
+        ):
             continue
         w = m.dequantized_weight() if hasattr(m, "dequantized_weight") else m.weight.detach()  # (out, in)
         zeros, total = zeros + int((w == 0).sum()), total + w.numel()
@@ -210,7 +275,11 @@ def weight_stats(model) -> dict:
             g = (w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2
             groups_ok, groups = groups_ok + int(g.sum()), groups + g.numel()
         levels = max(levels, max(len(torch.unique(r)) for r in w))
-    return {"zero_frac": zeros / total, "frac_4groups_2zeros": groups_ok / groups if groups else None, "max_levels_per_row": levels}
+    return {
+        "zero_frac": zeros / total,
+        "frac_4groups_2zeros": groups_ok / groups if groups else None,
+        "max_levels_per_row": levels,
+    }
 
 
 # --- llm-compressor (peer) --------------------------------------------------------------------------
@@ -278,15 +347,25 @@ def peer_python() -> Path:
 
 def ensure_peer() -> tuple[bool, str]:
     """(usable, notes): reuse .cache/peer-venv when it imports llmcompressor, else create it and pip install."""
-    check = [str(peer_python()), "-c", "import llmcompressor, torch, transformers; print(llmcompressor.__version__, torch.__version__, transformers.__version__)"]
+    check = [
+        str(peer_python()),
+        "-c",
+        "import llmcompressor, torch, transformers; print(llmcompressor.__version__, torch.__version__, transformers.__version__)",
+    ]
     if peer_python().exists():
         got = subprocess.run(check, capture_output=True, text=True, env=child_env())
         if got.returncode == 0:
-            return True, f"reused {PEER_VENV.relative_to(ROOT)} (llmcompressor, torch, transformers = {got.stdout.strip().splitlines()[-1]})"
+            return (
+                True,
+                f"reused {PEER_VENV.relative_to(ROOT)} (llmcompressor, torch, transformers = {got.stdout.strip().splitlines()[-1]})",
+            )
         shutil.rmtree(PEER_VENV)
     log = WORK / "peer-install.log"
     t0 = time.perf_counter()
-    for cmd in ([sys.executable, "-m", "venv", str(PEER_VENV)], [str(PEER_VENV / "bin" / "pip"), "install", *PEER_PACKAGES]):
+    for cmd in (
+        [sys.executable, "-m", "venv", str(PEER_VENV)],
+        [str(PEER_VENV / "bin" / "pip"), "install", *PEER_PACKAGES],
+    ):
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         except subprocess.TimeoutExpired:
@@ -294,11 +373,17 @@ def ensure_peer() -> tuple[bool, str]:
         with log.open("a") as f:
             f.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
         if proc.returncode:
-            return False, f"`{' '.join(cmd[-3:])}` failed (exit {proc.returncode}; full log {log}):\n{error_lines(proc.stderr + proc.stdout)}"
+            return (
+                False,
+                f"`{' '.join(cmd[-3:])}` failed (exit {proc.returncode}; full log {log}):\n{error_lines(proc.stderr + proc.stdout)}",
+            )
     got = subprocess.run(check, capture_output=True, text=True, env=child_env())
     if got.returncode:
         return False, f"installed, but `import llmcompressor` fails:\n{error_lines(got.stderr)}"
-    return True, f"created {PEER_VENV.relative_to(ROOT)} and installed {' '.join(PEER_PACKAGES)} in {time.perf_counter() - t0:.0f} s ({got.stdout.strip().splitlines()[-1]})"
+    return (
+        True,
+        f"created {PEER_VENV.relative_to(ROOT)} and installed {' '.join(PEER_PACKAGES)} in {time.perf_counter() - t0:.0f} s ({got.stdout.strip().splitlines()[-1]})",
+    )
 
 
 def compress_peer(v: Variant, script: Path) -> dict:
@@ -306,7 +391,10 @@ def compress_peer(v: Variant, script: Path) -> dict:
     for d in (out, comp):
         shutil.rmtree(d, ignore_errors=True)
     spec = json.dumps({"technique": v.technique, "options": v.options})
-    return run_child([str(peer_python()), str(script), spec, str(STORIES), str(WORK / "calibration.pt"), str(out), str(comp)], WORK / "logs" / f"{v.key}.log")
+    return run_child(
+        [str(peer_python()), str(script), spec, str(STORIES), str(WORK / "calibration.pt"), str(out), str(comp)],
+        WORK / "logs" / f"{v.key}.log",
+    )
 
 
 # --- bytes as stored ----------------------------------------------------------------------------------
@@ -344,7 +432,10 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 def source_hashes() -> dict[str, str]:
     """sha256 (12 hex) of every frugalm source file: a run whose sources changed under it says so."""
-    return {str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in sorted((ROOT / "src" / "frugalm").rglob("*.py"))}
+    return {
+        str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+        for p in sorted((ROOT / "src" / "frugalm").rglob("*.py"))
+    }
 
 
 def prepare_calibration(samples: int, eval_tokens: int) -> dict:
@@ -362,7 +453,11 @@ def prepare_calibration(samples: int, eval_tokens: int) -> dict:
     tokens = sample_calibration(tokenizer, docs[evaluated:], samples, SEQ_LEN, 0)
     WORK.mkdir(parents=True, exist_ok=True)
     torch.save(tokens, WORK / "calibration.pt")
-    return {"documents": f"{evaluated}..{len(docs) - 1} of {len(docs)}", "shape": list(tokens.shape), "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16]}
+    return {
+        "documents": f"{evaluated}..{len(docs) - 1} of {len(docs)}",
+        "shape": list(tokens.shape),
+        "sha256": hashlib.sha256(tokens.numpy().tobytes()).hexdigest()[:16],
+    }
 
 
 def fmt_bytes(n: int | None, dense: int | None) -> str:
@@ -372,7 +467,20 @@ def fmt_bytes(n: int | None, dense: int | None) -> str:
 
 
 def table(rows: list[dict], dense: dict) -> str:
-    head = ["variant", "tool", "ppl", "Δppl", "KL nats", "top-1", "stored KiB (x fp32)", "peer-format KiB", "zeros", "compress s wall/cpu", "decode tok/s", "kernel"]
+    head = [
+        "variant",
+        "tool",
+        "ppl",
+        "Δppl",
+        "KL nats",
+        "top-1",
+        "stored KiB (x fp32)",
+        "peer-format KiB",
+        "zeros",
+        "compress s wall/cpu",
+        "decode tok/s",
+        "kernel",
+    ]
     lines = [head]
     for r in rows:
         m, c = r.get("measure", {}), r.get("compress", {})
@@ -402,8 +510,10 @@ def checks(rows: dict[str, dict], dense_ppl: float) -> list[str]:
         if f in ppl and p in ppl:
             rel = ppl[f] / ppl[p] - 1
             ok_q, ok_t = abs(rel) <= 0.01, wall[f] <= wall[p]
-            out.append(f"(a) GPTQ-4 per-channel, {obs} observer: ppl frugalm {ppl[f]:.4f} vs llm-compressor {ppl[p]:.4f} ({100 * rel:+.2f}%, within 1%: {'PASS' if ok_q else 'FAIL'}); "
-                       f"wall {wall[f]:.1f} s vs {wall[p]:.1f} s (frugalm no longer: {'PASS' if ok_t else 'FAIL'})")
+            out.append(
+                f"(a) GPTQ-4 per-channel, {obs} observer: ppl frugalm {ppl[f]:.4f} vs llm-compressor {ppl[p]:.4f} ({100 * rel:+.2f}%, within 1%: {'PASS' if ok_q else 'FAIL'}); "
+                f"wall {wall[f]:.1f} s vs {wall[p]:.1f} s (frugalm no longer: {'PASS' if ok_t else 'FAIL'})"
+            )
         else:
             out.append(f"(a) GPTQ-4 {obs}: not checked (missing: {', '.join(k for k in (f, p) if k not in ppl)})")
     for tool, pre in (("frugalm", "f"), ("llm-compressor (for reference)", "p")):
@@ -413,8 +523,14 @@ def checks(rows: dict[str, dict], dense_ppl: float) -> list[str]:
                 out.append(f"(b) {tool} at {'50%' if pat == '50' else '2:4'}: not checked (missing variants)")
                 continue
             gap = abs(ppl[sg] - ppl[wan]) / dense_ppl
-            order = f"ppl(Wanda) {ppl[wan]:.4f} <= ppl(magnitude) {ppl[mag]:.4f}: {'PASS' if ppl[wan] <= ppl[mag] else 'FAIL'}; " if mag in ppl else ""
-            out.append(f"(b) {tool} at {'50%' if pat == '50' else '2:4'}: {order}|SparseGPT {ppl[sg]:.4f} - Wanda {ppl[wan]:.4f}| = {100 * gap:.2f}% of dense: {'PASS' if gap <= 0.05 else 'FAIL'}")
+            order = (
+                f"ppl(Wanda) {ppl[wan]:.4f} <= ppl(magnitude) {ppl[mag]:.4f}: {'PASS' if ppl[wan] <= ppl[mag] else 'FAIL'}; "
+                if mag in ppl
+                else ""
+            )
+            out.append(
+                f"(b) {tool} at {'50%' if pat == '50' else '2:4'}: {order}|SparseGPT {ppl[sg]:.4f} - Wanda {ppl[wan]:.4f}| = {100 * gap:.2f}% of dense: {'PASS' if gap <= 0.05 else 'FAIL'}"
+            )
     return out
 
 
@@ -422,26 +538,43 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-peer", action="store_true", help="run only the frugalm rows")
     parser.add_argument("--samples", type=int, default=128, help="calibration sequences of 512 tokens (default 128)")
-    parser.add_argument("--eval-tokens", type=int, default=65_536, help="tokens evaluated for perplexity (default 65,536)")
-    parser.add_argument("--repetitions", type=int, default=5, help="timed decode repetitions after one warm-up (default 5)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads in every compression and measurement process, both tools (default 1; see the module doc)")
+    parser.add_argument(
+        "--eval-tokens", type=int, default=65_536, help="tokens evaluated for perplexity (default 65,536)"
+    )
+    parser.add_argument(
+        "--repetitions", type=int, default=5, help="timed decode repetitions after one warm-up (default 5)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads in every compression and measurement process, both tools (default 1; see the module doc)",
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global THREADS
     THREADS = args.threads
     if args.child:
         kind, target = args.child
-        return child_compress(target) if kind == "compress" else child_measure(target, args.eval_tokens, args.repetitions)
+        return (
+            child_compress(target) if kind == "compress" else child_measure(target, args.eval_tokens, args.repetitions)
+        )
 
     t_start, sources = time.perf_counter(), source_hashes()
     me = [sys.executable, str(Path(__file__).resolve())]
     calib = prepare_calibration(args.samples, args.eval_tokens)
-    print(f"calibration: {calib['shape'][0]} x {calib['shape'][1]} tokens, seed 0, from documents {calib['documents']} (after the evaluated part); token ids sha256 {calib['sha256']}")
+    print(
+        f"calibration: {calib['shape'][0]} x {calib['shape'][1]} tokens, seed 0, from documents {calib['documents']} (after the evaluated part); token ids sha256 {calib['sha256']}"
+    )
     notes = []
     variants = [v for v in VARIANTS if v.tool == F or not args.skip_peer]
     if not args.skip_peer:
         usable, why = ensure_peer()
-        print(f"llm-compressor: {why}" if usable else f"llm-compressor could not be installed, so its rows are missing:\n{why}")
+        print(
+            f"llm-compressor: {why}"
+            if usable
+            else f"llm-compressor could not be installed, so its rows are missing:\n{why}"
+        )
         notes.append(f"peer environment: {why}")
         if not usable:
             variants = [v for v in variants if v.tool == F]
@@ -451,14 +584,21 @@ def main() -> None:
     rows = {"dense": {"key": "dense", "label": "dense float32", "tool": "-", "folder": STORIES}}
     for v in variants:
         print(f"compressing: {v.tool:<14} {v.label} ...", flush=True)
-        result = compress_peer(v, script) if v.tool == P else run_child([*me, "--child", "compress", v.key], WORK / "logs" / f"{v.key}.log")
+        result = (
+            compress_peer(v, script)
+            if v.tool == P
+            else run_child([*me, "--child", "compress", v.key], WORK / "logs" / f"{v.key}.log")
+        )
         row = {"key": v.key, "label": v.label, "tool": v.tool, "folder": WORK / v.key, "changed": v.changed}
         if "error" in result:
             row["error"] = f"compression: {result['error']}"
             print(f"  failed: {result['error']}")
         else:
             row["compress"] = result["ok"]
-            print(f"  {result['ok']['wall_s']:.1f} s wall, {result['ok']['cpu_s']:.1f} s CPU (1-min load average before: {result['ok']['load_1min']:.1f})", flush=True)
+            print(
+                f"  {result['ok']['wall_s']:.1f} s wall, {result['ok']['cpu_s']:.1f} s CPU (1-min load average before: {result['ok']['load_1min']:.1f})",
+                flush=True,
+            )
         rows[v.key] = row
     script.unlink()
 
@@ -466,7 +606,19 @@ def main() -> None:
         if "error" in row:
             continue
         print(f"measuring: {row['tool']:<14} {row['label']} ...", flush=True)
-        result = run_child([*me, "--child", "measure", str(row["folder"]), "--eval-tokens", str(args.eval_tokens), "--repetitions", str(args.repetitions)], WORK / "logs" / f"{key}.measure.log")
+        result = run_child(
+            [
+                *me,
+                "--child",
+                "measure",
+                str(row["folder"]),
+                "--eval-tokens",
+                str(args.eval_tokens),
+                "--repetitions",
+                str(args.repetitions),
+            ],
+            WORK / "logs" / f"{key}.measure.log",
+        )
         if "error" in result:
             row["error"] = f"measurement: {result['error']}"
             print(f"  failed: {result['error']}")
@@ -489,28 +641,52 @@ def print_results(rows: dict, calib: dict, notes: list[str], args, wall_s: float
         print(f"the dense model could not be measured: {rows['dense'].get('error')}")
         return
     m = dense
-    print(f"\n=== stories260K: frugalm vs llm-compressor ({m['tokens']:,} evaluation tokens, {m['predicted_tokens']:,} predicted; window 512, stride 512; "
-          f"calibration {calib['shape'][0]} x {calib['shape'][1]}; decode: batch 1, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new, median ± sd of {args.repetitions})")
+    print(
+        f"\n=== stories260K: frugalm vs llm-compressor ({m['tokens']:,} evaluation tokens, {m['predicted_tokens']:,} predicted; window 512, stride 512; "
+        f"calibration {calib['shape'][0]} x {calib['shape'][1]}; decode: batch 1, {PROMPT_TOKENS}-token prompt, {NEW_TOKENS} new, median ± sd of {args.repetitions})"
+    )
     if args.eval_tokens == 65_536:
-        print(f"dense perplexity {m['ppl']:.4f} vs {REFERENCE_PPL} in ../shared/assets/README.md ({100 * (m['ppl'] / REFERENCE_PPL - 1):+.2f}%)")
+        print(
+            f"dense perplexity {m['ppl']:.4f} vs {REFERENCE_PPL} in ../shared/assets/README.md ({100 * (m['ppl'] / REFERENCE_PPL - 1):+.2f}%)"
+        )
     print(table(list(rows.values()), dense))
     print("\nacceptance checks:")
     for line in checks(rows, dense["ppl"]):
         print("  " + line)
     compress = [r["compress"] for r in rows.values() if r.get("compress")]
     print("\nnotes:")
-    print("  - 'stored KiB' = bytes of the changed layers' tensors in the saved safetensors (frugalm: packed int4 codes + fp16 scales + uint8 zeros; "
-          "pruned layers are stored dense; llm-compressor: its plain decompressed folder). 'peer-format KiB' = the same layers in llm-compressor's save_compressed=True folder.")
-    print("  - int4 layers (kernel 'dequantize') run by unpacking to float32 on every call: no speed kernel on CPU, so their decode speed is a cost, not a speed-up claim. "
-          "Zeros from pruning are stored and multiplied densely: no sparse kernel either.")
+    print(
+        "  - 'stored KiB' = bytes of the changed layers' tensors in the saved safetensors (frugalm: packed int4 codes + fp16 scales + uint8 zeros; "
+        "pruned layers are stored dense; llm-compressor: its plain decompressed folder). 'peer-format KiB' = the same layers in llm-compressor's save_compressed=True folder."
+    )
+    print(
+        "  - int4 layers (kernel 'dequantize') run by unpacking to float32 on every call: no speed kernel on CPU, so their decode speed is a cost, not a speed-up claim. "
+        "Zeros from pruning are stored and multiplied densely: no sparse kernel either."
+    )
     if compress:
         loads = [c["load_1min"] for c in compress]
-        print(f"  - compression times were taken on a shared 2-core machine; 1-min load average at the start of each compression: {min(loads):.1f} to {max(loads):.1f}; torch threads per process {compress[0]['threads']} (--threads).")
-        bad = [r["label"] + " (" + r["tool"] + ")" for r in rows.values() if r.get("compress") and not r["compress"]["calibration_rows_match"] and BY_KEY[r["key"]].technique not in ("rtn_quant", "magnitude_prune")]
-        dense_rows = [statistics.median(r["measure"]["decode_tok_s"]) for r in rows.values() if "measure" in r and set(r["measure"]["kernels"]) == {"dense"}]
-        print(f"  - decode speed is noisy here: rows that all run the same dense float32 kernel range {min(dense_rows):.0f} to {max(dense_rows):.0f} tok/s (medians), "
-              "so differences of that size are load, not the variant. 'zeros' of quantized rows are weights rounded to 0.")
-        print(f"  - calibration rows seen by the embedding during compression equal the sampled ids for every calibrated variant: {'yes' if not bad else 'NO for ' + ', '.join(bad)}")
+        print(
+            f"  - compression times were taken on a shared 2-core machine; 1-min load average at the start of each compression: {min(loads):.1f} to {max(loads):.1f}; torch threads per process {compress[0]['threads']} (--threads)."
+        )
+        bad = [
+            r["label"] + " (" + r["tool"] + ")"
+            for r in rows.values()
+            if r.get("compress")
+            and not r["compress"]["calibration_rows_match"]
+            and BY_KEY[r["key"]].technique not in ("rtn_quant", "magnitude_prune")
+        ]
+        dense_rows = [
+            statistics.median(r["measure"]["decode_tok_s"])
+            for r in rows.values()
+            if "measure" in r and set(r["measure"]["kernels"]) == {"dense"}
+        ]
+        print(
+            f"  - decode speed is noisy here: rows that all run the same dense float32 kernel range {min(dense_rows):.0f} to {max(dense_rows):.0f} tok/s (medians), "
+            "so differences of that size are load, not the variant. 'zeros' of quantized rows are weights rounded to 0."
+        )
+        print(
+            f"  - calibration rows seen by the embedding during compression equal the sampled ids for every calibrated variant: {'yes' if not bad else 'NO for ' + ', '.join(bad)}"
+        )
     for r in rows.values():
         c = r.get("compress") or {}
         if c.get("versions"):
@@ -520,12 +696,24 @@ def print_results(rows: dict, calib: dict, notes: list[str], args, wall_s: float
         c = r.get("compress") or {}
         if r["tool"] == P and c:
             fmt = c.get("compressed_format") or "none: written dense float32, no quantization or sparsity config"
-            notes.append(f"{r['label']} (llm-compressor): save_compressed=True format: {fmt}" + (f"; save_compressed failed: {c['compressed_error']}" if c.get("compressed_error") else ""))
+            notes.append(
+                f"{r['label']} (llm-compressor): save_compressed=True format: {fmt}"
+                + (f"; save_compressed failed: {c['compressed_error']}" if c.get("compressed_error") else "")
+            )
         if "error" in r:
             notes.append(f"{r['label']} ({r['tool']}) FAILED:\n      " + r["error"].replace("\n", "\n      "))
     for n in notes:
         print(f"  - {n}")
-    (WORK / "results.json").write_text(json.dumps({k: {kk: vv for kk, vv in r.items() if kk != "folder"} | {"folder": str(r["folder"])} for k, r in rows.items()}, indent=2, default=str))
+    (WORK / "results.json").write_text(
+        json.dumps(
+            {
+                k: {kk: vv for kk, vv in r.items() if kk != "folder"} | {"folder": str(r["folder"])}
+                for k, r in rows.items()
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print(f"\nraw results: {WORK / 'results.json'}; child logs: {WORK / 'logs'}")
     print(f"script wall time: {wall_s:.0f} s")
 

@@ -32,7 +32,16 @@ from bench_foundation import ROOT, build_standin, figure, frugalm  # noqa: E402
 
 VARIANTS = {
     "int8": ("rtn_quant", {"bits": 8, "group_size": -1, "symmetric": True, "activations": "dynamic-int8"}),
-    "int8+head": ("rtn_quant", {"bits": 8, "group_size": -1, "symmetric": True, "activations": "dynamic-int8", "targets": ("*.mlp.*", "*.self_attn.*", "lm_head")}),
+    "int8+head": (
+        "rtn_quant",
+        {
+            "bits": 8,
+            "group_size": -1,
+            "symmetric": True,
+            "activations": "dynamic-int8",
+            "targets": ("*.mlp.*", "*.self_attn.*", "lm_head"),
+        },
+    ),
     "int4-g64": ("rtn_quant", {"bits": 4, "group_size": 64, "symmetric": False}),
     "structured25": ("structured_prune", {"unit": "mlp_channels", "fraction": 0.25, "importance": "magnitude"}),
 }
@@ -62,11 +71,21 @@ def build_variant(base: Path, name: str) -> tuple[Path, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repetitions", default="3", help="timed repetitions per workload inside one measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (float32 and every variant once per round)")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved rounds (float32 and every variant once per round)"
+    )
     parser.add_argument("--only", nargs="*", default=list(VARIANTS))
     args = parser.parse_args()
     base = build_standin()
-    common = ["--workload", "chat", "--workload", "prefill", "--repetitions", args.repetitions, *sum((["--metric", m] for m in METRICS), [])]
+    common = [
+        "--workload",
+        "chat",
+        "--workload",
+        "prefill",
+        "--repetitions",
+        args.repetitions,
+        *sum((["--metric", m] for m in METRICS), []),
+    ]
     folders = {"float32": base}
     for name in args.only:
         folders[name], seconds = build_variant(base, name)
@@ -74,11 +93,14 @@ def main() -> None:
     names = list(folders)
     docs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.rounds):
-        order = names[r % len(names):] + names[: r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             doc, wall = frugalm(str(folders[name]), *common)
             docs[name].append(doc)
-            print(f"round {r + 1}: {name} measured in {wall:.0f} s; kernels {figure(doc, 'decode_tok_s', 'chat').get('protocol', {}).get('kernels')}", flush=True)
+            print(
+                f"round {r + 1}: {name} measured in {wall:.0f} s; kernels {figure(doc, 'decode_tok_s', 'chat').get('protocol', {}).get('kernels')}",
+                flush=True,
+            )
 
     def values(name, metric, workload):
         return [figure(d, metric, workload)["value"] for d in docs[name]]
@@ -89,14 +111,21 @@ def main() -> None:
         sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
         return f"{statistics.mean(v):8.2f} ({statistics.mean(ratios):.2f}x ± {sd:.2f})"
 
-    print(f"\n{args.rounds} interleaved rounds x {args.repetitions} repetitions; ratio = mean over rounds of variant / float32 in the same round, ± sd over rounds")
-    print("variant        decode tok/s (chat, b=1)   prefill tok/s (8x256)     weights MiB   artifact MiB   peak MiB (chat)")
+    print(
+        f"\n{args.rounds} interleaved rounds x {args.repetitions} repetitions; ratio = mean over rounds of variant / float32 in the same round, ± sd over rounds"
+    )
+    print(
+        "variant        decode tok/s (chat, b=1)   prefill tok/s (8x256)     weights MiB   artifact MiB   peak MiB (chat)"
+    )
     for name in names:
         last = docs[name][-1]
         row = f"{name:<14} {cell(name, 'decode_tok_s', 'chat')}    {cell(name, 'prefill_tok_s', 'prefill')}"
         row += f"   {figure(last, 'weights_mib')['value']:8.1f}     {figure(last, 'artifact_mib')['value']:8.1f}     {statistics.mean(values(name, 'peak_mem_mib', 'chat')):8.1f}"
         print(row)
-    print("per round, decode tok/s: " + "; ".join(f"{n} " + ", ".join(f"{v:.1f}" for v in values(n, "decode_tok_s", "chat")) for n in names))
+    print(
+        "per round, decode tok/s: "
+        + "; ".join(f"{n} " + ", ".join(f"{v:.1f}" for v in values(n, "decode_tok_s", "chat")) for n in names)
+    )
 
 
 if __name__ == "__main__":

@@ -46,22 +46,30 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(doc, indent=1))
     runs = {run["compression"]: run for run in doc["runs"]}
     base = runs["none"]
-    print(f"model: {doc['model']}; {base['trainable_params']:,} trainable parameters; "
-          f"{doc['world_size']} processes, {doc['backend']}, {doc['threads_per_process']} thread(s) each, torch {doc['torch']}")
-    print(f"batch {args.batch_size} x {args.seq_len} tokens per process per step, {args.steps} steps, "
-          f"expected fp32 gradient bytes per step {base['expected_grad_bytes_per_step']:,}")
+    print(
+        f"model: {doc['model']}; {base['trainable_params']:,} trainable parameters; "
+        f"{doc['world_size']} processes, {doc['backend']}, {doc['threads_per_process']} thread(s) each, torch {doc['torch']}"
+    )
+    print(
+        f"batch {args.batch_size} x {args.seq_len} tokens per process per step, {args.steps} steps, "
+        f"expected fp32 gradient bytes per step {base['expected_grad_bytes_per_step']:,}"
+    )
     print(f"{'compression':12s} {'bytes/step (each step)':>60s}  {'vs fp32':>8s}  {'median step s':>13s}")
     for name, run in runs.items():
         per_step = ", ".join(f"{b / 1e6:.2f}" for b in run["bytes_per_step"])
         factor = run["reduction_compressed_steps_x"] if name == "powersgd" else run["reduction_x"]
         print(f"{name:12s} {per_step + ' MB':>60s}  {factor:7.1f}x  {statistics.median(run['step_time_s']):13.2f}")
     ps = runs["powersgd"]
-    print(f"powersgd: compressed steps {ps['compressed_steps']} (earlier steps: plain fp32 allreduce); "
-          f"{ps['reduction_compressed_steps_x']:.1f}x fewer bytes on compressed steps, {ps['reduction_x']:.2f}x over the whole run; "
-          f"none total {base['total_bytes'] / base['expected_total_bytes']:.4f} x expected")
+    print(
+        f"powersgd: compressed steps {ps['compressed_steps']} (earlier steps: plain fp32 allreduce); "
+        f"{ps['reduction_compressed_steps_x']:.1f}x fewer bytes on compressed steps, {ps['reduction_x']:.2f}x over the whole run; "
+        f"none total {base['total_bytes'] / base['expected_total_bytes']:.4f} x expected"
+    )
     for name in ("none", "powersgd"):
         print(f"loss curve {name:9s}: " + " ".join(f"{x:.3f}" for x in runs[name]["loss_per_step"]))
-    print("step times s: " + "; ".join(f"{n} " + " ".join(f"{t:.2f}" for t in r["step_time_s"]) for n, r in runs.items()))
+    print(
+        "step times s: " + "; ".join(f"{n} " + " ".join(f"{t:.2f}" for t in r["step_time_s"]) for n, r in runs.items())
+    )
 
 
 if __name__ == "__main__":

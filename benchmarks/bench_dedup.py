@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the planted corpus and its exact ground truth are test code
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1] / "tests")
+)  # the planted corpus and its exact ground truth are test code
 from dedup_ground_truth import (  # noqa: E402
     cross_family_max_jaccard,
     planted_corpus,
@@ -43,17 +45,21 @@ def main() -> None:
     size_mb = sum(len(d.encode()) for d in corpus.docs) / 1e6
     truth = true_duplicates(corpus, args.threshold, ngram=5)
     cross = cross_family_max_jaccard(corpus, ngram=5)
-    print(f"corpus: {len(corpus.docs):,} documents, {size_mb:.1f} MB, {len(truth):,} true near-duplicates "
-          f"(Jaccard >= {args.threshold} on word 5-grams; max cross-family Jaccard in 2,000 sampled pairs {cross:.3f}); "
-          f"generated and ground truth in {time.perf_counter() - t0:.0f} s")
+    print(
+        f"corpus: {len(corpus.docs):,} documents, {size_mb:.1f} MB, {len(truth):,} true near-duplicates "
+        f"(Jaccard >= {args.threshold} on word 5-grams; max cross-family Jaccard in 2,000 sampled pairs {cross:.3f}); "
+        f"generated and ground truth in {time.perf_counter() - t0:.0f} s"
+    )
     print(f"machine: {platform.processor() or platform.machine()}, one process")
     for verify in ("exact", "minhash"):
         config = DedupConfig(threshold=args.threshold, num_perm=args.num_perm, ngram=5, verify=verify)
         result = minhash_dedup(corpus.docs, config)
         precision, recall = precision_recall(result, truth)
-        print(f"verify={verify:7s} num_perm={args.num_perm} bands={result.lsh_bands}: recall {recall:.4f}  "
-              f"precision {precision:.4f}  removed {len(result.removed):,}  "
-              f"wall {result.wall_s:.1f} s  throughput {size_mb / result.wall_s:.2f} MB/s")
+        print(
+            f"verify={verify:7s} num_perm={args.num_perm} bands={result.lsh_bands}: recall {recall:.4f}  "
+            f"precision {precision:.4f}  removed {len(result.removed):,}  "
+            f"wall {result.wall_s:.1f} s  throughput {size_mb / result.wall_s:.2f} MB/s"
+        )
 
 
 if __name__ == "__main__":

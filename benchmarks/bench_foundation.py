@@ -35,7 +35,12 @@ STANDIN = ROOT / ".cache" / "standins" / "smollm2-135m"
 def frugalm(*args: str) -> tuple[dict, float]:
     """Run `frugalm bench ... --json` as a user would; return the document and the wall time."""
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "frugalm", "bench", *args, "--json", "--quiet"], check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "frugalm", "bench", *args, "--json", "--quiet"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout), time.perf_counter() - t0
 
 
@@ -48,8 +53,18 @@ def print_scorecard(doc: dict) -> None:
     from frugalm.report.scorecard import format_scorecard
     from frugalm.store import Run
 
-    run = Run(id=doc["run_id"], model_ref=doc["model"], benchmark_version=doc["benchmark_version"], config=doc["config"], environment=doc["environment"], wall_s=doc["wall_s"])
-    ms = [Measurement(m["metric"], m["value"], m["unit"], m["method"], m["workload"], m["n"], m["spread"], m["protocol"]) for m in doc["metrics"]]
+    run = Run(
+        id=doc["run_id"],
+        model_ref=doc["model"],
+        benchmark_version=doc["benchmark_version"],
+        config=doc["config"],
+        environment=doc["environment"],
+        wall_s=doc["wall_s"],
+    )
+    ms = [
+        Measurement(m["metric"], m["value"], m["unit"], m["method"], m["workload"], m["n"], m["spread"], m["protocol"])
+        for m in doc["metrics"]
+    ]
     print(format_scorecard(run, ms))
 
 
@@ -100,11 +115,15 @@ def main() -> None:
 
     ref, wall = frugalm(str(STORIES), *data, "--stride", "512", "--metric", "ppl_tok")
     ppl = figure(ref, "ppl_tok")["value"]
-    print(f"stories260K perplexity, reference protocol (window 512, stride 512, first 65,536 tokens): {ppl:.4f} "
-          f"vs {REFERENCE_PPL} in the assets README ({100 * (ppl / REFERENCE_PPL - 1):+.2f}%), {wall:.1f} s")
+    print(
+        f"stories260K perplexity, reference protocol (window 512, stride 512, first 65,536 tokens): {ppl:.4f} "
+        f"vs {REFERENCE_PPL} in the assets README ({100 * (ppl / REFERENCE_PPL - 1):+.2f}%), {wall:.1f} s"
+    )
 
     doc, wall = frugalm(str(STORIES), *data, "--repetitions", args.repetitions)
-    print(f"\n=== stories260K, default protocol (window 512, stride 256): ppl_tok {figure(doc, 'ppl_tok')['value']:.4f}; `frugalm bench` wall time {wall:.1f} s")
+    print(
+        f"\n=== stories260K, default protocol (window 512, stride 256): ppl_tok {figure(doc, 'ppl_tok')['value']:.4f}; `frugalm bench` wall time {wall:.1f} s"
+    )
     print_scorecard(doc)
     if args.skip_standin:
         return
@@ -113,7 +132,9 @@ def main() -> None:
     folder = build_standin()
     print(f"\n(stand-in ready in {time.perf_counter() - t0:.1f} s: {folder})")
     doc, wall = frugalm(str(folder), *data, "--eval-tokens", "4096", "--repetitions", args.repetitions)
-    print(f"\n=== SmolLM2-135M random-weight stand-in: `frugalm bench` wall time {wall:.1f} s (target < 300 s); quality figures of random weights are meaningless")
+    print(
+        f"\n=== SmolLM2-135M random-weight stand-in: `frugalm bench` wall time {wall:.1f} s (target < 300 s); quality figures of random weights are meaningless"
+    )
     print_scorecard(doc)
 
     bw, bw_sd = read_bandwidth_gbs()
@@ -121,9 +142,13 @@ def main() -> None:
     limit = bw * 1e9 / weights
     decode = figure(doc, "decode_tok_s", "chat")
     print(f"\nmemory read bandwidth (torch.sum over 1 GiB float32, median of 7): {bw:.2f} ± {bw_sd:.2f} GB/s")
-    print(f"bandwidth limit for batch-1 decode: {bw:.2f} GB/s / {weights / 1e6:.1f} MB of weights per token = {limit:.2f} tok/s")
-    print(f"measured batch-1 decode (workload chat): {decode['value']:.2f} ± {decode['spread']:.2f} tok/s (n={decode['n']}) "
-          f"= {decode['value'] / limit:.2f} of the bandwidth limit")
+    print(
+        f"bandwidth limit for batch-1 decode: {bw:.2f} GB/s / {weights / 1e6:.1f} MB of weights per token = {limit:.2f} tok/s"
+    )
+    print(
+        f"measured batch-1 decode (workload chat): {decode['value']:.2f} ± {decode['spread']:.2f} tok/s (n={decode['n']}) "
+        f"= {decode['value'] / limit:.2f} of the bandwidth limit"
+    )
 
 
 if __name__ == "__main__":

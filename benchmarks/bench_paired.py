@@ -92,7 +92,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--budget", type=float, default=90.0, help="seconds of timing per comparison at most")
-    parser.add_argument("--target", type=float, default=0.03, help="relative half-width of the 95%% interval to stop at")
+    parser.add_argument(
+        "--target", type=float, default=0.03, help="relative half-width of the 95%% interval to stop at"
+    )
     parser.add_argument("--min-sample", type=float, default=0.25)
     parser.add_argument("--out", default="paired.json")
     args = parser.parse_args()
@@ -113,8 +115,14 @@ def main() -> None:
     for loaded in (False, True):
         rows.append(compare("float32 vs itself", calls["fp32 copy"], calls["fp32"], config, args.threads, loaded))
         for run in (1, 2):
-            rows.append(compare(f"int8 (fbgemm) vs float32, run {run}", calls["int8"], calls["fp32"], config, args.threads, loaded))
-    Path(args.out).write_text(json.dumps({"threads": args.threads, "prompt": PROMPT, "steps_per_call": STEPS, "rows": rows}, indent=1))
+            rows.append(
+                compare(
+                    f"int8 (fbgemm) vs float32, run {run}", calls["int8"], calls["fp32"], config, args.threads, loaded
+                )
+            )
+    Path(args.out).write_text(
+        json.dumps({"threads": args.threads, "prompt": PROMPT, "steps_per_call": STEPS, "rows": rows}, indent=1)
+    )
     print(f"raw samples: {args.out}")
 
 

@@ -36,7 +36,13 @@ ASSETS = ROOT.parent / "shared" / "assets"
 MODEL = ASSETS / "models" / "stories260K"
 DATA = ASSETS / "data" / "tinystories_valid_0000-0499.txt"
 HELD_OUT_TOKENS = 40_000
-IMPORTANCE = {"sampling": "importance", "sampling_pool": 256, "rescore_every": 50, "sampling_power": 1.0, "sampling_mix": 0.1}
+IMPORTANCE = {
+    "sampling": "importance",
+    "sampling_pool": 256,
+    "rescore_every": 50,
+    "sampling_power": 1.0,
+    "sampling_mix": 0.1,
+}
 WINDOW, STRIDE = 512, 256
 
 
@@ -46,7 +52,9 @@ def held_out_split(tokenizer):
     from frugalm.run import evaluation_split
     from frugalm.text.encode import encode_documents
 
-    held_out, rest, source = evaluation_split(tokenizer, BenchConfig(data=str(DATA), protocol=PerplexityProtocol(max_tokens=HELD_OUT_TOKENS)))
+    held_out, rest, source = evaluation_split(
+        tokenizer, BenchConfig(data=str(DATA), protocol=PerplexityProtocol(max_tokens=HELD_OUT_TOKENS))
+    )
     return encode_documents(tokenizer, held_out, HELD_OUT_TOKENS), held_out, rest, source
 
 
@@ -73,7 +81,13 @@ def stage(name: str, model, ctx, **options):
 def context(lm, held_out, rest, source, calibration=None):
     from frugalm.techniques.base import Context
 
-    return Context(tokenizer=lm.tokenizer, training_documents=rest, held_out_documents=held_out, training_source=source, calibration=calibration)
+    return Context(
+        tokenizer=lm.tokenizer,
+        training_documents=rest,
+        held_out_documents=held_out,
+        training_source=source,
+        calibration=calibration,
+    )
 
 
 def cost(change: dict) -> str:
@@ -90,9 +104,16 @@ def distillation(budget: dict, encoded, split) -> list[tuple[str, str]]:
     results = {}
     for label, alpha in (("distilled", 0.5), ("no teacher", 0.0)):
         lm = load_model(MODEL, fast_kernels=False)
-        student, _, change = stage("distill", lm.model, context(lm, *split), **budget, keep_layers=0.5, alpha=alpha, temperature=2.0)
+        student, _, change = stage(
+            "distill", lm.model, context(lm, *split), **budget, keep_layers=0.5, alpha=alpha, temperature=2.0
+        )
         results[label] = perplexity(student, encoded)
-        rows.append((f"student {change['teacher_layers_kept']} {label} (alpha {alpha})", f"ppl {results[label]:.3f}; loss {change['training']['final_loss']:.3f}; {cost(change)}"))
+        rows.append(
+            (
+                f"student {change['teacher_layers_kept']} {label} (alpha {alpha})",
+                f"ppl {results[label]:.3f}; loss {change['training']['final_loss']:.3f}; {cost(change)}",
+            )
+        )
     verdict = "PASS" if results["distilled"] < results["no teacher"] else "FAIL"
     rows.append(("(a) distilled < no teacher", f"{results['distilled']:.3f} vs {results['no teacher']:.3f}: {verdict}"))
     return rows
@@ -122,11 +143,20 @@ def lora_recovery(budget: dict, encoded, split) -> list[tuple[str, str]]:
     return [
         ("dense stories260K", f"ppl {dense:.3f}"),
         ("wanda 50% (no recovery)", f"ppl {ppl_pruned:.3f} (+{ppl_pruned - dense:.3f}); pruning {prune_s:.1f} s"),
-        (f"+ LoRA r8, adapters ({lora_change['adapter_params']:,} params)", f"ppl {ppl_adapter:.3f}; {cost(lora_change)}"),
-        ("+ LoRA r8, merged", f"ppl {ppl_merged:.3f}; sparsity of pruned layers after merge {zeros / total:.1%} (B A fills the zeros)"),
+        (
+            f"+ LoRA r8, adapters ({lora_change['adapter_params']:,} params)",
+            f"ppl {ppl_adapter:.3f}; {cost(lora_change)}",
+        ),
+        (
+            "+ LoRA r8, merged",
+            f"ppl {ppl_merged:.3f}; sparsity of pruned layers after merge {zeros / total:.1%} (B A fills the zeros)",
+        ),
         ("(b) increase removed (target >= 30%)", f"{removed:.1%}: {'PASS' if removed >= 0.30 else 'FAIL'}"),
         ("(b) merged vs adapter ppl (target <= 0.1%)", f"{merge_diff:.5%}: {'PASS' if merge_diff <= 1e-3 else 'FAIL'}"),
-        (f"(c) + LoRA r8, importance-sampled windows {IMPORTANCE}", f"ppl {ppl_selected:.3f} vs uniform {ppl_merged:.3f} ({ppl_selected / ppl_merged - 1:+.2%}); {cost(selected_change)}"),
+        (
+            f"(c) + LoRA r8, importance-sampled windows {IMPORTANCE}",
+            f"ppl {ppl_selected:.3f} vs uniform {ppl_merged:.3f} ({ppl_selected / ppl_merged - 1:+.2%}); {cost(selected_change)}",
+        ),
         ("(c) selection", selection(selected_change)),
     ]
 
@@ -134,8 +164,10 @@ def lora_recovery(budget: dict, encoded, split) -> list[tuple[str, str]]:
 def selection(change: dict) -> str:
     s = change["training"]["settings"]["sampling"]
     pool = sum(s["pool_mean_loss_nats"]) / len(s["pool_mean_loss_nats"])
-    return (f"{s['rescores']} rescorings of {s['pool_windows']} windows, scoring {s['scoring_flops'] / 1e12:.2f} TFLOP counted (included above); "
-            f"drawn windows' mean loss {s['drawn_mean_loss_nats']:.3f} nats vs pools' {pool:.3f}")
+    return (
+        f"{s['rescores']} rescorings of {s['pool_windows']} windows, scoring {s['scoring_flops'] / 1e12:.2f} TFLOP counted (included above); "
+        f"drawn windows' mean loss {s['drawn_mean_loss_nats']:.3f} nats vs pools' {pool:.3f}"
+    )
 
 
 def main() -> None:
@@ -143,7 +175,9 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="training steps of each run (the fixed budget)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (results are bitwise reproducible per thread count)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (results are bitwise reproducible per thread count)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
@@ -156,8 +190,12 @@ def main() -> None:
     encoded, held_out, rest, source = held_out_split(tokenizer)
     split = (held_out, rest, source)
     budget = {"steps": args.steps, "batch_size": 16, "seq_len": 256, "warmup_steps": 20, "log_every": 50, "seed": 0}
-    print(f"held out: {encoded.ids.numel():,} tokens ({len(held_out)} documents) of {DATA.name}; training text: {source} ({len(rest)} documents)")
-    print(f"perplexity: per token, windows of {WINDOW} every {STRIDE}; budget per training run: {budget}; torch threads {args.threads}")
+    print(
+        f"held out: {encoded.ids.numel():,} tokens ({len(held_out)} documents) of {DATA.name}; training text: {source} ({len(rest)} documents)"
+    )
+    print(
+        f"perplexity: per token, windows of {WINDOW} every {STRIDE}; budget per training run: {budget}; torch threads {args.threads}"
+    )
     t0 = time.perf_counter()
     rows = distillation(budget, encoded, split) + lora_recovery(budget, encoded, split)
     width = max(len(r[0]) for r in rows)

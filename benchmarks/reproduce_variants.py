@@ -16,13 +16,24 @@ from frugalm.store import Store
 
 db, out, data = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 with Store(db) as store:
-    runs = {Path(r.model_path).name: (r, next(m.value for m in store.measurements(r.id) if m.metric == "ppl_tok"))
-            for r in store.runs() if r.kind == "variant" and r.status == "complete"}
+    runs = {
+        Path(r.model_path).name: (r, next(m.value for m in store.measurements(r.id) if m.metric == "ppl_tok"))
+        for r in store.runs()
+        if r.kind == "variant" and r.status == "complete"
+    }
 different = 0
 for folder in sorted((out / "variants").iterdir()):
     run, stored = runs[folder.name]
-    config = BenchConfig(data=data, workloads=("chat",), metrics=("ppl_tok",), protocol=PerplexityProtocol(**run.config["protocol"]))
-    again = next(m.value for m in bench(folder, config, store=Path(db).with_suffix(".reproduce.db")).measurements if m.metric == "ppl_tok")
+    config = BenchConfig(
+        data=data, workloads=("chat",), metrics=("ppl_tok",), protocol=PerplexityProtocol(**run.config["protocol"])
+    )
+    again = next(
+        m.value
+        for m in bench(folder, config, store=Path(db).with_suffix(".reproduce.db")).measurements
+        if m.metric == "ppl_tok"
+    )
     different += again != stored
-    print(f"{folder.name:<12} stored {stored!r:<20} reloaded {again!r:<20} {'identical' if again == stored else 'DIFFERENT'}")
+    print(
+        f"{folder.name:<12} stored {stored!r:<20} reloaded {again!r:<20} {'identical' if again == stored else 'DIFFERENT'}"
+    )
 sys.exit(1 if different else 0)

@@ -152,17 +152,26 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = VOCAB_SIZE):
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
     bos, eos = SPECIAL_TOKENS
     # Like Llama tokenizers: tokenizer(text) gives [BOS] + ids; add_special_tokens=False gives ids.
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, 0), (eos, 1)],
+        single=f"{bos} $A",
+        pair=f"{bos} $A {bos} $B",
+        special_tokens=[(bos, 0), (eos, 1)],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=bos, eos_token=eos, pad_token=eos, model_max_length=CONTEXT,
+        tokenizer_object=tok,
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=eos,
+        model_max_length=CONTEXT,
     )
 
 
@@ -237,10 +246,20 @@ def model_config(vocab_size: int):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab_size, hidden_size=192, intermediate_size=512, num_hidden_layers=4,
-        num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=CONTEXT,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True,
-        bos_token_id=0, eos_token_id=1, pad_token_id=1, dtype="float32",
+        vocab_size=vocab_size,
+        hidden_size=192,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=CONTEXT,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        dtype="float32",
     )
 
 
@@ -250,9 +269,18 @@ def default_train_config(steps: int, seed: int):
     # after 491,520 training tokens (perplexity on the first 30,000 held-out tokens): batch
     # 8/4/2 windows gave 306/187/153 at lr 3e-3, batch 2 gave 149 at lr 1.5e-3, and lr 8e-3
     # was worse (497 at batch 8).
-    return TrainConfig(steps=steps, batch_size=2, seq_len=CONTEXT, lr=2e-3, min_lr_ratio=0.1,
-                       warmup_steps=min(50, steps // 10), weight_decay=0.1, grad_clip=1.0,
-                       seed=seed, log_every=max(1, min(50, steps // 10)))
+    return TrainConfig(
+        steps=steps,
+        batch_size=2,
+        seq_len=CONTEXT,
+        lr=2e-3,
+        min_lr_ratio=0.1,
+        warmup_steps=min(50, steps // 10),
+        weight_decay=0.1,
+        grad_clip=1.0,
+        seed=seed,
+        log_every=max(1, min(50, steps // 10)),
+    )
 
 
 def training_stream(docs_ids: Sequence[Sequence[int]], bos_id: int, eos_id: int):
@@ -303,20 +331,26 @@ def _prepare_corpus(corpus_limit: int | None, say: Progress) -> _Corpus:
     train_docs, held_out = split_corpus(stdlib_documents()[:corpus_limit])
     evals = eval_documents(held_out)
     if not train_docs or not evals:
-        raise DataError(f"corpus: {len(train_docs)} training and {len(evals)} held-out documents "
-                        f"from {stdlib_root()}; raise corpus_limit={corpus_limit} or use a full Python install.")
+        raise DataError(
+            f"corpus: {len(train_docs)} training and {len(evals)} held-out documents "
+            f"from {stdlib_root()}; raise corpus_limit={corpus_limit} or use a full Python install."
+        )
     say(f"corpus: {len(train_docs)} training documents, {len(held_out)} held out ({len(evals)} in the eval text)")
     tokenizer = train_tokenizer((text for _, text in train_docs), VOCAB_SIZE)
-    return _Corpus(train_docs, held_out, evals, tokenizer,
-                   train_ids=encode_documents(tokenizer, [text for _, text in train_docs]),
-                   eval_ids=encode_documents(tokenizer, [text for _, text in evals]))
+    return _Corpus(
+        train_docs,
+        held_out,
+        evals,
+        tokenizer,
+        train_ids=encode_documents(tokenizer, [text for _, text in train_docs]),
+        eval_ids=encode_documents(tokenizer, [text for _, text in evals]),
+    )
 
 
 def _build_into(folder: Path, *, steps: int, seed: int, say: Progress, corpus_limit: int | None) -> tuple[dict, str]:
     """Train and score the model, save it into `folder`; return (build record, evaluation text)."""
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
-
 
     start = time.perf_counter()
     corpus = _prepare_corpus(corpus_limit, say)
@@ -351,7 +385,7 @@ def _build_into(folder: Path, *, steps: int, seed: int, say: Progress, corpus_li
         "unigram_perplexity": round(unigram, 3),
         "perplexity_protocol": PERPLEXITY_PROTOCOL,
         "unigram_protocol": "add-one smoothed unigram fitted on the training documents' tokens, "
-                            "scored on the same predicted held-out tokens",
+        "scored on the same predicted held-out tokens",
         "torch_version": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "build_wall_time_s": round(time.perf_counter() - start, 1),
@@ -362,7 +396,7 @@ def _build_into(folder: Path, *, steps: int, seed: int, say: Progress, corpus_li
 def _corpus_record(corpus: _Corpus, eval_text: str) -> dict:
     return {
         "corpus": "Python standard library .py sources (no site-packages, test suites, idlelib or "
-                  "generated tables) plus pydoc_data/topics.py topics; one document per file or topic",
+        "generated tables) plus pydoc_data/topics.py topics; one document per file or topic",
         "corpus_root": str(stdlib_root()),
         "python_version": platform.python_version(),
         "held_out_rule": f"sha256(name)[:4] as big-endian int % 1000 < {HELD_OUT_PER_MILLE}",
@@ -374,14 +408,22 @@ def _corpus_record(corpus: _Corpus, eval_text: str) -> dict:
         "eval_text_bytes": len(eval_text.encode("utf-8")),
         "eval_text_sha256": hashlib.sha256(eval_text.encode("utf-8")).hexdigest(),
         "tokenizer": f"byte-level BPE (tokenizers), {len(corpus.tokenizer)} entries, <s>=BOS (added by the "
-                     "tokenizer), </s>=EOS and padding; trained on the training documents",
+        "tokenizer), </s>=EOS and padding; trained on the training documents",
         "vocab_size": len(corpus.tokenizer),
     }
 
 
 def _model_record(model, folder: Path) -> dict:
-    shape_keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "intermediate_size", "max_position_embeddings", "vocab_size", "tie_word_embeddings")
+    shape_keys = (
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "vocab_size",
+        "tie_word_embeddings",
+    )
     return {
         "model_shape": {key: getattr(model.config, key) for key in shape_keys},
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -410,10 +452,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    record = build_default_model(args.out, steps=args.steps, seed=args.seed,
-                                 progress=lambda message: print(message, flush=True))
-    keys = ("parameters", "train_tokens_seen", "train_wall_time_s", "final_train_loss",
-            "heldout_perplexity", "unigram_perplexity", "eval_text_bytes", "build_wall_time_s")
+    record = build_default_model(
+        args.out, steps=args.steps, seed=args.seed, progress=lambda message: print(message, flush=True)
+    )
+    keys = (
+        "parameters",
+        "train_tokens_seen",
+        "train_wall_time_s",
+        "final_train_loss",
+        "heldout_perplexity",
+        "unigram_perplexity",
+        "eval_text_bytes",
+        "build_wall_time_s",
+    )
     for key in keys:
         print(f"{key}: {record[key]}")
     return 0

@@ -43,8 +43,14 @@ def _edit(words: list[str], n_edits: int, vocab: list[str], rng: random.Random) 
     return out
 
 
-def planted_corpus(n_families: int, seed: int = 0, *, words: tuple[int, int] = (150, 400),
-                   dup_fraction: float = 0.3, vocab_size: int = 20_000) -> PlantedCorpus:
+def planted_corpus(
+    n_families: int,
+    seed: int = 0,
+    *,
+    words: tuple[int, int] = (150, 400),
+    dup_fraction: float = 0.3,
+    vocab_size: int = 20_000,
+) -> PlantedCorpus:
     """`n_families` originals of `words` (min, max) random words; a `dup_fraction` of them get 1-3
     light copies (1 edit per 60 words, at least 1) and a heavy copy (1 edit per 8-15 words)."""
     rng = random.Random(seed)
@@ -68,7 +74,7 @@ def word_shingles(doc: str, ngram: int) -> set[tuple[str, ...]]:
     """The set of runs of `ngram` lowercased words (the whole document when shorter)."""
     words = doc.lower().split()
     n = min(ngram, max(len(words), 1))
-    return {tuple(words[i:i + n]) for i in range(max(len(words) - n + 1, 1))}
+    return {tuple(words[i : i + n]) for i in range(max(len(words) - n + 1, 1))}
 
 
 def jaccard(a: set, b: set) -> float:

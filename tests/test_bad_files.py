@@ -57,7 +57,13 @@ def _offsets_past_end(path):
     path.write_bytes(raw[:8] + text + raw[8 + n :])
 
 
-DAMAGES = {"truncated": _truncate, "garbage header": _garbage_header, "huge header length": _huge_length, "3-byte file": _tiny_file, "offsets past the end": _offsets_past_end}
+DAMAGES = {
+    "truncated": _truncate,
+    "garbage header": _garbage_header,
+    "huge header length": _huge_length,
+    "3-byte file": _tiny_file,
+    "offsets past the end": _offsets_past_end,
+}
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGES))
@@ -107,10 +113,17 @@ def test_cli_on_truncated_weights_exits_2_with_one_line(tiny_llama, text_file, t
     folder = _copy(tiny_llama, tmp_path)
     _truncate(folder / "model.safetensors")
     db = tmp_path / "s.db"
-    proc = subprocess.run([sys.executable, "-m", "frugalm", "bench", str(folder), "--data", str(text_file), "--store", str(db), *QUICK], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "frugalm", "bench", str(folder), "--data", str(text_file), "--store", str(db), *QUICK],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     err = proc.stderr.strip()
     assert proc.returncode == 2, err
-    assert "\n" not in err and "Traceback" not in err and "model.safetensors" in err and "re-download or re-save" in err, err
+    assert (
+        "\n" not in err and "Traceback" not in err and "model.safetensors" in err and "re-download or re-save" in err
+    ), err
     assert not db.exists()  # failed before anything was stored
 
 
@@ -125,7 +138,9 @@ def test_store_that_is_not_a_database_is_config_error_and_untouched(tmp_path):
     with pytest.raises(ConfigError) as info:
         Store(path)
     message = str(info.value)
-    assert "\n" not in message and str(path) in message and "not a SQLite database" in message and "--store" in message, message
+    assert (
+        "\n" not in message and str(path) in message and "not a SQLite database" in message and "--store" in message
+    ), message
     assert path.read_bytes() == NOT_A_DB
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # no -wal/-shm/-journal left beside it
 
@@ -133,12 +148,22 @@ def test_store_that_is_not_a_database_is_config_error_and_untouched(tmp_path):
 def test_cli_store_not_a_database_exits_2_one_line_file_untouched(tiny_llama, text_file, tmp_path, capsys):
     path = tmp_path / "notes.db"
     path.write_bytes(NOT_A_DB)
-    for args in (["bench", str(tiny_llama), "--data", str(text_file), "--store", str(path), *QUICK], ["ls", "runs", "--store", str(path)]):
+    for args in (
+        ["bench", str(tiny_llama), "--data", str(text_file), "--store", str(path), *QUICK],
+        ["ls", "runs", "--store", str(path)],
+    ):
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "Traceback" not in err and "not a SQLite database" in err, err
         assert path.read_bytes() == NOT_A_DB
-    proc = subprocess.run([sys.executable, "-m", "frugalm", "ls", "runs", "--store", str(path)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "frugalm", "ls", "runs", "--store", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, (
+        proc.stderr
+    )
     assert path.read_bytes() == NOT_A_DB
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("notes")) == ["notes.db"]

@@ -35,7 +35,9 @@ def test_prepare_on_a_large_file_takes_little_memory_and_ships_little(tiny_llama
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < size / 10, f"prepare peaked at {peak / 2**20:.1f} MiB of Python memory for a {size / 2**20:.0f} MiB file"
+    assert peak < size / 10, (
+        f"prepare peaked at {peak / 2**20:.1f} MiB of Python memory for a {size / 2**20:.0f} MiB file"
+    )
     shipped = len(json.dumps(asdict(spec)))
     assert shipped < 4 << 20, f"the child's spec is {shipped / 2**20:.1f} MiB"
     # what is shipped is what the protocol evaluates, and covers its tokens
@@ -62,7 +64,10 @@ def _assert_same_evaluation(tokenizer, path, max_tokens):
     assert shipped.docs == whole.docs
     assert shipped.ids.tolist() == whole.ids.tolist()
     robust = PerplexityProtocol().robust_tokens
-    assert encode_documents(tokenizer, shipped.docs, robust).ids.tolist() == encode_documents(tokenizer, whole.docs, robust).ids.tolist()
+    assert (
+        encode_documents(tokenizer, shipped.docs, robust).ids.tolist()
+        == encode_documents(tokenizer, whole.docs, robust).ids.tolist()
+    )
 
 
 @pytest.mark.parametrize("max_tokens", [0, 2, 3, 100, 4096, 65_536, 300_000])
@@ -75,7 +80,9 @@ def test_evaluated_text_is_unchanged_on_the_tiny_model(tiny_llama, text_file, tm
 
 
 @needs_assets()
-@pytest.mark.parametrize("name", ["wikitext2_test_raw.txt", "wikitext2_valid_tokens.txt", "tinystories_valid_0000-0499.txt"])
+@pytest.mark.parametrize(
+    "name", ["wikitext2_test_raw.txt", "wikitext2_valid_tokens.txt", "tinystories_valid_0000-0499.txt"]
+)
 @pytest.mark.parametrize("tokenizer", [STORIES, ASSETS / "tokenizers" / "llama2-32k"])
 def test_evaluated_text_is_unchanged_on_real_text(name, tokenizer):
     tok = load_tokenizer(ModelSource("t", tokenizer))

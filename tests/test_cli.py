@@ -38,10 +38,20 @@ def test_bench_json_scorecard_is_stored(tiny_llama, text_file, tmp_path, capsys,
     metrics = {(m["metric"], m["workload"]): m for m in doc["metrics"]}
     for name in ("ppl_tok", "ppl_byte", "robust_ppl_ratio", "params_count", "ship_compressed_mib"):
         assert (name, None) in metrics
-    for name in ("ttft_p50_ms", "tpot_p99_ms", "decode_tok_s", "peak_mem_mib", "energy_j_per_tok", "cost_usd_per_mtok", "flops_per_tok_decode"):
+    for name in (
+        "ttft_p50_ms",
+        "tpot_p99_ms",
+        "decode_tok_s",
+        "peak_mem_mib",
+        "energy_j_per_tok",
+        "cost_usd_per_mtok",
+        "flops_per_tok_decode",
+    ):
         assert (name, "chat") in metrics
     energy = metrics[("energy_j_per_tok", "chat")]
-    assert energy["method"] == "measured" and energy["protocol"]["zones"] == ["intel-rapl:0"] and energy["value"] == 0.0  # it stood still
+    assert (
+        energy["method"] == "measured" and energy["protocol"]["zones"] == ["intel-rapl:0"] and energy["value"] == 0.0
+    )  # it stood still
     assert metrics[("ttft_p50_ms", "chat")]["n"] == 2 and metrics[("ttft_p50_ms", "chat")]["spread"] is not None
     [run] = _runs(db)
     assert run.id == doc["run_id"] and run.status == "complete"
@@ -51,7 +61,24 @@ def test_bench_json_scorecard_is_stored(tiny_llama, text_file, tmp_path, capsys,
 
 def test_table_and_ls(tiny_llama, text_file, tmp_path, capsys):
     db = str(tmp_path / "s.db")
-    assert main(["bench", str(tiny_llama), "--data", str(text_file), "--store", db, "--metric", "ppl_tok", "--metric", "ttft_p50_ms", *QUICK]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                str(tiny_llama),
+                "--data",
+                str(text_file),
+                "--store",
+                db,
+                "--metric",
+                "ppl_tok",
+                "--metric",
+                "ttft_p50_ms",
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "QUALITY" in out and "COMPUTATION" in out and "MEMORY" not in out and "ppl_tok" in out
     assert main(["ls", "runs", "--store", db]) == 0
@@ -94,7 +121,14 @@ def test_bad_input_is_one_line_and_stores_nothing(tiny_llama, text_file, tmp_pat
 
 def _frugalm(args, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "frugalm", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "frugalm", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kw,
+    )
 
 
 def _wait_for_workload(proc) -> psutil.Process:
@@ -135,7 +169,12 @@ def test_sigkill_of_parent_leaves_store_consistent_and_no_orphan(tiny_llama, tex
 def test_timeout_stops_the_child(tiny_llama, text_file, tmp_path, capsys):
     db = tmp_path / "s.db"
     t0 = time.monotonic()
-    assert main(["bench", str(tiny_llama), "--data", str(text_file), "--store", str(db), *LONG, "--timeout", "8", "--quiet"]) == 2
+    assert (
+        main(
+            ["bench", str(tiny_llama), "--data", str(text_file), "--store", str(db), *LONG, "--timeout", "8", "--quiet"]
+        )
+        == 2
+    )
     assert time.monotonic() - t0 < 60
     assert "longer than the timeout" in capsys.readouterr().err
     [run] = _runs(db)

@@ -22,8 +22,18 @@ from frugalm.run import RunConfig
 # command: (the least it needs on the command line, its module, the API's default config, its own options)
 COMMANDS = {
     "bench": ([], bench_cli, BenchConfig(), bench_cli.OPTIONS),
-    "run": (["recipe.yaml"], run_cli, RunConfig(), [*run_cli.OPTIONS, *(dataclasses.replace(o, field=f"bench.{o.field}") for o in BENCH_OPTIONS)]),
-    "optimize": ([], optimize_cli, OptimizeConfig(), [*optimize_cli.OPTIONS, *(dataclasses.replace(o, field=f"bench.{o.field}") for o in BENCH_OPTIONS)]),
+    "run": (
+        ["recipe.yaml"],
+        run_cli,
+        RunConfig(),
+        [*run_cli.OPTIONS, *(dataclasses.replace(o, field=f"bench.{o.field}") for o in BENCH_OPTIONS)],
+    ),
+    "optimize": (
+        [],
+        optimize_cli,
+        OptimizeConfig(),
+        [*optimize_cli.OPTIONS, *(dataclasses.replace(o, field=f"bench.{o.field}") for o in BENCH_OPTIONS)],
+    ),
 }
 
 
@@ -60,20 +70,47 @@ def test_every_default_the_help_states_is_the_apis(command):
             assert help_text.endswith(f"default: {_show(real)})"), (command, option.flag, help_text, real)
         else:
             last_note = help_text.rsplit("(", 1)[-1]  # a doc may say what None means; no value is stated for it
-            assert not last_note.startswith("default: ") and "; default: " not in last_note, (command, option.flag, help_text)
+            assert not last_note.startswith("default: ") and "; default: " not in last_note, (
+                command,
+                option.flag,
+                help_text,
+            )
 
 
 def test_optimize_measures_with_its_own_protocol_from_both_sides():
     config = optimize_cli.config(_parse("optimize"))
-    assert config.bench == OptimizeConfig().bench and config.bench.protocol.robust_tokens == OptimizeConfig().bench.protocol.robust_tokens
-    assert (config.bench.repetitions, config.bench.protocol.max_tokens) != (BenchConfig().repetitions, BenchConfig().protocol.max_tokens)  # lighter than bench
+    assert (
+        config.bench == OptimizeConfig().bench
+        and config.bench.protocol.robust_tokens == OptimizeConfig().bench.protocol.robust_tokens
+    )
+    assert (config.bench.repetitions, config.bench.protocol.max_tokens) != (
+        BenchConfig().repetitions,
+        BenchConfig().protocol.max_tokens,
+    )  # lighter than bench
 
 
 def test_given_options_replace_only_what_they_name():
-    config = optimize_cli.config(_parse("optimize", "--eval-tokens", "100", "--workload", "chat", "--repetitions", "2", "--force", "--constraint", "ppl_tok<=+1%"))
+    config = optimize_cli.config(
+        _parse(
+            "optimize",
+            "--eval-tokens",
+            "100",
+            "--workload",
+            "chat",
+            "--repetitions",
+            "2",
+            "--force",
+            "--constraint",
+            "ppl_tok<=+1%",
+        )
+    )
     default = OptimizeConfig()
     assert config.bench.protocol == dataclasses.replace(default.bench.protocol, max_tokens=100)
-    assert config.bench == dataclasses.replace(default.bench, protocol=config.bench.protocol, workloads=("chat",), repetitions=2)
+    assert config.bench == dataclasses.replace(
+        default.bench, protocol=config.bench.protocol, workloads=("chat",), repetitions=2
+    )
     assert config == dataclasses.replace(default, bench=config.bench, force=True, constraints=("ppl_tok<=+1%",))
-    assert bench_cli.config(_parse("bench", "--reference", "ref", "--scale-workloads")) == BenchConfig(reference="ref", scale_workloads=True)
+    assert bench_cli.config(_parse("bench", "--reference", "ref", "--scale-workloads")) == BenchConfig(
+        reference="ref", scale_workloads=True
+    )
     assert run_cli.config(_parse("run", "--no-measure", "--out", "o")) == RunConfig(out_dir="o", measure=False)

@@ -15,7 +15,9 @@ CPU = torch.device("cpu")
 
 def _shapes(model):
     cfg = model.config
-    layer_linear = sum(m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n)
+    layer_linear = sum(
+        m.weight.numel() for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
+    )
     head = model.lm_head.weight.numel()  # the output matmul counts even when tied to the embedding
     d_attn = cfg.num_attention_heads * (cfg.hidden_size // cfg.num_attention_heads)
     return layer_linear, head, cfg.num_hidden_layers, d_attn

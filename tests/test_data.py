@@ -7,7 +7,13 @@ from frugalm.text.noise import add_char_noise
 
 @pytest.mark.parametrize(
     "content, match",
-    [(None, "does not exist"), (b"", "is empty"), (b"  \n\t", "is empty"), (b"\x89PNG\x00\x00", "binary"), (b"caf\xe9", "not valid UTF-8")],
+    [
+        (None, "does not exist"),
+        (b"", "is empty"),
+        (b"  \n\t", "is empty"),
+        (b"\x89PNG\x00\x00", "binary"),
+        (b"caf\xe9", "not valid UTF-8"),
+    ],
 )
 def test_bad_text_is_one_line_error(tmp_path, content, match):
     path = tmp_path / "t.txt"
@@ -73,13 +79,20 @@ def test_iter_documents_caps_a_long_document_and_stops(tmp_path):
     path.write_text("short\n<|endoftext|>\n" + "long line " * 1000 + "\n<|endoftext|>\nnever read\n")
     docs = list(iter_documents(path, max_doc_chars=100, chunk_bytes=16))
     assert docs[0] == ("short", True)
-    (prefix, complete), = docs[1:]
+    ((prefix, complete),) = docs[1:]
     assert not complete and ("long line " * 1000).startswith(prefix) and 80 <= len(prefix) <= 100
 
 
 @pytest.mark.parametrize(
     "content, match",
-    [(None, "does not exist"), (b"", "is empty"), (b"  \n\t", "is empty"), (b"\x89PNG\x00\x00", "binary"), (b"caf\xe9", "not valid UTF-8"), (b"ok" * 5000 + b"\xff", "not valid UTF-8")],
+    [
+        (None, "does not exist"),
+        (b"", "is empty"),
+        (b"  \n\t", "is empty"),
+        (b"\x89PNG\x00\x00", "binary"),
+        (b"caf\xe9", "not valid UTF-8"),
+        (b"ok" * 5000 + b"\xff", "not valid UTF-8"),
+    ],
 )
 def test_check_text_file_refuses_what_read_text_refuses(tmp_path, content, match):
     from frugalm.text.files import check_text_file

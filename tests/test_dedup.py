@@ -38,7 +38,8 @@ def truth(corpus):
 def test_corpus_plants_duplicates_on_both_sides_of_the_threshold(corpus, truth):
     family_pairs = [
         jaccard(word_shingles(corpus.docs[i], NGRAM), word_shingles(corpus.docs[j], NGRAM))
-        for i in range(len(corpus.docs)) for j in range(i)
+        for i in range(len(corpus.docs))
+        for j in range(i)
         if corpus.family[i] == corpus.family[j]
     ]
     js = np.array(family_pairs)
@@ -57,16 +58,20 @@ def test_recall_and_precision_against_exact_jaccard(corpus, truth, verify):
     kept = set(result.kept_indices)
     for dup in result.removed:  # every removal names a kept, earlier document
         assert dup.duplicate_of in kept and dup.duplicate_of < dup.index
-        true_j = jaccard(word_shingles(corpus.docs[dup.index], NGRAM), word_shingles(corpus.docs[dup.duplicate_of], NGRAM))
+        true_j = jaccard(
+            word_shingles(corpus.docs[dup.index], NGRAM), word_shingles(corpus.docs[dup.duplicate_of], NGRAM)
+        )
         assert abs(dup.jaccard_est - true_j) < 0.2
         if verify == "exact":
             assert dup.jaccard == pytest.approx(true_j, abs=1e-3)  # 32-bit hashes: collisions are rare
 
 
 def test_seeded_and_char_shingles_find_copies():
-    docs = ["The cat sat on the mat and looked at the dog for a long while.",
-            "Completely different words about compilers and registers here.",
-            "the cat sat on the mat and looked at the dog for a long while!"]
+    docs = [
+        "The cat sat on the mat and looked at the dog for a long while.",
+        "Completely different words about compilers and registers here.",
+        "the cat sat on the mat and looked at the dog for a long while!",
+    ]
     for shingle in ("word", "char"):
         config = DedupConfig(shingle=shingle, ngram=3, threshold=0.7)
         a, b = minhash_dedup(docs, config), minhash_dedup(docs, config)
@@ -100,9 +105,15 @@ def test_dedup_text_report():
 
 @pytest.mark.parametrize(
     "options, match",
-    [(dict(threshold=0), "threshold=0 must be in"), (dict(threshold=1.5), "threshold=1.5"),
-     (dict(num_perm=1), "num_perm=1"), (dict(shingle="chars"), "did you mean 'char'"),
-     (dict(ngram=0), "ngram=0"), (dict(seed=-1), "seed=-1"), (dict(verify="approx"), "unknown verify 'approx'")],
+    [
+        (dict(threshold=0), "threshold=0 must be in"),
+        (dict(threshold=1.5), "threshold=1.5"),
+        (dict(num_perm=1), "num_perm=1"),
+        (dict(shingle="chars"), "did you mean 'char'"),
+        (dict(ngram=0), "ngram=0"),
+        (dict(seed=-1), "seed=-1"),
+        (dict(verify="approx"), "unknown verify 'approx'"),
+    ],
 )
 def test_bad_options_are_one_line_errors(options, match):
     with pytest.raises(ConfigError, match=match) as info:
@@ -127,9 +138,11 @@ def test_dedup_data_stage_hands_later_training_stages_the_kept_documents(tmp_pat
     from frugalm.techniques.training_stage import TrainingOptions, training_tokens
 
     words = [f"w{i}" for i in range(400)]
-    docs = [" ".join(words[i * 40:(i + 1) * 40]) for i in range(10)]
+    docs = [" ".join(words[i * 40 : (i + 1) * 40]) for i in range(10)]
     docs += [docs[0].replace("w1 ", "x1 "), docs[3] + " tail"]  # two near-copies (Jaccard >= 0.8)
-    recipe, problems = parse_recipe({"version": 1, "name": "dd", "stages": [{"technique": "dedup_data", "threshold": 0.8}]})
+    recipe, problems = parse_recipe(
+        {"version": 1, "name": "dd", "stages": [{"technique": "dedup_data", "threshold": 0.8}]}
+    )
     assert problems == []
     stage = recipe.stages[0]
     ctx = Context(tokenizer=tiny_tokenizer(), training_documents=docs, held_out_documents=[docs[9]])
@@ -144,7 +157,9 @@ def test_dedup_data_stage_hands_later_training_stages_the_kept_documents(tmp_pat
     file = tmp_path / "train.txt"
     file.write_text(f"\n{DOC_SEPARATOR}\n".join(docs) + "\n")
     ctx = Context(training_documents=None, held_out_documents=[docs[9]])
-    from_file, _ = parse_recipe({"version": 1, "name": "dd", "stages": [{"technique": "dedup_data", "data": str(file)}]})
+    from_file, _ = parse_recipe(
+        {"version": 1, "name": "dd", "stages": [{"technique": "dedup_data", "data": str(file)}]}
+    )
     get_technique("dedup_data").apply(None, from_file.stages[0].config, ctx)
     assert ctx.changes[-1]["data"]["docs_in"] == 11  # the evaluated document never enters
     with pytest.raises(DataError, match="no training text"):

@@ -30,8 +30,14 @@ from frugalm.training.loop import TrainConfig, lr_at, train_causal_lm  # noqa: E
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # the build script is no package module
 import build_default_model as dm  # noqa: E402
 
-BUILD_FILES = {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
-               "tokenizer_config.json", "frugalm_build.json"}
+BUILD_FILES = {
+    "config.json",
+    "model.safetensors",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "frugalm_build.json",
+}
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -145,9 +151,18 @@ def test_interrupted_build_leaves_nothing_at_the_final_path(tmp_path, monkeypatc
 
 def _tiny_model(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 def _pattern_tokens() -> torch.Tensor:

@@ -76,7 +76,10 @@ def test_the_store_holds_each_run_with_its_bytes_and_loss_curve(runs, store):
             assert comm.method == "counted" and comm.unit == "B" and comm.value == runs[name]["total_bytes"]
             assert run.config["loss_per_step"] == runs[name]["loss_per_step"] and figures["produce_wall_s"].value > 0
         expected = runs["none"]["expected_grad_bytes_per_step"] * STEPS
-        assert abs({m.metric: m for m in db.measurements(stored["none"].id)}["produce_comm_bytes"].value - expected) <= 0.01 * expected
+        assert (
+            abs({m.metric: m for m in db.measurements(stored["none"].id)}["produce_comm_bytes"].value - expected)
+            <= 0.01 * expected
+        )
 
 
 def test_counter_summary():
@@ -87,13 +90,19 @@ def test_counter_summary():
     counter.add_collective([torch.zeros(200, dtype=torch.float16)])
     counter.end_step()
     summary = counter.summary(expected_bytes_per_step=800)
-    assert summary["bytes_per_step"] == [400, 400] and summary["reduction_x"] == 2.0 and summary["total_vs_expected"] == 0.5
+    assert (
+        summary["bytes_per_step"] == [400, 400]
+        and summary["reduction_x"] == 2.0
+        and summary["total_vs_expected"] == 0.5
+    )
 
 
 def test_bad_options_are_one_line_errors(capsys, tmp_path):
     with pytest.raises(ConfigError, match="unknown compression 'powersdg'; did you mean 'powersgd'"):
         make_wrapper(CommConfig(compression="powersdg"), DistInfo(0, 1, 0, "gloo", torch.device("cpu")))
-    code = ddp_train.main(["--compression", "none,zstd", "--powersgd-start-step", "1", "--out", str(tmp_path / "x.json")])
+    code = ddp_train.main(
+        ["--compression", "none,zstd", "--powersgd-start-step", "1", "--out", str(tmp_path / "x.json")]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and "\n" not in err
     assert "unknown compression 'zstd'" in err and "powersgd_start_step=1 must be >= 2" in err

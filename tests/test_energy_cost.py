@@ -28,7 +28,9 @@ def test_profile_with_missing_fields_names_them(tmp_path):
 
 def test_user_profile_file_adds_profiles(tmp_path):
     path = tmp_path / "p.yaml"
-    path.write_text("box:\n  description: d\n  usd_per_hour: 0.5\n  usd_per_kwh: 0.2\n  gco2e_per_kwh: 100\n  watts_idle: 10\n  watts_max: 100\n")
+    path.write_text(
+        "box:\n  description: d\n  usd_per_hour: 0.5\n  usd_per_kwh: 0.2\n  gco2e_per_kwh: 100\n  watts_idle: 10\n  watts_max: 100\n"
+    )
     assert get_profile("box", "cpu", path).usd_per_hour == 0.5
     with pytest.raises(ConfigError, match="unknown hardware profile 'bx'; did you mean 'box'"):
         get_profile("bx", "cpu", path)

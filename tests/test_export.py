@@ -62,7 +62,12 @@ def test_gptq_int4_with_act_order_exports(tiny_models, tmp_path):
     artifact = save_variant(lm.model, lm.tokenizer, tmp_path / "variant", {})
     out = export_compressed_tensors(artifact, tmp_path / "ct")
     ids = calibration(2, 24, seed=5)
-    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids), logits(load_model(artifact, fast_kernels=False).model, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits(AutoModelForCausalLM.from_pretrained(out).eval(), ids),
+        logits(load_model(artifact, fast_kernels=False).model, ids),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 def test_refuses_asymmetric_int4_which_transformers_cannot_load(tiny_models, tmp_path):
@@ -127,11 +132,15 @@ def test_the_w8a16_export_has_the_stored_perplexity_under_plain_transformers(tmp
     from frugalm.run import RunConfig, run_recipe
     from frugalm.text.files import read_text, split_documents
 
-    recipe, problems = parse_recipe({"version": 1, "name": "w8a16", "stages": [{"technique": "rtn_quant", "bits": 8, "activations": "none"}]})
+    recipe, problems = parse_recipe(
+        {"version": 1, "name": "w8a16", "stages": [{"technique": "rtn_quant", "bits": 8, "activations": "none"}]}
+    )
     assert not problems
     protocol = PerplexityProtocol(max_tokens=8192)
     bench_config = BenchConfig(data=str(TINYSTORIES), workloads=(), metrics=("ppl_tok",), protocol=protocol)
-    result = run_recipe(recipe, str(STORIES), RunConfig(out_dir=str(tmp_path / "variant"), bench=bench_config), store=tmp_path / "s.db")
+    result = run_recipe(
+        recipe, str(STORIES), RunConfig(out_dir=str(tmp_path / "variant"), bench=bench_config), store=tmp_path / "s.db"
+    )
     stored = {m.metric: m for m in result.bench.measurements}["ppl_tok"]
     assert result.metadata["changes"][0]["format"] == "w8a16"
 
@@ -141,5 +150,8 @@ def test_the_w8a16_export_has_the_stored_perplexity_under_plain_transformers(tmp
     docs = split_documents(read_text(TINYSTORIES))
     figures = measure_quality(shipped, tokenizer, docs, protocol, context=context_length(shipped.config), data_desc={})
     exported = {m.metric: m for m in figures}["ppl_tok"]
-    assert exported.protocol["window"] == stored.protocol["window"] and exported.protocol["stride"] == stored.protocol["stride"]
+    assert (
+        exported.protocol["window"] == stored.protocol["window"]
+        and exported.protocol["stride"] == stored.protocol["stride"]
+    )
     assert exported.value == pytest.approx(stored.value, rel=1e-4), (exported.value, stored.value)

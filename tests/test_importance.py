@@ -23,7 +23,9 @@ def model_and_windows():
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=300, **TINY_CONFIGS["llama"]))
     pattern = torch.arange(50, 66).repeat(40)  # (640,)
-    train_causal_lm(model, pattern, TrainConfig(steps=40, batch_size=8, seq_len=SEQ, warmup_steps=5, lr=1e-2, log_every=40))
+    train_causal_lm(
+        model, pattern, TrainConfig(steps=40, batch_size=8, seq_len=SEQ, warmup_steps=5, lr=1e-2, log_every=40)
+    )
     random_tokens = torch.randint(0, 290, (640,), generator=torch.Generator().manual_seed(0))
     windows = torch.cat([candidate_windows(pattern, SEQ), candidate_windows(random_tokens, SEQ)])
     return model, windows  # first half pattern, second half random
@@ -33,7 +35,7 @@ def test_hard_windows_are_drawn_more_and_weights_unbias_the_mean(model_and_windo
     model, windows = model_and_windows
     n = windows.shape[0]
     sample = importance_sample(model, windows, ImportanceConfig(num_samples=20_000, power=1.0, uniform_mix=0.1))
-    assert sample.losses[n // 2:].mean() > 2 * sample.losses[: n // 2].mean()
+    assert sample.losses[n // 2 :].mean() > 2 * sample.losses[: n // 2].mean()
     hard_share = (sample.indices >= n // 2).double().mean()
     assert hard_share > 0.6
     assert torch.allclose(sample.probs.sum(), torch.tensor(1.0, dtype=torch.float64))
@@ -59,7 +61,9 @@ def test_tempering():
     assert torch.allclose(sampling_probs(losses, 2.0, 0.0), losses**2 / 21)
     mixed = sampling_probs(losses, 1.0, 0.2)
     assert torch.allclose(mixed, 0.8 * losses / 7 + 0.05) and mixed.min() == pytest.approx(0.05)
-    assert torch.allclose(sampling_probs(torch.zeros(3, dtype=torch.float64), 1.0, 0.0), torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert torch.allclose(
+        sampling_probs(torch.zeros(3, dtype=torch.float64), 1.0, 0.0), torch.full((3,), 1 / 3, dtype=torch.float64)
+    )
 
 
 def test_weighted_loss_with_unit_weights_is_the_plain_loss(model_and_windows):
@@ -75,8 +79,12 @@ def test_weighted_loss_with_unit_weights_is_the_plain_loss(model_and_windows):
 
 @pytest.mark.parametrize(
     "options, match",
-    [(dict(num_samples=0), "num_samples=0"), (dict(power=-1), "power=-1"),
-     (dict(uniform_mix=1.5), "uniform_mix=1.5"), (dict(batch_size=0), "batch_size=0")],
+    [
+        (dict(num_samples=0), "num_samples=0"),
+        (dict(power=-1), "power=-1"),
+        (dict(uniform_mix=1.5), "uniform_mix=1.5"),
+        (dict(batch_size=0), "batch_size=0"),
+    ],
 )
 def test_bad_options(model_and_windows, options, match):
     model, windows = model_and_windows
@@ -109,14 +117,18 @@ def _stream():
 
 def test_sampler_draws_hard_windows_and_counts_its_scoring(model_and_windows):
     model, _ = model_and_windows
-    sampler = ImportanceWindows(model, _stream(), batch_size=8, seq_len=SEQ, pool=128, power=2.0, uniform_mix=0.0, rescore_every=5)
+    sampler = ImportanceWindows(
+        model, _stream(), batch_size=8, seq_len=SEQ, pool=128, power=2.0, uniform_mix=0.0, rescore_every=5
+    )
     generator = torch.Generator().manual_seed(0)
     batches = [sampler(i, generator) for i in range(10)]
     assert all(b.shape == (8, SEQ + 1) for b in batches)
     summary = sampler.summary()
     assert summary["rescores"] == 2 and summary["scored_windows"] == 256 and summary["scored_tokens"] == 256 * SEQ
     assert summary["drawn_mean_loss_nats"] > 1.2 * sum(summary["pool_mean_loss_nats"]) / 2  # tilted toward hard windows
-    per_window = 2 * sum(p.numel() for p in model.parameters()) * SEQ  # tied head: the embedding counts once, as the head matmul
+    per_window = (
+        2 * sum(p.numel() for p in model.parameters()) * SEQ
+    )  # tied head: the embedding counts once, as the head matmul
     assert 0.8 < summary["scoring_flops"] / (256 * per_window) < 1.5  # counted ~ 2 * params * tokens
 
 
@@ -141,8 +153,19 @@ def _tiny_model():
 def test_interrupted_importance_run_resumes_exactly(tmp_path):
     def run(stop_at=None):
         model = _tiny_model()
-        config = TrainConfig(steps=8, batch_size=4, seq_len=SEQ, lr=1e-2, warmup_steps=1, log_every=1, checkpoint_every=4, checkpoint_dir=str(tmp_path / "ck"))
-        sampler = ImportanceWindows(model, _stream(), batch_size=4, seq_len=SEQ, pool=32, power=1.0, uniform_mix=0.1, rescore_every=2)
+        config = TrainConfig(
+            steps=8,
+            batch_size=4,
+            seq_len=SEQ,
+            lr=1e-2,
+            warmup_steps=1,
+            log_every=1,
+            checkpoint_every=4,
+            checkpoint_dir=str(tmp_path / "ck"),
+        )
+        sampler = ImportanceWindows(
+            model, _stream(), batch_size=4, seq_len=SEQ, pool=32, power=1.0, uniform_mix=0.1, rescore_every=2
+        )
 
         def on_step(done, total):
             if done == stop_at:
@@ -158,7 +181,9 @@ def test_interrupted_importance_run_resumes_exactly(tmp_path):
     assert result.resumed_from_step == 4 and result.losses == ref_result.losses
     assert all(torch.equal(p, q) for p, q in zip(resumed.parameters(), reference.parameters(), strict=True))
     model = _tiny_model()  # a resume between rescorings would score another model than the uninterrupted run did
-    sampler = ImportanceWindows(model, _stream(), batch_size=4, seq_len=SEQ, pool=32, power=1.0, uniform_mix=0.1, rescore_every=4)
+    sampler = ImportanceWindows(
+        model, _stream(), batch_size=4, seq_len=SEQ, pool=32, power=1.0, uniform_mix=0.1, rescore_every=4
+    )
     with pytest.raises(ConfigError, match="multiple of rescore_every"):
         sampler(2, torch.Generator())
 
@@ -168,7 +193,15 @@ def test_stage_options_are_checked_together():
     from frugalm.registry import get_technique
 
     cls = get_technique("full_finetune").config_cls
-    _, problems = build_config(cls, {"sampling": "importance", "checkpoint_every": 30, "rescore_every": 20, "sampling_mix": 2.0}, "stages[0] (full_finetune)")
-    assert len(problems) == 2 and any("multiple of rescore_every=20" in p for p in problems) and any("sampling_mix" in p for p in problems)
+    _, problems = build_config(
+        cls,
+        {"sampling": "importance", "checkpoint_every": 30, "rescore_every": 20, "sampling_mix": 2.0},
+        "stages[0] (full_finetune)",
+    )
+    assert (
+        len(problems) == 2
+        and any("multiple of rescore_every=20" in p for p in problems)
+        and any("sampling_mix" in p for p in problems)
+    )
     _, problems = build_config(cls, {"sampling": "hardest"}, "stages[0] (full_finetune)")
     assert len(problems) == 1 and "uniform" in problems[0] and "importance" in problems[0]

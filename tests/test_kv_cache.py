@@ -93,7 +93,9 @@ def test_cache_bytes_are_the_packed_storage(tiny, bits, limit):
     vectors = batch * KV_HEADS * LAYERS * 2  # head vectors per cached token (keys and values)
     assert cache_bytes(plain) == tokens * vectors * HEAD_DIM * 4
     window = quant.layers[0].keys.shape[-2]  # full-precision tokens, flushed in blocks of FLUSH_TOKENS
-    assert residual <= window < residual + FLUSH_TOKENS and all(layer.keys.shape[-2] == window for layer in quant.layers)
+    assert residual <= window < residual + FLUSH_TOKENS and all(
+        layer.keys.shape[-2] == window for layer in quant.layers
+    )
     packed = vectors * (tokens - window) * _per_token_bytes(bits, 16)
     assert cache_bytes(quant) == packed + vectors * window * HEAD_DIM * 4
     assert packed <= limit * vectors * (tokens - window) * HEAD_DIM * 4  # against float32, beyond the window
@@ -118,7 +120,11 @@ def test_apply_save_load_round_trips_the_setting(tiny_llama, tmp_path, text_file
     model = TECHNIQUE.apply(lm.model, KVCacheQuantConfig(bits=4, group_size=8, residual_length=32), ctx)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # no weight changes
     change = ctx.changes[-1]
-    assert change["params_changed"] == 0 and len(change["layers"]) == LAYERS and change["kv_bytes_ratio"] == pytest.approx((8 + 2 * 3) / 64)
+    assert (
+        change["params_changed"] == 0
+        and len(change["layers"]) == LAYERS
+        and change["kv_bytes_ratio"] == pytest.approx((8 + 2 * 3) / 64)
+    )
     folder = save_variant(model, lm.tokenizer, tmp_path / "kv", {"changes": ctx.changes})
     setting = {"bits": 4, "group_size": 8, "residual_length": 32}
     assert json.loads((folder / "frugalm.json").read_text())["inference"] == {"kv_cache": setting}
@@ -126,14 +132,29 @@ def test_apply_save_load_round_trips_the_setting(tiny_llama, tmp_path, text_file
     assert again.inference == {"kv_cache": setting} and inference_settings(again.model) == again.inference
     assert isinstance(cache_factory(again.model)().layers[0], PackedKVLayer)
     assert cache_factory(load_model(tiny_llama).model) is None  # a plain model keeps its default cache
-    ms = {m.metric: m for m in measure_quality(again.model, again.tokenizer, [text_file.read_text()], PerplexityProtocol(window=128, stride=128, max_tokens=300, robust_tokens=128), context=256, data_desc={})}
-    assert ms["ppl_tok"].protocol["scoring"].startswith("chunked prefill") and ms["ppl_tok"].protocol["kv_cache"] == setting
+    ms = {
+        m.metric: m
+        for m in measure_quality(
+            again.model,
+            again.tokenizer,
+            [text_file.read_text()],
+            PerplexityProtocol(window=128, stride=128, max_tokens=300, robust_tokens=128),
+            context=256,
+            data_desc={},
+        )
+    }
+    assert (
+        ms["ppl_tok"].protocol["scoring"].startswith("chunked prefill")
+        and ms["ppl_tok"].protocol["kv_cache"] == setting
+    )
 
 
 def test_timed_workload_runs_with_the_cache_and_counts_its_bytes(tiny):
     model, w = tiny.model, Workload("t", 48, 8, 2, "")
     plain = time_workload(model, w, CPU, warmup=0, repetitions=1)
-    quant = time_workload(model, w, CPU, warmup=0, repetitions=1, cache_factory=lambda: make_cache(model, _kv(8, 16, 0)))
+    quant = time_workload(
+        model, w, CPU, warmup=0, repetitions=1, cache_factory=lambda: make_cache(model, _kv(8, 16, 0))
+    )
     assert len(quant.decode_step_s[0]) == 7
     assert plain.cache_bytes == [(48 + 7) * 2 * KV_HEADS * LAYERS * 2 * HEAD_DIM * 4]
     assert quant.cache_bytes[0] < 0.5 * plain.cache_bytes[0]  # 48 of 55 tokens packed (7 in the window)
@@ -148,12 +169,23 @@ def test_other_architectures_run_with_the_cache(tiny_models, arch):
     assert tokens.shape == (1, 8) and cache.get_seq_length() == 32 and cache_bytes(cache) > 0
 
 
-@pytest.mark.parametrize("options, fix, recipe_fix", [
-    ({"bits": 3}, "bits must be 4 or 8", "option 'bits' must be 4 | 8, got 3"),
-    ({"group_size": 12}, "group_size 12 does not divide head_dim 16; use a divisor of 16 (1, 2, 4, 8, 16) or any value >= 16", None),
-    ({"group_size": 0}, "group_size must be a positive number", "group_size must be a positive number"),
-    ({"residual_length": -1}, "residual_length must be 0 or more tokens", "residual_length must be 0 or more tokens"),
-])
+@pytest.mark.parametrize(
+    "options, fix, recipe_fix",
+    [
+        ({"bits": 3}, "bits must be 4 or 8", "option 'bits' must be 4 | 8, got 3"),
+        (
+            {"group_size": 12},
+            "group_size 12 does not divide head_dim 16; use a divisor of 16 (1, 2, 4, 8, 16) or any value >= 16",
+            None,
+        ),
+        ({"group_size": 0}, "group_size must be a positive number", "group_size must be a positive number"),
+        (
+            {"residual_length": -1},
+            "residual_length must be 0 or more tokens",
+            "residual_length must be 0 or more tokens",
+        ),
+    ],
+)
 def test_bad_options_give_one_line_errors(tiny_llama, options, fix, recipe_fix):
     model = load_model(tiny_llama).model
     with pytest.raises(FrugalmError) as err:

@@ -64,10 +64,19 @@ def _imports(path: Path, module: str) -> list[tuple[str, int, bool]]:
         for child in ast.iter_child_nodes(node):
             inside = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
             if isinstance(child, ast.Import):
-                found.extend([(a.name, child.lineno, in_function) for a in child.names if a.name.split(".")[0] == "frugalm"])
-            elif isinstance(child, ast.ImportFrom) and child.level == 0 and child.module and child.module.split(".")[0] == "frugalm":
+                found.extend(
+                    [(a.name, child.lineno, in_function) for a in child.names if a.name.split(".")[0] == "frugalm"]
+                )
+            elif (
+                isinstance(child, ast.ImportFrom)
+                and child.level == 0
+                and child.module
+                and child.module.split(".")[0] == "frugalm"
+            ):
                 # `from frugalm import errors` imports the module frugalm.errors
-                targets = [f"{child.module}.{a.name}" if child.module == "frugalm" else child.module for a in child.names]
+                targets = [
+                    f"{child.module}.{a.name}" if child.module == "frugalm" else child.module for a in child.names
+                ]
                 found.extend((t, child.lineno, in_function) for t in targets)
             visit(child, inside)
 
@@ -90,7 +99,9 @@ def test_imports_run_one_way_down_the_rooms():
                 continue  # the package root: __version__ and the lazy API, imports nothing at load
             rank = _room(target)
             if own is not None and rank is not None and rank > own:
-                upward.append(f"{path.relative_to(SRC.parent)}:{line} ({ROOMS[own][0]}) imports {target} ({ROOMS[rank][0]})")
+                upward.append(
+                    f"{path.relative_to(SRC.parent)}:{line} ({ROOMS[own][0]}) imports {target} ({ROOMS[rank][0]})"
+                )
             if in_function and not module.startswith(CLI_MAY_DEFER) and module != "frugalm":
                 deferred.append(f"{path.relative_to(SRC.parent)}:{line} imports {target} inside a function")
     assert not upward, "imports that run up the rooms:\n" + "\n".join(upward)
@@ -115,7 +126,11 @@ def test_every_technique_module_is_registered_under_its_own_name():
 
     for key in TECHNIQUES:
         assert get_technique(key).name == key
-    modules = {p.stem for p in (SRC / "techniques").glob("*.py") if not p.stem.startswith("_") and p.stem not in ("base", "training_stage")}
+    modules = {
+        p.stem
+        for p in (SRC / "techniques").glob("*.py")
+        if not p.stem.startswith("_") and p.stem not in ("base", "training_stage")
+    }
     registered = {spec.split(":")[0].rsplit(".", 1)[1] for spec in TECHNIQUES.values()}
     assert modules == registered, f"technique modules not in registry.py: {sorted(modules - registered)}"
 

@@ -21,9 +21,17 @@ def test_ls_runs_json(tmp_path, capsys):
     assert _ls_json(capsys, "runs", "--store", str(db)) == {"store": str(db), "runs": []}
     run = Run(model_ref="m", benchmark_version=BENCHMARK_VERSION, config={}, environment={}, wall_s=1.5, key="k")
     with Store(db) as store:
-        store.add_run(run, [Measurement("params_count", 10, method="counted"), Measurement("ppl_tok", 3.5, method="measured")])
+        store.add_run(
+            run, [Measurement("params_count", 10, method="counted"), Measurement("ppl_tok", 3.5, method="measured")]
+        )
     [got] = _ls_json(capsys, "runs", "--store", str(db))["runs"]
-    assert got["id"] == run.id and got["status"] == "complete" and got["figures"] == 2 and got["wall_s"] == 1.5 and got["key"] == "k"
+    assert (
+        got["id"] == run.id
+        and got["status"] == "complete"
+        and got["figures"] == 2
+        and got["wall_s"] == 1.5
+        and got["key"] == "k"
+    )
     assert main(["ls", "runs", "--store", str(db)]) == 0
     assert run.id in capsys.readouterr().out
 
@@ -32,8 +40,15 @@ def test_ls_metrics_json(capsys):
     doc = _ls_json(capsys, "metrics")
     assert doc["benchmark_version"] == BENCHMARK_VERSION
     assert [m["name"] for m in doc["metrics"]] == list(METRICS)
-    assert doc["metrics"][0] == {"name": "ppl_tok", "unit": "ppl", "higher_is_better": False, "method": "measured", "resource": "quality",
-                                 "description": METRICS["ppl_tok"].description, "per_workload": False}
+    assert doc["metrics"][0] == {
+        "name": "ppl_tok",
+        "unit": "ppl",
+        "higher_is_better": False,
+        "method": "measured",
+        "resource": "quality",
+        "description": METRICS["ppl_tok"].description,
+        "per_workload": False,
+    }
 
 
 def test_ls_workloads_json(capsys):
@@ -45,7 +60,9 @@ def test_ls_workloads_json(capsys):
 
 def test_ls_profiles_json(tmp_path, capsys):
     extra = tmp_path / "profiles.yaml"
-    extra.write_text("my-box:\n  description: a test box\n  usd_per_hour: 1.5\n  usd_per_kwh: 0.2\n  gco2e_per_kwh: 300\n  watts_idle: 10\n  watts_max: 100\n")
+    extra.write_text(
+        "my-box:\n  description: a test box\n  usd_per_hour: 1.5\n  usd_per_kwh: 0.2\n  gco2e_per_kwh: 300\n  watts_idle: 10\n  watts_max: 100\n"
+    )
     profiles = {p["name"]: p for p in _ls_json(capsys, "profiles", "--profiles", str(extra))["profiles"]}
     assert profiles["my-box"]["usd_per_hour"] == 1.5 and len(profiles) > 1
 
@@ -67,5 +84,7 @@ def test_ls_help_names_every_kind(capsys):
         main(["ls", "--help"])
     out = capsys.readouterr().out
     assert all(kind in out.split("positional arguments")[0] for kind in KINDS)  # in the description, not only the usage
-    [line] = [ln for ln in build_parser().format_help().splitlines() if ln.split()[:1] == ["ls"]]  # `frugalm --help`'s line
+    [line] = [
+        ln for ln in build_parser().format_help().splitlines() if ln.split()[:1] == ["ls"]
+    ]  # `frugalm --help`'s line
     assert all(kind in line for kind in KINDS), line

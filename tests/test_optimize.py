@@ -9,7 +9,19 @@ import pytest
 from frugalm.cli import main
 from frugalm.store import Store
 
-FAST = ["--eval-tokens", "256", "--repetitions", "2", "--workload", "chat", "--quiet", "--recipe", "int8", "--recipe", "magnitude50"]
+FAST = [
+    "--eval-tokens",
+    "256",
+    "--repetitions",
+    "2",
+    "--workload",
+    "chat",
+    "--quiet",
+    "--recipe",
+    "int8",
+    "--recipe",
+    "magnitude50",
+]
 
 
 def _complete_keys(db: Path) -> Counter:
@@ -43,13 +55,21 @@ def _saved_variants_reproduce_their_perplexity(out: Path, db: Path, text_file: P
     from frugalm.measure.quality import PerplexityProtocol
 
     with Store(db) as store:
-        runs = {Path(r.model_path).name: (r, next(m.value for m in store.measurements(r.id) if m.metric == "ppl_tok"))
-                for r in store.runs() if r.kind == "variant" and r.status == "complete"}
+        runs = {
+            Path(r.model_path).name: (r, next(m.value for m in store.measurements(r.id) if m.metric == "ppl_tok"))
+            for r in store.runs()
+            if r.kind == "variant" and r.status == "complete"
+        }
     saved = sorted((out / "variants").iterdir())
     assert saved, "no variant on a front was kept"
     for folder in saved:
         run, stored = runs[folder.name]
-        config = BenchConfig(data=str(text_file), workloads=("chat",), metrics=("ppl_tok",), protocol=PerplexityProtocol(**run.config["protocol"]))
+        config = BenchConfig(
+            data=str(text_file),
+            workloads=("chat",),
+            metrics=("ppl_tok",),
+            protocol=PerplexityProtocol(**run.config["protocol"]),
+        )
         again = bench(folder, config, store=tmp_path / "again.db")
         assert next(m.value for m in again.measurements if m.metric == "ppl_tok") == stored, folder.name
 
@@ -67,7 +87,10 @@ def test_bad_input_is_one_line(tiny_llama, text_file, tmp_path, capsys):
     base = ["optimize", "--data", str(text_file), "--store", str(tmp_path / "s.db"), "--quiet"]
     cases = {
         "unknown profile": ([str(tiny_llama), "--profile", "cloud-h1000"], "did you mean 'cloud-h100'"),
-        "unknown constraint metric": ([str(tiny_llama), "--constraint", "perplexity<=+5%"], "unknown metric 'perplexity'"),
+        "unknown constraint metric": (
+            [str(tiny_llama), "--constraint", "perplexity<=+5%"],
+            "unknown metric 'perplexity'",
+        ),
         "out is a file": ([str(tiny_llama), "--out", str(a_file)], "is a file"),
         "unknown recipe": ([str(tiny_llama), "--recipe", "int9"], "did you mean 'int8'"),
         "does not fit memory": ([str(huge)], "needs about"),
@@ -93,7 +116,14 @@ def test_warm_children_start_ahead_and_leave_none_behind(tiny_llama, text_file, 
     from frugalm.benchmark.api import BenchConfig, bench
     from frugalm.measure.quality import PerplexityProtocol
 
-    config = BenchConfig(data=str(text_file), workloads=("chat",), metrics=("ppl_tok",), warmup=0, repetitions=1, protocol=PerplexityProtocol(max_tokens=256))
+    config = BenchConfig(
+        data=str(text_file),
+        workloads=("chat",),
+        metrics=("ppl_tok",),
+        warmup=0,
+        repetitions=1,
+        protocol=PerplexityProtocol(max_tokens=256),
+    )
     ppl = lambda result: next(m.value for m in result.measurements if m.metric == "ppl_tok")  # noqa: E731
     with runner.warm_children():
         first = runner._spare

@@ -8,7 +8,10 @@ import pytest
 from frugalm.measure.paired import PairedConfig, machine_conditions, ratio_interval, t_quantile, time_paired
 
 
-@pytest.mark.parametrize(("dof", "expected"), [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706), (9, 2.2622), (29, 2.0452), (120, 1.9799)])
+@pytest.mark.parametrize(
+    ("dof", "expected"),
+    [(1, 12.7062), (2, 4.3027), (3, 3.1824), (4, 2.7764), (5, 2.5706), (9, 2.2622), (29, 2.0452), (120, 1.9799)],
+)
 def test_t_quantile_matches_the_table(dof, expected):
     assert t_quantile(0.975, dof) == pytest.approx(expected, abs=2e-3)
 
@@ -25,7 +28,12 @@ def test_interval_covers_a_known_ratio_at_its_nominal_rate():
 
 def test_interval_of_identical_samples_is_the_point():
     ratio, low, high, half = ratio_interval([math.log(2.0)] * 5)
-    assert ratio == pytest.approx(2.0) and low == pytest.approx(2.0) and high == pytest.approx(2.0) and half == pytest.approx(0.0)
+    assert (
+        ratio == pytest.approx(2.0)
+        and low == pytest.approx(2.0)
+        and high == pytest.approx(2.0)
+        and half == pytest.approx(0.0)
+    )
 
 
 class FakeWork:
@@ -42,6 +50,7 @@ class FakeWork:
         def run():
             slow = 1.0 + self.drift * self.now  # the machine slows down over time: hits both alike
             self.now += self.cost[which] * slow * math.exp(self.rng.gauss(0, self.noise))
+
         return run
 
 
@@ -54,8 +63,12 @@ def test_noise_free_timing_stops_at_the_minimum_blocks_with_the_exact_ratio():
 
 def test_drift_is_cancelled_by_the_abba_schedule():
     w = FakeWork(0.01, 0.01, noise=0.0, drift=0.05)
-    result = time_paired(w.call("a"), w.call("b"), PairedConfig(min_sample_s=0.05, min_blocks=10, target_halfwidth=0.0), clock=w.clock)
-    assert result.speedup == pytest.approx(1.0, abs=0.003)  # an AAAA...BBBB schedule would report the drift as a speedup
+    result = time_paired(
+        w.call("a"), w.call("b"), PairedConfig(min_sample_s=0.05, min_blocks=10, target_halfwidth=0.0), clock=w.clock
+    )
+    assert result.speedup == pytest.approx(
+        1.0, abs=0.003
+    )  # an AAAA...BBBB schedule would report the drift as a speedup
 
 
 def test_noisy_timing_runs_until_the_target_is_met():

@@ -25,8 +25,10 @@ def _brute_front(points, objectives):
     def dominated(i):
         return any(
             all(_better_or_equal(q, points[i], o) for o in objectives) and any(q[o] != points[i][o] for o in objectives)
-            for j, q in enumerate(points) if j != i
+            for j, q in enumerate(points)
+            if j != i
         )
+
     return [i for i in range(len(points)) if not dominated(i)]
 
 
@@ -51,15 +53,19 @@ def test_front_matches_brute_force(points):
 
 def _brute_front_with_margins(points, margins, objectives):
     """A point leaves the front only for one better beyond both margins somewhere, worse beyond them nowhere."""
+
     def beats(q, mq, p, mp, o):  # q better than p beyond the noise on o
         gap = q[o] - p[o] if o == "decode_tok_s" else p[o] - q[o]
         return gap > mq[o] + mp[o]
 
     def dominated(i):
         return any(
-            all(not beats(points[i], margins[i], q, margins[j], o) for o in objectives) and any(beats(q, margins[j], points[i], margins[i], o) for o in objectives)
-            for j, q in enumerate(points) if j != i
+            all(not beats(points[i], margins[i], q, margins[j], o) for o in objectives)
+            and any(beats(q, margins[j], points[i], margins[i], o) for o in objectives)
+            for j, q in enumerate(points)
+            if j != i
         )
+
     front = [i for i in range(len(points)) if not dominated(i)]
     return front or _brute_front(points, objectives)
 
@@ -68,7 +74,13 @@ def _brute_front_with_margins(points, margins, objectives):
 @given(data=st.data())
 def test_front_with_margins_matches_brute_force(data):
     points = data.draw(_points(OBJ3))
-    margins = data.draw(st.lists(st.fixed_dictionaries({o: st.integers(0, 2).map(float) for o in OBJ3}), min_size=len(points), max_size=len(points)))
+    margins = data.draw(
+        st.lists(
+            st.fixed_dictionaries({o: st.integers(0, 2).map(float) for o in OBJ3}),
+            min_size=len(points),
+            max_size=len(points),
+        )
+    )
     front = non_dominated(points, OBJ3, margins)
     assert front == _brute_front_with_margins(points, margins, OBJ3)
     zero = [{o: 0.0 for o in OBJ3} for _ in points]

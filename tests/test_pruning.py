@@ -153,14 +153,19 @@ def test_wanda_one_pass_and_sequential_differ_only_after_the_first_block(tiny_ll
 
 # --- structured ------------------------------------------------------------------------------------
 
-STRUCTURED_CASES = [(a, u) for a in ("llama", "qwen2") for u in ("mlp_channels", "heads", "layers")] + [(a, u) for a in ("gpt2", "opt", "gpt_neox") for u in ("mlp_channels", "layers")]
+STRUCTURED_CASES = [(a, u) for a in ("llama", "qwen2") for u in ("mlp_channels", "heads", "layers")] + [
+    (a, u) for a in ("gpt2", "opt", "gpt_neox") for u in ("mlp_channels", "layers")
+]
 
 
 def unit_params(model, arch: str, unit: str) -> int:
     """Parameters of the parts that `unit` shrinks: MLPs, attention projections, or all blocks."""
     a = ARCHS[arch]
     blocks = list(model.get_submodule(a.blocks))
-    names = {"mlp_channels": (*a.mlp_in, a.mlp_out), "heads": tuple(f"{a.attn}.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj"))}.get(unit)
+    names = {
+        "mlp_channels": (*a.mlp_in, a.mlp_out),
+        "heads": tuple(f"{a.attn}.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")),
+    }.get(unit)
     if names is None:
         return sum(p.numel() for b in blocks for p in b.parameters())
     # weights only: biases of the output projection stay whole
@@ -195,7 +200,11 @@ def test_structured_removal_equals_zeroing_what_feeds_the_output_projection(tiny
     model, reference = load(tiny_llama), load(tiny_llama)
     run("structured_prune", model, unit=unit, fraction=0.5, importance="activation")
     for block, ref in zip(model.model.layers, reference.model.layers):
-        cut, full = (block.mlp.up_proj, ref.mlp.up_proj) if unit == "mlp_channels" else (block.self_attn.q_proj, ref.self_attn.q_proj)
+        cut, full = (
+            (block.mlp.up_proj, ref.mlp.up_proj)
+            if unit == "mlp_channels"
+            else (block.self_attn.q_proj, ref.self_attn.q_proj)
+        )
         kept = [int((full.weight == row).all(1).nonzero()[0]) for row in cut.weight]  # kept rows of the full layer
         out = ref.mlp.down_proj if unit == "mlp_channels" else ref.self_attn.o_proj
         with torch.no_grad():
@@ -218,7 +227,15 @@ def test_structured_layers_drop_the_lowest_block_influence(tiny_llama):
 
 
 @pytest.mark.parametrize("technique", UNSTRUCTURED)
-@pytest.mark.parametrize("options,expected", [({"sparsity": 1.0}, "sparsity must be in [0, 1)"), ({"sparsity": -0.1}, "sparsity must be in [0, 1)"), ({"pattern": "4:2"}, "pattern must be"), ({"pattern": "2-4"}, "pattern must be")])
+@pytest.mark.parametrize(
+    "options,expected",
+    [
+        ({"sparsity": 1.0}, "sparsity must be in [0, 1)"),
+        ({"sparsity": -0.1}, "sparsity must be in [0, 1)"),
+        ({"pattern": "4:2"}, "pattern must be"),
+        ({"pattern": "2-4"}, "pattern must be"),
+    ],
+)
 def test_bad_options_are_reported_by_problems_and_by_recipe_validation(technique, options, expected):
     config = get_technique(technique).config_cls(**options)
     assert any(expected in p for p in config.problems())
@@ -301,6 +318,10 @@ def test_stories260k_perplexity_wanda_and_sparsegpt_beat_magnitude():
             run(technique, model, calib, sparsity=0.5, pattern=pattern)
             ppl[technique] = perplexity(model)
         gap = abs(ppl["sparsegpt_prune"] - ppl["wanda_prune"]) / dense
-        print(f"stories260K {pattern} 50%: dense {dense:.3f}, " + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items()) + f"; |sparsegpt - wanda| / dense = {gap:.3f}")
+        print(
+            f"stories260K {pattern} 50%: dense {dense:.3f}, "
+            + ", ".join(f"{k} {v:.3f}" for k, v in ppl.items())
+            + f"; |sparsegpt - wanda| / dense = {gap:.3f}"
+        )
         assert dense < ppl["wanda_prune"] <= ppl["magnitude_prune"]
         assert ppl["sparsegpt_prune"] <= ppl["magnitude_prune"]

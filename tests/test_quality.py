@@ -56,7 +56,18 @@ def test_uniform_model_has_perplexity_equal_to_vocab(tiny_llama):
 
 def test_model_against_itself_is_exactly_faithful(tiny_llama):
     a, b = load_model(tiny_llama), load_model(tiny_llama)
-    ms = {m.metric: m for m in measure_quality(a.model, a.tokenizer, DOCS, PerplexityProtocol(window=32, stride=16), context=256, data_desc={}, reference=b.model)}
+    ms = {
+        m.metric: m
+        for m in measure_quality(
+            a.model,
+            a.tokenizer,
+            DOCS,
+            PerplexityProtocol(window=32, stride=16),
+            context=256,
+            data_desc={},
+            reference=b.model,
+        )
+    }
     assert ms["kl_ref_nats"].value == 0.0
     assert ms["top1_agree_frac"].value == 1.0
     assert ms["ppl_word"].value > ms["ppl_byte"].value  # several bytes per word
@@ -74,7 +85,9 @@ def test_other_model_is_not_faithful(tiny_models):
 
 def test_window_is_capped_at_context_and_protocol_recorded(tiny_llama):
     lm = load_model(tiny_llama)
-    ms = measure_quality(lm.model, lm.tokenizer, DOCS, PerplexityProtocol(window=4096, stride=4096), context=64, data_desc={"data": "x"})
+    ms = measure_quality(
+        lm.model, lm.tokenizer, DOCS, PerplexityProtocol(window=4096, stride=4096), context=64, data_desc={"data": "x"}
+    )
     proto = ms[0].protocol
     assert proto["window"] == 64 and proto["stride"] == 64 and proto["data"] == "x"
     assert {m.metric for m in ms} == {"ppl_tok", "ppl_word", "ppl_byte", "robust_ppl_ratio"}

@@ -137,10 +137,19 @@ def test_w8a8_dynamic_emulation_matches_fbgemm_on_stories_scale_inputs():
 
 
 def test_activation_quantization_needs_int8_per_channel_symmetric():
-    for options, fragment in [({"bits": 4}, "bits 8"), ({"bits": 8, "group_size": 32}, "group_size -1"), ({"bits": 8, "symmetric": False}, "symmetric")]:
+    for options, fragment in [
+        ({"bits": 4}, "bits 8"),
+        ({"bits": 8, "group_size": 32}, "group_size -1"),
+        ({"bits": 8, "symmetric": False}, "symmetric"),
+    ]:
         for technique in QUANT:
             _, problems = parse_recipe({"stages": [{"technique": technique, "activations": "dynamic-int8", **options}]})
-            assert len(problems) == 1 and "dynamic-int8" in problems[0] and fragment in problems[0] and "w8a16" in problems[0], problems
+            assert (
+                len(problems) == 1
+                and "dynamic-int8" in problems[0]
+                and fragment in problems[0]
+                and "w8a16" in problems[0]
+            ), problems
 
 
 def test_load_model_runs_each_format_on_its_own_kernel(tiny_llama, tmp_path):
@@ -153,7 +162,10 @@ def test_load_model_runs_each_format_on_its_own_kernel(tiny_llama, tmp_path):
         change = run("rtn_quant", lm.model, bits=8, activations=activations)
         artifacts[change["format"]] = save_variant(lm.model, lm.tokenizer, tmp_path / activations, {})
     meta = read_metadata(artifacts["w8a16"])
-    assert list(meta["inference"]["linear_formats"]) == ["w8a16"] and len(meta["inference"]["linear_formats"]["w8a16"]) == 14
+    assert (
+        list(meta["inference"]["linear_formats"]) == ["w8a16"]
+        and len(meta["inference"]["linear_formats"]["w8a16"]) == 14
+    )
     assert list(read_metadata(artifacts["w8a8-dynamic"])["inference"]["linear_formats"]) == ["w8a8-dynamic"]
     assert kernel_summary(load_model(artifacts["w8a16"]).model) == {"dequantize": 14, "dense": 1}  # never fbgemm
     fast = load_model(artifacts["w8a8-dynamic"]).model
@@ -204,7 +216,11 @@ def test_state_dict_reloads_into_a_skeleton_exactly(tiny_llama, technique):
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             parent, _, child = name.rpartition(".")
-            setattr(skeleton.get_submodule(parent), child, QuantLinear(m.in_features, m.out_features, m.bits, m.group_size, m.bias is not None))
+            setattr(
+                skeleton.get_submodule(parent),
+                child,
+                QuantLinear(m.in_features, m.out_features, m.bits, m.group_size, m.bias is not None),
+            )
     skeleton.load_state_dict(model.state_dict(), strict=True)
     assert torch.equal(logits(skeleton, ids), expected)
 
@@ -232,7 +248,9 @@ def test_gptq_layer_error_is_below_rtn(group_size, act_order, symmetric):
     h = 2 * x.double().t() @ x.double() / len(x)
     rtn = output_error(w - fake_quant(w, 4, group_size, symmetric), x.t() @ x / len(x))
     for observer in ("minmax", "mse"):
-        q, scale, zero = gptq_codes(w, h, bits=4, group_size=group_size, symmetric=symmetric, act_order=act_order, observer=observer)
+        q, scale, zero = gptq_codes(
+            w, h, bits=4, group_size=group_size, symmetric=symmetric, act_order=act_order, observer=observer
+        )
         assert q.dtype == torch.uint8 and scale.shape == zero.shape == (64, 128 // (32 if group_size > 0 else 128))
         gptq = output_error(w - dequantize_groups(q, scale, zero), x.t() @ x / len(x))
         assert gptq < 0.8 * rtn, (observer, gptq, rtn)
@@ -311,7 +329,10 @@ def test_awq_folds_scales_into_norms_and_projections(tiny_models):
     assert not torch.equal(model.model.layers[0].input_layernorm.weight, norms[0])
     assert (logits(model, ids) - before).abs().max() < 0.02 * before.abs().max()
     gpt2 = load(tiny_models["gpt2"])
-    assert run("awq_quant", gpt2, bits=8)["unscaled_layers"] == ["transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"]  # after GELU
+    assert run("awq_quant", gpt2, bits=8)["unscaled_layers"] == [
+        "transformer.h.0.mlp.c_proj",
+        "transformer.h.1.mlp.c_proj",
+    ]  # after GELU
 
 
 def test_awq_undoes_a_fold_that_changes_the_output(tiny_models):
@@ -334,7 +355,9 @@ def test_group_size_that_does_not_divide_names_the_layer_and_the_fix(tiny_llama,
     with pytest.raises(TechniqueError) as info:
         run(technique, load(tiny_llama), group_size=48)
     message = error_message(info)
-    assert "group_size 48" in message and "in_features 64" in message and "model.layers.0" in message and "32" in message
+    assert (
+        "group_size 48" in message and "in_features 64" in message and "model.layers.0" in message and "32" in message
+    )
 
 
 def test_targets_matching_nothing_is_one_error(tiny_llama):
@@ -414,12 +437,20 @@ def test_a_quantized_tied_head_is_untied_saved_and_benchmarked(tiny_llama, text_
 
     lm = load_model(tiny_llama, fast_kernels=False)
     embedding = lm.model.get_input_embeddings().weight.detach().clone()
-    change = run("rtn_quant", lm.model, bits=8, activations="dynamic-int8", targets=("*.mlp.*", "*.self_attn.*", "lm_head"))
+    change = run(
+        "rtn_quant", lm.model, bits=8, activations="dynamic-int8", targets=("*.mlp.*", "*.self_attn.*", "lm_head")
+    )
     assert "lm_head" in change["layers"] and not lm.model.config.tie_word_embeddings
     artifact = save_variant(lm.model, lm.tokenizer, tmp_path / "v", {})
     again = load_model(artifact)  # fbgemm kernels where the CPU has them, the head included
     assert torch.equal(again.model.get_input_embeddings().weight, embedding)  # the embedding stays float
-    config = BenchConfig(data=str(text_file), workloads=("chat",), metrics=("ppl_tok", "decode_tok_s"), repetitions=1, protocol=PerplexityProtocol(max_tokens=256))
+    config = BenchConfig(
+        data=str(text_file),
+        workloads=("chat",),
+        metrics=("ppl_tok", "decode_tok_s"),
+        repetitions=1,
+        protocol=PerplexityProtocol(max_tokens=256),
+    )
     measured = {m.metric: m for m in bench(artifact, config, store=tmp_path / "s.db").measurements}
     figures = {k: m.value for k, m in measured.items()}
     base = {m.metric: m.value for m in bench(tiny_llama, config, store=tmp_path / "s.db").measurements}

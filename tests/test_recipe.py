@@ -67,7 +67,9 @@ stages:
 
 def test_wrong_type_and_bad_yaml(tmp_path):
     with pytest.raises(RecipeError, match="option 'sparsity' must be float, got 'half'"):
-        load_recipe(_write(tmp_path, "version: 1\nname: x\nstages:\n  - technique: magnitude_prune\n    sparsity: half\n"))
+        load_recipe(
+            _write(tmp_path, "version: 1\nname: x\nstages:\n  - technique: magnitude_prune\n    sparsity: half\n")
+        )
     with pytest.raises(ConfigError, match="not valid YAML at line"):
         load_recipe(_write(tmp_path, "stages: [\n"))
 

@@ -23,11 +23,23 @@ VARIANTS = {
     "int4-gptq": (3.90, 240.0, 10.0, 0.20, 0.026, 0.10, 0.19),
     "wanda50": (4.60, 205.0, 18.0, 0.99, 0.031, 0.12, 0.58),
 }
-HEADLINE = ["ppl_tok", "decode_tok_s", "peak_mem_mib", "weights_mib", "energy_j_per_tok", "cost_usd_per_mtok", "ship_compressed_mib"]
+HEADLINE = [
+    "ppl_tok",
+    "decode_tok_s",
+    "peak_mem_mib",
+    "weights_mib",
+    "energy_j_per_tok",
+    "cost_usd_per_mtok",
+    "ship_compressed_mib",
+]
 # What the measuring child reports about each variant's linear layers (measure/scorecard.kernel_protocol)
 KERNELS = {
     "baseline": {"kernels": {"dense": 15}, "formats": {}},
-    "int8": {"kernels": {"fbgemm": 14, "dense": 1}, "formats": {"w8a8-dynamic": {"fbgemm": 14}}, "quantized_engine": "fbgemm"},
+    "int8": {
+        "kernels": {"fbgemm": 14, "dense": 1},
+        "formats": {"w8a8-dynamic": {"fbgemm": 14}},
+        "quantized_engine": "fbgemm",
+    },
     "int4-gptq": {"kernels": {"dequantize": 14, "dense": 1}, "formats": {"w4a16": {"dequantize": 14}}},
     "wanda50": {"kernels": {"dense": 15}, "formats": {}},
 }
@@ -42,7 +54,18 @@ def _measurements(values, kernels: dict | None = None) -> list[Measurement]:
         method = "estimated" if name in ("energy_j_per_tok", "cost_usd_per_mtok") else metric.method
         spread = value * 0.02 if metric.method == "measured" and metric.per_workload else None
         protocol = dict(kernels or {}) if metric.per_workload else {}
-        out.append(Measurement(name, value, metric.unit, method, "chat" if metric.per_workload else None, n=5 if spread else 1, spread=spread, protocol=protocol))
+        out.append(
+            Measurement(
+                name,
+                value,
+                metric.unit,
+                method,
+                "chat" if metric.per_workload else None,
+                n=5 if spread else 1,
+                spread=spread,
+                protocol=protocol,
+            )
+        )
     return out
 
 
@@ -50,24 +73,66 @@ def make_fixture_db(path: Path, names: dict[str, str] | None = None, model: str 
     """The fixture store; `names` renames variants (recipe names and artifact paths), `model` is the model reference."""
     names = names or {}
     env = {"device": "cpu", "cpu": "Fixture CPU", "torch": "2.13.0+cpu", "transformers": "5.23.0"}
-    config = {"workloads": [{"name": "chat", "prompt_tokens": 128, "output_tokens": 64, "batch_size": 1}], "data": {"data": "fixture.txt"}, "protocol": {"window": 512, "stride": 256}}
+    config = {
+        "workloads": [{"name": "chat", "prompt_tokens": 128, "output_tokens": 64, "batch_size": 1}],
+        "data": {"data": "fixture.txt"},
+        "protocol": {"window": 512, "stride": 256},
+    }
     ids = {}
     with Store(path) as db:
         for i, (key, values) in enumerate(VARIANTS.items()):
             name = names.get(key, key)
-            recipe = None if key == "baseline" else {"version": 1, "name": name, "stages": [{"technique": "rtn_quant" if "int" in key else "wanda_prune"}]}
-            run = Run(id=f"run-{i}", created_at=f"2026-11-23T12:00:0{i}+0000", kind="baseline" if i == 0 else "variant", model_ref=model,
-                      model_path=f"/fixture/{name}", benchmark_version="frugalm-bench v1", environment=env,
-                      config={**config, "variant": {"recipe": recipe, "changes": [], "produce_wall_s": 1.5}} if recipe else config)
+            recipe = (
+                None
+                if key == "baseline"
+                else {
+                    "version": 1,
+                    "name": name,
+                    "stages": [{"technique": "rtn_quant" if "int" in key else "wanda_prune"}],
+                }
+            )
+            run = Run(
+                id=f"run-{i}",
+                created_at=f"2026-11-23T12:00:0{i}+0000",
+                kind="baseline" if i == 0 else "variant",
+                model_ref=model,
+                model_path=f"/fixture/{name}",
+                benchmark_version="frugalm-bench v1",
+                environment=env,
+                config={**config, "variant": {"recipe": recipe, "changes": [], "produce_wall_s": 1.5}}
+                if recipe
+                else config,
+            )
             ids[name] = db.add_run(run, _measurements(values, KERNELS[key]))
         # The baseline measured again, last: its decode speed differs by 5% (run-to-run noise).
-        control = Run(id="run-control", created_at="2026-11-23T12:00:09+0000", kind="baseline", model_ref=model, model_path="/fixture/baseline",
-                      benchmark_version="frugalm-bench v1", environment=env, config=config)
+        control = Run(
+            id="run-control",
+            created_at="2026-11-23T12:00:09+0000",
+            kind="baseline",
+            model_ref=model,
+            model_path="/fixture/baseline",
+            benchmark_version="frugalm-bench v1",
+            environment=env,
+            config=config,
+        )
         db.add_run(control, _measurements((3.60, 190.0, *VARIANTS["baseline"][2:]), KERNELS["baseline"]))
         variants = {names.get(k, k): ids[names.get(k, k)] for k in VARIANTS if k != "baseline"}
-        session = Run(id="session-1", created_at="2026-11-23T12:01:00+0000", kind="optimize", model_ref=model, benchmark_version="frugalm-bench v1", environment=env,
-                      config={"baseline": ids["baseline"], "control": "run-control", "variants": variants, "skipped": {names.get("int4-awq", "int4-awq"): "group size 128 does not divide 172"},
-                              "constraint_specs": ["ppl_tok<=+5%", "ppl_tok<=+20%"], "out_dir": "/fixture/out"})
+        session = Run(
+            id="session-1",
+            created_at="2026-11-23T12:01:00+0000",
+            kind="optimize",
+            model_ref=model,
+            benchmark_version="frugalm-bench v1",
+            environment=env,
+            config={
+                "baseline": ids["baseline"],
+                "control": "run-control",
+                "variants": variants,
+                "skipped": {names.get("int4-awq", "int4-awq"): "group size 128 does not divide 172"},
+                "constraint_specs": ["ppl_tok<=+5%", "ppl_tok<=+20%"],
+                "out_dir": "/fixture/out",
+            },
+        )
         db.add_run(session, [])
     return session
 
@@ -106,13 +171,17 @@ def test_golden_files(report, suffix):
     golden = GOLDEN / f"report.{suffix}"
     if os.environ.get("UPDATE_GOLDEN"):
         golden.write_text(text)
-    assert text == golden.read_text(), f"report.{suffix} changed; if intended, rerun with UPDATE_GOLDEN=1 and review the diff"
+    assert text == golden.read_text(), (
+        f"report.{suffix} changed; if intended, rerun with UPDATE_GOLDEN=1 and review the diff"
+    )
 
 
 def test_dequantizing_variants_say_they_have_no_speed_kernel(report):
     data, paths = report
     notes = {v["name"]: v["speed_kernel"] for v in data["variants"]}
-    assert notes["baseline"] is None and notes["int8"] is None and notes["wanda50"] is None  # fbgemm and dense are real kernels
+    assert (
+        notes["baseline"] is None and notes["int8"] is None and notes["wanda50"] is None
+    )  # fbgemm and dense are real kernels
     assert notes["int4-gptq"]["dequantized_layers"] == 14 and notes["int4-gptq"]["formats"] == {"w4a16": 14}
     assert "no speed kernel on this device" in notes["int4-gptq"]["text"] and "w4a16" in notes["int4-gptq"]["text"]
     kernels = {v["name"]: v["kernels"] for v in data["variants"]}
@@ -122,13 +191,22 @@ def test_dequantizing_variants_say_they_have_no_speed_kernel(report):
     assert "no speed kernel" in row.split(" | ")[2]  # beside its decode speed
     assert "no speed kernel" not in next(line for line in md.splitlines() if line.startswith("| int8 "))
     html = paths["html"].read_text()
-    assert html.count('class=nokernel') >= 2  # the table cell and the bar of int4-gptq's decode speed
+    assert html.count("class=nokernel") >= 2  # the table cell and the bar of int4-gptq's decode speed
 
 
 def test_bench_json_carries_the_speed_kernel_verdict():
     from frugalm.report.scorecard import format_scorecard, scorecard_json
 
-    run = Run(id="run-1", created_at="2026-11-23T12:00:00+0000", kind="bench", model_ref="m", model_path="/m", benchmark_version="frugalm-bench v1", environment={"device": "cpu"}, config={})
+    run = Run(
+        id="run-1",
+        created_at="2026-11-23T12:00:00+0000",
+        kind="bench",
+        model_ref="m",
+        model_path="/m",
+        benchmark_version="frugalm-bench v1",
+        environment={"device": "cpu"},
+        config={},
+    )
     slow = scorecard_json(run, _measurements(VARIANTS["int4-gptq"], KERNELS["int4-gptq"]))
     assert slow["speed_kernel"]["dequantized_layers"] == 14 and slow["speed_kernel"]["formats"] == {"w4a16": 14}
     assert slow["kernels"] == {"kernels": {"dequantize": 14, "dense": 1}, "formats": {"w4a16": {"dequantize": 14}}}
@@ -136,7 +214,9 @@ def test_bench_json_carries_the_speed_kernel_verdict():
     assert fast["speed_kernel"] is None and fast["kernels"]["formats"] == {"w8a8-dynamic": {"fbgemm": 14}}
     text = format_scorecard(run, _measurements(VARIANTS["int8"], KERNELS["int8"]))
     assert "kernels: w8a8-dynamic on fbgemm: 14 layers; dense: 1" in text and "no speed kernel" not in text
-    assert "no speed kernel on this device for 14 quantized layer(s) (w4a16: 14)" in format_scorecard(run, _measurements(VARIANTS["int4-gptq"], KERNELS["int4-gptq"]))
+    assert "no speed kernel on this device for 14 quantized layer(s) (w4a16: 14)" in format_scorecard(
+        run, _measurements(VARIANTS["int4-gptq"], KERNELS["int4-gptq"])
+    )
 
 
 def test_json_is_the_whole_data(report):
@@ -150,7 +230,15 @@ def test_report_renders_in_headless_chromium(report):
 
     _, paths = report
     ARTIFACTS.mkdir(exist_ok=True)
-    flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+    flags = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+    ]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=flags)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
@@ -176,7 +264,9 @@ def test_report_renders_in_headless_chromium(report):
 @pytest.fixture(scope="module")
 def hostile_report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hostile")
-    session = make_fixture_db(tmp / "fixture.db", names={"int8": HOSTILE, "int4-awq": HOSTILE + " skipped"}, model=f"/models/{HOSTILE}/m")
+    session = make_fixture_db(
+        tmp / "fixture.db", names={"int8": HOSTILE, "int4-awq": HOSTILE + " skipped"}, model=f"/models/{HOSTILE}/m"
+    )
     with Store(tmp / "fixture.db") as db:
         data = build_report_data(db, session)
     return data, render_all(data, tmp / "report")
@@ -200,7 +290,10 @@ def test_hostile_names_render_as_text_in_headless_chromium(hostile_report):
 
     data, paths = hostile_report
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"],
+        )
         page = browser.new_page()
         dialogs, errors = [], []
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))

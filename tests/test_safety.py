@@ -40,7 +40,9 @@ def _tree(root: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("name", ["..", ".", "/tmp/x", "../escape", "a/b", ".hidden", " x"])
-def test_recipe_name_that_is_a_path_is_refused_before_anything_is_written(name, tiny_llama, tmp_path, monkeypatch, capsys):
+def test_recipe_name_that_is_a_path_is_refused_before_anything_is_written(
+    name, tiny_llama, tmp_path, monkeypatch, capsys
+):
     work = tmp_path / "work"
     (work / "frugalm-out").mkdir(parents=True)
     (work / "frugalm-out" / "keep.txt").write_text("the user's file")
@@ -120,7 +122,24 @@ def test_optimize_out_refuses_a_foreign_folder(tiny_llama, text_file, tmp_path, 
     (home / "variants" / "int8").mkdir(parents=True)
     (home / "variants" / "int8" / "notes.txt").write_text("mine")
     before = _tree(home)
-    assert main(["optimize", str(tiny_llama), "--data", str(text_file), "--out", str(home), "--store", str(tmp_path / "s.db"), *FAST, "--recipe", "int8"]) == 2
+    assert (
+        main(
+            [
+                "optimize",
+                str(tiny_llama),
+                "--data",
+                str(text_file),
+                "--out",
+                str(home),
+                "--store",
+                str(tmp_path / "s.db"),
+                *FAST,
+                "--recipe",
+                "int8",
+            ]
+        )
+        == 2
+    )
     assert "was not written by frugalm" in capsys.readouterr().err
     assert _tree(home) == before
 
@@ -168,7 +187,14 @@ def test_measuring_child_leaves_nothing_in_tmp(tiny_llama, text_file, tmp_path, 
     stale = tmp / f"frugalm-child-{_dead_pid()}-abc"  # left by a run killed with SIGKILL
     stale.mkdir()
     (stale / "spec.json").write_text('{"docs": ["the evaluation text"]}')
-    config = BenchConfig(data=str(text_file), workloads=("chat",), metrics=("ppl_tok",), warmup=0, repetitions=1, protocol=PerplexityProtocol(max_tokens=256))
+    config = BenchConfig(
+        data=str(text_file),
+        workloads=("chat",),
+        metrics=("ppl_tok",),
+        warmup=0,
+        repetitions=1,
+        protocol=PerplexityProtocol(max_tokens=256),
+    )
     bench(tiny_llama, config, store=tmp_path / "s.db")
     assert list(tmp.iterdir()) == []
 
@@ -182,7 +208,13 @@ def test_non_finite_figure_stores_a_failed_run_and_keeps_the_store_whole(tmp_pat
     run = Run(model_ref="m", benchmark_version="v", config={}, environment={})
     with Store(tmp_path / "s.db") as store:
         with pytest.raises(MeasurementError, match=r"ppl_tok = nan"):
-            store.add_run(run, [Measurement("ppl_tok", float("nan"), method="measured"), Measurement("params_count", 10, method="counted")])
+            store.add_run(
+                run,
+                [
+                    Measurement("ppl_tok", float("nan"), method="measured"),
+                    Measurement("params_count", 10, method="counted"),
+                ],
+            )
         stored = store.get_run(run.id)
         assert stored.status == "failed" and "ppl_tok = nan" in stored.error and store.measurements(run.id) == []
         assert store.integrity_check() == "ok"
@@ -201,7 +233,9 @@ def _model_with_a_huge_weight(tiny_llama: Path, folder: Path) -> Path:
     return folder
 
 
-def test_stage_leaving_non_finite_weights_fails_the_variant_and_optimize_goes_on(tiny_llama, text_file, tmp_path, capsys):
+def test_stage_leaving_non_finite_weights_fails_the_variant_and_optimize_goes_on(
+    tiny_llama, text_file, tmp_path, capsys
+):
     model = _model_with_a_huge_weight(tiny_llama, tmp_path / "huge-weight")
     int8 = tmp_path / "q8.yaml"
     int8.write_text("version: 1\nname: q8\nstages:\n  - technique: rtn_quant\n    bits: 8\n")
@@ -210,12 +244,29 @@ def test_stage_leaving_non_finite_weights_fails_the_variant_and_optimize_goes_on
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "stages[0] (rtn_quant) produced infinite values in model.layers.1.mlp.down_proj" in err
     assert not (tmp_path / "v").exists()
-    args = ["optimize", str(model), "--data", str(text_file), "--out", str(out), "--store", str(db), *FAST, "--recipe", str(int8), "--recipe", "magnitude50"]
+    args = [
+        "optimize",
+        str(model),
+        "--data",
+        str(text_file),
+        "--out",
+        str(out),
+        "--store",
+        str(db),
+        *FAST,
+        "--recipe",
+        str(int8),
+        "--recipe",
+        "magnitude50",
+    ]
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "q8: failed: stages[0] (rtn_quant) produced infinite values" in captured.err
     report = json.loads((out / "report.json").read_text())
-    assert report["skipped"]["q8"].startswith("failed: ") and {v["name"] for v in report["variants"]} >= {"baseline", "magnitude50"}
+    assert report["skipped"]["q8"].startswith("failed: ") and {v["name"] for v in report["variants"]} >= {
+        "baseline",
+        "magnitude50",
+    }
     assert "produced infinite values" in (out / "report.md").read_text()
 
 
@@ -223,7 +274,9 @@ def test_stage_leaving_non_finite_weights_fails_the_variant_and_optimize_goes_on
 
 
 def test_yaml_alias_bomb_is_refused_in_one_short_line(tmp_path):
-    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi")]
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x, x]"] + [
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]" for p, c in zip("abcdefgh", "bcdefghi")
+    ]
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(levels) + "\n")
     assert bomb.stat().st_size < 700
@@ -258,7 +311,18 @@ def test_resume_rebuilds_missing_artifacts_and_another_out_is_another_run(tiny_l
     import shutil
 
     out, db = tmp_path / "out", tmp_path / "s.db"
-    args = ["optimize", str(tiny_llama), "--data", str(text_file), "--store", str(db), *FAST, "--recipe", "int8", "--keep-dominated"]
+    args = [
+        "optimize",
+        str(tiny_llama),
+        "--data",
+        str(text_file),
+        "--store",
+        str(db),
+        *FAST,
+        "--recipe",
+        "int8",
+        "--keep-dominated",
+    ]
     assert main([*args, "--out", str(out)]) == 0
     shutil.rmtree(out / "variants" / "int8")  # the user removed an artifact
     capsys.readouterr()
@@ -268,7 +332,11 @@ def test_resume_rebuilds_missing_artifacts_and_another_out_is_another_run(tiny_l
     assert main([*args, "--out", str(other)]) == 0
     assert (other / "variants" / "int8" / "frugalm.json").is_file()
     with Store(db) as store:
-        variant_paths = Counter(Path(r.model_path).parent.parent.name for r in store.runs() if r.kind == "variant" and r.status == "complete")
+        variant_paths = Counter(
+            Path(r.model_path).parent.parent.name
+            for r in store.runs()
+            if r.kind == "variant" and r.status == "complete"
+        )
     assert variant_paths == {"out": 2, "other": 1}
 
 
@@ -276,7 +344,26 @@ def test_two_recipe_files_with_one_stem_are_refused(tiny_llama, text_file, tmp_p
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     first, second = _recipe(tmp_path / "a", "x", "same.yaml"), _recipe(tmp_path / "b", "y", "same.yaml")
-    assert main(["optimize", str(tiny_llama), "--data", str(text_file), "--out", str(tmp_path / "o"), "--store", str(tmp_path / "s.db"), *FAST, "--recipe", str(first), "--recipe", str(second)]) == 2
+    assert (
+        main(
+            [
+                "optimize",
+                str(tiny_llama),
+                "--data",
+                str(text_file),
+                "--out",
+                str(tmp_path / "o"),
+                "--store",
+                str(tmp_path / "s.db"),
+                *FAST,
+                "--recipe",
+                str(first),
+                "--recipe",
+                str(second),
+            ]
+        )
+        == 2
+    )
     assert "two recipes are named 'same'" in capsys.readouterr().err
 
 
@@ -285,10 +372,37 @@ def test_two_recipe_files_with_one_stem_are_refused(tiny_llama, text_file, tmp_p
 
 def test_optimize_killed_after_its_second_variant_resumes_without_redoing_anything(tiny_llama, text_file, tmp_path):
     out, db = tmp_path / "out", tmp_path / "s.db"
-    cmd = [sys.executable, "-m", "frugalm", "optimize", str(tiny_llama), "--data", str(text_file), "--out", str(out), "--store", str(db),
-           "--eval-tokens", "256", "--repetitions", "1", "--warmup", "0", "--workload", "chat", "--recipe", "int8", "--recipe", "magnitude50", "--recipe", "wanda50"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "frugalm",
+        "optimize",
+        str(tiny_llama),
+        "--data",
+        str(text_file),
+        "--out",
+        str(out),
+        "--store",
+        str(db),
+        "--eval-tokens",
+        "256",
+        "--repetitions",
+        "1",
+        "--warmup",
+        "0",
+        "--workload",
+        "chat",
+        "--recipe",
+        "int8",
+        "--recipe",
+        "magnitude50",
+        "--recipe",
+        "wanda50",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, start_new_session=True
+    )
     seen = []
     for line in proc.stderr:  # "wanda50: ..." starts the third variant: the second is stored
         seen.append(line)
@@ -305,7 +419,9 @@ def test_optimize_killed_after_its_second_variant_resumes_without_redoing_anythi
     final = _complete_keys(db)
     assert len(final) == 5 and set(final.values()) == {1}  # + wanda50 and the baseline again, each once
     assert all(final[k] == 1 for k in first)
-    leftovers = [p.name for p in (out / "variants").iterdir() if p.name.startswith(".")] if (out / "variants").is_dir() else []
+    leftovers = (
+        [p.name for p in (out / "variants").iterdir() if p.name.startswith(".")] if (out / "variants").is_dir() else []
+    )
     assert leftovers == []
 
 
@@ -316,10 +432,16 @@ def test_required_assets_turn_a_skipped_integration_test_into_a_failure(tmp_path
     test = Path(__file__).parent / "test_integration.py"
     env = {**os.environ, "FRUGALM_ASSETS": str(tmp_path / "absent")}
     base = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test), "-k", "reference"]
-    skipped = subprocess.run(base, capture_output=True, text=True, env={**env, "FRUGALM_REQUIRE_ASSETS": "0"}, cwd=test.parent.parent)
+    skipped = subprocess.run(
+        base, capture_output=True, text=True, env={**env, "FRUGALM_REQUIRE_ASSETS": "0"}, cwd=test.parent.parent
+    )
     assert skipped.returncode == 0 and "skipped" in skipped.stdout, skipped.stdout[-1000:]
-    required = subprocess.run(base, capture_output=True, text=True, env={**env, "FRUGALM_REQUIRE_ASSETS": "1"}, cwd=test.parent.parent)
-    assert required.returncode == 1 and "skipped although FRUGALM_REQUIRE_ASSETS=1" in required.stdout, required.stdout[-1000:]
+    required = subprocess.run(
+        base, capture_output=True, text=True, env={**env, "FRUGALM_REQUIRE_ASSETS": "1"}, cwd=test.parent.parent
+    )
+    assert required.returncode == 1 and "skipped although FRUGALM_REQUIRE_ASSETS=1" in required.stdout, required.stdout[
+        -1000:
+    ]
 
 
 # --- 6. calibration and training text: read as a stream, bounded -----------------------------------
@@ -335,7 +457,9 @@ def test_evaluation_split_matches_the_whole_file_split_and_is_bounded(tiny_llama
 
     tokenizer = load_tokenizer(resolve_model(tiny_llama))
     text = tmp_path / "eval.txt"
-    text.write_text("".join(f"Document {i} tells a story about number {i}.\n" * (1 + i % 5) + "<|endoftext|>\n" for i in range(400)))
+    text.write_text(
+        "".join(f"Document {i} tells a story about number {i}.\n" * (1 + i % 5) + "<|endoftext|>\n" for i in range(400))
+    )
     config = BenchConfig(data=str(text), protocol=PerplexityProtocol(max_tokens=300))
     docs = split_documents(read_text(text))
     n = len(encode_documents(tokenizer, docs, 300).docs)
@@ -343,5 +467,5 @@ def test_evaluation_split_matches_the_whole_file_split_and_is_bounded(tiny_llama
     assert (held_out, rest) == (docs[:n], docs[n:]) and "the text goes on" not in source
     monkeypatch.setattr(pipeline, "TRAINING_TEXT_MAX_CHARS", 2_000)
     held_out, rest, source = pipeline.evaluation_split(tokenizer, config)
-    assert held_out == docs[:n] and rest == docs[n:n + len(rest)] and 0 < sum(map(len, rest)) <= 2_000
+    assert held_out == docs[:n] and rest == docs[n : n + len(rest)] and 0 < sum(map(len, rest)) <= 2_000
     assert "the text goes on; frugalm reads at most 2,000" in source

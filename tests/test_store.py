@@ -20,8 +20,20 @@ def _run(**kw) -> Run:
 def test_round_trip(tmp_path):
     with Store(tmp_path / "s.db") as store:
         run = _run()
-        ms = [Measurement("ttft_p50_ms", 3.5, "ms", "measured", "chat", n=5, spread=0.2, protocol={"w": 1}, samples=[3.0, 3.5, 4.0, 3.4, 3.6]),
-              Measurement("params_count", 10, method="counted")]
+        ms = [
+            Measurement(
+                "ttft_p50_ms",
+                3.5,
+                "ms",
+                "measured",
+                "chat",
+                n=5,
+                spread=0.2,
+                protocol={"w": 1},
+                samples=[3.0, 3.5, 4.0, 3.4, 3.6],
+            ),
+            Measurement("params_count", 10, method="counted"),
+        ]
         store.add_run(run, ms)
         assert store.measurements(run.id) == ms
         got = store.get_run(run.id)
@@ -38,7 +50,10 @@ def test_migrations_are_named_and_applied_once(tmp_path):
 
 def test_a_failing_write_leaves_nothing(tmp_path):
     with Store(tmp_path / "s.db") as store:
-        bad = [Measurement("ttft_p50_ms", 1.0, method="measured"), Measurement("ttft_p90_ms", 1.0, method="guessed")]  # CHECK fails
+        bad = [
+            Measurement("ttft_p50_ms", 1.0, method="measured"),
+            Measurement("ttft_p90_ms", 1.0, method="guessed"),
+        ]  # CHECK fails
         with pytest.raises(sqlite3.IntegrityError):
             store.add_run(_run(), bad)
         assert store.runs() == [] and store.db.execute("SELECT COUNT(*) FROM measurements").fetchone()[0] == 0
@@ -74,7 +89,12 @@ def test_sigkill_mid_write_leaves_every_run_whole(tmp_path):
     proc.wait()
     with Store(db) as store:
         assert store.integrity_check() == "ok"
-        counts = [n for (n,) in store.db.execute("SELECT COUNT(m.metric) FROM runs r LEFT JOIN measurements m ON m.run_id = r.id GROUP BY r.id")]
+        counts = [
+            n
+            for (n,) in store.db.execute(
+                "SELECT COUNT(m.metric) FROM runs r LEFT JOIN measurements m ON m.run_id = r.id GROUP BY r.id"
+            )
+        ]
     assert counts and set(counts) == {200}
 
 
@@ -104,6 +124,9 @@ def test_figures_of_an_older_benchmark_version_still_read(tmp_path):
         run = _run()
         store.add_run(run, [Measurement("ttft_p50_ms", 3.5, method="measured", workload="chat")])
         store.db.execute("UPDATE measurements SET unit = 'msec'")
-        store.db.execute("INSERT INTO measurements VALUES (?, 'latency_ms', '', 2.0, 'msec', 'measured', 1, NULL, '{}', NULL)", (run.id,))
+        store.db.execute(
+            "INSERT INTO measurements VALUES (?, 'latency_ms', '', 2.0, 'msec', 'measured', 1, NULL, '{}', NULL)",
+            (run.id,),
+        )
         got = {m.metric: m for m in store.measurements(run.id)}
     assert got["ttft_p50_ms"].unit == "msec" and got["latency_ms"].value == 2.0 and got["latency_ms"].protocol == {}

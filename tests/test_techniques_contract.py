@@ -48,7 +48,7 @@ def setup():
     docs = split_documents(read_text(DEFAULT_EVAL_PATH))
     lm = load_model(fast_kernels=False)
     evaluated = encode_documents(lm.tokenizer, docs, EVAL_TOKENS)
-    calibration = sample_calibration(lm.tokenizer, docs[len(evaluated.docs):], 16, 256, seed=0)
+    calibration = sample_calibration(lm.tokenizer, docs[len(evaluated.docs) :], 16, 256, seed=0)
     dense = _ppl(lm.model, evaluated)
     return docs, evaluated, calibration, dense, lm.tokenizer
 
@@ -68,7 +68,9 @@ def test_defaults_are_valid_and_round_trip(name):
     config, problems = build_config(technique.config_cls, {}, name)
     assert problems == []
     stage_dict = recipe_to_dict(Recipe(name="r", stages=(Stage(name, config),)))["stages"][0]
-    again, problems = build_config(technique.config_cls, {k: v for k, v in stage_dict.items() if k != "technique"}, name)
+    again, problems = build_config(
+        technique.config_cls, {k: v for k, v in stage_dict.items() if k != "technique"}, name
+    )
     assert problems == [] and again == config
 
 
@@ -78,10 +80,16 @@ def test_apply_save_reload(name, setup, tmp_path):
     technique = get_technique(name)
     lm = load_model(fast_kernels=False)
     n = len(evaluated.docs)
-    ctx = Context(calibration=calibration, tokenizer=tokenizer, training_documents=docs[n:], held_out_documents=docs[:n])
-    model = technique.apply(lm.model, technique.config_cls(**(TRAINING_BUDGET if technique.kind == "training" else {})), ctx)
+    ctx = Context(
+        calibration=calibration, tokenizer=tokenizer, training_documents=docs[n:], held_out_documents=docs[:n]
+    )
+    model = technique.apply(
+        lm.model, technique.config_cls(**(TRAINING_BUDGET if technique.kind == "training" else {})), ctx
+    )
     change = ctx.changes[-1]
-    assert change["technique"] == name and (change["data"]["docs_in"] > 0 if technique.kind == "data" else change["layers"])
+    assert change["technique"] == name and (
+        change["data"]["docs_in"] > 0 if technique.kind == "data" else change["layers"]
+    )
     ids = evaluated.ids[None, :256]
     with torch.no_grad():
         logits = model(ids).logits

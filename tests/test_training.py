@@ -49,7 +49,12 @@ json.dump({"resumed_from_step": result.resumed_from_step, "losses": result.losse
 
 
 def _child(tmp_path: Path, ckpt_dir: str, out: str, mode: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-c", CHILD, ckpt_dir, str(tmp_path / out), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", CHILD, ckpt_dir, str(tmp_path / out), mode],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_killed_run_resumes_to_bitwise_identical_weights(tmp_path):
@@ -79,7 +84,18 @@ def _tiny(seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True))
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+    )
 
 
 TOKENS = torch.randint(0, 64, (4000,), generator=torch.Generator().manual_seed(1))
@@ -90,8 +106,21 @@ def test_partial_and_foreign_checkpoints_are_never_loaded(tmp_path):
     (tmp_path / ".partial-x" / "state.pt").write_bytes(b"torn")
     (tmp_path / "step-00000004").mkdir()  # no state.pt: not a complete checkpoint
     assert ckpt.list_checkpoints(tmp_path) == [] and ckpt.load_latest(tmp_path, "f") is None
-    config = TrainConfig(steps=4, batch_size=2, seq_len=16, warmup_steps=1, checkpoint_every=2, checkpoint_dir=str(tmp_path / "ck"))
-    state = ckpt.TrainState(step=2, model={}, optimizer={}, generator=torch.Generator().get_state(), cpu_rng=torch.get_rng_state(), cuda_rng=[], losses=[], pending=(0.0, 0), wall_s=0.0, fingerprint="other")
+    config = TrainConfig(
+        steps=4, batch_size=2, seq_len=16, warmup_steps=1, checkpoint_every=2, checkpoint_dir=str(tmp_path / "ck")
+    )
+    state = ckpt.TrainState(
+        step=2,
+        model={},
+        optimizer={},
+        generator=torch.Generator().get_state(),
+        cpu_rng=torch.get_rng_state(),
+        cuda_rng=[],
+        losses=[],
+        pending=(0.0, 0),
+        wall_s=0.0,
+        fingerprint="other",
+    )
     ckpt.save_checkpoint(tmp_path / "ck", state)
     with pytest.raises(ConfigError, match="other settings.*delete the folder"):
         train(_tiny(), TOKENS, config)
@@ -112,7 +141,11 @@ def test_accumulation_checkpointing_and_bf16_run_and_count_cost(monkeypatch, tmp
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)  # recomputation changes memory, not the result
     assert result.flops > 0 and 0.5 < result.flops / result.flops_analytic < 2
     assert result.tokens_seen == 4 * 2 * 16 and result.energy_j > 0 and result.energy_method == "estimated"
-    assert counted.energy_method == "measured" and counted.energy_j == 0.0 and counted.energy_protocol["zones"] == ["intel-rapl:0"]  # the counter stood still
+    assert (
+        counted.energy_method == "measured"
+        and counted.energy_j == 0.0
+        and counted.energy_protocol["zones"] == ["intel-rapl:0"]
+    )  # the counter stood still
     accumulated = train(_tiny(), TOKENS, TrainConfig(**{**base.__dict__, "grad_accum": 2, "precision": "bf16"}))
     assert accumulated.tokens_seen == 2 * result.tokens_seen and accumulated.flops > result.flops
     assert all(math.isfinite(loss) for _, loss in accumulated.losses)
@@ -139,7 +172,13 @@ def _ppl(model, encoded) -> float:
 
 def _ctx(setup, **kw) -> Context:
     tokenizer, _, held_out, rest = setup
-    return Context(tokenizer=tokenizer, training_documents=rest, held_out_documents=held_out, training_source="default eval text after 4096 tokens", **kw)
+    return Context(
+        tokenizer=tokenizer,
+        training_documents=rest,
+        held_out_documents=held_out,
+        training_source="default eval text after 4096 tokens",
+        **kw,
+    )
 
 
 def _apply(name: str, model, ctx: Context, **options):
@@ -155,7 +194,9 @@ BUDGET = dict(steps=30, batch_size=4, seq_len=128, warmup_steps=3, log_every=10)
 def test_distillation_beats_the_same_student_without_teacher(default_setup):
     encoded = default_setup[1]
     with_teacher = _apply("distill", load_model(fast_kernels=False).model, _ctx(default_setup), **BUDGET, alpha=0.9)
-    without = _apply("distill", load_model(fast_kernels=False).model, _ctx(default_setup), **BUDGET, alpha=0.0)  # CE only: no teacher signal
+    without = _apply(
+        "distill", load_model(fast_kernels=False).model, _ctx(default_setup), **BUDGET, alpha=0.0
+    )  # CE only: no teacher signal
     assert with_teacher.config.num_hidden_layers == 2 == without.config.num_hidden_layers
     assert _ppl(with_teacher, encoded) < _ppl(without, encoded)
 
@@ -188,7 +229,9 @@ def test_lora_on_a_quantized_base_keeps_packed_weights(default_setup):
     model = _apply("lora_finetune", model, ctx, **{**BUDGET, "steps": 8}, targets=["*.mlp.down_proj"], lr=1e-2)
     change = ctx.changes[-1]
     lost = change["merge_update_lost_fraction"]
-    assert sorted(lost) == sorted(n for n in codes if n.endswith("mlp.down_proj")) and all(0 <= v <= 1.5 for v in lost.values())
+    assert sorted(lost) == sorted(n for n in codes if n.endswith("mlp.down_proj")) and all(
+        0 <= v <= 1.5 for v in lost.values()
+    )
     after = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
     assert after.keys() == codes.keys()  # still packed: the merge re-quantized onto each layer's grid
     assert any(not torch.equal(after[n].qweight, codes[n]) for n in lost)  # and the update moved some codes
@@ -199,10 +242,20 @@ def test_importance_sampling_stage_records_its_selection_and_counts_the_scoring(
     uniform_ctx, ctx = _ctx(default_setup), _ctx(default_setup)
     budget = {**BUDGET, "steps": 6}
     _apply("full_finetune", load_model(fast_kernels=False).model, uniform_ctx, **budget)
-    _apply("full_finetune", load_model(fast_kernels=False).model, ctx, **budget, sampling="importance", sampling_pool=16, rescore_every=3)
+    _apply(
+        "full_finetune",
+        load_model(fast_kernels=False).model,
+        ctx,
+        **budget,
+        sampling="importance",
+        sampling_pool=16,
+        rescore_every=3,
+    )
     uniform, training = uniform_ctx.changes[-1]["training"], ctx.changes[-1]["training"]
     selection = training["settings"]["sampling"]
-    assert selection["rescores"] == 2 and selection["scored_windows"] == 32 and len(selection["pool_mean_loss_nats"]) == 2
+    assert (
+        selection["rescores"] == 2 and selection["scored_windows"] == 32 and len(selection["pool_mean_loss_nats"]) == 2
+    )
     assert training["flops"] == uniform["flops"] + selection["scoring_flops"] and selection["scoring_flops"] > 0
     assert "importance scoring" in training["flops_method"] and "sampling" not in uniform["settings"]
     assert training["tokens_seen"] == uniform["tokens_seen"] and training["loss_curve"] != uniform["loss_curve"]
@@ -212,9 +265,21 @@ def test_masked_finetune_changes_only_the_chosen_parameters(tiny_models, tmp_pat
     lm = load_model(tiny_models["gpt2"], fast_kernels=False)
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     text = tmp_path / "train.txt"
-    text.write_text("\n<|endoftext|>\n".join(f"Story {i}: a little model ran {i} miles on a small computer." for i in range(200)))
+    text.write_text(
+        "\n<|endoftext|>\n".join(f"Story {i}: a little model ran {i} miles on a small computer." for i in range(200))
+    )
     ctx = Context(tokenizer=lm.tokenizer)
-    model = _apply("masked_finetune", lm.model, ctx, steps=3, batch_size=2, seq_len=32, warmup_steps=1, data=str(text), train=["biases"])
+    model = _apply(
+        "masked_finetune",
+        lm.model,
+        ctx,
+        steps=3,
+        batch_size=2,
+        seq_len=32,
+        warmup_steps=1,
+        data=str(text),
+        train=["biases"],
+    )
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     biases = {n for n in before if n.endswith(".bias")}
     assert changed and changed <= biases and set(ctx.changes[-1]["layers"]) == biases
@@ -226,7 +291,13 @@ def test_training_never_sees_the_evaluated_documents(default_setup, tmp_path):
     only_held_out = tmp_path / "eval-copy.txt"
     only_held_out.write_text("\n<|endoftext|>\n".join(held_out))
     with pytest.raises(DataError, match="no document left once the evaluated"):
-        _apply("full_finetune", load_model(fast_kernels=False).model, _ctx(default_setup), **BUDGET, data=str(only_held_out))
+        _apply(
+            "full_finetune",
+            load_model(fast_kernels=False).model,
+            _ctx(default_setup),
+            **BUDGET,
+            data=str(only_held_out),
+        )
 
 
 # --- bad input: one line each, naming the fix ----------------------------------------------------------
@@ -241,9 +312,17 @@ def _one_line(exc_info) -> str:
 def test_bad_inputs_are_one_line_errors_with_the_fix(default_setup, tiny_llama, tmp_path):
     with pytest.raises(TechniqueError) as e:  # the default model's tokenizer is not the tiny models'
         _apply("distill", load_model(fast_kernels=False).model, _ctx(default_setup), **BUDGET, student=str(tiny_llama))
-    assert "different tokenizer" in _one_line(e) and "pick a student trained with the teacher's tokenizer" in str(e.value)
+    assert "different tokenizer" in _one_line(e) and "pick a student trained with the teacher's tokenizer" in str(
+        e.value
+    )
     with pytest.raises(TechniqueError) as e:
-        _apply("lora_finetune", load_model(fast_kernels=False).model, _ctx(default_setup), **BUDGET, targets=["*.q_projection"])
+        _apply(
+            "lora_finetune",
+            load_model(fast_kernels=False).model,
+            _ctx(default_setup),
+            **BUDGET,
+            targets=["*.q_projection"],
+        )
     assert "match no linear layer" in _one_line(e) and "model.layers.0.self_attn.q_proj" in str(e.value)
     empty, short = tmp_path / "empty.txt", tmp_path / "short.txt"
     empty.write_text("  \n")
@@ -263,30 +342,59 @@ def test_bad_inputs_are_one_line_errors_with_the_fix(default_setup, tiny_llama, 
 
 
 def test_recipe_stage_trains_on_text_after_the_evaluated_part_and_records_its_cost(tiny_llama, tmp_path, monkeypatch):
-    monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path / "absent"))  # no energy counter: the training energy is estimated
+    monkeypatch.setenv(
+        "FRUGALM_RAPL_ROOT", str(tmp_path / "absent")
+    )  # no energy counter: the training energy is estimated
     from frugalm.benchmark.api import BenchConfig
     from frugalm.measure.quality import PerplexityProtocol
     from frugalm.recipe import parse_recipe
     from frugalm.run import RunConfig, run_recipe, training_cost_measurements
 
     text = tmp_path / "eval.txt"
-    text.write_text("\n<|endoftext|>\n".join(f"Story {i}: a little model ran {i} miles on a small computer, then rested." for i in range(120)))
+    text.write_text(
+        "\n<|endoftext|>\n".join(
+            f"Story {i}: a little model ran {i} miles on a small computer, then rested." for i in range(120)
+        )
+    )
     produce = ("produce_wall_s", "produce_flops", "produce_train_tokens", "produce_energy_j", "produce_cost_usd")
-    bench_config = BenchConfig(data=str(text), protocol=PerplexityProtocol(max_tokens=512), workloads=("chat",), warmup=0, repetitions=1, metrics=("ppl_tok", *produce))
-    stage = {"technique": "lora_finetune", "steps": 4, "batch_size": 2, "seq_len": 32, "warmup_steps": 1, "checkpoint_every": 2}
+    bench_config = BenchConfig(
+        data=str(text),
+        protocol=PerplexityProtocol(max_tokens=512),
+        workloads=("chat",),
+        warmup=0,
+        repetitions=1,
+        metrics=("ppl_tok", *produce),
+    )
+    stage = {
+        "technique": "lora_finetune",
+        "steps": 4,
+        "batch_size": 2,
+        "seq_len": 32,
+        "warmup_steps": 1,
+        "checkpoint_every": 2,
+    }
     recipe, problems = parse_recipe({"name": "lora", "stages": [stage]})
     assert problems == []
-    result = run_recipe(recipe, tiny_llama, RunConfig(out_dir=str(tmp_path / "out"), bench=bench_config), store=tmp_path / "s.db")
+    result = run_recipe(
+        recipe, tiny_llama, RunConfig(out_dir=str(tmp_path / "out"), bench=bench_config), store=tmp_path / "s.db"
+    )
     [change] = result.metadata["changes"]
     assert change["training_text"]["documents"] < 120 and change["training_text"]["held_out_documents_dropped"] == 0
     assert "documents" in change["training_text"]["source"] and change["training"]["tokens_seen"] == 4 * 2 * 32
     with Store(tmp_path / "s.db") as store:  # stored beside the inference figures of the variant
         figures = {m.metric: m for m in store.measurements(result.bench.run.id)}
     assert set(produce) | {"ppl_tok"} <= set(figures)
-    assert figures["produce_flops"].value == change["training"]["flops"] > 0 and figures["produce_flops"].method == "counted"
-    assert figures["produce_flops"].protocol["stages"][0]["flops_method"] == change["training"]["flops_method"]  # what each stage counted
+    assert (
+        figures["produce_flops"].value == change["training"]["flops"] > 0
+        and figures["produce_flops"].method == "counted"
+    )
+    assert (
+        figures["produce_flops"].protocol["stages"][0]["flops_method"] == change["training"]["flops_method"]
+    )  # what each stage counted
     assert figures["produce_train_tokens"].value == 4 * 2 * 32 and figures["produce_energy_j"].method == "estimated"
-    assert training_cost_measurements([{"technique": "rtn_quant"}], 1.0, torch.device("cpu"), bench_config) == []  # no training, no figures
+    assert (
+        training_cost_measurements([{"technique": "rtn_quant"}], 1.0, torch.device("cpu"), bench_config) == []
+    )  # no training, no figures
     assert not any(p.name.endswith(".checkpoints") for p in tmp_path.iterdir())  # removed once complete
     unmerged, _ = parse_recipe({"name": "lora", "stages": [{**stage, "merge": False}]})
     with pytest.raises(ConfigError, match="set merge: true"):
@@ -308,7 +416,16 @@ class _RunsCode:
 
 def _interrupted(folder: Path, stop_at: int, steps: int = 8, every: int = 4, **kw):
     """Train _tiny() with checkpoints into `folder` and stop (as if killed) after step `stop_at`."""
-    config = TrainConfig(steps=steps, batch_size=2, seq_len=16, lr=1e-2, warmup_steps=1, log_every=1, checkpoint_every=every, checkpoint_dir=str(folder))
+    config = TrainConfig(
+        steps=steps,
+        batch_size=2,
+        seq_len=16,
+        lr=1e-2,
+        warmup_steps=1,
+        log_every=1,
+        checkpoint_every=every,
+        checkpoint_dir=str(folder),
+    )
 
     def on_step(done, total):
         if done == stop_at:
@@ -353,7 +470,9 @@ def test_fingerprint_is_checked_before_state_is_read(tmp_path):
 def _profiles(tmp_path: Path, watts: float = 1000.0) -> Path:
     """A profiles file with one profile that draws `watts` whatever the load (idle = max)."""
     path = tmp_path / "profiles.yaml"
-    path.write_text(f"hot-box:\n  description: test box\n  usd_per_hour: 1.0\n  usd_per_kwh: 0.5\n  gco2e_per_kwh: 100\n  watts_idle: {watts}\n  watts_max: {watts}\n")
+    path.write_text(
+        f"hot-box:\n  description: test box\n  usd_per_hour: 1.0\n  usd_per_kwh: 0.5\n  gco2e_per_kwh: 100\n  watts_idle: {watts}\n  watts_max: {watts}\n"
+    )
     return path
 
 
@@ -367,7 +486,13 @@ def test_training_energy_uses_the_given_profile(no_rapl, tmp_path):
     from frugalm.measure.cost import get_profile
 
     profile = get_profile("hot-box", "cpu", _profiles(tmp_path))
-    result = train(_tiny(), TOKENS, TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=1), profile=profile, count_flops=False)
+    result = train(
+        _tiny(),
+        TOKENS,
+        TrainConfig(steps=3, batch_size=2, seq_len=16, warmup_steps=1),
+        profile=profile,
+        count_flops=False,
+    )
     assert result.energy_method == "estimated" and result.energy_protocol["profile"] == "hot-box"
     assert result.energy_j == pytest.approx(1000.0 * result.energy_protocol["wall_s"])
     assert result.energy_protocol["covers"] == "steps 0..3 of 3"
@@ -381,18 +506,32 @@ def test_a_stage_and_a_recipe_estimate_training_energy_with_the_users_profile(no
 
     profiles = _profiles(tmp_path)
     text = tmp_path / "eval.txt"
-    text.write_text("\n<|endoftext|>\n".join(f"Story {i}: a little model ran {i} miles on a small computer, then rested." for i in range(120)))
+    text.write_text(
+        "\n<|endoftext|>\n".join(
+            f"Story {i}: a little model ran {i} miles on a small computer, then rested." for i in range(120)
+        )
+    )
     lm = load_model(tiny_llama, fast_kernels=False)
     ctx = Context(tokenizer=lm.tokenizer, profile="hot-box", profiles_file=str(profiles))
     _apply("full_finetune", lm.model, ctx, steps=2, batch_size=2, seq_len=32, warmup_steps=1, data=str(text))
     energy = ctx.changes[-1]["training"]["energy_protocol"]
     assert energy["profile"] == "hot-box" and energy["watts_max"] == 1000.0
-    bench_config = BenchConfig(data=str(text), protocol=PerplexityProtocol(max_tokens=512), profile="hot-box", profiles_file=str(profiles))
-    recipe, _ = parse_recipe({"name": "ft", "stages": [{"technique": "full_finetune", "steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 1}]})
+    bench_config = BenchConfig(
+        data=str(text), protocol=PerplexityProtocol(max_tokens=512), profile="hot-box", profiles_file=str(profiles)
+    )
+    recipe, _ = parse_recipe(
+        {
+            "name": "ft",
+            "stages": [{"technique": "full_finetune", "steps": 2, "batch_size": 2, "seq_len": 32, "warmup_steps": 1}],
+        }
+    )
     result = run_recipe(recipe, tiny_llama, RunConfig(out_dir=str(tmp_path / "out"), bench=bench_config, measure=False))
     [change] = result.metadata["changes"]
     assert change["training"]["energy_protocol"]["profile"] == "hot-box"
-    figures = {m.metric: m for m in training_cost_measurements(result.metadata["changes"], 1.0, torch.device("cpu"), bench_config)}
+    figures = {
+        m.metric: m
+        for m in training_cost_measurements(result.metadata["changes"], 1.0, torch.device("cpu"), bench_config)
+    }
     assert figures["produce_energy_j"].value == pytest.approx(1000.0 * change["training"]["energy_protocol"]["wall_s"])
     assert figures["produce_energy_j"].protocol["covers"] == "every step of every training stage"
 
@@ -407,7 +546,9 @@ def test_a_resumed_run_counts_the_energy_of_every_segment(no_rapl, tmp_path):
     result = train(_tiny(), TOKENS, config, profile=profile, count_flops=False)
     assert result.resumed_from_step == 4 and result.energy_protocol["covers"] == "steps 0..8 of 8"
     assert result.energy_j > result.energy_protocol["joules"] > 0  # more than the segment after the resume
-    assert result.energy_j == pytest.approx(1000.0 * result.wall_time_s, rel=1e-3)  # both segments, at the profile's watts
+    assert result.energy_j == pytest.approx(
+        1000.0 * result.wall_time_s, rel=1e-3
+    )  # both segments, at the profile's watts
     # A checkpoint written before energy was stored in it: the figure says which steps it covers.
     config = _interrupted(tmp_path / "old", stop_at=6, profile=profile)
     [old] = ckpt.list_checkpoints(tmp_path / "old")
@@ -418,5 +559,14 @@ def test_a_resumed_run_counts_the_energy_of_every_segment(no_rapl, tmp_path):
     assert partial.resumed_from_step == 4 and partial.energy_protocol["covers"] == "steps 4..8 of 8"
     assert partial.energy_j == pytest.approx(partial.energy_protocol["joules"])
     change = {"technique": "full_finetune", "training": partial.cost()}
-    [energy] = [m for m in training_cost_measurements([change], 1.0, torch.device("cpu"), BenchConfig(profile="hot-box", profiles_file=str(tmp_path / "profiles.yaml"))) if m.metric == "produce_energy_j"]
+    [energy] = [
+        m
+        for m in training_cost_measurements(
+            [change],
+            1.0,
+            torch.device("cpu"),
+            BenchConfig(profile="hot-box", profiles_file=str(tmp_path / "profiles.yaml")),
+        )
+        if m.metric == "produce_energy_j"
+    ]
     assert energy.protocol["covers"] == "training stage 0 (full_finetune): steps 4..8 of 8"

@@ -20,9 +20,13 @@ def test_stage_options_are_the_loops_options_with_their_docs_and_types():
     assert training and all(issubclass(cls, TrainingOptions) for cls in training)
     for cls in (TrainingOptions, *training):
         docs = {name: (tp, doc) for name, tp, _, doc in option_docs(cls)}
-        assert {name: docs[name] for name in loop_docs} == loop_docs, f"{cls.__name__} restates a loop option's type or doc"
+        assert {name: docs[name] for name in loop_docs} == loop_docs, (
+            f"{cls.__name__} restates a loop option's type or doc"
+        )
     assert [f.name for f in fields(TrainConfig)] == [f.name for f in fields(LoopOptions)] + ["checkpoint_dir"]
-    assert "checkpoint_dir" not in {f.name for f in fields(TrainingOptions)}  # set per stage by the run, not by the user
+    assert "checkpoint_dir" not in {
+        f.name for f in fields(TrainingOptions)
+    }  # set per stage by the run, not by the user
     hints = typing.get_type_hints(TrainingOptions)
     assert all(hints[f.name] == typing.get_type_hints(LoopOptions)[f.name] for f in fields(LoopOptions))
 
@@ -34,9 +38,21 @@ def test_importance_checks_name_the_options_as_written():
     stage = TrainingOptions(sampling="importance", sampling_pool=0, sampling_power=float("nan"), rescore_every=0)
     assert [p.split("=")[0] for p in stage.problems()] == ["sampling_pool", "rescore_every", "sampling_power"]
     assert TrainingOptions(sampling_pool=0).problems() == []  # checked only when sampling by importance
-    assert [p.split("=")[0] for p in ImportanceConfig(num_samples=0, batch_size=0).problems()] == ["num_samples", "batch_size"]
+    assert [p.split("=")[0] for p in ImportanceConfig(num_samples=0, batch_size=0).problems()] == [
+        "num_samples",
+        "batch_size",
+    ]
     with pytest.raises(ConfigError, match=r"importance sampling: pool=0 must be >= 1; rescore_every=0") as info:
-        ImportanceWindows(torch.nn.Linear(1, 1), torch.arange(100), batch_size=2, seq_len=8, pool=0, power=1.0, uniform_mix=0.1, rescore_every=0)
+        ImportanceWindows(
+            torch.nn.Linear(1, 1),
+            torch.arange(100),
+            batch_size=2,
+            seq_len=8,
+            pool=0,
+            power=1.0,
+            uniform_mix=0.1,
+            rescore_every=0,
+        )
     assert "num_samples" not in str(info.value)
 
 

@@ -45,7 +45,9 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         raise
 
 
-def check_output_folder(out_dir: str | os.PathLike, *, force: bool = False, owned_by: tuple[str, ...] = OWNED_BY, flag: str = "--force") -> Path:
+def check_output_folder(
+    out_dir: str | os.PathLike, *, force: bool = False, owned_by: tuple[str, ...] = OWNED_BY, flag: str = "--force"
+) -> Path:
     """The absolute output folder, after refusing what must not be written over.
 
     Refused: a symlink (never followed into its target), a file, and an existing non-empty
@@ -53,12 +55,16 @@ def check_output_folder(out_dir: str | os.PathLike, *, force: bool = False, owne
     """
     given = Path(out_dir).expanduser()
     if given.is_symlink():
-        raise ConfigError(f"output folder '{given}' is a symlink; frugalm does not write through links: pass the real folder path")
+        raise ConfigError(
+            f"output folder '{given}' is a symlink; frugalm does not write through links: pass the real folder path"
+        )
     out = given.resolve()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"output path '{out}' is a file; pass a folder path")
     if not force and out.is_dir() and not any((out / mark).exists() for mark in owned_by) and any(out.iterdir()):
-        raise ConfigError(f"output folder '{out}' exists and was not written by frugalm; choose a new or empty folder, or pass {flag} to replace it")
+        raise ConfigError(
+            f"output folder '{out}' exists and was not written by frugalm; choose a new or empty folder, or pass {flag} to replace it"
+        )
     return out
 
 
@@ -106,9 +112,18 @@ def sweep_leftovers(out: Path) -> list[Path]:
     touched = []
     for path in sorted(out.parent.glob(f".{glob_escape(out.name)}.*")):
         m = _LEFTOVER.fullmatch(path.name)
-        if not m or m["name"] != out.name or not path.is_dir() or path.is_symlink() or int(m["pid"]) == os.getpid() or process_alive(int(m["pid"])):
+        if (
+            not m
+            or m["name"] != out.name
+            or not path.is_dir()
+            or path.is_symlink()
+            or int(m["pid"]) == os.getpid()
+            or process_alive(int(m["pid"]))
+        ):
             continue
-        if m["kind"] == "old" and not out.exists():  # killed between its two renames: the old folder is the complete one
+        if (
+            m["kind"] == "old" and not out.exists()
+        ):  # killed between its two renames: the old folder is the complete one
             path.rename(out)
         else:
             shutil.rmtree(path, ignore_errors=True)

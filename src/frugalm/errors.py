@@ -34,7 +34,7 @@ class MeasurementError(FrugalmError):
 
 
 def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """"; did you mean 'X'?" when a close match exists, else ""."""
+    """ "; did you mean 'X'?" when a close match exists, else ""."""
     close = difflib.get_close_matches(value, list(choices), n=1)
     return f"; did you mean '{close[0]}'?" if close else ""
 

@@ -75,40 +75,56 @@ def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.Pat
     )
     from transformers import AutoModelForCausalLM
 
-
     check_output_folder(out_dir, force=force)  # before any work: never replace a folder frugalm did not write
     lm = load_model(artifact, fast_kernels=False)
     model = lm.model
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quantized:
-        raise ModelError(f"'{artifact}' has no quantized layers; the {FORMAT} export is for weight-quantized variants (run an int8/int4 recipe first)")
+        raise ModelError(
+            f"'{artifact}' has no quantized layers; the {FORMAT} export is for weight-quantized variants (run an int8/int4 recipe first)"
+        )
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(read_config(lm.source))
     not_linear = [n for n in quantized if not isinstance(skeleton.get_submodule(n), nn.Linear)]
     if not_linear:
         kind = type(skeleton.get_submodule(not_linear[0])).__name__
-        raise ModelError(f"layer '{not_linear[0]}' is a {kind}, not nn.Linear, and {FORMAT} describes only Linear layers; keep frugalm's own artifact for this model")
+        raise ModelError(
+            f"layer '{not_linear[0]}' is a {kind}, not nn.Linear, and {FORMAT} describes only Linear layers; keep frugalm's own artifact for this model"
+        )
 
     dynamic = [n for n, m in quantized.items() if m.activations == "dynamic-int8"]
     if dynamic:
-        raise ModelError(f"'{artifact}' is w8a8-dynamic ({len(dynamic)} layers, e.g. '{dynamic[0]}'): its figures come from fbgemm's per-tensor 7-bit activation quantization, which {FORMAT} cannot describe; quantize with `activations: none` (format w8a16, the exportable one) to export, or keep frugalm's own artifact")
+        raise ModelError(
+            f"'{artifact}' is w8a8-dynamic ({len(dynamic)} layers, e.g. '{dynamic[0]}'): its figures come from fbgemm's per-tensor 7-bit activation quantization, which {FORMAT} cannot describe; quantize with `activations: none` (format w8a16, the exportable one) to export, or keep frugalm's own artifact"
+        )
     groups: dict[tuple[int, int, bool], list[str]] = {}
     for name, m in quantized.items():
         symmetric = bool((m.zeros == 2 ** (m.bits - 1)).all())
         if m.bits == 4 and not symmetric:
-            raise ModelError(f"layer '{name}' is int4 with zero points (asymmetric), which transformers {_version('transformers')} cannot load from {FORMAT} {_version('compressed-tensors')}; quantize with `symmetric: true` to export, or keep frugalm's own artifact")
+            raise ModelError(
+                f"layer '{name}' is int4 with zero points (asymmetric), which transformers {_version('transformers')} cannot load from {FORMAT} {_version('compressed-tensors')}; quantize with `symmetric: true` to export, or keep frugalm's own artifact"
+            )
         group = -1 if m.group_size == m.in_features else m.group_size
         groups.setdefault((m.bits, group, symmetric), []).append(name)
     fmt = "int-quantized" if all(bits == 8 for bits, _, _ in groups) else "pack-quantized"
     compressor = BaseCompressor.load_from_registry(fmt)
     schemes = {}
     for i, ((bits, group, symmetric), names) in enumerate(sorted(groups.items())):
-        args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="channel" if group == -1 else "group", group_size=None if group == -1 else group, scale_dtype=torch.float16)
+        args = QuantizationArgs(
+            num_bits=bits,
+            type="int",
+            symmetric=symmetric,
+            strategy="channel" if group == -1 else "group",
+            group_size=None if group == -1 else group,
+            scale_dtype=torch.float16,
+        )
         scheme = QuantizationScheme(targets=[f"re:^{re.escape(n)}$" for n in names], weights=args, format=fmt)
         schemes[f"group_{i}"] = scheme
         for name in names:
             _replace(model, name, _compress(quantized[name], compressor, scheme))
-    config = QuantizationConfig(config_groups=schemes, format=fmt, quantization_status=QuantizationStatus.COMPRESSED, ignore=[])
+    config = QuantizationConfig(
+        config_groups=schemes, format=fmt, quantization_status=QuantizationStatus.COMPRESSED, ignore=[]
+    )
     model.config.quantization_config = config.to_dict()
     with atomic_folder(out_dir, force=force) as tmp:
         model.save_pretrained(tmp)

@@ -64,24 +64,31 @@ def resolve_model(ref: str | os.PathLike | None) -> ModelSource:
     that looks like a hub id ("org/name") is looked up in the local hub cache, then downloaded.
     """
     if ref is None or str(ref) == DEFAULT_MODEL_NAME:
-
         return ModelSource(DEFAULT_MODEL_NAME, check_model_folder(DEFAULT_MODEL_DIR, DEFAULT_MODEL_NAME))
     text = str(ref)
     path = Path(text).expanduser()
     if path.exists():
         return ModelSource(text, check_model_folder(path.resolve(), text))
     if not _HUB_ID.match(text) or text.startswith((".", "~")):
-        raise ModelError(f"model path '{text}' does not exist; pass a folder saved with save_pretrained or a hub id like 'HuggingFaceTB/SmolLM2-135M'")
+        raise ModelError(
+            f"model path '{text}' does not exist; pass a folder saved with save_pretrained or a hub id like 'HuggingFaceTB/SmolLM2-135M'"
+        )
     return ModelSource(text, _download(text))
 
 
 def check_model_folder(path: Path, ref: str) -> Path:
     if not path.is_dir():
-        raise ModelError(f"'{ref}' is a file, not a model folder; pass the folder that holds config.json and the weights")
+        raise ModelError(
+            f"'{ref}' is a file, not a model folder; pass the folder that holds config.json and the weights"
+        )
     if not (path / "config.json").is_file():
-        raise ModelError(f"'{ref}' is not a model folder: it has no config.json; pass a folder saved with save_pretrained")
+        raise ModelError(
+            f"'{ref}' is not a model folder: it has no config.json; pass a folder saved with save_pretrained"
+        )
     if not any(any(path.glob(g)) for g in _WEIGHT_GLOBS):
-        raise ModelError(f"'{ref}' has a config.json but no weights (*.safetensors or pytorch_model*.bin); save the model with save_pretrained")
+        raise ModelError(
+            f"'{ref}' has a config.json but no weights (*.safetensors or pytorch_model*.bin); save the model with save_pretrained"
+        )
     return path
 
 
@@ -90,7 +97,23 @@ def check_model_folder(path: Path, ref: str) -> Path:
 _SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library refuses longer headers too
 _SAFETENSORS_INDEX = "model.safetensors.index.json"
 # Bytes per element of the dtypes whose sizes are whole bytes; others are not size-checked.
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E5M2": 1,
+    "F8_E4M3": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def check_weights(source: ModelSource) -> None:
@@ -108,7 +131,9 @@ def check_weights(source: ModelSource) -> None:
         shards = _index_shards(index, ref)
         missing = sorted(s for s in shards if not (folder / s).is_file())
         if missing:
-            raise ModelError(f"'{ref}': {index.name} names shard '{missing[0]}' which is missing ({len(missing)} missing in all); {_REDOWNLOAD}")
+            raise ModelError(
+                f"'{ref}': {index.name} names shard '{missing[0]}' which is missing ({len(missing)} missing in all); {_REDOWNLOAD}"
+            )
         files |= {folder / s for s in shards}
     for f in sorted(files):
         problem = safetensors_problem(f)
@@ -188,7 +213,9 @@ def _download(repo_id: str) -> Path:
         ) from None
     except HfHubHTTPError as exc:
         status = getattr(exc.response, "status_code", "?")
-        raise ModelError(f"model '{repo_id}' could not be fetched from the Hugging Face hub (HTTP {status}); check the id, or pass a local folder") from None
+        raise ModelError(
+            f"model '{repo_id}' could not be fetched from the Hugging Face hub (HTTP {status}); check the id, or pass a local folder"
+        ) from None
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -206,11 +233,15 @@ def torch_device(name: str) -> torch.device:
     if kind not in ("cpu", "cuda"):
         raise ConfigError(f"unknown device '{name}'{suggest(name, ('cpu', 'cuda'))}")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu, or install a CUDA build of torch (see README)")
+        raise ConfigError(
+            "device 'cuda' was asked for but torch sees no CUDA GPU; use --device cpu, or install a CUDA build of torch (see README)"
+        )
     return torch.device(name)
 
 
-def load_model(ref: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "float32", fast_kernels: bool = True) -> LoadedModel:
+def load_model(
+    ref: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "float32", fast_kernels: bool = True
+) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode on `device`, in `dtype`.
 
     Packed quantized layers are rebuilt from the artifact's frugalm.json, each in its recorded
@@ -236,7 +267,6 @@ def load_model(ref: str | os.PathLike | None = None, *, device: str = "cpu", dty
     model.to(dev).eval()
     inference = (meta or {}).get("inference") or {}
     if meta and meta.get("packed_layers"):
-
         set_linear_formats_(model, inference.get("linear_formats"))  # None: saved before formats were recorded
         if fast_kernels and dev.type == "cpu":
             to_fast_kernels_(model)
@@ -251,7 +281,9 @@ def load_tokenizer(source: ModelSource):
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
     except (OSError, ValueError, TypeError) as exc:
-        raise ModelError(f"'{source.ref}' has no usable tokenizer ({type(exc).__name__}); save one beside the model with tokenizer.save_pretrained") from None
+        raise ModelError(
+            f"'{source.ref}' has no usable tokenizer ({type(exc).__name__}); save one beside the model with tokenizer.save_pretrained"
+        ) from None
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token  # no pad token: pad with EOS, as generation does
     return tokenizer
@@ -273,13 +305,17 @@ def read_config(source: ModelSource):
     try:
         return AutoConfig.from_pretrained(source.path)
     except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"'{source.ref}': config.json could not be read by transformers ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); fix or regenerate it") from None
+        raise ModelError(
+            f"'{source.ref}': config.json could not be read by transformers ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); fix or regenerate it"
+        ) from None
 
 
 # --- variant artifacts -----------------------------------------------------------------------
 
 METADATA_FILE = "frugalm.json"
 ARTIFACT_FORMAT = "frugalm-artifact v1"
+
+
 def packed_layers(model: nn.Module) -> dict[str, dict]:
     """Shapes of every packed quantized layer, enough to rebuild its empty module before loading."""
 
@@ -288,11 +324,19 @@ def packed_layers(model: nn.Module) -> dict[str, dict]:
         if isinstance(m, Int8Linear):
             raise AssertionError("save a variant before swapping in fast kernels (to_fast_kernels_)")
         if isinstance(m, QuantLinear):
-            layers[name] = {"in_features": m.in_features, "out_features": m.out_features, "bits": m.bits, "group_size": m.group_size, "bias": m.bias is not None}
+            layers[name] = {
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "bits": m.bits,
+                "group_size": m.group_size,
+                "bias": m.bias is not None,
+            }
     return layers
 
 
-def save_variant(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict, *, force: bool = False) -> Path:
+def save_variant(
+    model: nn.Module, tokenizer, out_dir: str | os.PathLike, metadata: dict, *, force: bool = False
+) -> Path:
     """Save in Hugging Face layout plus frugalm.json, atomically: the folder is complete or absent.
 
     An existing `out_dir` is replaced only if frugalm wrote it (or `force`).
@@ -301,7 +345,12 @@ def save_variant(model: nn.Module, tokenizer, out_dir: str | os.PathLike, metada
     with atomic_folder(out_dir, force=force) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"format": ARTIFACT_FORMAT, **metadata, "packed_layers": packed_layers(model), "inference": inference_settings(model)}
+        meta = {
+            "format": ARTIFACT_FORMAT,
+            **metadata,
+            "packed_layers": packed_layers(model),
+            "inference": inference_settings(model),
+        }
         (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
     return Path(out_dir).expanduser().resolve()
 
@@ -316,18 +365,23 @@ def _load_packed(source: ModelSource, meta: dict, dtype) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-
     config = read_config(source)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, spec in meta["packed_layers"].items():
         parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["bias"]))
+        setattr(
+            model.get_submodule(parent) if parent else model,
+            child,
+            QuantLinear(spec["in_features"], spec["out_features"], spec["bits"], spec["group_size"], spec["bias"]),
+        )
     state = {}
     for f in sorted(source.path.glob("*.safetensors")):
         state.update(load_file(f))
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
     if set(missing) - tied or unexpected:
-        raise ModelError(f"'{source.ref}': weights do not match its frugalm.json (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); the artifact is damaged: re-create it")
+        raise ModelError(
+            f"'{source.ref}': weights do not match its frugalm.json (missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}); the artifact is damaged: re-create it"
+        )
     model.tie_weights()
     return model

@@ -57,7 +57,9 @@ class OptimizeConfig:
     """Output folder: report.html, .md and .json, and variants/."""
     recipes: tuple[str, ...] = ()
     """Recipe files or names of shipped recipes; empty: every shipped recipe."""
-    bench: BenchConfig = field(default_factory=lambda: BenchConfig(repetitions=3, protocol=PerplexityProtocol(max_tokens=16_384)))
+    bench: BenchConfig = field(
+        default_factory=lambda: BenchConfig(repetitions=3, protocol=PerplexityProtocol(max_tokens=16_384))
+    )
     """Fewer repetitions and evaluated tokens than `bench`: the job measures every recipe's variant
     and the baseline twice. The robustness text is PerplexityProtocol's default, as in `bench`, so
     both give the same robust_ppl_ratio of a model."""
@@ -103,7 +105,9 @@ def _recipe_paths(names: tuple[str, ...]) -> list[Path]:
         if not p.is_file():
             p = SHIPPED_DIR / f"{n}.yaml"
         if not p.is_file():
-            raise ConfigError(f"recipe '{n}' is neither a file nor a shipped recipe{suggest(n, shipped_recipe_names())}")
+            raise ConfigError(
+                f"recipe '{n}' is neither a file nor a shipped recipe{suggest(n, shipped_recipe_names())}"
+            )
         paths.append(p)
     return paths
 
@@ -115,7 +119,9 @@ def _load_recipes(paths: list[Path]) -> list[tuple[str, Recipe]]:
         for problem in name_problems(p.stem, label=f"recipe file '{p}': its name"):
             raise ConfigError(problem)
         if p.stem in seen and seen[p.stem].resolve() != p.resolve():
-            raise ConfigError(f"two recipes are named '{p.stem}' ('{seen[p.stem]}' and '{p}'); their variants would share a folder: rename one file")
+            raise ConfigError(
+                f"two recipes are named '{p.stem}' ('{seen[p.stem]}' and '{p}'); their variants would share a folder: rename one file"
+            )
         seen[p.stem] = p
     return [(name, load_recipe(p)) for name, p in seen.items()]
 
@@ -124,7 +130,9 @@ def _check_out_dir(out_arg: str, force: bool) -> Path:
     out = check_output_folder(out_arg, force=force or _written_by_optimize(Path(out_arg).expanduser()), flag="--force")
     probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(probe, os.W_OK):
-        raise ConfigError(f"output folder '{out}' is not writable (no write permission on '{probe}'); pass a writable folder with --out")
+        raise ConfigError(
+            f"output folder '{out}' is not writable (no write permission on '{probe}'); pass a writable folder with --out"
+        )
     return out
 
 
@@ -146,14 +154,20 @@ def _session_state(out: Path) -> dict:
         state = json.loads((out / SESSION_FILE).read_text())
     except (OSError, ValueError):
         state = {}
-    return state if isinstance(state, dict) and isinstance(state.get("removed_dominated"), dict) else {"format": "frugalm-optimize/1", "removed_dominated": {}}
+    return (
+        state
+        if isinstance(state, dict) and isinstance(state.get("removed_dominated"), dict)
+        else {"format": "frugalm-optimize/1", "removed_dominated": {}}
+    )
 
 
 def _check_fits_memory(source: ModelSource, device: str) -> None:
     """Refuse, before loading, a model whose weights alone exceed the device's free memory."""
     import psutil
 
-    weights = sum(f.stat().st_size for f in source.path.glob("*.safetensors")) or sum(f.stat().st_size for f in source.path.glob("*.bin"))
+    weights = sum(f.stat().st_size for f in source.path.glob("*.safetensors")) or sum(
+        f.stat().st_size for f in source.path.glob("*.bin")
+    )
     need = weights * 2.2  # the model, a reference copy for fidelity, and working memory
     if device.startswith("cuda"):
         import torch
@@ -163,7 +177,9 @@ def _check_fits_memory(source: ModelSource, device: str) -> None:
     else:
         free, where = psutil.virtual_memory().available, "this machine"
     if need > free:
-        raise ConfigError(f"model '{source.ref}' has {weights / 2**30:.1f} GiB of weights and needs about {need / 2**30:.1f} GiB to optimize, but {where} has {free / 2**30:.1f} GiB free; use a machine with more memory or a smaller model")
+        raise ConfigError(
+            f"model '{source.ref}' has {weights / 2**30:.1f} GiB of weights and needs about {need / 2**30:.1f} GiB to optimize, but {where} has {free / 2**30:.1f} GiB free; use a machine with more memory or a smaller model"
+        )
 
 
 def _model_identity(source: ModelSource) -> list:
@@ -174,7 +190,14 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def optimize(model: str | os.PathLike | None = None, config: OptimizeConfig = OptimizeConfig(), *, store: Store | str | os.PathLike | None = None, progress: Progress | None = None, say=print) -> OptimizeResult:
+def optimize(
+    model: str | os.PathLike | None = None,
+    config: OptimizeConfig = OptimizeConfig(),
+    *,
+    store: Store | str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    say=print,
+) -> OptimizeResult:
     # 1. Everything that can be wrong is found before anything runs.
     source = resolve_model(model)
     recipes = _load_recipes(_recipe_paths(config.recipes))
@@ -183,20 +206,67 @@ def optimize(model: str | os.PathLike | None = None, config: OptimizeConfig = Op
     spec = prepare(source.path, config.bench)  # model, data, workloads, metrics, profile, device
     _check_fits_memory(source, config.bench.device)
     check_weights(source)  # a damaged weights file is one line now, not a failed baseline later
-    settings = [BENCHMARK_VERSION, _model_identity(source), spec.data_desc, spec.workloads, spec.profile, config.bench.device, config.bench.dtype, asdict(config.bench.protocol), config.bench.warmup, config.bench.repetitions, config.bench.metrics]
+    settings = [
+        BENCHMARK_VERSION,
+        _model_identity(source),
+        spec.data_desc,
+        spec.workloads,
+        spec.profile,
+        config.bench.device,
+        config.bench.dtype,
+        asdict(config.bench.protocol),
+        config.bench.warmup,
+        config.bench.repetitions,
+        config.bench.metrics,
+    ]
     out.mkdir(parents=True, exist_ok=True)
     state = _session_state(out)
-    write_text_atomic(out / SESSION_FILE, json.dumps(state, indent=2))  # marks the folder as optimize's before anything else lands in it
+    write_text_atomic(
+        out / SESSION_FILE, json.dumps(state, indent=2)
+    )  # marks the folder as optimize's before anything else lands in it
     with contextlib.nullcontext(store) if isinstance(store, Store) else Store(store) as db, warm_children():
         baseline = _baseline(source, config, db, _key(settings, "baseline"), progress, say)
-        variants = [_variant(name, recipe, source, config, db, _key(settings, recipe_to_dict(recipe), str(out)), out, state, progress, say) for name, recipe in recipes]
-        control = _baseline(source, config, db, _key(settings, "baseline", "control"), progress, say, label="baseline again (run-to-run noise)")
+        variants = [
+            _variant(
+                name,
+                recipe,
+                source,
+                config,
+                db,
+                _key(settings, recipe_to_dict(recipe), str(out)),
+                out,
+                state,
+                progress,
+                say,
+            )
+            for name, recipe in recipes
+        ]
+        control = _baseline(
+            source,
+            config,
+            db,
+            _key(settings, "baseline", "control"),
+            progress,
+            say,
+            label="baseline again (run-to-run noise)",
+        )
 
-        session = Run(kind="optimize", model_ref=source.ref, model_path=str(source.path), benchmark_version=BENCHMARK_VERSION,
-                      config={"baseline": baseline.run.id, "control": control.run.id, "variants": {v.name: (v.run.id if v.run else None) for v in variants},
-                              "skipped": {v.name: v.skipped for v in variants if v.skipped}, "constraints": [str(c) for c in constraints],
-                              "constraint_specs": list(config.constraints), "out_dir": str(out)},
-                      environment=baseline.run.environment)
+        session = Run(
+            kind="optimize",
+            model_ref=source.ref,
+            model_path=str(source.path),
+            benchmark_version=BENCHMARK_VERSION,
+            config={
+                "baseline": baseline.run.id,
+                "control": control.run.id,
+                "variants": {v.name: (v.run.id if v.run else None) for v in variants},
+                "skipped": {v.name: v.skipped for v in variants if v.skipped},
+                "constraints": [str(c) for c in constraints],
+                "constraint_specs": list(config.constraints),
+                "out_dir": str(out),
+            },
+            environment=baseline.run.environment,
+        )
         data = build_report_data(db, session)
         db.add_run(session, [])
     paths = write_reports(data, out)
@@ -215,7 +285,9 @@ def _baseline(source, config, db: Store, key: str, progress, say, label: str = "
     return Entry("baseline", result.run)
 
 
-def _variant(name: str, recipe: Recipe, source, config, db: Store, key: str, out: Path, state: dict, progress, say) -> Entry:
+def _variant(
+    name: str, recipe: Recipe, source, config, db: Store, key: str, out: Path, state: dict, progress, say
+) -> Entry:
     done = db.complete_run_with_key(key)
     artifact = out / "variants" / name
     if done and ((artifact / METADATA_FILE).is_file() or state["removed_dominated"].get(name) == key):
@@ -225,7 +297,14 @@ def _variant(name: str, recipe: Recipe, source, config, db: Store, key: str, out
         say(f"{name}: measured before (run {done.id}) but its artifact {artifact} is missing: rebuilding it")
     say(f"{name}: {' -> '.join(s.technique for s in recipe.stages)}")
     try:
-        result = run_recipe(recipe, source.path, RunConfig(out_dir=str(artifact), bench=config.bench, force=config.force), store=db, progress=progress, key=key)
+        result = run_recipe(
+            recipe,
+            source.path,
+            RunConfig(out_dir=str(artifact), bench=config.bench, force=config.force),
+            store=db,
+            progress=progress,
+            key=key,
+        )
     except MeasurementError as exc:  # the variant broke (NaN weights, a crashed child): say why, go on with the rest
         say(f"{name}: failed: {exc}")
         return Entry(name, None, recipe_to_dict(recipe), skipped=f"failed: {exc}")

@@ -39,7 +39,9 @@ def dominates(a: Sequence[float], b: Sequence[float], margin: Sequence[float] | 
     return all(x <= y + e for x, y, e in zip(a, b, m)) and any(x < y - e for x, y, e in zip(a, b, m))
 
 
-def non_dominated(points: Sequence[Point], objectives: Sequence[str], margins: Sequence[Point] | None = None) -> list[int]:
+def non_dominated(
+    points: Sequence[Point], objectives: Sequence[str], margins: Sequence[Point] | None = None
+) -> list[int]:
     """Indices of the points no other point dominates (duplicates all stay), in input order.
 
     `margins` gives, per point and objective, the half-width within which its figure cannot be
@@ -56,7 +58,11 @@ def non_dominated(points: Sequence[Point], objectives: Sequence[str], margins: S
     if len(margins) != len(points):
         raise ValueError(f"{len(margins)} margins for {len(points)} points")
     m = [[abs(float(mp.get(o, 0.0))) for o in objectives] for mp in margins]
-    front = [i for i, r in enumerate(rows) if not any(dominates(o, r, [x + y for x, y in zip(m[j], m[i])]) for j, o in enumerate(rows) if j != i)]
+    front = [
+        i
+        for i, r in enumerate(rows)
+        if not any(dominates(o, r, [x + y for x, y in zip(m[j], m[i])]) for j, o in enumerate(rows) if j != i)
+    ]
     return front or non_dominated(points, objectives)
 
 
@@ -102,7 +108,9 @@ class Constraint:
     def parse(cls, text: str) -> Constraint:
         m = _CONSTRAINT.match(text)
         if not m:
-            raise ConfigError(f"constraint '{text}' must look like 'ppl_tok<=+5%' (relative to the baseline) or 'peak_mem_mib<=200'")
+            raise ConfigError(
+                f"constraint '{text}' must look like 'ppl_tok<=+5%' (relative to the baseline) or 'peak_mem_mib<=200'"
+            )
         name, op, value, pct = m.groups()
         get_metric(name)  # an unknown metric is an error naming the valid ones
         return cls(name, op, float(value), relative=bool(pct))
@@ -118,7 +126,11 @@ class Constraint:
         return value <= bound if self.op == "<=" else value >= bound
 
     def __str__(self) -> str:
-        return f"{self.metric} {self.op} {self.value:+g}% of baseline" if self.relative else f"{self.metric} {self.op} {self.value:g}"
+        return (
+            f"{self.metric} {self.op} {self.value:+g}% of baseline"
+            if self.relative
+            else f"{self.metric} {self.op} {self.value:g}"
+        )
 
 
 def satisfying(points: Sequence[Point], constraints: Sequence[Constraint], baseline: Point) -> list[int]:

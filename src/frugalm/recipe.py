@@ -54,7 +54,9 @@ class Calibration:
     """Seeds where the sequences start in the text."""
 
     def problems(self) -> list[str]:
-        return [f"{k} must be >= 1, got {v}" for k, v in (("samples", self.samples), ("seq_len", self.seq_len)) if v < 1]
+        return [
+            f"{k} must be >= 1, got {v}" for k, v in (("samples", self.samples), ("seq_len", self.seq_len)) if v < 1
+        ]
 
 
 @dataclass(frozen=True)
@@ -141,7 +143,9 @@ def build_config(config_cls, options: dict, where: str) -> tuple[Any, list[str]]
     problems, kwargs = [], {}
     for key, value in options.items():
         if key not in names:
-            problems.append(f"{where}: unknown option {short(key)}{did_you_mean(str(key), names)} (options: {', '.join(names)})")
+            problems.append(
+                f"{where}: unknown option {short(key)}{did_you_mean(str(key), names)} (options: {', '.join(names)})"
+            )
             continue
         try:
             kwargs[key] = coerce(value, hints[key])
@@ -164,7 +168,9 @@ def _stage(raw, i: int) -> tuple[Stage | None, list[str]]:
         return None, [f"{where}: must be a mapping with a 'technique' key, got {short(raw)}"]
     name = raw["technique"]
     if name not in TECHNIQUES:
-        return None, [f"{where}: unknown technique {short(name)}{did_you_mean(str(name), TECHNIQUES)} (see `frugalm ls techniques`)"]
+        return None, [
+            f"{where}: unknown technique {short(name)}{did_you_mean(str(name), TECHNIQUES)} (see `frugalm ls techniques`)"
+        ]
     technique = get_technique(name)
     options = {k: v for k, v in raw.items() if k != "technique"}
     config, problems = build_config(technique.config_cls, options, f"{where} ({name})")
@@ -175,9 +181,15 @@ def parse_recipe(data, overrides: list[str] = ()) -> tuple[Recipe | None, list[s
     if not isinstance(data, dict):
         return None, ["must be a mapping with keys " + ", ".join(TOP_KEYS)]
     data = apply_overrides(data, overrides)
-    problems = [f"unknown key {short(k)}{did_you_mean(str(k), TOP_KEYS)} (keys: {', '.join(TOP_KEYS)})" for k in data if k not in TOP_KEYS]
+    problems = [
+        f"unknown key {short(k)}{did_you_mean(str(k), TOP_KEYS)} (keys: {', '.join(TOP_KEYS)})"
+        for k in data
+        if k not in TOP_KEYS
+    ]
     if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
-        problems.append(f"version {short(data.get('version'))} is not supported; this frugalm reads version {RECIPE_VERSION}")
+        problems.append(
+            f"version {short(data.get('version'))} is not supported; this frugalm reads version {RECIPE_VERSION}"
+        )
     stages_raw = data.get("stages")
     if not isinstance(stages_raw, list) or not stages_raw:
         problems.append("'stages' must be a non-empty list of stages (each with a 'technique' key)")
@@ -195,14 +207,18 @@ def parse_recipe(data, overrides: list[str] = ()) -> tuple[Recipe | None, list[s
     problems += name_problems(data.get("name"))
     if problems:
         return None, problems
-    return Recipe(name=data.get("name") or "unnamed", model=data.get("model"), stages=tuple(stages), calibration=calibration), []
+    return Recipe(
+        name=data.get("name") or "unnamed", model=data.get("model"), stages=tuple(stages), calibration=calibration
+    ), []
 
 
 def name_problems(name, label: str = "'name'") -> list[str]:
     """Why `name` cannot name a recipe (it becomes a folder name), or nothing."""
     if not isinstance(name, str) or NAME_RULE.fullmatch(name):
         return []
-    return [f"{label} {short(name)} is not an identifier: a name starts with a letter or digit and holds only letters, digits, '.', '_' and '-' (it names the output folder); rename it, e.g. 'my-recipe'"]
+    return [
+        f"{label} {short(name)} is not an identifier: a name starts with a letter or digit and holds only letters, digits, '.', '_' and '-' (it names the output folder); rename it, e.g. 'my-recipe'"
+    ]
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -211,7 +227,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     try:
         text = p.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"recipe '{path}' cannot be read ({getattr(exc, 'strerror', None) or 'not UTF-8 text'}); pass the path of a recipe YAML file") from None
+        raise ConfigError(
+            f"recipe '{path}' cannot be read ({getattr(exc, 'strerror', None) or 'not UTF-8 text'}); pass the path of a recipe YAML file"
+        ) from None
     data = load_yaml(text, str(path))
     recipe, problems = parse_recipe(data, overrides)
     if problems:
@@ -242,7 +260,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _index(node: list, key: str, item: str) -> int:
     if not key.isdigit() or int(key) >= len(node):
-        raise ConfigError(f"--set '{item}': '{key}' is not an index of a list of {len(node)} (stages are numbered from 0)")
+        raise ConfigError(
+            f"--set '{item}': '{key}' is not an index of a list of {len(node)} (stages are numbered from 0)"
+        )
     return int(key)
 
 
@@ -259,7 +279,13 @@ def recipe_to_dict(recipe: Recipe) -> dict:
     if recipe.model is not None:
         out["model"] = recipe.model
     out["calibration"] = dataclasses.asdict(recipe.calibration)
-    out["stages"] = [{"technique": s.technique, **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s.config).items()}} for s in recipe.stages]
+    out["stages"] = [
+        {
+            "technique": s.technique,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(s.config).items()},
+        }
+        for s in recipe.stages
+    ]
     return out
 
 
@@ -274,13 +300,27 @@ def option_docs(config_cls) -> list[tuple[str, str, Any, str]]:
     import textwrap
 
     docs: dict[str, str] = {}
-    for cls in reversed([c for c in config_cls.__mro__ if dataclasses.is_dataclass(c)]):  # inherited options too; a subclass's doc wins
+    for cls in reversed(
+        [c for c in config_cls.__mro__ if dataclasses.is_dataclass(c)]
+    ):  # inherited options too; a subclass's doc wins
         try:
             body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
         except (OSError, TypeError):
             body = []
         for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(nxt, ast.Expr)
+                and isinstance(getattr(nxt, "value", None), ast.Constant)
+            ):
                 docs[node.target.id] = " ".join(str(nxt.value.value).split())
     hints = typing.get_type_hints(config_cls)
-    return [(f.name, _type_name(hints[f.name]), f.default if f.default is not dataclasses.MISSING else None, docs.get(f.name, "")) for f in dataclasses.fields(config_cls)]
+    return [
+        (
+            f.name,
+            _type_name(hints[f.name]),
+            f.default if f.default is not dataclasses.MISSING else None,
+            docs.get(f.name, ""),
+        )
+        for f in dataclasses.fields(config_cls)
+    ]

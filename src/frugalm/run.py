@@ -56,20 +56,39 @@ class RunResult:
     bench: BenchResult | None
 
 
-def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: RunConfig = RunConfig(), *, store: Store | str | os.PathLike | None = None, progress: Progress | None = None, key: str | None = None) -> RunResult:
+def run_recipe(
+    recipe: Recipe,
+    model: str | os.PathLike | None = None,
+    config: RunConfig = RunConfig(),
+    *,
+    store: Store | str | os.PathLike | None = None,
+    progress: Progress | None = None,
+    key: str | None = None,
+) -> RunResult:
 
     unmerged = [i for i, s in enumerate(recipe.stages) if s.technique == "lora_finetune" and not s.config.merge]
     if unmerged:
-        raise ConfigError(f"stages[{unmerged[0]}] (lora_finetune): merge: false keeps separate adapters, which a frugalm artifact cannot store yet; set merge: true (the merged model computes the same function)")
+        raise ConfigError(
+            f"stages[{unmerged[0]}] (lora_finetune): merge: false keeps separate adapters, which a frugalm artifact cannot store yet; set merge: true (the merged model computes the same function)"
+        )
     if name_problems(recipe.name):
         raise ConfigError(f"recipe: {name_problems(recipe.name)[0]}")
     source = resolve_model(model or recipe.model)
     out_dir = check_output_folder(config.out_dir or Path("frugalm-out") / recipe.name, force=config.force)
     lm = load_model(source.path, device=config.bench.device, dtype=config.bench.dtype, fast_kernels=False)
-    split = functools.cache(lambda: evaluation_split(lm.tokenizer, config.bench))  # read once, for calibration and training alike
+    split = functools.cache(
+        lambda: evaluation_split(lm.tokenizer, config.bench)
+    )  # read once, for calibration and training alike
     calibration, calibration_desc = _calibration(recipe, lm, split)
 
-    ctx = Context(device=lm.device, calibration=calibration, progress=progress, tokenizer=lm.tokenizer, profile=config.bench.profile, profiles_file=config.bench.profiles_file)
+    ctx = Context(
+        device=lm.device,
+        calibration=calibration,
+        progress=progress,
+        tokenizer=lm.tokenizer,
+        profile=config.bench.profile,
+        profiles_file=config.bench.profiles_file,
+    )
     if any(get_technique(s.technique).kind in ("training", "data") for s in recipe.stages):  # the default training text
         ctx.held_out_documents, ctx.training_documents, ctx.training_source = split()
     checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints"
@@ -81,7 +100,9 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
         t0 = time.perf_counter()
         lm.model = technique.apply(lm.model, stage.config, ctx)
         _check_finite(lm.model, f"stages[{i}] ({stage.technique})")
-        timings.append({"stage": i, "technique": stage.technique, "version": technique.version, "wall_s": time.perf_counter() - t0})
+        timings.append(
+            {"stage": i, "technique": stage.technique, "version": technique.version, "wall_s": time.perf_counter() - t0}
+        )
     produce_s = time.perf_counter() - t_total
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):  # each completed stage removed its own
         checkpoints.rmdir()
@@ -98,9 +119,20 @@ def run_recipe(recipe: Recipe, model: str | os.PathLike | None = None, config: R
     if not config.measure:
         return RunResult(artifact, metadata, None)
     bench_config = replace(config.bench, reference=str(source.path))
-    produce = Measurement("produce_wall_s", produce_s, method="measured", protocol={"stages": timings, "device": str(lm.device)})
+    produce = Measurement(
+        "produce_wall_s", produce_s, method="measured", protocol={"stages": timings, "device": str(lm.device)}
+    )
     extra = [produce, *training_cost_measurements(ctx.changes, produce_s, lm.device, config.bench)]
-    result = bench(artifact, bench_config, store=store, progress=progress, kind="variant", record={"variant": metadata}, extra=extra, key=key)
+    result = bench(
+        artifact,
+        bench_config,
+        store=store,
+        progress=progress,
+        kind="variant",
+        record={"variant": metadata},
+        extra=extra,
+        key=key,
+    )
     return RunResult(artifact, metadata, result)
 
 
@@ -111,10 +143,14 @@ def _check_finite(model, stage: str) -> None:
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             what = "NaN" if torch.isnan(tensor).any() else "infinite values"
-            raise MeasurementError(f"{stage} produced {what} in {name}; the variant is not usable: change the stage's options (e.g. more calibration samples, a larger dampening or group size)")
+            raise MeasurementError(
+                f"{stage} produced {what} in {name}; the variant is not usable: change the stage's options (e.g. more calibration samples, a larger dampening or group size)"
+            )
 
 
-def training_cost_measurements(changes: list[dict], produce_s: float, device, bench_config: BenchConfig) -> list[Measurement]:
+def training_cost_measurements(
+    changes: list[dict], produce_s: float, device, bench_config: BenchConfig
+) -> list[Measurement]:
     """The training stages' cost as figures stored beside the inference ones: FLOPs, tokens, energy, USD.
 
     Empty when no stage trained. Energy covers the training loops only, every segment of a resumed
@@ -127,18 +163,62 @@ def training_cost_measurements(changes: list[dict], produce_s: float, device, be
     if not costs:
         return []
     profile = get_profile(bench_config.profile, device.type, bench_config.profiles_file)
-    per_stage = [{k: c[k] for k in ("stage", "wall_s", "flops", "flops_method", "flops_analytic_6nt", "tokens_seen", "energy_j", "energy_method")} for c in costs]
+    per_stage = [
+        {
+            k: c[k]
+            for k in (
+                "stage",
+                "wall_s",
+                "flops",
+                "flops_method",
+                "flops_analytic_6nt",
+                "tokens_seen",
+                "energy_j",
+                "energy_method",
+            )
+        }
+        for c in costs
+    ]
     joules = sum(c["energy_j"] for c in costs)
     energy_method = "measured" if all(c["energy_method"] == "measured" for c in costs) else "estimated"
-    partial = [f"training stage {i} ({c['stage']}): {c['energy_protocol']['covers']}" for i, c in enumerate(costs) if c["energy_protocol"].get("uncovered_steps")]
+    partial = [
+        f"training stage {i} ({c['stage']}): {c['energy_protocol']['covers']}"
+        for i, c in enumerate(costs)
+        if c["energy_protocol"].get("uncovered_steps")
+    ]
     covers = "; ".join(partial) or "every step of every training stage"
     out = [
-        Measurement("produce_train_tokens", sum(c["tokens_seen"] for c in costs), method="counted", protocol={"stages": per_stage}),
-        Measurement("produce_energy_j", joules, method=energy_method, protocol={"covers": covers, "stages": per_stage, "energy": [c["energy_protocol"] for c in costs]}),
-        Measurement("produce_cost_usd", usd(profile, produce_s, joules), method="estimated", protocol={"profile": profile.to_dict(), "wall_s": produce_s, "energy_j": joules}),
+        Measurement(
+            "produce_train_tokens",
+            sum(c["tokens_seen"] for c in costs),
+            method="counted",
+            protocol={"stages": per_stage},
+        ),
+        Measurement(
+            "produce_energy_j",
+            joules,
+            method=energy_method,
+            protocol={"covers": covers, "stages": per_stage, "energy": [c["energy_protocol"] for c in costs]},
+        ),
+        Measurement(
+            "produce_cost_usd",
+            usd(profile, produce_s, joules),
+            method="estimated",
+            protocol={"profile": profile.to_dict(), "wall_s": produce_s, "energy_j": joules},
+        ),
     ]
     if all(c["flops"] is not None for c in costs):
-        out.append(Measurement("produce_flops", sum(c["flops"] for c in costs), method="counted", protocol={"counter": "torch FlopCounterMode over one training step x steps, plus importance-scoring forwards where a stage samples by importance (optimizer update not counted; each stage's flops_method)", "stages": per_stage}))
+        out.append(
+            Measurement(
+                "produce_flops",
+                sum(c["flops"] for c in costs),
+                method="counted",
+                protocol={
+                    "counter": "torch FlopCounterMode over one training step x steps, plus importance-scoring forwards where a stage samples by importance (optimizer update not counted; each stage's flops_method)",
+                    "stages": per_stage,
+                },
+            )
+        )
     return out
 
 
@@ -169,7 +249,10 @@ def _take_chars(documents, max_chars: int) -> tuple[list[str], str]:
     taken, chars = [], 0
     for doc, _ in documents:
         if chars + len(doc) > max_chars:
-            return taken, f", the first {chars:,} characters of them (the text goes on; frugalm reads at most {max_chars:,})"
+            return (
+                taken,
+                f", the first {chars:,} characters of them (the text goes on; frugalm reads at most {max_chars:,})",
+            )
         taken.append(doc)
         chars += len(doc)
     return taken, ""
@@ -184,13 +267,16 @@ def _calibration(recipe: Recipe, lm, split):
         return None, None
     cal = recipe.calibration
     if cal.data:
-
-        docs, cut = _take_chars(iter_documents(cal.data, max_doc_chars=TRAINING_TEXT_MAX_CHARS), TRAINING_TEXT_MAX_CHARS)
+        docs, cut = _take_chars(
+            iter_documents(cal.data, max_doc_chars=TRAINING_TEXT_MAX_CHARS), TRAINING_TEXT_MAX_CHARS
+        )
         source = cal.data + cut
     else:
         _, docs, source = split()
         if not docs:
-            raise DataError("the stages need calibration text and the evaluation text has none left over after the evaluated part; add `calibration: {data: FILE}` to the recipe")
+            raise DataError(
+                "the stages need calibration text and the evaluation text has none left over after the evaluated part; add `calibration: {data: FILE}` to the recipe"
+            )
     seq_len = min(cal.seq_len, context_length(lm.model.config) or cal.seq_len)
     tokens = sample_calibration(tokenizer, docs, cal.samples, seq_len, cal.seed)
     return tokens, {"source": source, "samples": cal.samples, "seq_len": seq_len, "seed": cal.seed}

@@ -95,12 +95,16 @@ class Store:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path).expanduser() if path else default_store_path()
         if self.path.exists() and self.path.is_dir():
-            raise ConfigError(f"results store '{self.path}' is a folder; pass a file path for the SQLite database with --store")
+            raise ConfigError(
+                f"results store '{self.path}' is a folder; pass a file path for the SQLite database with --store"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         except (OSError, sqlite3.Error) as exc:
-            raise ConfigError(f"results store '{self.path}' cannot be opened ({exc}); pass a writable path with --store or FRUGALM_STORE") from None
+            raise ConfigError(
+                f"results store '{self.path}' cannot be opened ({exc}); pass a writable path with --store or FRUGALM_STORE"
+            ) from None
         self.db.row_factory = sqlite3.Row
         self._check_is_database()
         self.db.execute("PRAGMA foreign_keys = ON")
@@ -122,7 +126,9 @@ class Store:
                 what = "is not a SQLite database"
             else:
                 what = "cannot be read as a SQLite database"
-            raise ConfigError(f"results store '{self.path}' {what} ({exc}); it was left untouched: pass another path with --store (or FRUGALM_STORE), or move that file away") from None
+            raise ConfigError(
+                f"results store '{self.path}' {what} ({exc}); it was left untouched: pass another path with --store (or FRUGALM_STORE), or move that file away"
+            ) from None
 
     def close(self) -> None:
         self.db.close()
@@ -160,20 +166,50 @@ class Store:
         bad = [m for m in measurements if not math.isfinite(float(m.value))]
         if bad:
             run.status = "failed"
-            run.error = "non-finite figures: " + ", ".join(f"{m.metric}{f' ({m.workload})' if m.workload else ''} = {m.value}" for m in bad[:5]) + (
-                "; the model's outputs are not finite (NaN or overflowing weights or activations): check the stages that produced it, or measure in float32")
+            run.error = (
+                "non-finite figures: "
+                + ", ".join(f"{m.metric}{f' ({m.workload})' if m.workload else ''} = {m.value}" for m in bad[:5])
+                + (
+                    "; the model's outputs are not finite (NaN or overflowing weights or activations): check the stages that produced it, or measure in float32"
+                )
+            )
             measurements = []
         with self._transaction():
             self.db.execute(
                 "INSERT INTO runs (id, kind, status, created_at, wall_s, model_ref, model_path, benchmark_version,"
                 " config_json, environment_json, error, key) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (run.id, run.kind, run.status, run.created_at, run.wall_s, run.model_ref, run.model_path,
-                 run.benchmark_version, json.dumps(run.config), json.dumps(run.environment), run.error, run.key),
+                (
+                    run.id,
+                    run.kind,
+                    run.status,
+                    run.created_at,
+                    run.wall_s,
+                    run.model_ref,
+                    run.model_path,
+                    run.benchmark_version,
+                    json.dumps(run.config),
+                    json.dumps(run.environment),
+                    run.error,
+                    run.key,
+                ),
             )
             self.db.executemany(
                 "INSERT INTO measurements VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [(run.id, m.metric, m.workload or "", float(m.value), m.unit, m.method, m.n, m.spread,
-                  json.dumps(m.protocol), json.dumps(m.samples) if m.samples is not None else None) for m in measurements],
+                [
+                    (
+                        run.id,
+                        m.metric,
+                        m.workload or "",
+                        float(m.value),
+                        m.unit,
+                        m.method,
+                        m.n,
+                        m.spread,
+                        json.dumps(m.protocol),
+                        json.dumps(m.samples) if m.samples is not None else None,
+                    )
+                    for m in measurements
+                ],
             )
         if bad:
             raise MeasurementError(f"run {run.id} ({run.model_ref}) stored as failed: {run.error}")
@@ -191,7 +227,9 @@ class Store:
 
     def complete_run_with_key(self, key: str) -> Run | None:
         """The newest complete run stored under `key`, if any."""
-        row = self.db.execute("SELECT * FROM runs WHERE key = ? AND status = 'complete' ORDER BY created_at DESC, id DESC LIMIT 1", (key,)).fetchone()
+        row = self.db.execute(
+            "SELECT * FROM runs WHERE key = ? AND status = 'complete' ORDER BY created_at DESC, id DESC LIMIT 1", (key,)
+        ).fetchone()
         return _run_from_row(row) if row else None
 
     def measurements(self, run_id: str) -> list[Measurement]:
@@ -199,8 +237,17 @@ class Store:
         whose metric or unit a later benchmark version renamed still reads."""
         rows = self.db.execute("SELECT * FROM measurements WHERE run_id = ? ORDER BY rowid", (run_id,))
         return [
-            Measurement.stored(r["metric"], r["value"], r["unit"], r["method"], r["workload"] or None, r["n"], r["spread"],
-                               json.loads(r["protocol_json"]), json.loads(r["samples_json"]) if r["samples_json"] else None)
+            Measurement.stored(
+                r["metric"],
+                r["value"],
+                r["unit"],
+                r["method"],
+                r["workload"] or None,
+                r["n"],
+                r["spread"],
+                json.loads(r["protocol_json"]),
+                json.loads(r["samples_json"]) if r["samples_json"] else None,
+            )
             for r in rows
         ]
 
@@ -224,7 +271,16 @@ class _Transaction:
 
 def _run_from_row(r: sqlite3.Row) -> Run:
     return Run(
-        id=r["id"], kind=r["kind"], status=r["status"], created_at=r["created_at"], wall_s=r["wall_s"],
-        model_ref=r["model_ref"], model_path=r["model_path"], benchmark_version=r["benchmark_version"],
-        config=json.loads(r["config_json"]), environment=json.loads(r["environment_json"]), error=r["error"], key=r["key"],
+        id=r["id"],
+        kind=r["kind"],
+        status=r["status"],
+        created_at=r["created_at"],
+        wall_s=r["wall_s"],
+        model_ref=r["model_ref"],
+        model_path=r["model_path"],
+        benchmark_version=r["benchmark_version"],
+        config=json.loads(r["config_json"]),
+        environment=json.loads(r["environment_json"]),
+        error=r["error"],
+        key=r["key"],
     )

@@ -95,11 +95,19 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
     reference = resolve_model(config.reference).path if config.reference else None
     docs, data_desc = _evaluated_text(source, config, metrics)
     return BenchSpec(
-        model_ref=source.ref, model_path=str(source.path), device=str(device), dtype=config.dtype,
-        docs=docs, data_desc=data_desc,
-        workloads=[w.to_dict() for w in fitted], profile=profile.to_dict(), metrics=metrics,
-        reference_path=str(reference) if reference else None, protocol=asdict(config.protocol),
-        warmup=config.warmup, repetitions=config.repetitions,
+        model_ref=source.ref,
+        model_path=str(source.path),
+        device=str(device),
+        dtype=config.dtype,
+        docs=docs,
+        data_desc=data_desc,
+        workloads=[w.to_dict() for w in fitted],
+        profile=profile.to_dict(),
+        metrics=metrics,
+        reference_path=str(reference) if reference else None,
+        protocol=asdict(config.protocol),
+        warmup=config.warmup,
+        repetitions=config.repetitions,
     )
 
 
@@ -142,15 +150,31 @@ def bench(
     check_weights(ModelSource(spec.model_ref, Path(spec.model_path)))
     if spec.reference_path:
         check_weights(ModelSource(str(config.reference), Path(spec.reference_path)))
-    recorded = {**asdict(config), "workloads": spec.workloads, "data": spec.data_desc, "profile": spec.profile, **(record or {})}
-    run = Run(kind=kind, key=key, model_ref=spec.model_ref, model_path=spec.model_path, benchmark_version=BENCHMARK_VERSION, config=recorded, environment={})
+    recorded = {
+        **asdict(config),
+        "workloads": spec.workloads,
+        "data": spec.data_desc,
+        "profile": spec.profile,
+        **(record or {}),
+    }
+    run = Run(
+        kind=kind,
+        key=key,
+        model_ref=spec.model_ref,
+        model_path=spec.model_path,
+        benchmark_version=BENCHMARK_VERSION,
+        config=recorded,
+        environment={},
+    )
     if not isinstance(store, Store):
         with Store(store) as own:
             return _measure_and_store(spec, config, run, own, progress, list(extra))
     return _measure_and_store(spec, config, run, store, progress, list(extra))
 
 
-def _measure_and_store(spec: BenchSpec, config: BenchConfig, run: Run, store: Store, progress: Progress | None, extra: list[Measurement]) -> BenchResult:
+def _measure_and_store(
+    spec: BenchSpec, config: BenchConfig, run: Run, store: Store, progress: Progress | None, extra: list[Measurement]
+) -> BenchResult:
     t0 = time.perf_counter()
     try:
         payload = run_child(spec, timeout_s=config.timeout_s, progress=progress)

@@ -89,15 +89,31 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
 def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:
     mib = memory.MIB
     out = [
-        Measurement("params_count", memory.params_count(model), method="counted", protocol={"tied_weights": "counted once"}),
-        Measurement("weights_mib", memory.weights_bytes(model) / mib, method="counted", protocol={"what": "parameters and buffers in memory", "dtype": spec.dtype}),
-        Measurement("artifact_mib", memory.folder_bytes(folder) / mib, method="counted", protocol={"folder": str(folder)}),
+        Measurement(
+            "params_count", memory.params_count(model), method="counted", protocol={"tied_weights": "counted once"}
+        ),
+        Measurement(
+            "weights_mib",
+            memory.weights_bytes(model) / mib,
+            method="counted",
+            protocol={"what": "parameters and buffers in memory", "dtype": spec.dtype},
+        ),
+        Measurement(
+            "artifact_mib", memory.folder_bytes(folder) / mib, method="counted", protocol={"folder": str(folder)}
+        ),
     ]
     if _want(spec, "network"):
         files = network.artifact_files(folder)
         out += [
-            Measurement("ship_mib", sum(f.stat().st_size for f in files) / mib, method="counted", protocol={"files": len(files)}),
-            Measurement("ship_compressed_mib", network.compressed_bytes(folder) / mib, method="counted", protocol={"codec": "zlib level 6 per file"}),
+            Measurement(
+                "ship_mib", sum(f.stat().st_size for f in files) / mib, method="counted", protocol={"files": len(files)}
+            ),
+            Measurement(
+                "ship_compressed_mib",
+                network.compressed_bytes(folder) / mib,
+                method="counted",
+                protocol={"codec": "zlib level 6 per file"},
+            ),
         ]
     return out
 
@@ -111,25 +127,51 @@ def _quality(lm, spec: BenchSpec, emit: Emit) -> list[Measurement]:
         reference = ref.model
     protocol = PerplexityProtocol(**spec.protocol)
     desc = {**spec.data_desc, "reference": spec.reference_path}
-    return measure_quality(lm.model, lm.tokenizer, spec.docs, protocol, context=context_length(lm.model.config), data_desc=desc, reference=reference, progress=emit)
+    return measure_quality(
+        lm.model,
+        lm.tokenizer,
+        spec.docs,
+        protocol,
+        context=context_length(lm.model.config),
+        data_desc=desc,
+        reference=reference,
+        progress=emit,
+    )
 
 
 def _check_same_tokenizer(tok, ref_tok, ref_path: str) -> None:
 
     if tok.get_vocab() != ref_tok.get_vocab():
-        raise ModelError(f"reference model '{ref_path}' has a different tokenizer; fidelity (KL, top-1 agreement) needs the same vocabulary: pass a reference with the same tokenizer")
+        raise ModelError(
+            f"reference model '{ref_path}' has a different tokenizer; fidelity (KL, top-1 agreement) needs the same vocabulary: pass a reference with the same tokenizer"
+        )
 
 
-def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProfile, baseline_rss: int, emit: Emit, kv_cache=None) -> list[Measurement]:
+def _workload(
+    model, w: Workload, device, spec: BenchSpec, profile: HardwareProfile, baseline_rss: int, emit: Emit, kv_cache=None
+) -> list[Measurement]:
     label = f"workload {w.name}"
 
     kv = inference_settings(model).get("kv_cache")  # what kv_cache (the cache factory) builds
-    wp = {"workload": w.to_dict(), "warmup": spec.warmup, "repetitions": spec.repetitions, "device": str(device), "dtype": spec.dtype, **kernel_protocol(model),
-          "kv_cache": {"quantized": kv, "kernel": "dequantize (attention reads a float copy of the packed past)"} if kv else "DynamicCache (model dtype)"}
+    wp = {
+        "workload": w.to_dict(),
+        "warmup": spec.warmup,
+        "repetitions": spec.repetitions,
+        "device": str(device),
+        "dtype": spec.dtype,
+        **kernel_protocol(model),
+        "kv_cache": {"quantized": kv, "kernel": "dequantize (attention reads a float copy of the packed past)"}
+        if kv
+        else "DynamicCache (model dtype)",
+    }
     out = []
     if _want(spec, "computation"):
         prefill_flops, decode_flops = compute.flops_per_token(model, w, device)
-        fp = {**wp, "counter": "torch.utils.flop_counter.FlopCounterMode (+ CPU sdpa formula)", "context_tokens": w.prompt_tokens}
+        fp = {
+            **wp,
+            "counter": "torch.utils.flop_counter.FlopCounterMode (+ CPU sdpa formula)",
+            "context_tokens": w.prompt_tokens,
+        }
         out += [
             Measurement("flops_per_tok_prefill", prefill_flops, method="counted", workload=w.name, protocol=fp),
             Measurement("flops_per_tok_decode", decode_flops, method="counted", workload=w.name, protocol=fp),
@@ -137,13 +179,43 @@ def _workload(model, w: Workload, device, spec: BenchSpec, profile: HardwareProf
     total = spec.warmup + spec.repetitions
     progress = lambda rep: emit(label, rep, total)  # noqa: E731
     with memory.PeakMemory(device, baseline_rss) as peak:
-        compute.time_workload(model, w, device, warmup=spec.warmup, repetitions=0, on_rep=progress, cache_factory=kv_cache)
+        compute.time_workload(
+            model, w, device, warmup=spec.warmup, repetitions=0, on_rep=progress, cache_factory=kv_cache
+        )
         with EnergyMeter(device, profile) as energy:
-            timing = compute.time_workload(model, w, device, warmup=0, repetitions=spec.repetitions, on_rep=lambda r: progress(spec.warmup + r), cache_factory=kv_cache)
+            timing = compute.time_workload(
+                model,
+                w,
+                device,
+                warmup=0,
+                repetitions=spec.repetitions,
+                on_rep=lambda r: progress(spec.warmup + r),
+                cache_factory=kv_cache,
+            )
     out += _timing_measurements(w, timing, wp)
-    out.append(Measurement("peak_mem_mib", peak.peak_over_baseline_mib, method="measured", workload=w.name, protocol={**wp, **peak.protocol()}))
+    out.append(
+        Measurement(
+            "peak_mem_mib",
+            peak.peak_over_baseline_mib,
+            method="measured",
+            workload=w.name,
+            protocol={**wp, **peak.protocol()},
+        )
+    )
     cached = w.prompt_tokens + w.output_tokens - 1  # the last generated token is never fed back
-    out.append(Measurement("kv_cache_mib", timing.cache_bytes[-1] / memory.MIB, method="counted", workload=w.name, protocol={**wp, "cached_tokens_per_sequence": cached, "counted": "bytes of the cache's tensors after the last repetition"}))
+    out.append(
+        Measurement(
+            "kv_cache_mib",
+            timing.cache_bytes[-1] / memory.MIB,
+            method="counted",
+            workload=w.name,
+            protocol={
+                **wp,
+                "cached_tokens_per_sequence": cached,
+                "counted": "bytes of the cache's tensors after the last repetition",
+            },
+        )
+    )
     out += _energy_money(model, w, spec, energy, profile, wp)
     return out
 
@@ -158,10 +230,21 @@ def kernel_protocol(model) -> dict:
     return out
 
 
-def _summary(metric: str, workload: str, per_rep: list[float], protocol: dict, value: float | None = None) -> Measurement:
+def _summary(
+    metric: str, workload: str, per_rep: list[float], protocol: dict, value: float | None = None
+) -> Measurement:
     """Median of per-repetition values (unless `value` is given), their spread, and the raw samples."""
     v = percentile(per_rep, 50) if value is None else value
-    return Measurement(metric, v, method="measured", workload=workload, n=len(per_rep), spread=spread(per_rep), protocol=protocol, samples=per_rep)
+    return Measurement(
+        metric,
+        v,
+        method="measured",
+        workload=workload,
+        n=len(per_rep),
+        spread=spread(per_rep),
+        protocol=protocol,
+        samples=per_rep,
+    )
 
 
 def _timing_measurements(w: Workload, timing: compute.GenerationTiming, wp: dict) -> list[Measurement]:
@@ -174,22 +257,47 @@ def _timing_measurements(w: Workload, timing: compute.GenerationTiming, wp: dict
         tp = {**wp, "decode_steps": len(pooled), "spread": "std of the per-repetition percentile"}
         for q in (50, 90, 99):
             per_rep = [percentile(rep, q) for rep in steps_ms]
-            out.append(Measurement(f"tpot_p{q}_ms", percentile(pooled, q), method="measured", workload=w.name, n=len(per_rep), spread=spread(per_rep), protocol=tp, samples=pooled))
+            out.append(
+                Measurement(
+                    f"tpot_p{q}_ms",
+                    percentile(pooled, q),
+                    method="measured",
+                    workload=w.name,
+                    n=len(per_rep),
+                    spread=spread(per_rep),
+                    protocol=tp,
+                    samples=pooled,
+                )
+            )
         tok_s = [w.batch_size * (w.output_tokens - 1) / s for s in timing.decode_s]
         out.append(_summary("decode_tok_s", w.name, tok_s, wp))
     return out
 
 
-def _energy_money(model, w: Workload, spec: BenchSpec, energy: EnergyMeter, profile: HardwareProfile, wp: dict) -> list[Measurement]:
+def _energy_money(
+    model, w: Workload, spec: BenchSpec, energy: EnergyMeter, profile: HardwareProfile, wp: dict
+) -> list[Measurement]:
     tokens = spec.repetitions * w.batch_size * w.output_tokens
     j_per_tok = energy.joules / tokens
     ep = {**wp, **energy.protocol(), "generated_tokens": tokens}
     money = usd(profile, energy.wall_s, energy.joules) / tokens * 1e6
-    mp = {**ep, "profile": profile.to_dict(), "formula": "usd_per_hour * wall_h + usd_per_kwh * kWh, per generated token"}
+    mp = {
+        **ep,
+        "profile": profile.to_dict(),
+        "formula": "usd_per_hour * wall_h + usd_per_kwh * kWh, per generated token",
+    }
     bparams = memory.params_count(model) / 1e9
     return [
-        Measurement("energy_j_per_tok", j_per_tok, method=energy.method, workload=w.name, n=spec.repetitions, protocol=ep),
-        Measurement("carbon_g_per_mtok", grams_co2e(profile, j_per_tok * 1e6), method="estimated", workload=w.name, protocol={**ep, "gco2e_per_kwh": profile.gco2e_per_kwh, "energy_method": energy.method}),
+        Measurement(
+            "energy_j_per_tok", j_per_tok, method=energy.method, workload=w.name, n=spec.repetitions, protocol=ep
+        ),
+        Measurement(
+            "carbon_g_per_mtok",
+            grams_co2e(profile, j_per_tok * 1e6),
+            method="estimated",
+            workload=w.name,
+            protocol={**ep, "gco2e_per_kwh": profile.gco2e_per_kwh, "energy_method": energy.method},
+        ),
         Measurement("cost_usd_per_mtok", money, method="estimated", workload=w.name, protocol=mp),
         Measurement("cost_usd_per_mtok_per_bparam", money / bparams, method="estimated", workload=w.name, protocol=mp),
     ]
@@ -198,7 +306,6 @@ def _energy_money(model, w: Workload, spec: BenchSpec, energy: EnergyMeter, prof
 def environment(device: str) -> dict:
     """Hardware and software the figures were taken on."""
     import transformers
-
 
     env = {
         "benchmark_version": BENCHMARK_VERSION,
@@ -210,7 +317,9 @@ def environment(device: str) -> dict:
         "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1) if hasattr(os, "sysconf") else None,
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+        if hasattr(os, "sysconf")
+        else None,
         "device": device,
         "executable": sys.executable,
     }

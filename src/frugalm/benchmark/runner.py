@@ -90,8 +90,14 @@ CHILD_TMP_PREFIX = "frugalm-child-"
 def sweep_stale_child_folders() -> None:
     """Remove child folders (spec with evaluation text, log) left in the temp folder by a killed parent."""
     for folder in Path(tempfile.gettempdir()).glob(f"{CHILD_TMP_PREFIX}*-*"):
-        pid = folder.name[len(CHILD_TMP_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and int(pid) != os.getpid() and not folder.is_symlink() and folder.is_dir() and not process_alive(int(pid)):
+        pid = folder.name[len(CHILD_TMP_PREFIX) :].split("-", 1)[0]
+        if (
+            pid.isdigit()
+            and int(pid) != os.getpid()
+            and not folder.is_symlink()
+            and folder.is_dir()
+            and not process_alive(int(pid))
+        ):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -189,7 +195,11 @@ def _rebuild_error(err: dict) -> Exception:
     """A user error from the child becomes the same FrugalmError here; a bug keeps its traceback."""
     if err["kind"] == "user":
         cls = getattr(errors, err["type"], FrugalmError)
-        return cls(err["message"]) if isinstance(cls, type) and issubclass(cls, FrugalmError) else FrugalmError(err["message"])
+        return (
+            cls(err["message"])
+            if isinstance(cls, type) and issubclass(cls, FrugalmError)
+            else FrugalmError(err["message"])
+        )
     return ChildCrash(f"bug in the measuring child ({err['type']}: {err['message']}); traceback:\n{err['traceback']}")
 
 
@@ -216,7 +226,6 @@ def child_main(spec_path: str, fd: int) -> None:
     try:
         import transformers
 
-
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         if not sys.stdin.readline():  # started ahead (warm_children) and closed unused
@@ -225,11 +234,28 @@ def child_main(spec_path: str, fd: int) -> None:
         Path(spec_path).unlink()  # it holds the evaluation text: gone as soon as it is read
         emit = lambda step, done, total: send({"progress": [step, done, total]})  # noqa: E731
         measurements, baseline = measure_model(spec, emit)
-        send({"ok": {"measurements": [m.to_dict() for m in measurements], "environment": environment(spec.device), "baseline_rss_bytes": baseline}})
+        send(
+            {
+                "ok": {
+                    "measurements": [m.to_dict() for m in measurements],
+                    "environment": environment(spec.device),
+                    "baseline_rss_bytes": baseline,
+                }
+            }
+        )
     except FrugalmError as exc:
         send({"error": {"kind": "user", "type": type(exc).__name__, "message": str(exc)}})
     except Exception as exc:  # a bug: report it with its traceback rather than dying silently
-        send({"error": {"kind": "bug", "type": type(exc).__name__, "message": str(exc), "traceback": traceback.format_exc()}})
+        send(
+            {
+                "error": {
+                    "kind": "bug",
+                    "type": type(exc).__name__,
+                    "message": str(exc),
+                    "traceback": traceback.format_exc(),
+                }
+            }
+        )
     finally:
         out.close()
 

@@ -26,7 +26,9 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="frugalm", description="Make causal LMs cheaper to train, adapt and run, and prove by how much.")
+    parser = argparse.ArgumentParser(
+        prog="frugalm", description="Make causal LMs cheaper to train, adapt and run, and prove by how much."
+    )
     parser.add_argument("--version", action="version", version=f"frugalm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in SUBCOMMANDS.items():

@@ -12,7 +12,9 @@ from frugalm.cli.config_options import Option, add_options, configure
 API = ("frugalm.benchmark.api", "BenchConfig")
 BENCH_OPTIONS = [
     Option("--data", "data"),
-    Option("--workload", "workloads", {"action": "append", "metavar": "NAME"}, "repeatable; see `frugalm ls workloads`"),
+    Option(
+        "--workload", "workloads", {"action": "append", "metavar": "NAME"}, "repeatable; see `frugalm ls workloads`"
+    ),
     Option("--metric", "metrics", {"action": "append", "metavar": "NAME"}, "repeatable; see `frugalm ls metrics`"),
     Option("--device", "device"),
     Option("--dtype", "dtype"),
@@ -32,7 +34,9 @@ BENCH_OPTIONS = [
 def add_bench_options(p, owner: tuple[str, str, str] | None = None) -> None:
     """`owner`: (module, class, field) whose BenchConfig default the command measures with (None: BenchConfig())."""
     add_options(p, BENCH_OPTIONS, *API, owner=owner)
-    p.add_argument("--store", help="SQLite results store (default: $FRUGALM_STORE or ~/.local/share/frugalm/frugalm.db)")
+    p.add_argument(
+        "--store", help="SQLite results store (default: $FRUGALM_STORE or ~/.local/share/frugalm/frugalm.db)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     p.add_argument("--quiet", action="store_true", help="no progress display")
 

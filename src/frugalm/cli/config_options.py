@@ -55,8 +55,18 @@ def add_options(p, options: list[Option], module: str, cls: str, owner: tuple[st
         fields, shown = _nested_fields(module, cls, path), defaults
         for part in path:
             shown = shown[part]
-        keywords = {"metavar": o.flag.lstrip("-").upper().replace("-", "_")} if o.argparse.get("action") != "store_true" else {}
-        p.add_argument(o.flag, dest=o.field.replace(".", "__"), default=None, help=_help(fields[name].doc, o.remark, shown[name]), **{**keywords, **o.argparse})
+        keywords = (
+            {"metavar": o.flag.lstrip("-").upper().replace("-", "_")}
+            if o.argparse.get("action") != "store_true"
+            else {}
+        )
+        p.add_argument(
+            o.flag,
+            dest=o.field.replace(".", "__"),
+            default=None,
+            help=_help(fields[name].doc, o.remark, shown[name]),
+            **{**keywords, **o.argparse},
+        )
 
 
 def configure(base, options: list[Option], args):
@@ -74,7 +84,9 @@ def configure(base, options: list[Option], args):
 
 
 def _replace(config, given: dict):
-    return dataclasses.replace(config, **{k: _replace(getattr(config, k), v) if isinstance(v, dict) else v for k, v in given.items()})
+    return dataclasses.replace(
+        config, **{k: _replace(getattr(config, k), v) if isinstance(v, dict) else v for k, v in given.items()}
+    )
 
 
 def source_defaults(module: str, cls: str) -> dict:
@@ -95,7 +107,10 @@ def _nested_fields(module: str, cls: str, path: list[str]) -> dict[str, FieldSou
 def _merge(defaults: dict, overrides) -> dict:
     if not isinstance(overrides, dict):  # a default the source does not spell out: show none below it
         return {k: _merge(v, UNKNOWN) if isinstance(v, dict) else UNKNOWN for k, v in defaults.items()}
-    return {k: _merge(v, overrides[k]) if isinstance(v, dict) and k in overrides else overrides.get(k, v) for k, v in defaults.items()}
+    return {
+        k: _merge(v, overrides[k]) if isinstance(v, dict) and k in overrides else overrides.get(k, v)
+        for k, v in defaults.items()
+    }
 
 
 def _help(doc: str, remark: str, default) -> str:
@@ -134,8 +149,14 @@ def dataclass_fields(module: str, cls: str) -> dict[str, FieldSource]:
     for stmt, nxt in zip(node.body, [*node.body[1:], None]):
         if not (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and stmt.value is not None):
             continue
-        doc = nxt.value.value if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str) else ""
-        out[stmt.target.id] = FieldSource(_value(stmt.value, module), " ".join(doc.split()), _nested(stmt.annotation, module))
+        doc = (
+            nxt.value.value
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)
+            else ""
+        )
+        out[stmt.target.id] = FieldSource(
+            _value(stmt.value, module), " ".join(doc.split()), _nested(stmt.annotation, module)
+        )
     return out
 
 
@@ -144,7 +165,11 @@ def _nested(annotation: ast.expr, module: str) -> tuple[str, str] | None:
     if not isinstance(annotation, ast.Name):
         return None
     where = _defined_in(annotation.id, module)
-    return (where, annotation.id) if where and isinstance(_find(_module_tree(where), annotation.id), ast.ClassDef) else None
+    return (
+        (where, annotation.id)
+        if where and isinstance(_find(_module_tree(where), annotation.id), ast.ClassDef)
+        else None
+    )
 
 
 def _value(node: ast.expr, module: str):
@@ -176,7 +201,11 @@ def _defined_in(name: str, module: str) -> str | None:
     if tree is None:
         return None
     for stmt in tree.body:
-        if isinstance(stmt, ast.ImportFrom) and stmt.level == 0 and any((a.asname or a.name) == name and a.name == name for a in stmt.names):
+        if (
+            isinstance(stmt, ast.ImportFrom)
+            and stmt.level == 0
+            and any((a.asname or a.name) == name and a.name == name for a in stmt.names)
+        ):
             return _defined_in(name, stmt.module) if (stmt.module or "").startswith("frugalm") else None
     return module if _find(tree, name) is not None else None
 

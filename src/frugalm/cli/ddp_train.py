@@ -24,8 +24,12 @@ from frugalm.training.distributed import COMPRESSIONS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="torchrun --nproc-per-node N -m frugalm.cli.ddp_train", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="'tiny', a config .json (random weights) or a model folder / reference")
+    p = argparse.ArgumentParser(
+        prog="torchrun --nproc-per-node N -m frugalm.cli.ddp_train", description=__doc__.splitlines()[0]
+    )
+    p.add_argument(
+        "--model", default="tiny", help="'tiny', a config .json (random weights) or a model folder / reference"
+    )
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model's, else UTF-8 bytes)")
     p.add_argument("--layers", type=int, help="cut a config's depth to this many layers")
     p.add_argument("--data", help="training text (default: frugalm's built-in evaluation text)")
@@ -35,13 +39,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup-steps", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compression", default="none", help=f"comma-separated list, one run each: {', '.join(COMPRESSIONS)}")
+    p.add_argument(
+        "--compression", default="none", help=f"comma-separated list, one run each: {', '.join(COMPRESSIONS)}"
+    )
     p.add_argument("--powersgd-rank", type=int, default=4)
     p.add_argument("--powersgd-start-step", type=int, default=2)
     p.add_argument("--bucket-cap-mb", type=float, default=25.0)
     p.add_argument("--no-count-flops", action="store_true", help="skip counting one step's FLOPs before training")
     p.add_argument("--out", required=True, help="JSON result file (written by rank 0, atomically)")
-    p.add_argument("--store", help="also store each run, with its communicated bytes and loss curve, in this frugalm results store")
+    p.add_argument(
+        "--store", help="also store each run, with its communicated bytes and loss curve, in this frugalm results store"
+    )
     return p.parse_args(argv)
 
 

@@ -18,7 +18,9 @@ WHAT = {
 
 def add_parser(sub) -> None:
     kinds = ", ".join(f"{k} ({WHAT[k]})" for k in KINDS)
-    p = sub.add_parser("ls", help=f"list {', '.join(KINDS[:-1])} or {KINDS[-1]}", description=f"List what exists: {kinds}.")
+    p = sub.add_parser(
+        "ls", help=f"list {', '.join(KINDS[:-1])} or {KINDS[-1]}", description=f"List what exists: {kinds}."
+    )
     p.add_argument("what", choices=KINDS, help=f"what to list: {', '.join(KINDS)}")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     p.add_argument("--store", help="SQLite results store (for runs)")
@@ -47,16 +49,42 @@ def _runs(args) -> dict:
     from frugalm.store import Store
 
     with Store(args.store) as store:
-        runs = [{"id": r.id, "created_at": r.created_at, "kind": r.kind, "status": r.status, "model_ref": r.model_ref,
-                 "model_path": r.model_path, "benchmark_version": r.benchmark_version, "wall_s": r.wall_s, "key": r.key,
-                 "figures": len(store.measurements(r.id)), "error": r.error} for r in store.runs(args.limit)]
+        runs = [
+            {
+                "id": r.id,
+                "created_at": r.created_at,
+                "kind": r.kind,
+                "status": r.status,
+                "model_ref": r.model_ref,
+                "model_path": r.model_path,
+                "benchmark_version": r.benchmark_version,
+                "wall_s": r.wall_s,
+                "key": r.key,
+                "figures": len(store.measurements(r.id)),
+                "error": r.error,
+            }
+            for r in store.runs(args.limit)
+        ]
     return {"store": str(store.path), "runs": runs}
 
 
 def _runs_text(doc: dict) -> str:
     if not doc["runs"]:
         return f"no runs in {doc['store']}"
-    rows = [(r["id"], r["created_at"], r["kind"], r["status"], r["model_ref"], r["benchmark_version"], f"{r['wall_s'] or 0:.1f}", r["figures"], (r["error"] or "")[:60]) for r in doc["runs"]]
+    rows = [
+        (
+            r["id"],
+            r["created_at"],
+            r["kind"],
+            r["status"],
+            r["model_ref"],
+            r["benchmark_version"],
+            f"{r['wall_s'] or 0:.1f}",
+            r["figures"],
+            (r["error"] or "")[:60],
+        )
+        for r in doc["runs"]
+    ]
     return _table(rows, ("id", "created", "kind", "status", "model", "benchmark", "wall_s", "figures", "error"))
 
 
@@ -69,8 +97,21 @@ def _metrics(args) -> dict:
 
 
 def _metrics_text(doc: dict) -> str:
-    rows = [(m["name"], m["resource"], m["unit"], "higher" if m["higher_is_better"] else "lower", m["method"], "yes" if m["per_workload"] else "", m["description"]) for m in doc["metrics"]]
-    return f"{doc['benchmark_version']}\n" + _table(rows, ("metric", "resource", "unit", "better", "method", "per workload", "description"))
+    rows = [
+        (
+            m["name"],
+            m["resource"],
+            m["unit"],
+            "higher" if m["higher_is_better"] else "lower",
+            m["method"],
+            "yes" if m["per_workload"] else "",
+            m["description"],
+        )
+        for m in doc["metrics"]
+    ]
+    return f"{doc['benchmark_version']}\n" + _table(
+        rows, ("metric", "resource", "unit", "better", "method", "per workload", "description")
+    )
 
 
 def _workloads(args) -> dict:
@@ -80,7 +121,17 @@ def _workloads(args) -> dict:
 
 
 def _workloads_text(doc: dict) -> str:
-    rows = [(w["name"], w["prompt_tokens"], w["output_tokens"], w["batch_size"], "yes" if w["default"] else "", w["description"]) for w in doc["workloads"]]
+    rows = [
+        (
+            w["name"],
+            w["prompt_tokens"],
+            w["output_tokens"],
+            w["batch_size"],
+            "yes" if w["default"] else "",
+            w["description"],
+        )
+        for w in doc["workloads"]
+    ]
     return _table(rows, ("workload", "prompt", "output", "batch", "default", "description"))
 
 
@@ -91,7 +142,18 @@ def _profiles(args) -> dict:
 
 
 def _profiles_text(doc: dict) -> str:
-    rows = [(p["name"], p["usd_per_hour"], p["usd_per_kwh"], p["gco2e_per_kwh"], p["watts_idle"], p["watts_max"], p["description"]) for p in doc["profiles"]]
+    rows = [
+        (
+            p["name"],
+            p["usd_per_hour"],
+            p["usd_per_kwh"],
+            p["gco2e_per_kwh"],
+            p["watts_idle"],
+            p["watts_max"],
+            p["description"],
+        )
+        for p in doc["profiles"]
+    ]
     return _table(rows, ("profile", "usd/h", "usd/kWh", "gCO2e/kWh", "W idle", "W max", "description"))
 
 
@@ -106,13 +168,18 @@ def _techniques(args) -> dict:
     for name in TECHNIQUES:
         t = get_technique(name)
         doc = importlib.import_module(t.apply.__module__).__doc__ or ""
-        out.append({
-            "name": name,
-            "kind": t.kind,
-            "needs_calibration": "some options" if callable(t.needs_calibration) else bool(t.needs_calibration),
-            "summary": doc.strip().splitlines()[0] if doc.strip() else "",
-            "options": [{"name": opt, "type": tp, "default": default, "doc": text} for opt, tp, default, text in option_docs(t.config_cls)],
-        })
+        out.append(
+            {
+                "name": name,
+                "kind": t.kind,
+                "needs_calibration": "some options" if callable(t.needs_calibration) else bool(t.needs_calibration),
+                "summary": doc.strip().splitlines()[0] if doc.strip() else "",
+                "options": [
+                    {"name": opt, "type": tp, "default": default, "doc": text}
+                    for opt, tp, default, text in option_docs(t.config_cls)
+                ],
+            }
+        )
     return {"techniques": out}
 
 

@@ -18,7 +18,9 @@ OPTIONS = [
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("optimize", help="run the recipe portfolio, find the Pareto front, write the report (the main job)")
+    p = sub.add_parser(
+        "optimize", help="run the recipe portfolio, find the Pareto front, write the report (the main job)"
+    )
     p.add_argument("model", nargs="?", help="local Hugging Face folder or hub id (default: the built-in model)")
     add_options(p, OPTIONS, *OPTIMIZE)
     add_bench_options(p, owner=(*OPTIMIZE, "bench"))

@@ -8,7 +8,9 @@ from pathlib import Path
 def add_parser(sub) -> None:
     p = sub.add_parser("report", help="regenerate an optimize report (HTML, Markdown, JSON) from the store")
     p.add_argument("session", nargs="?", help="optimize session id (default: the latest; see `frugalm ls runs`)")
-    p.add_argument("-o", "--output", default="frugalm-report.html", help="HTML file to write; .md and .json are written beside it")
+    p.add_argument(
+        "-o", "--output", default="frugalm-report.html", help="HTML file to write; .md and .json are written beside it"
+    )
     p.add_argument("--store", help="SQLite results store")
     p.set_defaults(func=run)
 
@@ -24,7 +26,9 @@ def run(args) -> int:
         else:
             session = next((r for r in db.runs() if r.kind == "optimize"), None)
         if session is None or session.kind != "optimize":
-            raise ConfigError(f"no optimize session {'named ' + repr(args.session) + ' ' if args.session else ''}in the store; run `frugalm optimize` first, or pick one from `frugalm ls runs`")
+            raise ConfigError(
+                f"no optimize session {'named ' + repr(args.session) + ' ' if args.session else ''}in the store; run `frugalm optimize` first, or pick one from `frugalm ls runs`"
+            )
         data = build_report_data(db, session)
     out = Path(args.output)
     if out.is_dir():

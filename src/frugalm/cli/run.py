@@ -17,8 +17,17 @@ OPTIONS = [
 def add_parser(sub) -> None:
     p = sub.add_parser("run", help="apply a recipe's stages to a model, save the variant, measure and store it")
     p.add_argument("recipe", help="recipe YAML file (see recipes/ and `frugalm ls techniques`)")
-    p.add_argument("model", nargs="?", help="model to start from (default: the recipe's `model`, else the built-in model)")
-    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override a recipe value, e.g. stages.0.bits=4 (repeatable)")
+    p.add_argument(
+        "model", nargs="?", help="model to start from (default: the recipe's `model`, else the built-in model)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. stages.0.bits=4 (repeatable)",
+    )
     add_options(p, OPTIONS, *RUN)
     p.add_argument("--no-measure", action="store_true", help="only produce and save the variant")
     add_bench_options(p, owner=(*RUN, "bench"))

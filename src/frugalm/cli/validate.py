@@ -6,7 +6,14 @@ from __future__ import annotations
 def add_parser(sub) -> None:
     p = sub.add_parser("validate", help="check recipes (every problem, located) without loading a model")
     p.add_argument("recipes", nargs="+", help="recipe YAML files")
-    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE", help="override a recipe value, e.g. stages.0.bits=4")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        dest="overrides",
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. stages.0.bits=4",
+    )
     p.add_argument("--print", action="store_true", dest="show", help="print each resolved recipe")
     p.set_defaults(func=run)
 

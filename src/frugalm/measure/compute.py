@@ -149,7 +149,16 @@ def cache_bytes(cache) -> int:
     return total
 
 
-def time_workload(model, workload: Workload, device, *, warmup: int, repetitions: int, on_rep: Callable[[int], None] | None = None, cache_factory: Callable[[], object] | None = None) -> GenerationTiming:
+def time_workload(
+    model,
+    workload: Workload,
+    device,
+    *,
+    warmup: int,
+    repetitions: int,
+    on_rep: Callable[[int], None] | None = None,
+    cache_factory: Callable[[], object] | None = None,
+) -> GenerationTiming:
     """Warm up, then time `repetitions` full generations of the workload on fresh prompts.
 
     Each generation runs with a fresh cache from `cache_factory` (a quantized KV cache, say);

@@ -52,7 +52,9 @@ def _parse_profile(name: str, raw, origin: str) -> HardwareProfile:
         if key in raw and (not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0):
             problems.append(f"{key} must be a number >= 0, got {value!r}")
     if problems:
-        raise ConfigError(f"{origin}: profile '{name}': {'; '.join(problems)}; every profile needs {', '.join(required)}")
+        raise ConfigError(
+            f"{origin}: profile '{name}': {'; '.join(problems)}; every profile needs {', '.join(required)}"
+        )
     return HardwareProfile(name=name, description=str(raw["description"]), **{k: float(raw[k]) for k in _NUMERIC})
 
 
@@ -60,7 +62,9 @@ def _read_profiles(path: Path) -> dict[str, HardwareProfile]:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"profiles file '{path}' cannot be read ({getattr(exc, 'strerror', None) or 'not UTF-8 text'}); fix the path given by --profiles or FRUGALM_PROFILES") from None
+        raise ConfigError(
+            f"profiles file '{path}' cannot be read ({getattr(exc, 'strerror', None) or 'not UTF-8 text'}); fix the path given by --profiles or FRUGALM_PROFILES"
+        ) from None
     data = load_yaml(text, f"profiles file '{path}'") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"profiles file '{path}' must map profile names to fields")
@@ -77,7 +81,9 @@ def load_profiles(extra: str | os.PathLike | None = None) -> dict[str, HardwareP
     if extra:
         path = Path(extra).expanduser()
         if not path.is_file():
-            raise ConfigError(f"profiles file '{extra}' does not exist; pass a YAML file of profiles (see `frugalm ls profiles`)")
+            raise ConfigError(
+                f"profiles file '{extra}' does not exist; pass a YAML file of profiles (see `frugalm ls profiles`)"
+            )
         profiles.update(_read_profiles(path))
     return profiles
 

@@ -122,7 +122,12 @@ class EnergyMeter:
         if self.nvml is not None:
             return {**base, "counter": "NVML nvmlDeviceGetTotalEnergyConsumption (device)"}
         if self.rapl:
-            return {**base, "counter": "RAPL package energy_uj", "zones": [z.name for z in self.rapl], "note": "whole package, other processes included"}
+            return {
+                **base,
+                "counter": "RAPL package energy_uj",
+                "zones": [z.name for z in self.rapl],
+                "note": "whole package, other processes included",
+            }
         return {
             **base,
             "model": "P = watts_idle + u * (watts_max - watts_idle) (Cloud Carbon Footprint linear model)",
@@ -130,7 +135,9 @@ class EnergyMeter:
             "watts_idle": self.profile.watts_idle,
             "watts_max": self.profile.watts_max,
             "utilization": self.utilization(),
-            "utilization_source": "assumed 1 (no NVML): upper bound" if self.device.type == "cuda" else "process CPU seconds / (wall * logical CPUs)",
+            "utilization_source": "assumed 1 (no NVML): upper bound"
+            if self.device.type == "cuda"
+            else "process CPU seconds / (wall * logical CPUs)",
             "cpu_s": self.cpu_s,
             "logical_cpus": os.cpu_count(),
         }

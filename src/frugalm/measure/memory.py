@@ -125,7 +125,9 @@ class PeakMemory:
             "method": self.method,
             "peak_bytes": self.peak,
             "baseline_bytes": 0 if on_gpu else self.baseline,
-            "note": "allocator peak of tensors on the device" if on_gpu else "peak RSS of the measuring child minus its RSS after imports, before the model loaded",
+            "note": "allocator peak of tensors on the device"
+            if on_gpu
+            else "peak RSS of the measuring child minus its RSS after imports, before the model loaded",
         }
 
     @property

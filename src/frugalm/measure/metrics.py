@@ -60,22 +60,47 @@ class Measurement:
         # Mistakes here are frugalm's bugs, not the user's: ValueError, with its traceback.
         declared = METRICS.get(self.metric)
         if declared is None:
-            raise ValueError(f"no metric '{self.metric}' is declared in measure/metrics.py{suggest(self.metric, METRICS)}; declare it there (name, unit, direction, method) before storing figures of it")
+            raise ValueError(
+                f"no metric '{self.metric}' is declared in measure/metrics.py{suggest(self.metric, METRICS)}; declare it there (name, unit, direction, method) before storing figures of it"
+            )
         if self.unit is None:
             self.unit = declared.unit
         elif self.unit != declared.unit:
-            raise ValueError(f"figure of '{self.metric}' given in '{self.unit}', but the metric is declared in '{declared.unit}' (measure/metrics.py); leave the unit out, or convert the value")
+            raise ValueError(
+                f"figure of '{self.metric}' given in '{self.unit}', but the metric is declared in '{declared.unit}' (measure/metrics.py); leave the unit out, or convert the value"
+            )
         if self.method is None:
-            raise ValueError(f"figure of '{self.metric}' has no method; say how it was obtained: method='measured', 'estimated' or 'counted'")
+            raise ValueError(
+                f"figure of '{self.metric}' has no method; say how it was obtained: method='measured', 'estimated' or 'counted'"
+            )
 
     @classmethod
-    def stored(cls, metric: str, value: float, unit: str, method: str, workload: str | None = None, n: int = 1,
-               spread: float | None = None, protocol: dict | None = None, samples: list[float] | None = None) -> Measurement:
+    def stored(
+        cls,
+        metric: str,
+        value: float,
+        unit: str,
+        method: str,
+        workload: str | None = None,
+        n: int = 1,
+        spread: float | None = None,
+        protocol: dict | None = None,
+        samples: list[float] | None = None,
+    ) -> Measurement:
         """A figure as the store holds it, not checked against today's METRICS: a database keeps
         the units and metrics of the benchmark version that wrote it, and must still read."""
         m = object.__new__(cls)
-        m.__dict__.update(metric=metric, value=value, unit=unit, method=method, workload=workload, n=n, spread=spread,
-                          protocol=protocol if protocol is not None else {}, samples=samples)
+        m.__dict__.update(
+            metric=metric,
+            value=value,
+            unit=unit,
+            method=method,
+            workload=workload,
+            n=n,
+            spread=spread,
+            protocol=protocol if protocol is not None else {},
+            samples=samples,
+        )
         return m
 
     def to_dict(self) -> dict:
@@ -88,44 +113,256 @@ def _m(name, unit, hib, method, resource, description, per_workload=False) -> Me
 
 _ALL = [
     # quality
-    _m("ppl_tok", "ppl", False, "measured", "quality", "Perplexity per token over rolling windows of the evaluation text."),
-    _m("ppl_word", "ppl", False, "measured", "quality", "Perplexity per whitespace-separated word: exp(total NLL / words); compares models with different tokenizers."),
-    _m("ppl_byte", "ppl", False, "measured", "quality", "Perplexity per UTF-8 byte: exp(total NLL / bytes); compares models with different tokenizers."),
-    _m("kl_ref_nats", "nats", False, "measured", "quality", "Mean next-token KL divergence KL(reference || model) over the evaluated positions."),
-    _m("top1_agree_frac", "fraction", True, "measured", "quality", "Fraction of evaluated positions where the model's argmax equals the reference's."),
-    _m("robust_ppl_ratio", "ratio", False, "measured", "quality", "Per-byte perplexity under seeded character-level noise divided by the clean figure on the same text."),
+    _m(
+        "ppl_tok",
+        "ppl",
+        False,
+        "measured",
+        "quality",
+        "Perplexity per token over rolling windows of the evaluation text.",
+    ),
+    _m(
+        "ppl_word",
+        "ppl",
+        False,
+        "measured",
+        "quality",
+        "Perplexity per whitespace-separated word: exp(total NLL / words); compares models with different tokenizers.",
+    ),
+    _m(
+        "ppl_byte",
+        "ppl",
+        False,
+        "measured",
+        "quality",
+        "Perplexity per UTF-8 byte: exp(total NLL / bytes); compares models with different tokenizers.",
+    ),
+    _m(
+        "kl_ref_nats",
+        "nats",
+        False,
+        "measured",
+        "quality",
+        "Mean next-token KL divergence KL(reference || model) over the evaluated positions.",
+    ),
+    _m(
+        "top1_agree_frac",
+        "fraction",
+        True,
+        "measured",
+        "quality",
+        "Fraction of evaluated positions where the model's argmax equals the reference's.",
+    ),
+    _m(
+        "robust_ppl_ratio",
+        "ratio",
+        False,
+        "measured",
+        "quality",
+        "Per-byte perplexity under seeded character-level noise divided by the clean figure on the same text.",
+    ),
     # computation
-    _m("flops_per_tok_prefill", "FLOP/tok", False, "counted", "computation", "Forward FLOPs per prompt token of the workload's prefill, counted with torch's FLOP counter.", True),
-    _m("flops_per_tok_decode", "FLOP/tok", False, "counted", "computation", "Forward FLOPs of one decode step after the workload's prompt, with the KV cache, counted with torch's FLOP counter.", True),
-    _m("ttft_p50_ms", "ms", False, "measured", "computation", "Time to first token (prefill + first token), median over repetitions.", True),
-    _m("ttft_p90_ms", "ms", False, "measured", "computation", "Time to first token, 90th percentile over repetitions.", True),
-    _m("ttft_p99_ms", "ms", False, "measured", "computation", "Time to first token, 99th percentile over repetitions.", True),
-    _m("tpot_p50_ms", "ms", False, "measured", "computation", "Time per output token after the first (one decode step), median over all steps of all repetitions.", True),
+    _m(
+        "flops_per_tok_prefill",
+        "FLOP/tok",
+        False,
+        "counted",
+        "computation",
+        "Forward FLOPs per prompt token of the workload's prefill, counted with torch's FLOP counter.",
+        True,
+    ),
+    _m(
+        "flops_per_tok_decode",
+        "FLOP/tok",
+        False,
+        "counted",
+        "computation",
+        "Forward FLOPs of one decode step after the workload's prompt, with the KV cache, counted with torch's FLOP counter.",
+        True,
+    ),
+    _m(
+        "ttft_p50_ms",
+        "ms",
+        False,
+        "measured",
+        "computation",
+        "Time to first token (prefill + first token), median over repetitions.",
+        True,
+    ),
+    _m(
+        "ttft_p90_ms",
+        "ms",
+        False,
+        "measured",
+        "computation",
+        "Time to first token, 90th percentile over repetitions.",
+        True,
+    ),
+    _m(
+        "ttft_p99_ms",
+        "ms",
+        False,
+        "measured",
+        "computation",
+        "Time to first token, 99th percentile over repetitions.",
+        True,
+    ),
+    _m(
+        "tpot_p50_ms",
+        "ms",
+        False,
+        "measured",
+        "computation",
+        "Time per output token after the first (one decode step), median over all steps of all repetitions.",
+        True,
+    ),
     _m("tpot_p90_ms", "ms", False, "measured", "computation", "Time per output token, 90th percentile.", True),
     _m("tpot_p99_ms", "ms", False, "measured", "computation", "Time per output token, 99th percentile.", True),
-    _m("decode_tok_s", "tok/s", True, "measured", "computation", "Decode throughput: tokens generated after the first, over the batch, per second of decode time.", True),
-    _m("produce_wall_s", "s", False, "measured", "computation", "Wall time to produce the variant from its base model (compression or training stages), on the stated device."),
-    _m("produce_flops", "FLOP", False, "counted", "computation", "FLOPs of the training stages that produced the variant: one step's forward and backward counted with torch's FLOP counter, times the steps, plus the counted scoring forwards of importance sampling."),
-    _m("produce_train_tokens", "tok", False, "counted", "computation", "Tokens the training stages that produced the variant processed (steps x global batch x window)."),
-    _m("prefill_tok_s", "tok/s", True, "measured", "computation", "Prefill throughput: prompt tokens over the batch per second of prefill time.", True),
+    _m(
+        "decode_tok_s",
+        "tok/s",
+        True,
+        "measured",
+        "computation",
+        "Decode throughput: tokens generated after the first, over the batch, per second of decode time.",
+        True,
+    ),
+    _m(
+        "produce_wall_s",
+        "s",
+        False,
+        "measured",
+        "computation",
+        "Wall time to produce the variant from its base model (compression or training stages), on the stated device.",
+    ),
+    _m(
+        "produce_flops",
+        "FLOP",
+        False,
+        "counted",
+        "computation",
+        "FLOPs of the training stages that produced the variant: one step's forward and backward counted with torch's FLOP counter, times the steps, plus the counted scoring forwards of importance sampling.",
+    ),
+    _m(
+        "produce_train_tokens",
+        "tok",
+        False,
+        "counted",
+        "computation",
+        "Tokens the training stages that produced the variant processed (steps x global batch x window).",
+    ),
+    _m(
+        "prefill_tok_s",
+        "tok/s",
+        True,
+        "measured",
+        "computation",
+        "Prefill throughput: prompt tokens over the batch per second of prefill time.",
+        True,
+    ),
     # memory
     _m("params_count", "params", False, "counted", "memory", "Number of parameters (tied weights counted once)."),
-    _m("weights_mib", "MiB", False, "counted", "memory", "Bytes of parameters and buffers as stored in memory, in MiB."),
+    _m(
+        "weights_mib", "MiB", False, "counted", "memory", "Bytes of parameters and buffers as stored in memory, in MiB."
+    ),
     _m("artifact_mib", "MiB", False, "counted", "memory", "Size of the model folder on disk, in MiB."),
-    _m("peak_mem_mib", "MiB", False, "measured", "memory", "Peak memory while running the workload: CUDA allocator peak on GPU; on CPU peak RSS of the fresh child process minus its interpreter baseline.", True),
-    _m("kv_cache_mib", "MiB", False, "counted", "memory", "Bytes the KV cache holds after the workload's generation (its prompt and generated tokens, whole batch), as stored: float tensors, or packed codes + scales + zero points + the full-precision residual of a quantized cache.", True),
+    _m(
+        "peak_mem_mib",
+        "MiB",
+        False,
+        "measured",
+        "memory",
+        "Peak memory while running the workload: CUDA allocator peak on GPU; on CPU peak RSS of the fresh child process minus its interpreter baseline.",
+        True,
+    ),
+    _m(
+        "kv_cache_mib",
+        "MiB",
+        False,
+        "counted",
+        "memory",
+        "Bytes the KV cache holds after the workload's generation (its prompt and generated tokens, whole batch), as stored: float tensors, or packed codes + scales + zero points + the full-precision residual of a quantized cache.",
+        True,
+    ),
     # energy
-    _m("energy_j_per_tok", "J/tok", False, "measured", "energy", "Energy of the workload per generated token: NVML or RAPL counters when readable (measured), else a documented power model (estimated).", True),
-    _m("produce_energy_j", "J", False, "estimated", "energy", "Energy of the training stages that produced the variant: NVML or RAPL counters when readable (measured), else the documented power model (estimated)."),
-    _m("carbon_g_per_mtok", "gCO2e/Mtok", False, "estimated", "energy", "Carbon per million generated tokens: energy times the profile's grid intensity.", True),
+    _m(
+        "energy_j_per_tok",
+        "J/tok",
+        False,
+        "measured",
+        "energy",
+        "Energy of the workload per generated token: NVML or RAPL counters when readable (measured), else a documented power model (estimated).",
+        True,
+    ),
+    _m(
+        "produce_energy_j",
+        "J",
+        False,
+        "estimated",
+        "energy",
+        "Energy of the training stages that produced the variant: NVML or RAPL counters when readable (measured), else the documented power model (estimated).",
+    ),
+    _m(
+        "carbon_g_per_mtok",
+        "gCO2e/Mtok",
+        False,
+        "estimated",
+        "energy",
+        "Carbon per million generated tokens: energy times the profile's grid intensity.",
+        True,
+    ),
     # money
-    _m("cost_usd_per_mtok", "USD/Mtok", False, "estimated", "money", "USD per million generated tokens: the profile's hourly price times measured time, plus energy times its electricity price.", True),
-    _m("produce_cost_usd", "USD", False, "estimated", "money", "USD to produce the variant: the profile's hourly price times the production wall time, plus the training energy times its electricity price."),
-    _m("cost_usd_per_mtok_per_bparam", "USD/Mtok/Bparam", False, "estimated", "money", "Cost per million generated tokens per billion parameters: what each parameter costs to serve.", True),
+    _m(
+        "cost_usd_per_mtok",
+        "USD/Mtok",
+        False,
+        "estimated",
+        "money",
+        "USD per million generated tokens: the profile's hourly price times measured time, plus energy times its electricity price.",
+        True,
+    ),
+    _m(
+        "produce_cost_usd",
+        "USD",
+        False,
+        "estimated",
+        "money",
+        "USD to produce the variant: the profile's hourly price times the production wall time, plus the training energy times its electricity price.",
+    ),
+    _m(
+        "cost_usd_per_mtok_per_bparam",
+        "USD/Mtok/Bparam",
+        False,
+        "estimated",
+        "money",
+        "Cost per million generated tokens per billion parameters: what each parameter costs to serve.",
+        True,
+    ),
     # network
-    _m("ship_mib", "MiB", False, "counted", "network", "Bytes to ship the model artifact (every file of the folder), in MiB."),
-    _m("ship_compressed_mib", "MiB", False, "counted", "network", "Bytes to ship the artifact compressed (zlib level 6 over every file), in MiB."),
-    _m("produce_comm_bytes", "B", False, "counted", "network", "Bytes each process handed to collective communication while training the variant data-parallel (gradient all-reduce, compressed or not), summed over its steps."),
+    _m(
+        "ship_mib",
+        "MiB",
+        False,
+        "counted",
+        "network",
+        "Bytes to ship the model artifact (every file of the folder), in MiB.",
+    ),
+    _m(
+        "ship_compressed_mib",
+        "MiB",
+        False,
+        "counted",
+        "network",
+        "Bytes to ship the artifact compressed (zlib level 6 over every file), in MiB.",
+    ),
+    _m(
+        "produce_comm_bytes",
+        "B",
+        False,
+        "counted",
+        "network",
+        "Bytes each process handed to collective communication while training the variant data-parallel (gradient all-reduce, compressed or not), summed over its steps.",
+    ),
 ]
 
 METRICS: dict[str, Metric] = {m.name: m for m in _ALL}
@@ -142,5 +379,8 @@ def check_metric_names(names) -> list[str]:
     """Validate a user's metric selection, reporting all unknown names at once."""
     bad = [n for n in names if n not in METRICS]
     if bad:
-        raise ConfigError("; ".join(f"unknown metric '{n}'{did_you_mean(n, METRICS)}" for n in bad) + f". Valid choices: {', '.join(METRICS)} (see `frugalm ls metrics`)")
+        raise ConfigError(
+            "; ".join(f"unknown metric '{n}'{did_you_mean(n, METRICS)}" for n in bad)
+            + f". Valid choices: {', '.join(METRICS)} (see `frugalm ls metrics`)"
+        )
     return list(names)

@@ -88,7 +88,17 @@ def _windows_per_batch(window: int, vocab: int) -> int:
 
 
 @torch.inference_mode()
-def score_text(model, encoded: EncodedText, window: int, stride: int, *, reference=None, progress: Progress | None = None, label: str = "perplexity", cache_factory: Callable[[], object] | None = None) -> Scores:
+def score_text(
+    model,
+    encoded: EncodedText,
+    window: int,
+    stride: int,
+    *,
+    reference=None,
+    progress: Progress | None = None,
+    label: str = "perplexity",
+    cache_factory: Callable[[], object] | None = None,
+) -> Scores:
     """Sum next-token NLL (and KL/agreement against `reference`) over the rolling windows.
 
     `cache_factory` (default: the model's own quantized KV cache, if it has one) makes the fresh
@@ -121,7 +131,10 @@ def _window_logits(model, inputs: torch.Tensor, cache_factory) -> torch.Tensor:
     if cache_factory is None:
         return model(inputs).logits
     cache = cache_factory()
-    chunks = [model(inputs[:, i : i + CHUNK_TOKENS], past_key_values=cache, use_cache=True).logits for i in range(0, inputs.shape[1], CHUNK_TOKENS)]
+    chunks = [
+        model(inputs[:, i : i + CHUNK_TOKENS], past_key_values=cache, use_cache=True).logits
+        for i in range(0, inputs.shape[1], CHUNK_TOKENS)
+    ]
     return torch.cat(chunks, dim=1)
 
 
@@ -143,7 +156,17 @@ def _score_batch(model, reference, ids, batch, length, device, scores: Scores, c
         scores.n_agree += int((logp.argmax(-1) == ref_logp.argmax(-1))[mask].sum())
 
 
-def measure_quality(model, tokenizer, docs: list[str], protocol: PerplexityProtocol, *, context: int | None, data_desc: dict, reference=None, progress: Progress | None = None) -> list[Measurement]:
+def measure_quality(
+    model,
+    tokenizer,
+    docs: list[str],
+    protocol: PerplexityProtocol,
+    *,
+    context: int | None,
+    data_desc: dict,
+    reference=None,
+    progress: Progress | None = None,
+) -> list[Measurement]:
     """Perplexity (per token, word, byte), fidelity to `reference` when given, and robustness."""
     protocol.check()
     window = min(protocol.window, context) if context else protocol.window
@@ -184,10 +207,15 @@ def _scoring_mode(model) -> dict:
     kv = inference_settings(model).get("kv_cache")
     if not kv:
         return {"scoring": "whole windows, one forward each, no cache"}
-    return {"scoring": f"chunked prefill through the quantized KV cache, {CHUNK_TOKENS} tokens per forward", "kv_cache": kv}
+    return {
+        "scoring": f"chunked prefill through the quantized KV cache, {CHUNK_TOKENS} tokens per forward",
+        "kv_cache": kv,
+    }
 
 
-def _robustness(model, tokenizer, encoded: EncodedText, scores: Scores, protocol, window, stride, proto, progress) -> Measurement:
+def _robustness(
+    model, tokenizer, encoded: EncodedText, scores: Scores, protocol, window, stride, proto, progress
+) -> Measurement:
     """Per-byte perplexity of a seeded noisy copy of the text over that of the clean text.
 
     When the clean text is the very text perplexity scored (robust_tokens == max_tokens, the
@@ -207,7 +235,11 @@ def _robustness(model, tokenizer, encoded: EncodedText, scores: Scores, protocol
         "stride": stride,
         "clean_tokens": len(clean.ids),
         "noisy_tokens": len(noisy.ids),
-        "noise": {"rate": protocol.noise_rate, "seed": protocol.noise_seed, "ops": "substitute/delete/insert/swap, uniform"},
+        "noise": {
+            "rate": protocol.noise_rate,
+            "seed": protocol.noise_seed,
+            "ops": "substitute/delete/insert/swap, uniform",
+        },
         "clean_ppl_byte": per_byte[0],
         "noisy_ppl_byte": per_byte[1],
     }

@@ -47,7 +47,9 @@ WORKLOADS: dict[str, Workload] = {
         Workload("chat", 128, 64, 1, "One interactive request: 128-token prompt, 64 new tokens, batch 1."),
         Workload("batch8", 128, 64, 8, "Eight requests served together: 128-token prompts, 64 new tokens, batch 8."),
         Workload("prefill", 256, 1, 8, "Prompt processing: batch 8 x 256-token prompts, one new token each."),
-        Workload("long", 1536, 256, 1, "Long context: 1,536-token prompt, 256 new tokens, batch 1 (stresses the KV cache)."),
+        Workload(
+            "long", 1536, 256, 1, "Long context: 1,536-token prompt, 256 new tokens, batch 1 (stresses the KV cache)."
+        ),
     ]
 }
 DEFAULT_WORKLOADS = ("chat", "batch8")
@@ -74,5 +76,9 @@ def fit_to_context(workload: Workload, context: int | None, *, scale: bool) -> W
     factor = context / workload.total_tokens
     prompt = max(1, int(workload.prompt_tokens * factor))
     output = max(1, min(context - prompt, int(workload.output_tokens * factor)))
-    return replace(workload, prompt_tokens=prompt, output_tokens=output, scaled_from=(workload.prompt_tokens, workload.output_tokens))
-
+    return replace(
+        workload,
+        prompt_tokens=prompt,
+        output_tokens=output,
+        scaled_from=(workload.prompt_tokens, workload.output_tokens),
+    )

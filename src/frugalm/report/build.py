@@ -45,13 +45,23 @@ def _figure_key(metric: str, workload: str | None) -> str:
     return f"{metric}@{workload}" if workload else metric
 
 
-SPEED_METRICS = tuple(name for name, m in METRICS.items() if m.resource == "computation" and m.method == "measured" and m.per_workload)
+SPEED_METRICS = tuple(
+    name for name, m in METRICS.items() if m.resource == "computation" and m.method == "measured" and m.per_workload
+)
 """Timed figures of a workload: a dequantizing variant's are marked "no speed kernel" beside them."""
 
 
 def _figures(db: Store, run: Run) -> dict[str, dict]:
     return {
-        _figure_key(m.metric, m.workload): {"metric": m.metric, "workload": m.workload, "value": m.value, "unit": m.unit, "method": m.method, "n": m.n, "spread": m.spread}
+        _figure_key(m.metric, m.workload): {
+            "metric": m.metric,
+            "workload": m.workload,
+            "value": m.value,
+            "unit": m.unit,
+            "method": m.method,
+            "n": m.n,
+            "spread": m.spread,
+        }
         for m in db.measurements(run.id)
     }
 
@@ -92,7 +102,15 @@ def build_report_data(db: Store, session: Run) -> dict:
     for name, run_id in cfg["variants"].items():
         if run_id:
             run = db.get_run(run_id)
-            entries.append({"name": name, "run": run, "figures": _figures(db, run), "recipe": run.config.get("variant", {}).get("recipe"), **_kernels(db, run)})
+            entries.append(
+                {
+                    "name": name,
+                    "run": run,
+                    "figures": _figures(db, run),
+                    "recipe": run.config.get("variant", {}).get("recipe"),
+                    **_kernels(db, run),
+                }
+            )
     noise = _run_to_run_noise(base_fig, _figures(db, db.get_run(cfg["control"]))) if cfg.get("control") else {}
     for e in entries:
         for key, f in e["figures"].items():
@@ -128,7 +146,10 @@ def build_report_data(db: Store, session: Run) -> dict:
         "recommendations": _recommendations(cfg.get("constraint_specs", []), points, margins, entries),
         "noise": {k: v for k, v in noise.items() if v > 0},
         "out_dir": cfg.get("out_dir"),
-        "protocol": {k: base_run.config.get(k) for k in ("data", "protocol", "workloads", "profile", "repetitions", "warmup", "device", "dtype")},
+        "protocol": {
+            k: base_run.config.get(k)
+            for k in ("data", "protocol", "workloads", "profile", "repetitions", "warmup", "device", "dtype")
+        },
     }
 
 
@@ -141,7 +162,12 @@ def _reference(metric: str, values: list[float]) -> float:
 
 def _metric_info(name: str) -> dict:
     m = get_metric(name)
-    return {"unit": m.unit, "higher_is_better": m.higher_is_better, "resource": m.resource, "description": m.description}
+    return {
+        "unit": m.unit,
+        "higher_is_better": m.higher_is_better,
+        "resource": m.resource,
+        "description": m.description,
+    }
 
 
 def _variant_row(entry: dict, base_fig: dict, on_front: set, fronts: dict, workload: str) -> dict:
@@ -149,7 +175,9 @@ def _variant_row(entry: dict, base_fig: dict, on_front: set, fronts: dict, workl
     for key, f in figs.items():
         base = base_fig.get(key)
         f["delta_pct"] = 100 * (f["value"] / base["value"] - 1) if base and base["value"] else None
-        f["tie"] = bool(base) and f["delta_pct"] != 0 and abs(f["value"] - base["value"]) <= f["margin"] + base["margin"]
+        f["tie"] = (
+            bool(base) and f["delta_pct"] != 0 and abs(f["value"] - base["value"]) <= f["margin"] + base["margin"]
+        )
     run = entry["run"]
     variant = run.config.get("variant", {})
     return {
@@ -190,9 +218,20 @@ def _recommendations(specs: list[str], points: list[dict], margins: list[dict], 
                 q = min(tied, key=lambda i: points[i].get(QUALITY, float("inf")))
                 same_quality = [i for i in tied if _tie(points[i], margins[i], points[q], margins[q], QUALITY)]
                 pick = better(same_quality, key=lambda i: points[i][metric])
-                best[resource] = {"variant": entries[pick]["name"], "value": points[pick][metric], "metric": metric,
-                                  "tied": [entries[i]["name"] for i in tied if i != pick]}
-        out.append({"constraint": str(c), "bound": c.bound(points[0].get(c.metric)), "satisfied_by": [entries[i]["name"] for i in ok], "best": best})
+                best[resource] = {
+                    "variant": entries[pick]["name"],
+                    "value": points[pick][metric],
+                    "metric": metric,
+                    "tied": [entries[i]["name"] for i in tied if i != pick],
+                }
+        out.append(
+            {
+                "constraint": str(c),
+                "bound": c.bound(points[0].get(c.metric)),
+                "satisfied_by": [entries[i]["name"] for i in ok],
+                "best": best,
+            }
+        )
     return out
 
 

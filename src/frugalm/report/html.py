@@ -67,30 +67,51 @@ def scatter_svg(data: dict, resource: str) -> str:
     sy, (ylo, yhi, ylog) = _scale([fy["value"] for _, _, fy in rows], H - PAD_B, PAD_T, log=False)
     front = set(data["fronts"].get(resource, []))
     estimated = any(fx["method"] == "estimated" for _, fx, _ in rows)
-    parts = [f'<svg class=plot viewBox="0 0 {W} {H}" role=img aria-label="{html.escape(q)} against {html.escape(metric)}">']
+    parts = [
+        f'<svg class=plot viewBox="0 0 {W} {H}" role=img aria-label="{html.escape(q)} against {html.escape(metric)}">'
+    ]
     for t in _ticks(xlo, xhi, xlog):
         x = sx(t)
-        parts.append(f'<line x1="{x:.1f}" y1="{PAD_T}" x2="{x:.1f}" y2="{H - PAD_B}" class=grid /><text x="{x:.1f}" y="{H - PAD_B + 14}" class=tick text-anchor=middle>{format_value(t)}</text>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{PAD_T}" x2="{x:.1f}" y2="{H - PAD_B}" class=grid /><text x="{x:.1f}" y="{H - PAD_B + 14}" class=tick text-anchor=middle>{format_value(t)}</text>'
+        )
     for t in _ticks(ylo, yhi, ylog):
         y = sy(t)
-        parts.append(f'<line x1="{PAD_L}" y1="{y:.1f}" x2="{W - PAD_R}" y2="{y:.1f}" class=grid /><text x="{PAD_L - 6}" y="{y + 4:.1f}" class=tick text-anchor=end>{format_value(t)}</text>')
+        parts.append(
+            f'<line x1="{PAD_L}" y1="{y:.1f}" x2="{W - PAD_R}" y2="{y:.1f}" class=grid /><text x="{PAD_L - 6}" y="{y + 4:.1f}" class=tick text-anchor=end>{format_value(t)}</text>'
+        )
     better = "higher is better →" if head["higher_is_better"] else "← lower is better"
     xlabel = f"{metric} ({head['unit']}{', log scale' if xlog else ''}){' — estimated' if estimated else ''}  {better}"
-    parts.append(f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{H - 8}" class=axis text-anchor=middle>{html.escape(xlabel)}</text>')
-    parts.append(f'<text transform="translate(14,{(PAD_T + H - PAD_B) / 2}) rotate(-90)" class=axis text-anchor=middle>{html.escape(q)} (ppl, lower is better)</text>')
+    parts.append(
+        f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{H - 8}" class=axis text-anchor=middle>{html.escape(xlabel)}</text>'
+    )
+    parts.append(
+        f'<text transform="translate(14,{(PAD_T + H - PAD_B) / 2}) rotate(-90)" class=axis text-anchor=middle>{html.escape(q)} (ppl, lower is better)</text>'
+    )
     pts = sorted(((sx(fx["value"]), sy(fy["value"])) for v, fx, fy in rows if v["name"] in front))
     if len(pts) > 1:
         parts.append('<polyline class=front points="' + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '" />')
     for v, fx, fy in rows:
         x, y = sx(fx["value"]), sy(fy["value"])
-        cls = " ".join(c for c in ("pt", "onfront" if v["name"] in front else "dominated", "estimated" if fx["method"] == "estimated" else "", "baseline" if v["name"] == "baseline" else "") if c)
+        cls = " ".join(
+            c
+            for c in (
+                "pt",
+                "onfront" if v["name"] in front else "dominated",
+                "estimated" if fx["method"] == "estimated" else "",
+                "baseline" if v["name"] == "baseline" else "",
+            )
+            if c
+        )
         tip = f"{v['name']}: {q} {format_value(fy['value'])}, {metric} {format_value(fx['value'])} {fx['unit']} ({fx['method']})"
         if v.get("recipe"):
             tip += " | " + " → ".join(s["technique"] for s in v["recipe"]["stages"])
         if badge(v, metric, data):
             tip += " | no speed kernel: " + v["speed_kernel"]["text"]
         lx, anchor = (x + 8, "start") if x < W - 90 else (x - 8, "end")  # keep labels inside the plot
-        parts.append(f'<g class="{cls}" data-tip="{html.escape(tip)}"><title>{html.escape(tip)}</title><circle cx="{x:.1f}" cy="{y:.1f}" r="6" /><text x="{lx:.1f}" y="{y - 8:.1f}" class=label text-anchor={anchor}>{html.escape(v["name"])}</text></g>')
+        parts.append(
+            f'<g class="{cls}" data-tip="{html.escape(tip)}"><title>{html.escape(tip)}</title><circle cx="{x:.1f}" cy="{y:.1f}" r="6" /><text x="{lx:.1f}" y="{y - 8:.1f}" class=label text-anchor={anchor}>{html.escape(v["name"])}</text></g>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -106,7 +127,13 @@ def badge(variant: dict, metric: str, data: dict) -> str:
 def script_json(data: dict) -> str:
     """JSON safe inside <script>: <, > and & as JSON unicode escapes (still the same JSON), so a string can hold "</script>" or "<!--"."""
     text = json.dumps(data, default=str)
-    for char, escape in (("<", "\\u003c"), (">", "\\u003e"), ("&", "\\u0026"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+    for char, escape in (
+        ("<", "\\u003c"),
+        (">", "\\u003e"),
+        ("&", "\\u0026"),
+        ("\u2028", "\\u2028"),
+        ("\u2029", "\\u2029"),
+    ):
         text = text.replace(char, escape)
     return text
 
@@ -134,16 +161,27 @@ def bars_html(data: dict) -> str:
             kind = " tie" if f.get("tie") else (" good" if good else " bad")
             width = min(100.0, 50 * ratio)
             est = " estimated" if f["method"] == "estimated" else ""
-            rows.append(f'<div class="bar-row"><span class=bar-name>{html.escape(v["name"])}</span><span class="bar{kind}{est}" style="width:{width:.1f}%"></span><span class=bar-val>{ratio:.2f}×{" ≈" if f.get("tie") else ""}{" (est.)" if est else ""}{badge(v, metric, data)}</span></div>')
-        out.append(f'<div class=bars><h3>{resource}: {metric} vs baseline <small>({"higher" if head["higher_is_better"] else "lower"} is better; the middle line is the baseline; grey ≈: within the noise)</small></h3>{"".join(rows)}</div>')
+            rows.append(
+                f'<div class="bar-row"><span class=bar-name>{html.escape(v["name"])}</span><span class="bar{kind}{est}" style="width:{width:.1f}%"></span><span class=bar-val>{ratio:.2f}×{" ≈" if f.get("tie") else ""}{" (est.)" if est else ""}{badge(v, metric, data)}</span></div>'
+            )
+        out.append(
+            f"<div class=bars><h3>{resource}: {metric} vs baseline <small>({'higher' if head['higher_is_better'] else 'lower'} is better; the middle line is the baseline; grey ≈: within the noise)</small></h3>{''.join(rows)}</div>"
+        )
     return "".join(out)
 
 
 def render_html(data: dict) -> str:
     env = Environment(loader=FileSystemLoader(TEMPLATE_DIR), autoescape=select_autoescape(["html"]))
     env.filters["fmt"] = lambda v: "" if v is None else format_value(v)
-    env.filters["pretty"] = lambda v: json.dumps(v, indent=2, sort_keys=True, default=str, ensure_ascii=False)  # autoescaped where used: tojson would show \\u003c for <
+    env.filters["pretty"] = lambda v: json.dumps(
+        v, indent=2, sort_keys=True, default=str, ensure_ascii=False
+    )  # autoescaped where used: tojson would show \\u003c for <
     template = env.get_template("template.html")
     plots = {r: scatter_svg(data, r) for r in data["headline"]}
-    metric_names = sorted({f["metric"] for v in data["variants"] for f in v["figures"].values()}, key=lambda m: (data["metrics"][m]["resource"], m))
-    return template.render(d=data, plots=plots, bars=bars_html(data), metric_names=metric_names, data_json=script_json(data))
+    metric_names = sorted(
+        {f["metric"] for v in data["variants"] for f in v["figures"].values()},
+        key=lambda m: (data["metrics"][m]["resource"], m),
+    )
+    return template.render(
+        d=data, plots=plots, bars=bars_html(data), metric_names=metric_names, data_json=script_json(data)
+    )

@@ -60,9 +60,14 @@ def render_markdown(d: dict) -> str:
         lines.append(f"- {r['constraint']}: {best or 'no variant satisfies it'}")
     lines += ["", "## Pareto fronts (quality against each resource)", ""]
     noise = ", ".join(f"`{k}` ±{100 * v:.1f}%" for k, v in d.get("noise", {}).items() if k.split("@")[0] in metrics)
-    lines += [f"Run-to-run noise (baseline measured first and last): {noise or 'none measured'}. Differences within a figure's margin (its spread, this noise or 0.01% of its value, whichever is largest) are ties, marked ≈; a variant is off a front only if another beats it beyond the margins.", ""]
+    lines += [
+        f"Run-to-run noise (baseline measured first and last): {noise or 'none measured'}. Differences within a figure's margin (its spread, this noise or 0.01% of its value, whichever is largest) are ties, marked ≈; a variant is off a front only if another beats it beyond the margins.",
+        "",
+    ]
     for res, names in d["fronts"].items():
-        lines.append(f"- {res} (`{d['headline'][res]['metric']}`): {', '.join(text(n) for n in names)}; hypervolume {format_value(d['hypervolume'].get(res, 0))}")
+        lines.append(
+            f"- {res} (`{d['headline'][res]['metric']}`): {', '.join(text(n) for n in names)}; hypervolume {format_value(d['hypervolume'].get(res, 0))}"
+        )
     lines += ["", "## Headline figures (Δ to baseline)", ""]
     header = ["variant", *[f"{m} ({METRICS[m].unit})" for m in metrics]]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -78,5 +83,10 @@ def render_markdown(d: dict) -> str:
 
 def _kernel_lines(d: dict) -> list[str]:
     """Each variant's kernels, quantized formats named, and the "no speed kernel" notes."""
-    rows = [f"- {text(v['name'])}: {text(v['kernels'])}" + (f". **{text(v['speed_kernel']['text'])}.**" if v.get("speed_kernel") else "") for v in d["variants"] if v.get("kernels")]
+    rows = [
+        f"- {text(v['name'])}: {text(v['kernels'])}"
+        + (f". **{text(v['speed_kernel']['text'])}.**" if v.get("speed_kernel") else "")
+        for v in d["variants"]
+        if v.get("kernels")
+    ]
     return ["", "## Kernels (linear layers, by format)", "", *rows] if rows else []

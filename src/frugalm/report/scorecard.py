@@ -36,10 +36,14 @@ def kernel_protocol(measurements: list[Measurement]) -> dict | None:
 
 
 def kernel_line(protocol: dict | None) -> str | None:
-    """"w8a8-dynamic on fbgemm: 14 layers; dense: 1": each quantized format with its kernel, then the float layers."""
+    """ "w8a8-dynamic on fbgemm: 14 layers; dense: 1": each quantized format with its kernel, then the float layers."""
     if not protocol:
         return None
-    parts = [f"{fmt} on {kernel}: {n} layers" for fmt, kernels in sorted((protocol.get("formats") or {}).items()) for kernel, n in sorted(kernels.items())]
+    parts = [
+        f"{fmt} on {kernel}: {n} layers"
+        for fmt, kernels in sorted((protocol.get("formats") or {}).items())
+        for kernel, n in sorted(kernels.items())
+    ]
     if "formats" not in protocol:  # a run stored before formats were reported
         parts += [f"{kernel}: {n} layers" for kernel, n in sorted(protocol["kernels"].items()) if kernel != "dense"]
     if protocol["kernels"].get("dense"):
@@ -57,7 +61,11 @@ def speed_kernel_note(measurements: list[Measurement]) -> dict | None:
     if not protocol:
         return None
     if "formats" in protocol:
-        formats = {fmt: kernels["dequantize"] for fmt, kernels in sorted(protocol["formats"].items()) if kernels.get("dequantize")}
+        formats = {
+            fmt: kernels["dequantize"]
+            for fmt, kernels in sorted(protocol["formats"].items())
+            if kernels.get("dequantize")
+        }
     else:  # stored before formats were reported: the kernel counts alone
         formats = {"quantized": protocol["kernels"]["dequantize"]} if protocol["kernels"].get("dequantize") else {}
     layers = sum(formats.values())
@@ -85,7 +93,9 @@ def format_scorecard(run: Run, measurements: list[Measurement]) -> str:
         rows.append((resource.upper(), "", "", "", "", ""))
         for m in by_resource[resource]:
             arrow = "↑" if METRICS[m.metric].higher_is_better else "↓"
-            rows.append((f"  {m.metric} {arrow}", m.workload or "", format_value(m.value), m.unit, m.method, _spread(m)))
+            rows.append(
+                (f"  {m.metric} {arrow}", m.workload or "", format_value(m.value), m.unit, m.method, _spread(m))
+            )
     widths = [max(len(r[i]) for r in rows) for i in range(6)]
     header = ("metric", "workload", "value", "unit", "method", "spread")
     widths = [max(w, len(h)) for w, h in zip(widths, header)]
@@ -99,7 +109,9 @@ def format_scorecard(run: Run, measurements: list[Measurement]) -> str:
     if note:
         lines.append(f"\n{note['text']}.")
     if any(m.method == "estimated" for m in measurements):
-        lines.append("\nestimated: derived from a stated model (profile prices, power model), not a hardware counter; see --json for each protocol.")
+        lines.append(
+            "\nestimated: derived from a stated model (profile prices, power model), not a hardware counter; see --json for each protocol."
+        )
     return "\n".join(lines)
 
 

@@ -45,10 +45,19 @@ class PackedStates:
         return self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes
 
     def cat(self, other: PackedStates) -> PackedStates:
-        return PackedStates(*(torch.cat([a, b], dim=2) for a, b in ((self.codes, other.codes), (self.scales, other.scales), (self.zeros, other.zeros))))
+        return PackedStates(
+            *(
+                torch.cat([a, b], dim=2)
+                for a, b in ((self.codes, other.codes), (self.scales, other.scales), (self.zeros, other.zeros))
+            )
+        )
 
     def select(self, batch_idx: torch.Tensor) -> PackedStates:
-        return PackedStates(self.codes.index_select(0, batch_idx), self.scales.index_select(0, batch_idx), self.zeros.index_select(0, batch_idx))
+        return PackedStates(
+            self.codes.index_select(0, batch_idx),
+            self.scales.index_select(0, batch_idx),
+            self.zeros.index_select(0, batch_idx),
+        )
 
 
 class PackedKVLayer(QuantizedLayer):
@@ -65,20 +74,28 @@ class PackedKVLayer(QuantizedLayer):
 
     def __init__(self, bits: int, group_size: int, residual_length: int):
         # axis -1: groups run along head_dim, one token at a time, for keys and values alike.
-        super().__init__(nbits=bits, axis_key=-1, axis_value=-1, q_group_size=group_size, residual_length=residual_length)
+        super().__init__(
+            nbits=bits, axis_key=-1, axis_value=-1, q_group_size=group_size, residual_length=residual_length
+        )
 
     def _quantize(self, tensor: torch.Tensor, axis: int) -> PackedStates:
         assert axis == -1
         b, h, s, d = tensor.shape  # (batch, kv_heads, tokens, head_dim)
-        q, scale, zero = quantize_groups(tensor.reshape(b * h * s, d), self.nbits, min(self.q_group_size, d), symmetric=False)
+        q, scale, zero = quantize_groups(
+            tensor.reshape(b * h * s, d), self.nbits, min(self.q_group_size, d), symmetric=False
+        )
         return PackedStates(pack(q, self.nbits).view(b, h, s, -1), scale.view(b, h, s, -1), zero.view(b, h, s, -1))
 
     def _dequantize(self, q: PackedStates) -> torch.Tensor:
         b, h, s, _ = q.codes.shape
         codes = unpack(q.codes.reshape(b * h * s, -1), self.nbits)
-        return dequantize_groups(codes, q.scales.reshape(b * h * s, -1), q.zeros.reshape(b * h * s, -1), self.dtype).view(b, h, s, -1)
+        return dequantize_groups(
+            codes, q.scales.reshape(b * h * s, -1), q.zeros.reshape(b * h * s, -1), self.dtype
+        ).view(b, h, s, -1)
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)  # empty residual, dtype, device
         self.cumulative_length += key_states.shape[-2]
@@ -108,7 +125,10 @@ class PackedKVLayer(QuantizedLayer):
         idx = beam_idx.to(self.device)
         self.keys, self.values = self.keys.index_select(0, idx), self.values.index_select(0, idx)
         if self._quantized_keys is not None:
-            self._quantized_keys, self._quantized_values = self._quantized_keys.select(idx), self._quantized_values.select(idx)
+            self._quantized_keys, self._quantized_values = (
+                self._quantized_keys.select(idx),
+                self._quantized_values.select(idx),
+            )
 
     def cache_bytes(self) -> int:
         """Bytes held, as stored: packed codes + float16 scales + uint8 zeros + the full-precision residual window."""
@@ -135,12 +155,16 @@ def check_fits(model: nn.Module, bits: int, group_size: int, where: str) -> None
     d = head_dim(model)
     if group_size < d and d % group_size:
         valid = ", ".join(str(g) for g in range(1, d + 1) if d % g == 0)
-        raise TechniqueError(f"{where}: group_size {group_size} does not divide head_dim {d}; use a divisor of {d} ({valid}) or any value >= {d} for one group per head vector")
+        raise TechniqueError(
+            f"{where}: group_size {group_size} does not divide head_dim {d}; use a divisor of {d} ({valid}) or any value >= {d} for one group per head vector"
+        )
     if bits == 4 and d % 2:
         raise TechniqueError(f"{where}: int4 packs two values per byte, but head_dim {d} is odd; use bits 8")
     layer_types = set(getattr(_text_config(model), "layer_types", None) or ["full_attention"])
     if layer_types != {"full_attention"}:
-        raise TechniqueError(f"{where}: the model has {sorted(layer_types - {'full_attention'})} layers; only full-attention caches can be quantized here, use a model without sliding-window or linear-attention layers")
+        raise TechniqueError(
+            f"{where}: the model has {sorted(layer_types - {'full_attention'})} layers; only full-attention caches can be quantized here, use a model without sliding-window or linear-attention layers"
+        )
 
 
 def make_cache(model: nn.Module, settings: dict) -> Cache | None:

@@ -78,7 +78,9 @@ def range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool)
     return scale.half().float(), zero  # the stored precision, so codes are chosen against it
 
 
-def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_groups(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round-to-nearest codes of w (out, in): (q uint8 (out, in), scale (out, G), zero (out, G))."""
     out_f, in_f = w.shape
     g = in_f if group_size <= 0 else group_size
@@ -122,7 +124,9 @@ class QuantLinear(nn.Module):
         self.activations = "none"  # or "dynamic-int8" (w8a8-dynamic); saved in frugalm.json (inference.linear_formats)
         self.group_size = in_features if group_size <= 0 else group_size
         groups = in_features // self.group_size
-        self.register_buffer("qweight", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8, device=device)
+        )
         self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16, device=device))
         self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
@@ -175,7 +179,12 @@ class Int8Linear(nn.Module):
     def __init__(self, source: QuantLinear):
         super().__init__()
         assert source.bits == 8 and source.group_size == source.in_features
-        self.in_features, self.out_features, self.bits, self.group_size = source.in_features, source.out_features, 8, source.in_features
+        self.in_features, self.out_features, self.bits, self.group_size = (
+            source.in_features,
+            source.out_features,
+            8,
+            source.in_features,
+        )
         int8 = (source.qweight.to(torch.int16) - source.zeros.to(torch.int16)).to(torch.int8)  # (out, in), zero = 128
         scales = source.scales[:, 0].double()
         qw = torch._make_per_channel_quantized_tensor(int8, scales, torch.zeros_like(scales, dtype=torch.long), 0)
@@ -194,7 +203,9 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, shape[-1]).float(), self._packed, True)  # reduce_range=True
+        y = torch.ops.quantized.linear_dynamic(
+            x.reshape(-1, shape[-1]).float(), self._packed, True
+        )  # reduce_range=True
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -221,7 +232,11 @@ def to_fast_kernels_(model: nn.Module) -> list[str]:
     torch.backends.quantized.engine = "fbgemm"
     swapped = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantLinear) and module.activations == "dynamic-int8" and module.qweight.device.type == "cpu":
+        if (
+            isinstance(module, QuantLinear)
+            and module.activations == "dynamic-int8"
+            and module.qweight.device.type == "cpu"
+        ):
             assert fbgemm_eligible(module), f"{name}: w8a8-dynamic needs int8 per-channel symmetric weights"
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, Int8Linear(module))

@@ -33,13 +33,30 @@ class Arch:
     attn: str | None = None  # the GQA attention module (q/k/v/o_proj) when structured `heads` is supported
 
 
-_LLAMA = Arch("model.layers", ("mlp.*", "self_attn.*"), ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj", "intermediate_size", "self_attn.o_proj", attn="self_attn")
+_LLAMA = Arch(
+    "model.layers",
+    ("mlp.*", "self_attn.*"),
+    ("mlp.gate_proj", "mlp.up_proj"),
+    "mlp.down_proj",
+    "intermediate_size",
+    "self_attn.o_proj",
+    attn="self_attn",
+)
 ARCHS = {
     "llama": _LLAMA,
     "qwen2": _LLAMA,
     "gpt2": Arch("transformer.h", ("attn.*", "mlp.*"), ("mlp.c_fc",), "mlp.c_proj", "n_inner", "attn.c_proj"),
-    "gpt_neox": Arch("gpt_neox.layers", ("attention.*", "mlp.*"), ("mlp.dense_h_to_4h",), "mlp.dense_4h_to_h", "intermediate_size", "attention.dense"),
-    "opt": Arch("model.decoder.layers", ("self_attn.*", "fc1", "fc2"), ("fc1",), "fc2", "ffn_dim", "self_attn.out_proj"),
+    "gpt_neox": Arch(
+        "gpt_neox.layers",
+        ("attention.*", "mlp.*"),
+        ("mlp.dense_h_to_4h",),
+        "mlp.dense_4h_to_h",
+        "intermediate_size",
+        "attention.dense",
+    ),
+    "opt": Arch(
+        "model.decoder.layers", ("self_attn.*", "fc1", "fc2"), ("fc1",), "fc2", "ffn_dim", "self_attn.out_proj"
+    ),
 }
 """model_type (config.model_type) -> Arch."""
 

@@ -66,7 +66,15 @@ class InputStats:
 
 
 @torch.inference_mode()
-def collect_input_stats(model: nn.Module, layers: Iterable[tuple[str, nn.Module]], tokens: torch.Tensor, *, gram: bool = False, batch_size: int = 8, progress=None) -> dict[str, InputStats]:
+def collect_input_stats(
+    model: nn.Module,
+    layers: Iterable[tuple[str, nn.Module]],
+    tokens: torch.Tensor,
+    *,
+    gram: bool = False,
+    batch_size: int = 8,
+    progress=None,
+) -> dict[str, InputStats]:
     """Run `tokens` (n, seq_len) through `model`, accumulating input statistics of `layers`."""
     stats: dict[str, InputStats] = {}
     handles = []
@@ -128,7 +136,9 @@ class _Captured(Exception):
     """Raised by the capture hook once block 0 has its inputs: the rest of the model is not needed."""
 
 
-def capture_block_inputs(model: nn.Module, block: nn.Module, tokens: torch.Tensor, batch_size: int) -> list[BlockInputs]:
+def capture_block_inputs(
+    model: nn.Module, block: nn.Module, tokens: torch.Tensor, batch_size: int
+) -> list[BlockInputs]:
     """`block`'s inputs for every batch of `tokens` (n, seq_len), running the model only up to it."""
     captured: list[BlockInputs] = []
 
@@ -188,7 +198,15 @@ def _block_stats(step: BlockStep, gram: bool, keep_outputs: bool) -> list[BlockI
 
 
 @torch.no_grad()
-def calibrate_blocks(model: nn.Module, layers: list[tuple[str, nn.Module]], tokens: torch.Tensor, *, gram: bool, sequential: bool = True, batch_size: int = CALIBRATION_BATCH) -> Iterator[BlockStep]:
+def calibrate_blocks(
+    model: nn.Module,
+    layers: list[tuple[str, nn.Module]],
+    tokens: torch.Tensor,
+    *,
+    gram: bool,
+    sequential: bool = True,
+    batch_size: int = CALIBRATION_BATCH,
+) -> Iterator[BlockStep]:
     """Yield the targeted `layers` block by block, with the statistics of their inputs over `tokens` (n, seq_len).
 
     The caller changes the yielded block before asking for the next step. With `sequential`,
@@ -202,7 +220,11 @@ def calibrate_blocks(model: nn.Module, layers: list[tuple[str, nn.Module]], toke
         prefix, blocks = found if found else ("", [])
         inside = [[(n, m) for n, m in layers if n.startswith(f"{prefix}.{i}.")] for i in range(len(blocks))]
         rest = [(n, m) for n, m in layers if not (found and n.startswith(prefix + "."))]
-        rest_stats = collect_input_stats(model, rest, tokens, gram=gram, batch_size=batch_size) if rest and not sequential else None
+        rest_stats = (
+            collect_input_stats(model, rest, tokens, gram=gram, batch_size=batch_size)
+            if rest and not sequential
+            else None
+        )
         last = max((i for i, group in enumerate(inside) if group), default=-1)
         batches = capture_block_inputs(model, blocks[0], tokens, batch_size) if last >= 0 else []
         for i in range(last + 1):
@@ -212,9 +234,16 @@ def calibrate_blocks(model: nn.Module, layers: list[tuple[str, nn.Module]], toke
                 outputs = _block_stats(step, gram, keep_outputs=not sequential)
                 yield step
             if i < last:  # the next block's inputs: this block's outputs, changed (sequential) or not
-                batches = outputs if outputs is not None else [replace(b, hidden=block_output(blocks[i], b)) for b in batches]
+                batches = (
+                    outputs if outputs is not None else [replace(b, hidden=block_output(blocks[i], b)) for b in batches]
+                )
         if rest:
-            yield BlockStep("", model, rest, rest_stats or collect_input_stats(model, rest, tokens, gram=gram, batch_size=batch_size))
+            yield BlockStep(
+                "",
+                model,
+                rest,
+                rest_stats or collect_input_stats(model, rest, tokens, gram=gram, batch_size=batch_size),
+            )
     finally:
         model.train(was_training)
 
@@ -223,7 +252,9 @@ def require_inputs(technique: str, step: BlockStep) -> None:
     """Raise when a targeted layer of `step` received no input (it is not on the forward path)."""
     unseen = [name for name, s in step.stats.items() if s.tokens == 0]
     if unseen:
-        raise TechniqueError(f"{technique}: layers {unseen[:3]} received no input during calibration (not used in the forward pass?); leave them out of `targets`")
+        raise TechniqueError(
+            f"{technique}: layers {unseen[:3]} received no input during calibration (not used in the forward pass?); leave them out of `targets`"
+        )
 
 
 def sample_calibration(tokenizer, docs: list[str], samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -235,7 +266,9 @@ def sample_calibration(tokenizer, docs: list[str], samples: int, seq_len: int, s
 
     stream = encode_documents(tokenizer, docs).ids
     if len(stream) < seq_len + 1:
-        raise DataError(f"calibration text is too short: {len(stream)} tokens, need at least {seq_len + 1} for seq_len {seq_len}; pass a longer text or lower calibration.seq_len")
+        raise DataError(
+            f"calibration text is too short: {len(stream)} tokens, need at least {seq_len + 1} for seq_len {seq_len}; pass a longer text or lower calibration.seq_len"
+        )
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - seq_len, (samples,), generator=g)
     return torch.stack([stream[s : s + seq_len] for s in starts.tolist()])

@@ -34,7 +34,6 @@ class Technique:
     version: int = 1
     """Bumped when the technique's output changes for the same config (stored with artifacts)."""
 
-
     def wants_calibration(self, config) -> bool:
         return self.needs_calibration(config) if callable(self.needs_calibration) else self.needs_calibration
 
@@ -68,7 +67,9 @@ class Context:
 
     def calibration_tokens(self, technique: str) -> torch.Tensor:
         if self.calibration is None:
-            raise TechniqueError(f"technique '{technique}' needs calibration text; add a `calibration:` block with `data:` to the recipe")
+            raise TechniqueError(
+                f"technique '{technique}' needs calibration text; add a `calibration:` block with `data:` to the recipe"
+            )
         return self.calibration
 
     def hardware_profile(self, device_type: str):
@@ -81,7 +82,9 @@ class Context:
             self.progress(step, done, total)
 
 
-def select_linears(model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] = ("lm_head",), *, technique: str = "") -> list[tuple[str, nn.Module]]:
+def select_linears(
+    model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] = ("lm_head",), *, technique: str = ""
+) -> list[tuple[str, nn.Module]]:
     """Linear-like modules whose qualified name matches any fnmatch pattern in `targets`.
 
     The output head is excluded unless named explicitly (it is tied to the embedding in many
@@ -90,11 +93,15 @@ def select_linears(model: nn.Module, targets: tuple[str, ...], exclude: tuple[st
     chosen = [
         (name, m)
         for name, m in model.named_modules()
-        if is_linear(m) and any(fnmatch.fnmatchcase(name, p) for p in targets) and not any(fnmatch.fnmatchcase(name, p) for p in exclude if p not in targets)
+        if is_linear(m)
+        and any(fnmatch.fnmatchcase(name, p) for p in targets)
+        and not any(fnmatch.fnmatchcase(name, p) for p in exclude if p not in targets)
     ]
     if not chosen:
         examples = [n for n, m in model.named_modules() if is_linear(m)][:4]
-        raise TechniqueError(f"{technique or 'stage'}: targets {list(targets)} match no linear layer of this model; its linear layers are named like {examples}")
+        raise TechniqueError(
+            f"{technique or 'stage'}: targets {list(targets)} match no linear layer of this model; its linear layers are named like {examples}"
+        )
     return chosen
 
 
@@ -107,11 +114,17 @@ def embedding_params(model: nn.Module) -> tuple[int, int]:
     n_emb = emb.weight.numel() if emb is not None else 0
     head_weight = getattr(head, "weight", None)
     tied = head_weight is not None and emb is not None and head_weight.data_ptr() == emb.weight.data_ptr()
-    n_head = 0 if tied or head is None else (head_weight.numel() if head_weight is not None else getattr(head, "packed_params", lambda: 0)())
+    n_head = (
+        0
+        if tied or head is None
+        else (head_weight.numel() if head_weight is not None else getattr(head, "packed_params", lambda: 0)())
+    )
     return n_emb, n_head
 
 
-def record_change(ctx: Context, technique: str, layers: list[str], params_changed: int, model: nn.Module, **details) -> None:
+def record_change(
+    ctx: Context, technique: str, layers: list[str], params_changed: int, model: nn.Module, **details
+) -> None:
     """Log what a stage changed: the layers, and the parameters changed as a fraction of all of
     them and of the non-embedding ones (embeddings and the output head are counted apart: in
     small models they are a large share)."""

@@ -32,10 +32,14 @@ class DedupDataConfig(DedupConfig):
 def apply(model: nn.Module, config: DedupDataConfig, ctx: Context) -> nn.Module:
 
     docs, source = training_documents(config.data, ctx, TECHNIQUE.name)
-    if config.data is not None:  # the run's default text is what follows the evaluated part; training stages drop any evaluated document again
+    if (
+        config.data is not None
+    ):  # the run's default text is what follows the evaluated part; training stages drop any evaluated document again
         docs, _ = drop_evaluated(docs, ctx)
     if not docs:
-        raise DataError(f"dedup_data: training text {source} holds no document (after removing the evaluated ones); pass another `data:` file")
+        raise DataError(
+            f"dedup_data: training text {source} holds no document (after removing the evaluated ones); pass another `data:` file"
+        )
     result = minhash_dedup(docs, DedupConfig(**{f.name: getattr(config, f.name) for f in fields(DedupConfig)}))
     ctx.training_documents, ctx.training_source = result.kept, f"{source}, near-duplicates removed (dedup_data)"
     report = result.to_dict()

@@ -78,12 +78,16 @@ def layer_dropped_copy(teacher: nn.Module, config: DistillConfig) -> tuple[nn.Mo
 
     model_type = getattr(teacher.config, "model_type", type(teacher).__name__)
     if model_type not in ARCHS:
-        raise TechniqueError(f"distill: dropping layers supports model types {list(ARCHS)}, not '{model_type}'; give a smaller `student:` model instead")
+        raise TechniqueError(
+            f"distill: dropping layers supports model types {list(ARCHS)}, not '{model_type}'; give a smaller `student:` model instead"
+        )
     arch = ARCHS[model_type]
     n = len(teacher.get_submodule(arch.blocks))
     kept = sorted(set(config.layers)) if config.layers else evenly_spaced(n, max(1, round(config.keep_layers * n)))
     if not kept or kept[0] < 0 or kept[-1] >= n or len(kept) >= n:
-        raise TechniqueError(f"distill: the student must keep between 1 and {n - 1} of the teacher's {n} layers (indices 0..{n - 1}), got {kept}; fix `layers` or `keep_layers`")
+        raise TechniqueError(
+            f"distill: the student must keep between 1 and {n - 1} of the teacher's {n} layers (indices 0..{n - 1}), got {kept}; fix `layers` or `keep_layers`"
+        )
     student = copy.deepcopy(teacher)
     blocks = list(student.get_submodule(arch.blocks))
     remove_layers_(student, arch, blocks, [i for i in range(n) if i not in kept])
@@ -117,10 +121,18 @@ def distill_loss(teacher: nn.Module, config: DistillConfig, layer_map: list[int]
         with torch.no_grad():
             t_out = teacher(input_ids=inputs, output_hidden_states=hidden)
         t_logits = t_out.logits.float()
-        kl = F.kl_div(F.log_softmax(s_logits / config.temperature, -1).flatten(0, 1), F.log_softmax(t_logits / config.temperature, -1).flatten(0, 1), log_target=True, reduction="batchmean")
+        kl = F.kl_div(
+            F.log_softmax(s_logits / config.temperature, -1).flatten(0, 1),
+            F.log_softmax(t_logits / config.temperature, -1).flatten(0, 1),
+            log_target=True,
+            reduction="batchmean",
+        )
         total = config.alpha * t2 * kl + (1 - config.alpha) * ce
         if hidden:  # hidden_states[0] is the embedding output; [i + 1] follows layer i
-            mse = [F.mse_loss(s_out.hidden_states[i + 1].float(), t_out.hidden_states[j + 1].float()) for i, j in enumerate(layer_map)]
+            mse = [
+                F.mse_loss(s_out.hidden_states[i + 1].float(), t_out.hidden_states[j + 1].float())
+                for i, j in enumerate(layer_map)
+            ]
             total = total + config.hidden_weight * torch.stack(mse).mean()
         return total
 
@@ -128,9 +140,13 @@ def distill_loss(teacher: nn.Module, config: DistillConfig, layer_map: list[int]
 
 
 def _layer_map(config: DistillConfig, kept: list[int] | None, n_student: int, n_teacher: int) -> list[int]:
-    mapping = list(config.hidden_layers) or kept or [round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)]
+    mapping = (
+        list(config.hidden_layers) or kept or [round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)]
+    )
     if len(mapping) != n_student or not all(0 <= j < n_teacher for j in mapping):
-        raise TechniqueError(f"distill: hidden_layers must name one teacher layer (0..{n_teacher - 1}) per student layer ({n_student}), got {mapping}")
+        raise TechniqueError(
+            f"distill: hidden_layers must name one teacher layer (0..{n_teacher - 1}) per student layer ({n_student}), got {mapping}"
+        )
     return mapping
 
 
@@ -144,12 +160,21 @@ def apply(model: nn.Module, config: DistillConfig, ctx: Context) -> nn.Module:
     n_s, n_t = student.config.num_hidden_layers, teacher.config.num_hidden_layers
     layer_map = _layer_map(config, kept, n_s, n_t)
     if config.hidden_weight > 0 and student.config.hidden_size != teacher.config.hidden_size:
-        raise TechniqueError(f"distill: hidden-state matching needs equal hidden sizes (student {student.config.hidden_size}, teacher {teacher.config.hidden_size}); set hidden_weight: 0")
+        raise TechniqueError(
+            f"distill: hidden-state matching needs equal hidden sizes (student {student.config.hidden_size}, teacher {teacher.config.hidden_size}); set hidden_weight: 0"
+        )
     for p in teacher.parameters():
         p.requires_grad_(False)
     for p in student.parameters():
         p.requires_grad_(True)
-    result, text = run_training(student, config, ctx, name, loss_fn=distill_loss(teacher, config, layer_map), run_id={"student": config.student, "kept": kept})
+    result, text = run_training(
+        student,
+        config,
+        ctx,
+        name,
+        loss_fn=distill_loss(teacher, config, layer_map),
+        run_id={"student": config.student, "kept": kept},
+    )
     params_s, params_t = sum(p.numel() for p in student.parameters()), sum(p.numel() for p in teacher.parameters())
     layers = [f"layer {i}" for i in range(n_t) if kept is not None and i not in kept]
     record_change(ctx, name, layers or [f"student {config.student}"], params_s, student, student_params=params_s, teacher_params=params_t,

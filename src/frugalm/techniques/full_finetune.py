@@ -32,7 +32,15 @@ def apply(model: nn.Module, config: FullFinetuneConfig, ctx: Context) -> nn.Modu
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
-    record_change(ctx, name, list(flags), sum(p.numel() for p in model.parameters()), model, training=result.cost(), training_text=text)
+    record_change(
+        ctx,
+        name,
+        list(flags),
+        sum(p.numel() for p in model.parameters()),
+        model,
+        training=result.cost(),
+        training_text=text,
+    )
     return model
 
 

@@ -69,15 +69,30 @@ def apply(model: nn.Module, config: KVCacheQuantConfig, ctx: Context) -> nn.Modu
     check_fits(model, config.bits, config.group_size, name)
     attention = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
     if not attention:
-        raise TechniqueError(f"{name}: found no attention module (a class named *Attention) in {type(model).__name__}; this model's cache cannot be quantized here")
+        raise TechniqueError(
+            f"{name}: found no attention module (a class named *Attention) in {type(model).__name__}; this model's cache cannot be quantized here"
+        )
     d = head_dim(model)
     kv = {"bits": config.bits, "group_size": config.group_size, "residual_length": config.residual_length}
     setattr(model, INFERENCE_ATTR, {**inference_settings(model), "kv_cache": kv})
     group = min(config.group_size, d)
     float32_bytes, quant_bytes = d * 4, d * config.bits // 8 + (d // group) * 3  # per cached head vector
-    record_change(ctx, name, attention, 0, model, inference={"kv_cache": kv}, head_dim=d, group_size_effective=group,
-                  bytes_per_head_vector_float32=float32_bytes, bytes_per_head_vector_quantized=quant_bytes, kv_bytes_ratio=quant_bytes / float32_bytes)
+    record_change(
+        ctx,
+        name,
+        attention,
+        0,
+        model,
+        inference={"kv_cache": kv},
+        head_dim=d,
+        group_size_effective=group,
+        bytes_per_head_vector_float32=float32_bytes,
+        bytes_per_head_vector_quantized=quant_bytes,
+        kv_bytes_ratio=quant_bytes / float32_bytes,
+    )
     return model
 
 
-TECHNIQUE = Technique(name="kv_cache_quant", config_cls=KVCacheQuantConfig, apply=apply, kind="quantization", needs_calibration=False)
+TECHNIQUE = Technique(
+    name="kv_cache_quant", config_cls=KVCacheQuantConfig, apply=apply, kind="quantization", needs_calibration=False
+)

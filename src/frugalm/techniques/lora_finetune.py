@@ -71,11 +71,17 @@ def _adaptable(module: nn.Module) -> bool:
 def lora_targets(model: nn.Module, patterns: tuple[str, ...], technique: str) -> list[str]:
     """Names of the linear (or packed quantized) layers matching any pattern; none is an error listing names."""
     names = [n for n, m in model.named_modules() if _adaptable(m)]
-    chosen = [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns) and (n != "lm_head" or "lm_head" in patterns)]
+    chosen = [
+        n
+        for n in names
+        if any(fnmatch.fnmatchcase(n, p) for p in patterns) and (n != "lm_head" or "lm_head" in patterns)
+    ]
     if not chosen:
         fast = [n for n, m in model.named_modules() if getattr(m, "kernel", None) == "fbgemm"]
         hint = "; its int8 layers run on fbgemm kernels: load it with fast_kernels=False" if fast else ""
-        raise TechniqueError(f"{technique}: targets {list(patterns)} match no linear layer; its linear layers are named like {names[:6]}{hint}")
+        raise TechniqueError(
+            f"{technique}: targets {list(patterns)} match no linear layer; its linear layers are named like {names[:6]}{hint}"
+        )
     return chosen
 
 
@@ -102,12 +108,18 @@ def _quant_lora_linear_cls():
                 changed = int((q != unpack(base.qweight, base.bits)).sum())
                 base.qweight.copy_(pack(q, base.bits))
                 lost = (base.dequantized_weight(torch.float32) - target).norm() / delta.norm().clamp(min=1e-12)
-                stats[name] = {"update_norm": float(delta.norm()), "lost_fraction": float(lost), "codes_changed": changed}
+                stats[name] = {
+                    "update_norm": float(delta.norm()),
+                    "lost_fraction": float(lost),
+                    "codes_changed": changed,
+                }
                 self.merged_adapters.append(name)
             return stats
 
         def unmerge(self) -> None:
-            raise TechniqueError("lora_finetune: an adapter merged into packed weights cannot be unmerged (the rounding is lossy); rerun the stage with merge: false")
+            raise TechniqueError(
+                "lora_finetune: an adapter merged into packed weights cannot be unmerged (the rounding is lossy); rerun the stage with merge: false"
+            )
 
     return QuantLoraLinear
 
@@ -118,14 +130,27 @@ def apply(model: nn.Module, config: LoraFinetuneConfig, ctx: Context) -> nn.Modu
     name = TECHNIQUE.name
     targets = lora_targets(model, config.targets, name)
     conv1d = any(type(model.get_submodule(t)).__name__ == "Conv1D" for t in targets)  # GPT-2 stores weights (in, out)
-    lora_config = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout, target_modules=targets, bias="none", fan_in_fan_out=conv1d)
-    quant_cls = _quant_lora_linear_cls() if any(isinstance(model.get_submodule(t), QuantLinear) for t in targets) else None
+    lora_config = LoraConfig(
+        r=config.rank,
+        lora_alpha=config.alpha,
+        lora_dropout=config.dropout,
+        target_modules=targets,
+        bias="none",
+        fan_in_fan_out=conv1d,
+    )
+    quant_cls = (
+        _quant_lora_linear_cls() if any(isinstance(model.get_submodule(t), QuantLinear) for t in targets) else None
+    )
     if quant_cls is not None:
         lora_config._register_custom_module({QuantLinear: quant_cls})
     torch.manual_seed(config.seed)  # adapter initialisation (A: Kaiming-uniform, B: zeros)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # peft asks transformers a deprecated question (is_gradient_checkpointing)
-        warnings.filterwarnings("ignore", "Unsupported layer type", UserWarning)  # QuantLinear: handled by QuantLoraLinear
+        warnings.simplefilter(
+            "ignore", FutureWarning
+        )  # peft asks transformers a deprecated question (is_gradient_checkpointing)
+        warnings.filterwarnings(
+            "ignore", "Unsupported layer type", UserWarning
+        )  # QuantLinear: handled by QuantLoraLinear
         peft_model = get_peft_model(model, lora_config)
     adapter_params = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     result, text = run_training(peft_model, config, ctx, name, run_id={"targets": targets})

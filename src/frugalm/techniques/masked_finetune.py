@@ -29,14 +29,21 @@ class MaskedFinetuneConfig(TrainingOptions):
     lr: float = 3e-3
 
     def problems(self) -> list[str]:
-        return super().problems() + ([] if self.train else ["train must name at least one group or parameter pattern, e.g. [biases, norms]"])
+        return super().problems() + (
+            [] if self.train else ["train must name at least one group or parameter pattern, e.g. [biases, norms]"]
+        )
 
 
 def _group_members(model: nn.Module, group: str) -> set[str]:
     if group == "biases":
         return {n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] == "bias"}
     if group == "norms":  # LayerNorm, RMSNorm, LlamaRMSNorm ...: any module whose class name says Norm
-        return {f"{m}.{p}" if m else p for m, mod in model.named_modules() if "norm" in type(mod).__name__.lower() for p, _ in mod.named_parameters(recurse=False)}
+        return {
+            f"{m}.{p}" if m else p
+            for m, mod in model.named_modules()
+            if "norm" in type(mod).__name__.lower()
+            for p, _ in mod.named_parameters(recurse=False)
+        }
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     return {n for n, p in model.named_parameters() if emb is not None and p is emb.weight}
 
@@ -51,10 +58,14 @@ def select_parameters(model: nn.Module, train: tuple[str, ...], technique: str) 
             continue
         matched = {n for n in names if fnmatch.fnmatchcase(n, item)}
         if not matched:
-            raise TechniqueError(f"{technique}: train pattern '{item}' matches no parameter; groups are {', '.join(GROUPS)} and parameters are named like {names[:4]}")
+            raise TechniqueError(
+                f"{technique}: train pattern '{item}' matches no parameter; groups are {', '.join(GROUPS)} and parameters are named like {names[:4]}"
+            )
         chosen |= matched
     if not chosen:
-        raise TechniqueError(f"{technique}: train {list(train)} selects no parameter of this model (no biases?); add 'norms' or a pattern such as '*.mlp.*.weight'")
+        raise TechniqueError(
+            f"{technique}: train {list(train)} selects no parameter of this model (no biases?); add 'norms' or a pattern such as '*.mlp.*.weight'"
+        )
     return [n for n in names if n in chosen]
 
 
@@ -70,7 +81,9 @@ def apply(model: nn.Module, config: MaskedFinetuneConfig, ctx: Context) -> nn.Mo
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
     trained = sum(p.numel() for n, p in model.named_parameters() if n in chosen)
-    record_change(ctx, name, sorted(chosen), trained, model, train=list(config.train), training=result.cost(), training_text=text)
+    record_change(
+        ctx, name, sorted(chosen), trained, model, train=list(config.train), training=result.cost(), training_text=text
+    )
     return model
 
 

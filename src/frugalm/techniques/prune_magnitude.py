@@ -65,7 +65,9 @@ def pattern_problems(sparsity: float, pattern: str) -> list[str]:
     try:
         parse_pattern(pattern)
     except ValueError:
-        problems.append(f"pattern must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4': keep 2 of every 4), got {pattern!r}")
+        problems.append(
+            f"pattern must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4': keep 2 of every 4), got {pattern!r}"
+        )
     return problems
 
 
@@ -80,7 +82,9 @@ def check_groups(technique: str, layers: list[tuple[str, nn.Module]], nm: tuple[
     for name, module in layers:
         in_features = weight_out_in(module).shape[1]
         if in_features % nm[1]:
-            raise TechniqueError(f"{technique}: pattern '{nm[0]}:{nm[1]}' needs M={nm[1]} to divide in_features, but layer '{name}' has {in_features}; use an M that divides it (e.g. '2:4') or narrow `targets`")
+            raise TechniqueError(
+                f"{technique}: pattern '{nm[0]}:{nm[1]}' needs M={nm[1]} to divide in_features, but layer '{name}' has {in_features}; use an M that divides it (e.g. '2:4') or narrow `targets`"
+            )
 
 
 def prune_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, *, per_row: bool) -> torch.Tensor:
@@ -90,7 +94,9 @@ def prune_mask(scores: torch.Tensor, sparsity: float, nm: tuple[int, int] | None
     round(sparsity * out * in) over the whole layer; with N:M, M - N per group of M inputs.
     """
     out_f, in_f = scores.shape
-    mask = torch.zeros(out_f, in_f, dtype=torch.bool, device=scores.device)  # contiguous, even for Conv1D's transposed view
+    mask = torch.zeros(
+        out_f, in_f, dtype=torch.bool, device=scores.device
+    )  # contiguous, even for Conv1D's transposed view
     if nm is not None:
         n, m = nm
         groups = scores.reshape(out_f, in_f // m, m)  # (out, in/M, M)
@@ -111,7 +117,14 @@ def sparsity_details(masks: dict[str, torch.Tensor], sparsity: float, pattern: s
     per_layer = [float(m.float().mean()) for m in masks.values()]
     zeroed = sum(int(m.sum()) for m in masks.values())
     total = sum(m.numel() for m in masks.values())
-    return {"pattern": pattern, "sparsity_requested": sparsity, "sparsity_achieved": zeroed / total, "sparsity_layer_min": min(per_layer), "sparsity_layer_max": max(per_layer), "weights_zeroed": zeroed}
+    return {
+        "pattern": pattern,
+        "sparsity_requested": sparsity,
+        "sparsity_achieved": zeroed / total,
+        "sparsity_layer_min": min(per_layer),
+        "sparsity_layer_max": max(per_layer),
+        "weights_zeroed": zeroed,
+    }
 
 
 def pruning_targets(name: str, config, model: nn.Module) -> tuple:
@@ -144,4 +157,6 @@ def apply(model: nn.Module, config: MagnitudePruneConfig, ctx: Context) -> nn.Mo
     return model
 
 
-TECHNIQUE = Technique(name="magnitude_prune", config_cls=MagnitudePruneConfig, apply=apply, kind="pruning", needs_calibration=False)
+TECHNIQUE = Technique(
+    name="magnitude_prune", config_cls=MagnitudePruneConfig, apply=apply, kind="pruning", needs_calibration=False
+)

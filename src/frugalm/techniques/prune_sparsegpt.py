@@ -53,11 +53,15 @@ class SparseGPTPruneConfig(PruneOptions):
         if self.blocksize < 1:
             problems.append(f"blocksize must be >= 1, got {self.blocksize}")
         if not 0 < self.percdamp <= 1:
-            problems.append(f"percdamp must be in (0, 1] (a fraction of the mean Hessian diagonal; 0.01 is usual), got {self.percdamp}")
+            problems.append(
+                f"percdamp must be in (0, 1] (a fraction of the mean Hessian diagonal; 0.01 is usual), got {self.percdamp}"
+            )
         if self.batch_size < 1:
             problems.append(f"batch_size must be >= 1, got {self.batch_size}")
         if not problems and (nm := parse_pattern(self.pattern)) and self.blocksize % nm[1]:
-            problems.append(f"blocksize {self.blocksize} must be a multiple of M={nm[1]} of pattern '{self.pattern}'; use e.g. 128")
+            problems.append(
+                f"blocksize {self.blocksize} must be a multiple of M={nm[1]} of pattern '{self.pattern}'; use e.g. 128"
+            )
         return problems
 
 
@@ -69,11 +73,22 @@ def inverse_hessian_factor(gram: torch.Tensor, percdamp: float, layer: str) -> t
     diag.add_(percdamp * diag.mean())
     chol, info = torch.linalg.cholesky_ex(h)
     if info.item():
-        raise TechniqueError(f"sparsegpt_prune: the Hessian of '{layer}' is not positive definite; raise `percdamp` (now {percdamp}) or use more calibration samples")
+        raise TechniqueError(
+            f"sparsegpt_prune: the Hessian of '{layer}' is not positive definite; raise `percdamp` (now {percdamp}) or use more calibration samples"
+        )
     return torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
 
 
-def sparsegpt_weights(w: torch.Tensor, gram: torch.Tensor, sparsity: float, nm: tuple[int, int] | None, *, blocksize: int = 128, percdamp: float = 0.01, layer: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt_weights(
+    w: torch.Tensor,
+    gram: torch.Tensor,
+    sparsity: float,
+    nm: tuple[int, int] | None,
+    *,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    layer: str = "",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pruned and reconstructed weight (out, in) float32 and its mask (True = zeroed), from w (out, in) and X^T X (in, in)."""
     w = w.detach().float().clone()
     out_f, in_f = w.shape
@@ -112,7 +127,15 @@ def apply(model: nn.Module, config: SparseGPTPruneConfig, ctx: Context) -> nn.Mo
         require_inputs(name, step)
         for layer_name, module in step.layers:
             w = weight_out_in(module)  # (out, in), a view
-            new_w, masks[layer_name] = sparsegpt_weights(w, step.stats[layer_name].gram, sparsity, nm, blocksize=config.blocksize, percdamp=config.percdamp, layer=layer_name)
+            new_w, masks[layer_name] = sparsegpt_weights(
+                w,
+                step.stats[layer_name].gram,
+                sparsity,
+                nm,
+                blocksize=config.blocksize,
+                percdamp=config.percdamp,
+                layer=layer_name,
+            )
             w.copy_(new_w.to(w.dtype))
         ctx.report(name, len(masks), len(layers))
     details = sparsity_details(masks, sparsity, config.pattern)
@@ -121,4 +144,6 @@ def apply(model: nn.Module, config: SparseGPTPruneConfig, ctx: Context) -> nn.Mo
     return model
 
 
-TECHNIQUE = Technique(name="sparsegpt_prune", config_cls=SparseGPTPruneConfig, apply=apply, kind="pruning", needs_calibration=True)
+TECHNIQUE = Technique(
+    name="sparsegpt_prune", config_cls=SparseGPTPruneConfig, apply=apply, kind="pruning", needs_calibration=True
+)

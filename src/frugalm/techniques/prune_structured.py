@@ -78,14 +78,18 @@ def arch_of(model: nn.Module, unit: str) -> Arch:
     kind = model_type(model)
     supported = [t for t, a in ARCHS.items() if unit != "heads" or a.attn]
     if kind not in supported:
-        raise TechniqueError(f"structured_prune: unit '{unit}' supports model types {supported}, not '{kind}'; use another unit or an unstructured technique (wanda_prune)")
+        raise TechniqueError(
+            f"structured_prune: unit '{unit}' supports model types {supported}, not '{kind}'; use another unit or an unstructured technique (wanda_prune)"
+        )
     return ARCHS[kind]
 
 
 def units_to_remove(n_units: int, fraction: float, what: str) -> int:
     k = round(fraction * n_units)
     if not 0 < k < n_units:
-        raise TechniqueError(f"structured_prune: fraction {fraction} of {n_units} {what} removes {k}; choose a fraction that removes between 1 and {n_units - 1}")
+        raise TechniqueError(
+            f"structured_prune: fraction {fraction} of {n_units} {what} removes {k}; choose a fraction that removes between 1 and {n_units - 1}"
+        )
     return k
 
 
@@ -155,7 +159,12 @@ def block_influence(model, blocks, ctx: Context, batch_size: int) -> torch.Tenso
     scores = []
     for block in blocks:
         outputs = [replace(b, hidden=block_output(block, b)) for b in batches]  # the next block's inputs
-        cos = torch.cat([F.cosine_similarity(b.hidden.float(), o.hidden.float(), dim=-1).flatten() for b, o in zip(batches, outputs)])  # (tokens,)
+        cos = torch.cat(
+            [
+                F.cosine_similarity(b.hidden.float(), o.hidden.float(), dim=-1).flatten()
+                for b, o in zip(batches, outputs)
+            ]
+        )  # (tokens,)
         scores.append(1 - cos.double().mean())
         batches = outputs
     return torch.stack(scores).cpu()
@@ -169,7 +178,10 @@ def prune_mlp_channels_(model, arch: Arch, blocks, config: StructuredPruneConfig
     k = units_to_remove(n, config.fraction, "MLP channels per layer")
     scores = column_scores(model, blocks, arch.mlp_out, config, ctx)  # per block (n,)
     if config.importance == "magnitude":  # times the norms of the rows that produce each channel
-        scores = [s * torch.stack([weight_out_in(b.get_submodule(name)).float().norm(dim=1) for name in arch.mlp_in]).prod(0) for s, b in zip(scores, blocks)]
+        scores = [
+            s * torch.stack([weight_out_in(b.get_submodule(name)).float().norm(dim=1) for name in arch.mlp_in]).prod(0)
+            for s, b in zip(scores, blocks)
+        ]
     for block, s in zip(blocks, scores):
         keep = complement(n, lowest(s, k), block.get_submodule(arch.mlp_out).weight.device)
         for name in arch.mlp_in:
@@ -193,29 +205,47 @@ def prune_heads_(model, arch: Arch, blocks, config: StructuredPruneConfig, ctx: 
         attn = block.get_submodule(arch.attn)
         score = c.pow(2).reshape(n_kv, rep * head_dim).sum(1)  # (n_kv,) the o_proj columns of each group
         if config.importance == "magnitude":  # plus the q, k, v rows of each group
-            score = score + sum(weight_out_in(getattr(attn, p)).float().pow(2).sum(1).reshape(n_kv, -1).sum(1) for p in ("q_proj", "k_proj", "v_proj"))
+            score = score + sum(
+                weight_out_in(getattr(attn, p)).float().pow(2).sum(1).reshape(n_kv, -1).sum(1)
+                for p in ("q_proj", "k_proj", "v_proj")
+            )
         removed = lowest(score, k)
         dev = attn.o_proj.weight.device
         kv_keep = complement(n_kv * head_dim, [g * head_dim + d for g in removed for d in range(head_dim)], dev)
-        q_keep = complement(n_q * head_dim, [(g * rep + r) * head_dim + d for g in removed for r in range(rep) for d in range(head_dim)], dev)
+        q_keep = complement(
+            n_q * head_dim,
+            [(g * rep + r) * head_dim + d for g in removed for r in range(rep) for d in range(head_dim)],
+            dev,
+        )
         keep_outputs_(attn.q_proj, q_keep)
         keep_outputs_(attn.k_proj, kv_keep)
         keep_outputs_(attn.v_proj, kv_keep)
         keep_inputs_(attn.o_proj, q_keep)
     # num_key_value_groups (= rep) is unchanged; head_dim is written so it is not re-derived from hidden_size.
     cfg.num_key_value_heads, cfg.num_attention_heads, cfg.head_dim = n_kv - k, n_q - k * rep, head_dim
-    return {"units_removed_per_layer": k, "new_sizes": {"num_attention_heads": n_q - k * rep, "num_key_value_heads": n_kv - k, "head_dim": head_dim}}
+    return {
+        "units_removed_per_layer": k,
+        "new_sizes": {"num_attention_heads": n_q - k * rep, "num_key_value_heads": n_kv - k, "head_dim": head_dim},
+    }
 
 
 def prune_layers_(model, arch: Arch, blocks, config: StructuredPruneConfig, ctx: Context) -> dict:
     cfg = model.config
     if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
-        raise TechniqueError("structured_prune: this GPT-2 scales attention by 1/layer_idx, so renumbered layers would compute differently; use unit 'mlp_channels'")
+        raise TechniqueError(
+            "structured_prune: this GPT-2 scales attention by 1/layer_idx, so renumbered layers would compute differently; use unit 'mlp_channels'"
+        )
     k = units_to_remove(len(blocks), config.fraction, "decoder layers")
     if config.importance == "activation":
         score = block_influence(model, blocks, ctx, config.batch_size)
     else:
-        score = torch.stack([weight_out_in(b.get_submodule(arch.attn_out)).float().norm() + weight_out_in(b.get_submodule(arch.mlp_out)).float().norm() for b in blocks])
+        score = torch.stack(
+            [
+                weight_out_in(b.get_submodule(arch.attn_out)).float().norm()
+                + weight_out_in(b.get_submodule(arch.mlp_out)).float().norm()
+                for b in blocks
+            ]
+        )
     removed = lowest(score, k)
     remove_layers_(model, arch, blocks, removed)
     return {"units_removed": removed, "new_sizes": {"num_hidden_layers": len(blocks) - len(removed)}}
@@ -244,6 +274,9 @@ def apply(model: nn.Module, config: StructuredPruneConfig, ctx: Context) -> nn.M
 
 
 TECHNIQUE = Technique(
-    name="structured_prune", config_cls=StructuredPruneConfig, apply=apply, kind="pruning",
+    name="structured_prune",
+    config_cls=StructuredPruneConfig,
+    apply=apply,
+    kind="pruning",
     needs_calibration=lambda config: config.importance == "activation",  # 'magnitude' reads no data
 )

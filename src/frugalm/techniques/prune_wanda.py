@@ -46,7 +46,9 @@ class WandaPruneConfig(PruneOptions):
         return super().problems() + extra
 
 
-def wanda_mask(w: torch.Tensor, feature_norm: torch.Tensor, sparsity: float, nm: tuple[int, int] | None) -> torch.Tensor:
+def wanda_mask(
+    w: torch.Tensor, feature_norm: torch.Tensor, sparsity: float, nm: tuple[int, int] | None
+) -> torch.Tensor:
     """True where w (out, in) is zeroed: lowest |w_ij| * ||x_j|| per row; feature_norm is (in,)."""
     scores = w.abs().float() * feature_norm.float()[None, :]  # (out, in)
     return prune_mask(scores, sparsity, nm, per_row=True)
@@ -61,15 +63,29 @@ def apply(model: nn.Module, config: WandaPruneConfig, ctx: Context) -> nn.Module
     nm, sparsity, layers = pruning_targets(name, config, model)
     tokens = ctx.calibration_tokens(name)  # (n, seq_len) int64
     masks = {}
-    for step in calibrate_blocks(model, layers, tokens, gram=False, sequential=config.sequential, batch_size=config.batch_size):
+    for step in calibrate_blocks(
+        model, layers, tokens, gram=False, sequential=config.sequential, batch_size=config.batch_size
+    ):
         require_inputs(name, step)
         for layer_name, module in step.layers:
             masks[layer_name] = wanda_mask(weight_out_in(module), step.stats[layer_name].feature_norm, sparsity, nm)
             zero_masked_(module, masks[layer_name])
         ctx.report(name, len(masks), len(layers))
     details = sparsity_details(masks, sparsity, config.pattern)
-    record_change(ctx, name, list(masks), details["weights_zeroed"], model, scope="row", sequential=config.sequential, calibration_samples=len(tokens), **details)
+    record_change(
+        ctx,
+        name,
+        list(masks),
+        details["weights_zeroed"],
+        model,
+        scope="row",
+        sequential=config.sequential,
+        calibration_samples=len(tokens),
+        **details,
+    )
     return model
 
 
-TECHNIQUE = Technique(name="wanda_prune", config_cls=WandaPruneConfig, apply=apply, kind="pruning", needs_calibration=True)
+TECHNIQUE = Technique(
+    name="wanda_prune", config_cls=WandaPruneConfig, apply=apply, kind="pruning", needs_calibration=True
+)

@@ -117,7 +117,16 @@ def output_error(delta: torch.Tensor, gram: torch.Tensor) -> float:
     return float(((delta @ gram) * delta).sum())
 
 
-def search_scale(weights: list[torch.Tensor], x_mean: torch.Tensor, gram: torch.Tensor, *, bits: int, group_size: int, symmetric: bool, grid: int = 20) -> tuple[torch.Tensor, float, float]:
+def search_scale(
+    weights: list[torch.Tensor],
+    x_mean: torch.Tensor,
+    gram: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    grid: int = 20,
+) -> tuple[torch.Tensor, float, float]:
     """Best s (in,) for weights [(out_k, in)] sharing inputs with mean |x| (in,) and Gram (in, in).
 
     Returns (s, its output error, RTN's output error).
@@ -138,12 +147,16 @@ def clip_search(w: torch.Tensor, gram: torch.Tensor, *, bits: int, group_size: i
     out_f, in_f = w.shape
     g = in_f if group_size <= 0 else group_size
     wg = w.reshape(out_f, in_f // g, g)  # (out, G, g)
-    blocks = torch.stack([gram[k : k + g, k : k + g] for k in range(0, in_f, g)])  # (G, g, g): cross-group terms ignored
+    blocks = torch.stack(
+        [gram[k : k + g, k : k + g] for k in range(0, in_f, g)]
+    )  # (G, g, g): cross-group terms ignored
     max0 = wg.abs().amax(-1, keepdim=True)  # (out, G, 1)
     best_max, best_err = max0, torch.full(wg.shape[:2], float("inf"), device=w.device)
     for i in range(CLIP_STEPS):
         limit = max0 * (1 - i / 20)
-        delta = wg - fake_quant(torch.clamp(wg, -limit, limit).reshape(out_f, in_f), bits, group_size, symmetric).reshape(wg.shape)
+        delta = wg - fake_quant(
+            torch.clamp(wg, -limit, limit).reshape(out_f, in_f), bits, group_size, symmetric
+        ).reshape(wg.shape)
         err = torch.einsum("ogi,gij,ogj->og", delta, blocks, delta)  # (out, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -162,7 +175,9 @@ def _source_rows(fold: Fold, block: nn.Module, prev: nn.Module, n_in: int) -> to
         return j if n_out == n_in else None
     attn = block.get_submodule(fold.layers[0].rpartition(".")[0])
     head_dim = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None)
-    if fold.rows == "heads" and head_dim and n_in % n_out == 0:  # grouped-query attention: n_rep query heads per kv head
+    if (
+        fold.rows == "heads" and head_dim and n_in % n_out == 0
+    ):  # grouped-query attention: n_rep query heads per kv head
         n_rep = n_in // n_out
         return (j // head_dim) // n_rep * head_dim + j % head_dim
     if fold.rows == "gpt2_v" and n_out == 3 * n_in:  # c_attn output = [q | k | v]
@@ -197,7 +212,9 @@ def _fold_(prev: nn.Module, rows: torch.Tensor | None, layers: list[nn.Module], 
         weight_out_in(m).mul_(s.to(m.weight)[None, :])
 
 
-def _try_fold_(step: BlockStep, fold: Fold, config: AWQQuantConfig, reference: torch.Tensor) -> tuple[list[str], torch.Tensor] | None:
+def _try_fold_(
+    step: BlockStep, fold: Fold, config: AWQQuantConfig, reference: torch.Tensor
+) -> tuple[list[str], torch.Tensor] | None:
     """Search s for one fold rule and apply it if the block's output stays the same; (targeted names, s) or None."""
     try:
         prev = step.module.get_submodule(fold.prev)
@@ -222,7 +239,15 @@ def _try_fold_(step: BlockStep, fold: Fold, config: AWQQuantConfig, reference: t
     x_mean = _shared_per_row(stats.mean_abs.float(), rows)
     gram = (stats.gram / stats.tokens).float()
     weights = [weight_out_in(step.module.get_submodule(n.removeprefix(step.name + "."))).float() for n in targeted]
-    s, _, _ = search_scale(weights, x_mean, gram, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric, grid=config.grid)
+    s, _, _ = search_scale(
+        weights,
+        x_mean,
+        gram,
+        bits=config.bits,
+        group_size=config.group_size,
+        symmetric=config.symmetric,
+        grid=config.grid,
+    )
     saved = [t.detach().clone() for t in _params(prev, layers)]
     _fold_(prev, rows, layers, s)
     # Exact in real arithmetic: allow only rounding (a wrong fold moves the output by ~|s - 1|).
@@ -272,13 +297,26 @@ def apply(model: nn.Module, config: AWQQuantConfig, ctx: Context) -> nn.Module:
                 w = clip_search(w, gram, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
             if layer_name not in scales:
                 unscaled.append(layer_name)
-            new = quant_linear(module, *quantize_groups(w, config.bits, config.group_size, config.symmetric), config.bits)
+            new = quant_linear(
+                module, *quantize_groups(w, config.bits, config.group_size, config.symmetric), config.bits
+            )
             count.add(w, new)
             replace_module_(model, layer_name, new)
             ctx.report(name, count.layers, len(layers))
     details = {k: getattr(config, k) for k in ("bits", "activations", "group_size", "symmetric", "grid", "clip")}
-    record_quant_change(ctx, name, [n for n, _ in layers], count, model, calibration_samples=len(tokens), unscaled_layers=unscaled, **details)
+    record_quant_change(
+        ctx,
+        name,
+        [n for n, _ in layers],
+        count,
+        model,
+        calibration_samples=len(tokens),
+        unscaled_layers=unscaled,
+        **details,
+    )
     return model
 
 
-TECHNIQUE = Technique(name="awq_quant", config_cls=AWQQuantConfig, apply=apply, kind="quantization", needs_calibration=True)
+TECHNIQUE = Technique(
+    name="awq_quant", config_cls=AWQQuantConfig, apply=apply, kind="quantization", needs_calibration=True
+)

@@ -70,7 +70,9 @@ class GPTQQuantConfig(WeightQuantOptions):
     def problems(self) -> list[str]:
         problems = super().problems()
         if not 0 < self.damp_percent <= 1:
-            problems.append(f"damp_percent must be in (0, 1] (a fraction of mean(diag(H)), e.g. 0.01), got {self.damp_percent}")
+            problems.append(
+                f"damp_percent must be in (0, 1] (a fraction of mean(diag(H)), e.g. 0.01), got {self.damp_percent}"
+            )
         if self.block_size < 1:
             problems.append(f"block_size must be >= 1 (e.g. 128), got {self.block_size}")
         return problems
@@ -88,10 +90,14 @@ def _inverse_cholesky(h: torch.Tensor, damp_percent: float) -> torch.Tensor:
         if info == 0:
             return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True).float()
         damp = damp * 10
-    raise TechniqueError(f"gptq_quant: the calibration Hessian is not positive definite even with damping {damp:.3g}; raise damp_percent or give more calibration samples")
+    raise TechniqueError(
+        f"gptq_quant: the calibration Hessian is not positive definite even with damping {damp:.3g}; raise damp_percent or give more calibration samples"
+    )
 
 
-def group_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, observer: str) -> tuple[torch.Tensor, torch.Tensor]:
+def group_params(
+    w: torch.Tensor, bits: int, group_size: int, symmetric: bool, observer: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale (float16) and zero point (uint8), each (out, G), of w (out, in): min/max or MSE-best shrunk ranges.
 
     "mse" is the reference implementation's Quantizer(mse=True): each group's range shrunk by
@@ -109,13 +115,30 @@ def group_params(w: torch.Tensor, bits: int, group_size: int, symmetric: bool, o
         for i in range(80):
             s, z = range_params(lo * (1 - i / 100), hi * (1 - i / 100), bits, symmetric)
             torch.div(wg, torch.where(s > 0, s, 1), out=work)  # in place from here: this loop is the costly part
-            err = work.add_(z).round_().clamp_(0, 2**bits - 1).sub_(z).mul_(s).sub_(wg).square_().sum(-1, keepdim=True)  # (out, G, 1)
+            err = (
+                work.add_(z).round_().clamp_(0, 2**bits - 1).sub_(z).mul_(s).sub_(wg).square_().sum(-1, keepdim=True)
+            )  # (out, G, 1)
             better = err < best
-            best, scale, zero = torch.where(better, err, best), torch.where(better, s, scale), torch.where(better, z, zero)
+            best, scale, zero = (
+                torch.where(better, err, best),
+                torch.where(better, s, scale),
+                torch.where(better, z, zero),
+            )
     return scale[..., 0].half(), zero[..., 0].to(torch.uint8)
 
 
-def gptq_codes(w: torch.Tensor, hessian: torch.Tensor, *, bits: int, group_size: int, symmetric: bool, act_order: bool, observer: str = "minmax", damp_percent: float = 0.01, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def gptq_codes(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int,
+    symmetric: bool,
+    act_order: bool,
+    observer: str = "minmax",
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ codes of w (out, in) given H = 2 X^T X / n (in, in): q uint8 (out, in), scale (out, G), zero (out, G).
 
     The result has the layout of `quantize_groups`, so `QuantLinear.from_codes` stores it.
@@ -177,7 +200,17 @@ def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
         for layer_name, module in step.layers:
             w, stats = weight_out_in(module), step.stats[layer_name]  # (out, in)
             if stats.tokens:
-                q, scale, zero = gptq_codes(w, layer_hessian(stats), bits=config.bits, group_size=config.group_size, symmetric=config.symmetric, act_order=config.act_order, observer=config.observer, damp_percent=config.damp_percent, block_size=config.block_size)
+                q, scale, zero = gptq_codes(
+                    w,
+                    layer_hessian(stats),
+                    bits=config.bits,
+                    group_size=config.group_size,
+                    symmetric=config.symmetric,
+                    act_order=config.act_order,
+                    observer=config.observer,
+                    damp_percent=config.damp_percent,
+                    block_size=config.block_size,
+                )
             else:  # never reached by the calibration forward: nothing to weigh the error by
                 q, scale, zero = quantize_groups(w, config.bits, config.group_size, config.symmetric)
             new = quant_linear(module, q, scale, zero, config.bits)
@@ -185,9 +218,23 @@ def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
             replace_module_(model, layer_name, new)
             done += 1
             ctx.report(name, done, len(layers))
-    details = {k: getattr(config, k) for k in ("bits", "activations", "group_size", "symmetric", "act_order", "observer", "damp_percent", "sequential")}
+    details = {
+        k: getattr(config, k)
+        for k in (
+            "bits",
+            "activations",
+            "group_size",
+            "symmetric",
+            "act_order",
+            "observer",
+            "damp_percent",
+            "sequential",
+        )
+    }
     record_quant_change(ctx, name, [n for n, _ in layers], count, model, calibration_samples=len(tokens), **details)
     return model
 
 
-TECHNIQUE = Technique(name="gptq_quant", config_cls=GPTQQuantConfig, apply=apply, kind="quantization", needs_calibration=True)
+TECHNIQUE = Technique(
+    name="gptq_quant", config_cls=GPTQQuantConfig, apply=apply, kind="quantization", needs_calibration=True
+)

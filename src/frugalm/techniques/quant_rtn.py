@@ -65,10 +65,18 @@ def quant_problems(bits: int, group_size: int, activations: str = "none", symmet
     if bits not in (4, 8):
         problems.append(f"bits must be 4 or 8 (the packed formats), got {bits!r}")
     if group_size == 0 or group_size < -1:
-        problems.append(f"group_size must be -1 (per output channel) or a positive divisor of in_features (e.g. 128), got {group_size}")
+        problems.append(
+            f"group_size must be -1 (per output channel) or a positive divisor of in_features (e.g. 128), got {group_size}"
+        )
     if activations == "dynamic-int8" and (bits, group_size, symmetric) != (8, -1, True):
-        needs = [need for need, ok in (("bits 8", bits == 8), ("group_size -1", group_size == -1), ("symmetric true", symmetric)) if not ok]
-        problems.append(f"activations dynamic-int8 (format w8a8-dynamic, fbgemm's kernel) needs {', '.join(needs)}; or use activations none (weight-only, w8a16 / w4a16)")
+        needs = [
+            need
+            for need, ok in (("bits 8", bits == 8), ("group_size -1", group_size == -1), ("symmetric true", symmetric))
+            if not ok
+        ]
+        problems.append(
+            f"activations dynamic-int8 (format w8a8-dynamic, fbgemm's kernel) needs {', '.join(needs)}; or use activations none (weight-only, w8a16 / w4a16)"
+        )
     return problems
 
 
@@ -97,9 +105,13 @@ def check_widths(technique: str, layers: list[tuple[str, nn.Module]], bits: int,
         in_features = weight_out_in(module).shape[1]
         if group_size > 0 and in_features % group_size:
             valid = ", ".join(str(d) for d in _divisors(in_features)[:12])
-            raise TechniqueError(f"{technique}: group_size {group_size} does not divide in_features {in_features} of layer '{name}'; use -1 (per channel) or a group size dividing {in_features} ({valid}), or narrow `targets`")
+            raise TechniqueError(
+                f"{technique}: group_size {group_size} does not divide in_features {in_features} of layer '{name}'; use -1 (per channel) or a group size dividing {in_features} ({valid}), or narrow `targets`"
+            )
         if bits == 4 and in_features % 2:
-            raise TechniqueError(f"{technique}: int4 packs two weights per byte, but layer '{name}' has odd in_features {in_features}; use bits 8 or leave it out of `targets`")
+            raise TechniqueError(
+                f"{technique}: int4 packs two weights per byte, but layer '{name}' has odd in_features {in_features}; use bits 8 or leave it out of `targets`"
+            )
 
 
 def replace_module_(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -139,7 +151,11 @@ class ByteCount:
         self.quant_bytes += stored_bytes(quantized)
 
     def details(self) -> dict:
-        return {"weight_bytes_float32": self.float32_bytes, "weight_bytes_quantized": self.quant_bytes, "weight_bytes_ratio": self.quant_bytes / max(1, self.float32_bytes)}
+        return {
+            "weight_bytes_float32": self.float32_bytes,
+            "weight_bytes_quantized": self.quant_bytes,
+            "weight_bytes_ratio": self.quant_bytes / max(1, self.float32_bytes),
+        }
 
 
 def set_format_(model: nn.Module, layers: list[str], bits: int, activations: str) -> str:
@@ -157,10 +173,31 @@ def set_format_(model: nn.Module, layers: list[str], bits: int, activations: str
     return fmt
 
 
-def record_quant_change(ctx: Context, technique: str, layers: list[str], count: ByteCount, model: nn.Module, *, bits: int, activations: str, **details) -> None:
+def record_quant_change(
+    ctx: Context,
+    technique: str,
+    layers: list[str],
+    count: ByteCount,
+    model: nn.Module,
+    *,
+    bits: int,
+    activations: str,
+    **details,
+) -> None:
     """Set the layers' format (set_format_), then record_change with it and the byte counts of the quantized layers."""
     fmt = set_format_(model, layers, bits, activations)
-    record_change(ctx, technique, layers, count.params, model, bits=bits, activations=activations, format=fmt, **details, **count.details())
+    record_change(
+        ctx,
+        technique,
+        layers,
+        count.params,
+        model,
+        bits=bits,
+        activations=activations,
+        format=fmt,
+        **details,
+        **count.details(),
+    )
 
 
 # --- the technique ------------------------------------------------------------------------------
@@ -178,8 +215,20 @@ def apply(model: nn.Module, config: RTNQuantConfig, ctx: Context) -> nn.Module:
         count.add(w, new)
         replace_module_(model, layer_name, new)
         ctx.report(name, i + 1, len(layers))
-    record_quant_change(ctx, name, [n for n, _ in layers], count, model, bits=config.bits, activations=config.activations, group_size=config.group_size, symmetric=config.symmetric)
+    record_quant_change(
+        ctx,
+        name,
+        [n for n, _ in layers],
+        count,
+        model,
+        bits=config.bits,
+        activations=config.activations,
+        group_size=config.group_size,
+        symmetric=config.symmetric,
+    )
     return model
 
 
-TECHNIQUE = Technique(name="rtn_quant", config_cls=RTNQuantConfig, apply=apply, kind="quantization", needs_calibration=False)
+TECHNIQUE = Technique(
+    name="rtn_quant", config_cls=RTNQuantConfig, apply=apply, kind="quantization", needs_calibration=False
+)

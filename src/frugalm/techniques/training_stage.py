@@ -73,7 +73,9 @@ class TrainingOptions(LoopOptions):
             problems += sampling_problems(pool=("sampling_pool", self.sampling_pool), rescore_every=("rescore_every", self.rescore_every),
                                           power=("sampling_power", self.sampling_power), uniform_mix=("sampling_mix", self.sampling_mix))  # fmt: skip
             if self.checkpoint_every and self.rescore_every >= 1 and self.checkpoint_every % self.rescore_every:
-                problems.append(f"checkpoint_every={self.checkpoint_every} must be a multiple of rescore_every={self.rescore_every} (a resume must start at a rescoring to continue exactly)")
+                problems.append(
+                    f"checkpoint_every={self.checkpoint_every} must be a multiple of rescore_every={self.rescore_every} (a resume must start at a rescoring to continue exactly)"
+                )
         return problems
 
 
@@ -93,7 +95,9 @@ def training_documents(data: str | None, ctx: Context, technique: str) -> tuple[
     if data is not None:
         path = Path(data).expanduser()
         if path.is_file() and not path.read_bytes().strip():
-            raise DataError(f"{technique}: training text '{data}' is empty; pass a `data:` file that holds training text")
+            raise DataError(
+                f"{technique}: training text '{data}' is empty; pass a `data:` file that holds training text"
+            )
         return split_documents(read_text(path)), str(data)
     if ctx.training_documents is not None:
         return list(ctx.training_documents), ctx.training_source or "the evaluation text minus its evaluated part"
@@ -111,19 +115,38 @@ def training_tokens(options: TrainingOptions, ctx: Context, technique: str, seq_
     """1-D token stream of the stage's training text ([BOS] + tokens per document) and its description."""
 
     if ctx.tokenizer is None:
-        raise TechniqueError(f"{technique}: the stage needs the model's tokenizer in its Context (Context(tokenizer=...)); run it through a recipe or pass one")
+        raise TechniqueError(
+            f"{technique}: the stage needs the model's tokenizer in its Context (Context(tokenizer=...)); run it through a recipe or pass one"
+        )
     docs, source = training_documents(options.data, ctx, technique)
     kept, dropped = drop_evaluated(docs, ctx)
     if not kept:
-        raise DataError(f"{technique}: training text {source} has no document left once the evaluated (held-out) documents are removed; pass another `data:` file")
+        raise DataError(
+            f"{technique}: training text {source} has no document left once the evaluated (held-out) documents are removed; pass another `data:` file"
+        )
     stream = encode_documents(ctx.tokenizer, kept).ids
     need = seq_len + 1
     if stream.numel() < 2 * need:
-        raise DataError(f"{technique}: training text {source} is too short: {stream.numel()} tokens, need at least {2 * need} for seq_len {seq_len}; pass a longer `data:` file or lower seq_len")
-    return stream, {"source": source, "documents": len(kept), "held_out_documents_dropped": dropped, "tokens": int(stream.numel())}
+        raise DataError(
+            f"{technique}: training text {source} is too short: {stream.numel()} tokens, need at least {2 * need} for seq_len {seq_len}; pass a longer `data:` file or lower seq_len"
+        )
+    return stream, {
+        "source": source,
+        "documents": len(kept),
+        "held_out_documents_dropped": dropped,
+        "tokens": int(stream.numel()),
+    }
 
 
-def run_training(model: nn.Module, options: TrainingOptions, ctx: Context, technique: str, *, loss_fn: LossFn = causal_lm_loss, run_id: dict | None = None) -> tuple[TrainResult, dict]:
+def run_training(
+    model: nn.Module,
+    options: TrainingOptions,
+    ctx: Context,
+    technique: str,
+    *,
+    loss_fn: LossFn = causal_lm_loss,
+    run_id: dict | None = None,
+) -> tuple[TrainResult, dict]:
     """Train `model`'s trainable parameters per the stage's options; (cost record, text description)."""
     if problems := options.problems():  # a config built in code, not through a recipe, is checked here
         raise ConfigError(problems_message(technique, problems))
@@ -147,4 +170,3 @@ def run_training(model: nn.Module, options: TrainingOptions, ctx: Context, techn
         flops = None if result.flops is None else result.flops + selection["scoring_flops"]
         result = replace(result, flops=flops, settings={**result.settings, "sampling": selection})
     return result, text
-

@@ -109,10 +109,15 @@ class DedupResult:
     def to_dict(self) -> dict:
         """The report, without the kept texts: counts, bytes, and every removal with its match."""
         return {
-            "config": asdict(self.config), "docs_in": len(self.kept) + len(self.removed),
-            "docs_kept": len(self.kept), "docs_removed": len(self.removed),
-            "bytes_in": self.bytes_in, "bytes_kept": self.bytes_kept, "wall_s": self.wall_s,
-            "lsh_bands": list(self.lsh_bands), "removed": [asdict(d) for d in self.removed],
+            "config": asdict(self.config),
+            "docs_in": len(self.kept) + len(self.removed),
+            "docs_kept": len(self.kept),
+            "docs_removed": len(self.removed),
+            "bytes_in": self.bytes_in,
+            "bytes_kept": self.bytes_kept,
+            "wall_s": self.wall_s,
+            "lsh_bands": list(self.lsh_bands),
+            "removed": [asdict(d) for d in self.removed],
         }
 
 
@@ -152,7 +157,7 @@ class _ShingleHasher:
         h = np.zeros(windows, dtype=np.uint64)
         with np.errstate(over="ignore"):  # polynomial hash mod 2**64: wrap-around is intended
             for j in range(min(n, len(tokens))):
-                h = h * _MULT + tokens[j:j + windows]
+                h = h * _MULT + tokens[j : j + windows]
             folded = (h ^ (h >> np.uint64(32))) & np.uint64(0xFFFFFFFF)
         return np.unique(folded.astype(np.uint32))  # (n_shingles,)
 
@@ -198,7 +203,9 @@ def minhash_dedup(docs: Sequence[str], config: DedupConfig = DedupConfig()) -> D
 
     check_config(config)
     if isinstance(docs, (str, bytes)) or not all(isinstance(d, str) for d in docs):
-        raise DataError("minhash_dedup: pass a list of document strings (split a text with dedup_text or frugalm.text.files.split_documents)")
+        raise DataError(
+            "minhash_dedup: pass a list of document strings (split a text with dedup_text or frugalm.text.files.split_documents)"
+        )
     if len(docs) == 0:
         raise DataError("minhash_dedup: no documents to deduplicate; pass at least one document")
     start = time.perf_counter()
@@ -225,9 +232,14 @@ def minhash_dedup(docs: Sequence[str], config: DedupConfig = DedupConfig()) -> D
         kept_indices.append(i)
     kept = [docs[i] for i in kept_indices]
     return DedupResult(
-        kept=kept, kept_indices=kept_indices, removed=removed, config=config,
-        bytes_in=sum(len(d.encode()) for d in docs), bytes_kept=sum(len(d.encode()) for d in kept),
-        wall_s=time.perf_counter() - start, lsh_bands=bands,
+        kept=kept,
+        kept_indices=kept_indices,
+        removed=removed,
+        config=config,
+        bytes_in=sum(len(d.encode()) for d in docs),
+        bytes_kept=sum(len(d.encode()) for d in kept),
+        wall_s=time.perf_counter() - start,
+        lsh_bands=bands,
     )
 
 

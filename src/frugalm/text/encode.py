@@ -64,7 +64,9 @@ def _start_id(tokenizer) -> int | None:
 
 
 def _encode(tokenizer, doc: str, offsets: bool = False):
-    return tokenizer(doc, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=offsets, verbose=False)  # frugalm windows long texts itself
+    return tokenizer(
+        doc, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=offsets, verbose=False
+    )  # frugalm windows long texts itself
 
 
 FIRST_GUESS_CHARS_PER_TOKEN = 8

@@ -81,7 +81,9 @@ def split_documents(text: str) -> list[str]:
     return [d for d in docs if d]
 
 
-def iter_documents(path: str | os.PathLike, max_doc_chars: int | None = None, *, chunk_bytes: int = 1 << 20) -> Iterator[tuple[str, bool]]:
+def iter_documents(
+    path: str | os.PathLike, max_doc_chars: int | None = None, *, chunk_bytes: int = 1 << 20
+) -> Iterator[tuple[str, bool]]:
     """Yield (document, complete) from a text file (checked with check_text_file), read as a stream.
 
     The documents are exactly split_documents(read_text(path)). With `max_doc_chars`, a document

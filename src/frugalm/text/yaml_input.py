@@ -38,12 +38,16 @@ def load_yaml(text: str, origin: str):
             return None
         size = _expanded_size(node, {}, set())
         if size > MAX_VALUES:
-            raise ConfigError(f"{origin}: its YAML aliases expand to more than {MAX_VALUES:,} values; write the values out instead of nesting aliases")
+            raise ConfigError(
+                f"{origin}: its YAML aliases expand to more than {MAX_VALUES:,} values; write the values out instead of nesting aliases"
+            )
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"{origin}: not valid YAML{at} ({short(getattr(exc, 'problem', None) or str(exc))}); fix the syntax") from None
+        raise ConfigError(
+            f"{origin}: not valid YAML{at} ({short(getattr(exc, 'problem', None) or str(exc))}); fix the syntax"
+        ) from None
     except RecursionError:
         raise ConfigError(f"{origin}: YAML nested too deeply; flatten it") from None
     finally:

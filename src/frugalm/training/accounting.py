@@ -64,7 +64,9 @@ class TrainResult:
         }  # fmt: skip
 
 
-def count_step_flops(model: nn.Module, loss_fn, probe: torch.Tensor, autocast: contextlib.AbstractContextManager) -> int:
+def count_step_flops(
+    model: nn.Module, loss_fn, probe: torch.Tensor, autocast: contextlib.AbstractContextManager
+) -> int:
     """FLOPs of one micro-batch's forward and backward, counted on `probe` (batch, seq_len + 1).
 
     Counted on a probe micro-batch (token id 0 everywhere: FLOPs do not depend on the values)
@@ -122,7 +124,11 @@ class RunAccount:
 
     def energy_method(self, meter: EnergyMeter) -> str:
         """'measured' only when this segment and every earlier one read a hardware counter."""
-        return "measured" if meter.method == "measured" and self.energy_method_before in (None, "measured") else "estimated"
+        return (
+            "measured"
+            if meter.method == "measured" and self.energy_method_before in (None, "measured")
+            else "estimated"
+        )
 
     def add_loss(self, step: int, loss: float, log_every: int, steps: int) -> bool:
         """Count one step's loss; True when it closed a record (every log_every steps and at the last)."""
@@ -134,7 +140,9 @@ class RunAccount:
             return True
         return False
 
-    def result(self, model: nn.Module, steps: int, tokens: int, flops: int | None, meter: EnergyMeter, settings: dict) -> TrainResult:
+    def result(
+        self, model: nn.Module, steps: int, tokens: int, flops: int | None, meter: EnergyMeter, settings: dict
+    ) -> TrainResult:
         """The run's cost record: `tokens` seen and counted `flops` over the whole run (None: not counted)."""
         params = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -147,15 +155,26 @@ class RunAccount:
 
     def energy_protocol(self, meter: EnergyMeter, steps: int) -> dict:
         """The meter's protocol of the last segment, plus which steps the run's energy figure covers."""
-        protocol = {**meter.protocol(), "covers": f"steps {self.energy_from_step}..{steps} of {steps}", "uncovered_steps": self.energy_from_step}
+        protocol = {
+            **meter.protocol(),
+            "covers": f"steps {self.energy_from_step}..{steps} of {steps}",
+            "uncovered_steps": self.energy_from_step,
+        }
         if not self.start_step:
             return protocol
         at, since = self.start_step, self.energy_from_step
         notes = [f"wall_s and joules above are the segment after the resume at step {at}"]
         if since < at:
-            protocol["energy_before_resume_j"], protocol["energy_before_resume_method"] = self.energy_before, self.energy_method_before
-            notes.append(f"the figure adds the {self.energy_before:.6g} J the checkpoint stored for steps {since}..{at}")
+            protocol["energy_before_resume_j"], protocol["energy_before_resume_method"] = (
+                self.energy_before,
+                self.energy_method_before,
+            )
+            notes.append(
+                f"the figure adds the {self.energy_before:.6g} J the checkpoint stored for steps {since}..{at}"
+            )
         if since:
             notes.append(f"steps 0..{since} are not counted: a checkpoint this run resumed from predates stored energy")
-        notes.append("the energy of work a killed segment did after its last checkpoint is not counted (that work is redone and counted then)")
+        notes.append(
+            "the energy of work a killed segment did after its last checkpoint is not counted (that work is redone and counted then)"
+        )
         return {**protocol, "resumed_at_step": at, "note": "; ".join(notes)}

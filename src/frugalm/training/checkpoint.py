@@ -132,7 +132,9 @@ def _stored_fingerprint(checkpoint: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         value = None
     if not isinstance(value, str):
-        raise ConfigError(f"checkpoint '{path}' is not a fingerprint frugalm wrote; delete the checkpoint folder '{checkpoint.parent}' (the stage then trains from the start)")
+        raise ConfigError(
+            f"checkpoint '{path}' is not a fingerprint frugalm wrote; delete the checkpoint folder '{checkpoint.parent}' (the stage then trains from the start)"
+        )
     return value
 
 
@@ -155,8 +157,15 @@ def _read_state(path: Path, folder) -> dict:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError, ImportError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise ConfigError(f"checkpoint '{path}' is not plain training state (tensors and plain values) and was not loaded ({reason}); {fix}") from None
-    if not isinstance(raw, dict) or not _REQUIRED_FIELDS <= raw.keys() or not raw.keys() <= _STATE_FIELDS or not isinstance(raw["fingerprint"], str):
+        raise ConfigError(
+            f"checkpoint '{path}' is not plain training state (tensors and plain values) and was not loaded ({reason}); {fix}"
+        ) from None
+    if (
+        not isinstance(raw, dict)
+        or not _REQUIRED_FIELDS <= raw.keys()
+        or not raw.keys() <= _STATE_FIELDS
+        or not isinstance(raw["fingerprint"], str)
+    ):
         raise ConfigError(f"checkpoint '{path}' does not hold the training state frugalm writes; {fix}")
     return raw
 

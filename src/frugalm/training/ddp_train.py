@@ -62,7 +62,9 @@ def build_model(spec: str, seed: int, layers: int | None = None) -> tuple[nn.Mod
             try:
                 cfg = json.loads(Path(spec).read_text())
             except (OSError, json.JSONDecodeError) as exc:
-                raise ConfigError(f"--model {spec}: cannot read it as a JSON model config ({exc}); pass a config .json, a model folder or 'tiny'") from None
+                raise ConfigError(
+                    f"--model {spec}: cannot read it as a JSON model config ({exc}); pass a config .json, a model folder or 'tiny'"
+                ) from None
             config, desc = AutoConfig.for_model(cfg.pop("model_type"), **cfg), f"random weights of {spec}"
         if layers:
             config.num_hidden_layers, desc = layers, desc + f", cut to {layers} layers"
@@ -79,12 +81,21 @@ def encode(text: str, tokenizer, vocab_size: int) -> torch.Tensor:
     """1-D int64 token stream: the tokenizer's ids, or UTF-8 bytes without one."""
     if tokenizer is None:
         if vocab_size < 256:
-            raise ConfigError(f"byte-level encoding needs a vocabulary of >= 256, the model has {vocab_size}; pass --tokenizer")
+            raise ConfigError(
+                f"byte-level encoding needs a vocabulary of >= 256, the model has {vocab_size}; pass --tokenizer"
+            )
         return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
     return torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)  # a stream, windowed later
 
 
-def train_ddp(model: nn.Module, tokens: torch.Tensor, config: TrainConfig, comm: CommConfig, info: DistInfo, count_flops: bool = True) -> dict:
+def train_ddp(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    config: TrainConfig,
+    comm: CommConfig,
+    info: DistInfo,
+    count_flops: bool = True,
+) -> dict:
     """Train `model` in place under DDP with `comm`; return the run's JSON-ready figures (on every rank)."""
     import torch.distributed as dist
 
@@ -101,14 +112,26 @@ def train_ddp(model: nn.Module, tokens: torch.Tensor, config: TrainConfig, comm:
         step_times.append(time.perf_counter() - step_start[0])
         counter.end_step()
 
-    result = train(model, tokens, replace(config, log_every=1), loss_fn=timed_loss, wrap_model=wrap, on_step=on_step, count_flops=count_flops)
+    result = train(
+        model,
+        tokens,
+        replace(config, log_every=1),
+        loss_fn=timed_loss,
+        wrap_model=wrap,
+        on_step=on_step,
+        count_flops=count_flops,
+    )
     local = torch.tensor([loss for _, loss in result.losses], dtype=torch.float64, device=info.device)
     dist.all_reduce(local)  # mean loss over processes (logging only: not gradient traffic, not counted)
     expected = gradient_bytes(model)
     return {
-        **counter.summary(expected_bytes_per_step=expected), "comm": asdict(comm),
-        "loss_per_step": (local / info.world_size).tolist(), "step_time_s": step_times,
-        "wall_time_s": result.wall_time_s, "params": result.params, "trainable_params": result.trainable_params,
+        **counter.summary(expected_bytes_per_step=expected),
+        "comm": asdict(comm),
+        "loss_per_step": (local / info.world_size).tolist(),
+        "step_time_s": step_times,
+        "wall_time_s": result.wall_time_s,
+        "params": result.params,
+        "trainable_params": result.trainable_params,
         "cost": {k: v for k, v in result.cost().items() if k not in ("loss_curve", "settings")},
     }
 
@@ -120,7 +143,14 @@ def run(args: argparse.Namespace) -> dict:
     problems = [p for c in comms for p in c.problems()]
     if problems:
         raise ConfigError(problems_message("ddp_train", problems))
-    config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=args.warmup_steps, seed=args.seed)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        warmup_steps=args.warmup_steps,
+        seed=args.seed,
+    )
     info = setup_distributed()
     try:
         if args.data:
@@ -136,7 +166,9 @@ def run(args: argparse.Namespace) -> dict:
                 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
             tokens = encode(text, tokenizer, model.config.vocab_size)
             if tokens.numel() < config.seq_len + 1:
-                raise DataError(f"--data: the text is {tokens.numel()} tokens, too short for --seq-len {config.seq_len}; give more text or lower --seq-len")
+                raise DataError(
+                    f"--data: the text is {tokens.numel()} tokens, too short for --seq-len {config.seq_len}; give more text or lower --seq-len"
+                )
             runs.append(train_ddp(model, tokens, config, comm, info, count_flops=not args.no_count_flops))
             del model
         return {
@@ -152,21 +184,51 @@ def run(args: argparse.Namespace) -> dict:
 def store_runs(doc: dict, store_path: str | os.PathLike) -> list[str]:
     """One stored run per compression: bytes communicated (network), wall time, tokens, FLOPs; the curves in its config."""
 
-    setting = {k: doc[k] for k in ("world_size", "backend", "device", "model", "data", "tokens", "train", "threads_per_process")}
+    setting = {
+        k: doc[k]
+        for k in ("world_size", "backend", "device", "model", "data", "tokens", "train", "threads_per_process")
+    }
     environment = {k: doc[k] for k in ("torch", "python", "machine")}
     ids = []
     with Store(store_path) as db:
         for r in doc["runs"]:
-            protocol = {"method": r["method"], "steps": r["steps"], "compression": r["comm"], "expected_grad_bytes_per_step": r["expected_grad_bytes_per_step"]}
+            protocol = {
+                "method": r["method"],
+                "steps": r["steps"],
+                "compression": r["comm"],
+                "expected_grad_bytes_per_step": r["expected_grad_bytes_per_step"],
+            }
             figures = [
                 Measurement("produce_comm_bytes", float(r["total_bytes"]), "B", "counted", protocol=protocol),
-                Measurement("produce_wall_s", r["wall_time_s"], "s", "measured", protocol={"world_size": doc["world_size"], "device": doc["device"]}),
+                Measurement(
+                    "produce_wall_s",
+                    r["wall_time_s"],
+                    "s",
+                    "measured",
+                    protocol={"world_size": doc["world_size"], "device": doc["device"]},
+                ),
                 Measurement("produce_train_tokens", float(r["cost"]["tokens_seen"]), "tok", "counted"),
             ]
             if r["cost"].get("flops"):
                 figures.append(Measurement("produce_flops", float(r["cost"]["flops"]), "FLOP", "counted"))
-            curves = {k: r[k] for k in ("loss_per_step", "bytes_per_step", "compressed_steps", "step_time_s", "total_vs_expected", "reduction_x")}
-            run = Run(kind="training-ddp", model_ref=doc["model"], benchmark_version=BENCHMARK_VERSION, environment=environment,
-                      config={**setting, "compression": r["comm"], **curves}, wall_s=r["wall_time_s"])
+            curves = {
+                k: r[k]
+                for k in (
+                    "loss_per_step",
+                    "bytes_per_step",
+                    "compressed_steps",
+                    "step_time_s",
+                    "total_vs_expected",
+                    "reduction_x",
+                )
+            }
+            run = Run(
+                kind="training-ddp",
+                model_ref=doc["model"],
+                benchmark_version=BENCHMARK_VERSION,
+                environment=environment,
+                config={**setting, "compression": r["comm"], **curves},
+                wall_s=r["wall_time_s"],
+            )
             ids.append(db.add_run(run, figures))
     return ids

@@ -74,7 +74,9 @@ class CommConfig:
         if self.powersgd_rank < 1:
             out.append(f"powersgd_rank={self.powersgd_rank!r} must be >= 1")
         if self.powersgd_start_step < 2:
-            out.append(f"powersgd_start_step={self.powersgd_start_step!r} must be >= 2 (DDP rebuilds its buckets after step 1)")
+            out.append(
+                f"powersgd_start_step={self.powersgd_start_step!r} must be >= 2 (DDP rebuilds its buckets after step 1)"
+            )
         if not self.min_compression_rate > 0:
             out.append(f"min_compression_rate={self.min_compression_rate!r} must be > 0")
         if not self.bucket_cap_mb > 0:
@@ -97,7 +99,9 @@ def setup_distributed(backend: str | None = None) -> DistInfo:
 
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
-        raise DistributedError(f"not launched by torchrun ({', '.join(missing)} unset); run `torchrun --nproc-per-node 2 -m frugalm.training.ddp_train ...`")
+        raise DistributedError(
+            f"not launched by torchrun ({', '.join(missing)} unset); run `torchrun --nproc-per-node 2 -m frugalm.training.ddp_train ...`"
+        )
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend not in ("gloo", "nccl"):
         raise DistributedError(f"unknown backend '{backend}'{suggest(backend, ('gloo', 'nccl'))}")
@@ -105,7 +109,9 @@ def setup_distributed(backend: str | None = None) -> DistInfo:
     device = torch.device("cpu")
     if backend == "nccl":
         if not torch.cuda.is_available() or local_rank >= torch.cuda.device_count():
-            raise DistributedError(f"backend nccl needs one GPU per process: local rank {local_rank} but {torch.cuda.device_count()} GPU(s); lower --nproc-per-node or use gloo")
+            raise DistributedError(
+                f"backend nccl needs one GPU per process: local rank {local_rank} but {torch.cuda.device_count()} GPU(s); lower --nproc-per-node or use gloo"
+            )
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -180,7 +186,11 @@ class ByteCounter:
             "expected_total_bytes": expected_bytes_per_step * len(self.steps),
             "total_vs_expected": total / (expected_bytes_per_step * len(self.steps)) if self.steps else None,
             "reduction_x": expected_bytes_per_step * len(self.steps) / total if total else None,
-            "reduction_compressed_steps_x": (expected_bytes_per_step * len(compressed) / sum(s.bytes for s in compressed)) if compressed else None,
+            "reduction_compressed_steps_x": (
+                expected_bytes_per_step * len(compressed) / sum(s.bytes for s in compressed)
+            )
+            if compressed
+            else None,
             "method": "counted: bytes of the tensors the DDP comm hook passed to collectives, per process",
         }
 
@@ -218,15 +228,22 @@ def _hook_and_state(comm: CommConfig, group: _CountingGroup, counter: ByteCounte
 
     if comm.compression == "powersgd":
         state = powerSGD_hook.PowerSGDState(
-            process_group=group, matrix_approximation_rank=comm.powersgd_rank,
-            start_powerSGD_iter=comm.powersgd_start_step, min_compression_rate=comm.min_compression_rate,
-            use_error_feedback=True, warm_start=True, random_seed=comm.seed,
+            process_group=group,
+            matrix_approximation_rank=comm.powersgd_rank,
+            start_powerSGD_iter=comm.powersgd_start_step,
+            min_compression_rate=comm.min_compression_rate,
+            use_error_feedback=True,
+            warm_start=True,
+            random_seed=comm.seed,
         )
         hook = powerSGD_hook.powerSGD_hook
     else:
         state = group
-        hook = {"none": default_hooks.allreduce_hook, "fp16": default_hooks.fp16_compress_hook,
-                "bf16": default_hooks.bf16_compress_hook}[comm.compression]
+        hook = {
+            "none": default_hooks.allreduce_hook,
+            "fp16": default_hooks.fp16_compress_hook,
+            "bf16": default_hooks.bf16_compress_hook,
+        }[comm.compression]
 
     # PowerSGD issues its P and Q all-reduces from future callbacks, which gloo runs on its
     # worker threads: two buckets' collectives could then interleave in different orders on
@@ -246,7 +263,9 @@ def _hook_and_state(comm: CommConfig, group: _CountingGroup, counter: ByteCounte
     return counted_hook, state
 
 
-def wrap_ddp(model: nn.Module, comm: CommConfig, info: DistInfo, counter: ByteCounter | None = None) -> tuple[nn.Module, ByteCounter]:
+def wrap_ddp(
+    model: nn.Module, comm: CommConfig, info: DistInfo, counter: ByteCounter | None = None
+) -> tuple[nn.Module, ByteCounter]:
     """Wrap `model` (already on info.device) in DDP with the counted comm hook of `comm`."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
@@ -254,11 +273,16 @@ def wrap_ddp(model: nn.Module, comm: CommConfig, info: DistInfo, counter: ByteCo
     if problems := comm.problems():
         raise ConfigError(problems_message("CommConfig", problems))
     if not any(p.requires_grad for p in model.parameters()):
-        raise ConfigError("data-parallel training: no parameter of the model is trainable; select some parameters to train")
+        raise ConfigError(
+            "data-parallel training: no parameter of the model is trainable; select some parameters to train"
+        )
     counter = counter or ByteCounter(compression=comm.compression)
     ddp = DistributedDataParallel(
-        model, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-        forward_sync_buffers=False, bucket_cap_mb=comm.bucket_cap_mb, gradient_as_bucket_view=True,
+        model,
+        device_ids=[info.device.index] if info.device.type == "cuda" else None,
+        forward_sync_buffers=False,
+        bucket_cap_mb=comm.bucket_cap_mb,
+        gradient_as_bucket_view=True,
     )
     hook, state = _hook_and_state(comm, _CountingGroup(dist.group.WORLD, counter), counter, info.backend)
     ddp.register_comm_hook(state, hook)

@@ -54,7 +54,12 @@ def sampling_problems(**settings: tuple[str, float]) -> list[str]:
     (its name where the user wrote it, its value), so the messages name what the user can fix:
     sampling_problems(pool=("sampling_pool", 0)) == ["sampling_pool=0 must be >= 1"].
     """
-    return [f"{name}={value!r} {rule}" for setting, (name, value) in settings.items() for ok, rule in [_RULES[setting]] if not ok(value)]
+    return [
+        f"{name}={value!r} {rule}"
+        for setting, (name, value) in settings.items()
+        for ok, rule in [_RULES[setting]]
+        if not ok(value)
+    ]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,8 +99,10 @@ def candidate_windows(tokens: torch.Tensor, seq_len: int, stride: int | None = N
     """(N, seq_len + 1) windows of a 1-D token stream, every `stride` tokens (default seq_len: no overlap of targets)."""
     stride = stride or seq_len
     if tokens.dim() != 1 or tokens.numel() < seq_len + 1:
-        raise DataError(f"candidate windows: need a 1-D token stream of at least seq_len + 1 = {seq_len + 1} tokens, "
-                        f"got shape {tuple(tokens.shape)}; give more text or lower seq_len.")
+        raise DataError(
+            f"candidate windows: need a 1-D token stream of at least seq_len + 1 = {seq_len + 1} tokens, "
+            f"got shape {tuple(tokens.shape)}; give more text or lower seq_len."
+        )
     if stride < 1:
         raise ConfigError(f"candidate windows: stride={stride} must be >= 1")
     return tokens.to(torch.long).unfold(0, seq_len + 1, stride)  # (N, seq_len + 1)
@@ -103,8 +110,10 @@ def candidate_windows(tokens: torch.Tensor, seq_len: int, stride: int | None = N
 
 def _check_windows(windows: torch.Tensor) -> None:
     if windows.dim() != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
-        raise DataError(f"candidate windows: need a (N >= 1, seq_len + 1 >= 2) tensor of token ids, "
-                        f"got shape {tuple(windows.shape)}; build them with candidate_windows().")
+        raise DataError(
+            f"candidate windows: need a (N >= 1, seq_len + 1 >= 2) tensor of token ids, "
+            f"got shape {tuple(windows.shape)}; build them with candidate_windows()."
+        )
 
 
 @torch.no_grad()
@@ -163,7 +172,9 @@ class ImportanceWindows:
     def __init__(self, model: nn.Module, tokens: torch.Tensor, *, batch_size: int, seq_len: int, pool: int, power: float,
                  uniform_mix: float, rescore_every: int, grad_accum: int = 1, rank: int = 0, world_size: int = 1, score_batch: int = 16):  # fmt: skip
         if tokens.dim() != 1 or tokens.numel() < seq_len + 1:
-            raise DataError(f"importance sampling: need a 1-D token stream of at least seq_len + 1 = {seq_len + 1} tokens, got shape {tuple(tokens.shape)}; give more text or lower seq_len.")
+            raise DataError(
+                f"importance sampling: need a 1-D token stream of at least seq_len + 1 = {seq_len + 1} tokens, got shape {tuple(tokens.shape)}; give more text or lower seq_len."
+            )
         problems = sampling_problems(pool=("pool", pool), score_batch=("score_batch", score_batch), power=("power", power),
                                      uniform_mix=("uniform_mix", uniform_mix), rescore_every=("rescore_every", rescore_every))  # fmt: skip
         if problems:
@@ -223,7 +234,6 @@ def _scoring_flops_per_window(model: nn.Module, seq_len: int) -> int:
     """Counted FLOPs of one window's scoring forward (a probe of token 0: FLOPs do not depend on the values)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-
     device = next(model.parameters()).device
     probe = torch.zeros(1, seq_len + 1, dtype=torch.long, device=device)
     with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
@@ -236,7 +246,9 @@ def weighted_lm_loss(model: nn.Module, windows: torch.Tensor, weights: torch.Ten
     an unbiased estimate of the uniform mean loss over the candidate pool. Differentiable."""
     _check_windows(windows)
     if weights.shape != windows.shape[:1]:
-        raise DataError(f"weighted loss: weights of shape {tuple(weights.shape)} do not match {windows.shape[0]} windows; pass one weight per window")
+        raise DataError(
+            f"weighted loss: weights of shape {tuple(weights.shape)} do not match {windows.shape[0]} windows; pass one weight per window"
+        )
     device = next(model.parameters()).device
     windows = windows.to(device)
     logits = model(input_ids=windows[:, :-1]).logits  # (batch, seq_len, vocab)

@@ -104,7 +104,9 @@ class LoopOptions:
             if getattr(self, name) < low
         ]  # fmt: skip
         if self.steps == 0:
-            problems[0] = "steps=0 must be >= 1 (a budget of zero steps trains nothing; give steps >= 1 or remove the stage)"
+            problems[0] = (
+                "steps=0 must be >= 1 (a budget of zero steps trains nothing; give steps >= 1 or remove the stage)"
+            )
         if not self.lr > 0:
             problems.append(f"lr={self.lr!r} must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
@@ -138,7 +140,9 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-def random_windows(tokens: torch.Tensor, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1) -> BatchFn:
+def random_windows(
+    tokens: torch.Tensor, batch_size: int, seq_len: int, *, rank: int = 0, world_size: int = 1
+) -> BatchFn:
     """Sample windows of seq_len + 1 tokens uniformly from a 1-D token stream.
 
     Each call draws a global batch of batch_size * world_size windows and returns this rank's
@@ -196,11 +200,17 @@ def _autocast(device: torch.device, precision: str):
 def _set_checkpointing(model: nn.Module, on: bool) -> None:
     """Activation (gradient) checkpointing of a transformers model, non-reentrant (works with frozen inputs)."""
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
-        model.activation_checkpointing_enable({"use_reentrant": False}) if on else model.activation_checkpointing_disable()
+        model.activation_checkpointing_enable(
+            {"use_reentrant": False}
+        ) if on else model.activation_checkpointing_disable()
     elif hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}) if on else model.gradient_checkpointing_disable()
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        ) if on else model.gradient_checkpointing_disable()
     else:
-        raise ConfigError(f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing: false")
+        raise ConfigError(
+            f"gradient_checkpointing: {type(model).__name__} does not support it; set gradient_checkpointing: false"
+        )
 
 
 def train(
@@ -230,16 +240,28 @@ def train(
     """
     check_config(config)
     if config.checkpoint_every and not config.checkpoint_dir:
-        raise ConfigError(f"checkpoint_every={config.checkpoint_every} needs a checkpoint folder; set checkpoint_dir (a recipe run sets one per stage) or checkpoint_every: 0")
+        raise ConfigError(
+            f"checkpoint_every={config.checkpoint_every} needs a checkpoint folder; set checkpoint_dir (a recipe run sets one per stage) or checkpoint_every: 0"
+        )
     rank, world = process_group()
-    batches = random_windows(data, config.batch_size, config.seq_len, rank=rank, world_size=world) if isinstance(data, torch.Tensor) else data
+    batches = (
+        random_windows(data, config.batch_size, config.seq_len, rank=rank, world_size=world)
+        if isinstance(data, torch.Tensor)
+        else data
+    )
     device = next(model.parameters()).device
     torch.manual_seed(config.seed)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = make_optimizer(model, config)
     if not optimizer.param_groups[0]["params"] and not optimizer.param_groups[1]["params"]:
         raise ConfigError("training: no parameter of the model is trainable; select some parameters to train")
-    settings = {**asdict(config), "world_size": world, "device": str(device), "run": run_id or {}, "params": [(n, list(p.shape), p.requires_grad) for n, p in model.named_parameters()]}
+    settings = {
+        **asdict(config),
+        "world_size": world,
+        "device": str(device),
+        "run": run_id or {},
+        "params": [(n, list(p.shape), p.requires_grad) for n, p in model.named_parameters()],
+    }
     settings.pop("checkpoint_dir")
     fp = ckpt.fingerprint(settings)
     state = ckpt.load_latest(config.checkpoint_dir, fp) if config.checkpoint_every else None
@@ -248,7 +270,9 @@ def train(
         _set_checkpointing(model, True)
 
     model.train()
-    flops_per_step = _count_step_flops(model, loss_fn, config, device) if count_flops else None  # before wrapping: no collectives
+    flops_per_step = (
+        _count_step_flops(model, loss_fn, config, device) if count_flops else None
+    )  # before wrapping: no collectives
     trained = wrap_model(model) if wrap_model else model
     meter = EnergyMeter(device, profile or get_profile(None, device.type))
     start = time.perf_counter()
@@ -257,7 +281,9 @@ def train(
             loss = _one_step(trained, model, optimizer, batches, generator, loss_fn, config, step, device)
             if run.add_loss(step, loss, config.log_every, config.steps) and progress is not None:
                 elapsed = run.wall_before + time.perf_counter() - start
-                progress(f"step {step + 1}/{config.steps}  loss {run.losses[-1][1]:.4f}  lr {lr_at(step, config):.2e}  {elapsed:.0f}s")
+                progress(
+                    f"step {step + 1}/{config.steps}  loss {run.losses[-1][1]:.4f}  lr {lr_at(step, config):.2e}  {elapsed:.0f}s"
+                )
             if on_step:
                 on_step(step + 1, config.steps)
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
@@ -272,7 +298,9 @@ def train(
     return run.result(model, config.steps, tokens, flops, meter, {k: v for k, v in settings.items() if k != "params"})
 
 
-def _one_step(trained, model, optimizer, batches: BatchFn, generator, loss_fn: LossFn, config: TrainConfig, step: int, device) -> float:
+def _one_step(
+    trained, model, optimizer, batches: BatchFn, generator, loss_fn: LossFn, config: TrainConfig, step: int, device
+) -> float:
     """One optimizer step over `grad_accum` micro-batches; returns the step's mean loss."""
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, config)
@@ -298,7 +326,9 @@ def _count_step_flops(model: nn.Module, loss_fn: LossFn, config: TrainConfig, de
     return count_step_flops(model, loss_fn, probe, _autocast(device, config.precision)) * config.grad_accum
 
 
-def _checkpoint(model, optimizer, generator, run: RunAccount, step: int, meter, fp: str, config: TrainConfig, rank: int) -> None:
+def _checkpoint(
+    model, optimizer, generator, run: RunAccount, step: int, meter, fp: str, config: TrainConfig, rank: int
+) -> None:
     if rank == 0:
         ckpt.save_checkpoint(config.checkpoint_dir, ckpt.TrainState(
             step=step, model=model.state_dict(), optimizer=optimizer.state_dict(), generator=generator.get_state(),
@@ -319,6 +349,8 @@ def _restore(model, optimizer, generator, state: ckpt.TrainState) -> RunAccount:
     return RunAccount.resumed(state)
 
 
-def train_causal_lm(model: nn.Module, data: torch.Tensor | BatchFn, config: TrainConfig, progress: Callable[[str], None] | None = None) -> TrainResult:
+def train_causal_lm(
+    model: nn.Module, data: torch.Tensor | BatchFn, config: TrainConfig, progress: Callable[[str], None] | None = None
+) -> TrainResult:
     """Train `model` in place on next-token prediction (the default model's builder uses this)."""
     return train(model, data, config, progress=progress)
