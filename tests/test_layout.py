@@ -35,6 +35,9 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("cli", ("frugalm.cli", "frugalm.__main__")),
 ]
 CLI_MAY_DEFER = "frugalm.cli"
+DEFERRED_MARK = "deferred:"
+"""An import of a third-party module inside a function must say why it is deferred (an optional
+extra, say) in a comment with this mark; otherwise it belongs at the module's top."""
 """The CLI imports the API inside its commands on purpose: `frugalm --help` and `frugalm ls` stay
 free of torch. Everywhere else a frugalm import inside a function hides a cycle."""
 
@@ -140,3 +143,19 @@ def test_lazy_api_names_resolve():
 
     for name in frugalm._LAZY:
         assert getattr(frugalm, name) is getattr(importlib.import_module(frugalm._LAZY[name]), name)
+
+
+def test_third_party_imports_sit_at_module_top_unless_marked_deferred():
+    unmarked = []
+    for module, path in _modules().items():
+        if module.startswith(CLI_MAY_DEFER):
+            continue
+        lines = path.read_text().splitlines()
+        for fn in ast.walk(ast.parse("\n".join(lines))):
+            if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for node in ast.walk(fn):
+                    if isinstance(node, (ast.Import, ast.ImportFrom)) and DEFERRED_MARK not in lines[node.lineno - 1]:
+                        unmarked.append(
+                            f"{path.relative_to(SRC.parent)}:{node.lineno}: {lines[node.lineno - 1].strip()}"
+                        )
+    assert not unmarked, f"imports inside functions without a '# {DEFERRED_MARK} why' comment:\n" + "\n".join(unmarked)

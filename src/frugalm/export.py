@@ -35,10 +35,14 @@ from __future__ import annotations
 
 import os
 import re
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from compressed_tensors.compressors import BaseCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme, QuantizationStatus
 from torch import nn
+from transformers import AutoModelForCausalLM
 
 from frugalm.atomic import atomic_folder, check_output_folder
 from frugalm.errors import ModelError
@@ -66,14 +70,6 @@ def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.Pat
     The folder is written atomically (complete or absent) and holds config.json with its
     `quantization_config`, the safetensors weights and the tokenizer.
     """
-    from compressed_tensors.compressors import BaseCompressor
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-        QuantizationStatus,
-    )
-    from transformers import AutoModelForCausalLM
 
     check_output_folder(out_dir, force=force)  # before any work: never replace a folder frugalm did not write
     lm = load_model(artifact, fast_kernels=False)
@@ -146,7 +142,6 @@ def _compress(m, compressor, scheme) -> _Compressed:
 
 
 def _version(package: str) -> str:
-    from importlib.metadata import version
 
     return version(package)
 

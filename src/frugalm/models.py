@@ -16,6 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
 from frugalm.assets import DEFAULT_MODEL_DIR
 from frugalm.atomic import atomic_folder
 from frugalm.errors import ConfigError, ModelError, suggest
@@ -199,8 +205,6 @@ def _tensor_layout_problem(header: dict, data_bytes: int) -> str | None:
 
 def _download(repo_id: str) -> Path:
     """Fetch a hub repo's model files (or find them in the cache) and return the local folder."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "tokenizer*"]
     try:
@@ -219,7 +223,6 @@ def _download(repo_id: str) -> Path:
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    import torch
 
     if name not in DTYPES:
         raise ConfigError(f"unknown dtype '{name}'{suggest(name, DTYPES)}")
@@ -227,7 +230,6 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def torch_device(name: str) -> torch.device:
-    import torch
 
     kind = name.split(":")[0]
     if kind not in ("cpu", "cuda"):
@@ -249,7 +251,6 @@ def load_model(
     kernel for its format where one exists (w8a8-dynamic: fbgemm on x86 CPUs); weight-only
     layers (w8a16, w4a16) always compute dequantized, never through an activation-quantizing kernel.
     """
-    from transformers import AutoModelForCausalLM
 
     source = resolve_model(ref)
     dev, dt = torch_device(device), torch_dtype(dtype)
@@ -276,7 +277,6 @@ def load_model(
 
 
 def load_tokenizer(source: ModelSource):
-    from transformers import AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path)
@@ -300,7 +300,6 @@ def context_length(config) -> int | None:
 
 def read_config(source: ModelSource):
     """The model's transformers config, read without loading weights."""
-    from transformers import AutoConfig
 
     try:
         return AutoConfig.from_pretrained(source.path)
@@ -362,8 +361,6 @@ def read_metadata(path: Path) -> dict | None:
 
 def _load_packed(source: ModelSource, meta: dict, dtype) -> nn.Module:
     """Rebuild a model whose quantized layers are packed: empty skeleton, QuantLinear slots, weights."""
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM
 
     config = read_config(source)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)

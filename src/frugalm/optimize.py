@@ -26,6 +26,9 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+import torch
+
 from frugalm.atomic import OWNED_BY, check_output_folder, write_text_atomic
 from frugalm.benchmark.api import BenchConfig, bench, prepare
 from frugalm.benchmark.runner import Progress, warm_children
@@ -163,15 +166,12 @@ def _session_state(out: Path) -> dict:
 
 def _check_fits_memory(source: ModelSource, device: str) -> None:
     """Refuse, before loading, a model whose weights alone exceed the device's free memory."""
-    import psutil
 
     weights = sum(f.stat().st_size for f in source.path.glob("*.safetensors")) or sum(
         f.stat().st_size for f in source.path.glob("*.bin")
     )
     need = weights * 2.2  # the model, a reference copy for fidelity, and working memory
     if device.startswith("cuda"):
-        import torch
-
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         where = f"GPU {device}"
     else:

@@ -20,8 +20,12 @@ Precedence is defaults < recipe < `--set` overrides; `dump_recipe` writes the re
 
 from __future__ import annotations
 
+import ast
+import copy
 import dataclasses
+import inspect
 import re
+import textwrap
 import types
 import typing
 from dataclasses import dataclass, field
@@ -239,7 +243,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `--set a.b.0.c=value` overrides (values parsed as YAML) to a copy of the raw recipe."""
-    import copy
 
     data = copy.deepcopy(data)
     for item in overrides:
@@ -295,9 +298,6 @@ def dump_recipe(recipe: Recipe) -> str:
 
 def option_docs(config_cls) -> list[tuple[str, str, Any, str]]:
     """(option, type, default, doc) for each field; the doc is the string literal under the field."""
-    import ast
-    import inspect
-    import textwrap
 
     docs: dict[str, str] = {}
     for cls in reversed(

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+
 from frugalm.assets import DEFAULT_EVAL_PATH
 from frugalm.atomic import check_output_folder
 from frugalm.benchmark.api import BenchConfig, BenchResult, bench
@@ -138,7 +140,6 @@ def run_recipe(
 
 def _check_finite(model, stage: str) -> None:
     """Refuse a model a stage left with NaN or infinite weights, naming the first such tensor."""
-    import torch
 
     for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():

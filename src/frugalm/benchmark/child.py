@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import frugalm
 from frugalm.errors import ModelError
@@ -58,7 +60,6 @@ def _want(spec: BenchSpec, resource: str) -> bool:
 def interpreter_baseline(model_path: str) -> int:
     """RSS of this process with everything but the model in memory: torch, transformers, the
     model's own code module (importing it alone costs ~100 MB) and torch's thread pools."""
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(model_path)
     AutoModelForCausalLM._model_mapping[type(config)]  # imports the modeling module
@@ -305,7 +306,6 @@ def _energy_money(
 
 def environment(device: str) -> dict:
     """Hardware and software the figures were taken on."""
-    import transformers
 
     env = {
         "benchmark_version": BENCHMARK_VERSION,

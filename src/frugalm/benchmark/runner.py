@@ -11,6 +11,7 @@ its parent (PR_SET_PDEATHSIG), so a killed parent leaves no orphan measuring in 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import selectors
@@ -24,6 +25,8 @@ import traceback
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
+
+import transformers
 
 from frugalm import errors
 from frugalm.atomic import process_alive
@@ -208,8 +211,6 @@ def _rebuild_error(err: dict) -> Exception:
 
 def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
-        import ctypes
-
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         if os.getppid() == 1:  # the parent died before prctl took effect
@@ -224,8 +225,6 @@ def child_main(spec_path: str, fd: int) -> None:
         out.write(json.dumps(msg) + "\n")
 
     try:
-        import transformers
-
         transformers.logging.set_verbosity_error()
         transformers.utils.logging.disable_progress_bar()
         if not sys.stdin.readline():  # started ahead (warm_children) and closed unused

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
+from transformers import DynamicCache
 
 from frugalm.measure.workloads import Workload
 
@@ -35,7 +36,6 @@ def _sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
 
 def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, **kwargs) -> int:
     """FLOPs of the CPU attention kernel's backward (recomputed scores and four gradient matmuls), torch's own formula."""
-    from torch.utils.flop_counter import sdpa_backward_flop_count
 
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
@@ -164,7 +164,6 @@ def time_workload(
     Each generation runs with a fresh cache from `cache_factory` (a quantized KV cache, say);
     None: a plain DynamicCache, as the model would make itself.
     """
-    from transformers import DynamicCache
 
     timing = GenerationTiming()
     for rep in range(warmup + repetitions):

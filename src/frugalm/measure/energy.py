@@ -47,7 +47,7 @@ def _rapl_packages() -> list[Path]:
 
 def _nvml_handle(device: torch.device):
     try:
-        import pynvml
+        import pynvml  # deferred: the optional `gpu` extra (nvidia-ml-py), absent on CPU machines
     except ImportError:
         return None
     try:
@@ -79,7 +79,7 @@ class EnergyMeter:
     def __enter__(self):
         self._t0, self._cpu0 = time.perf_counter(), _cpu_seconds()
         if self.nvml is not None:
-            import pynvml
+            import pynvml  # deferred: the optional `gpu` extra (nvidia-ml-py)
 
             self._nvml_mj0 = pynvml.nvmlDeviceGetTotalEnergyConsumption(self.nvml)
         self._rapl0 = self._rapl_uj()
@@ -94,7 +94,7 @@ class EnergyMeter:
         self.wall_s = time.perf_counter() - self._t0
         self.cpu_s = _cpu_seconds() - self._cpu0
         if self.nvml is not None:
-            import pynvml
+            import pynvml  # deferred: the optional `gpu` extra (nvidia-ml-py)
 
             return (pynvml.nvmlDeviceGetTotalEnergyConsumption(self.nvml) - self._nvml_mj0) / 1e3
         if self.rapl:

@@ -10,8 +10,13 @@ life, and the protocol says so.
 
 from __future__ import annotations
 
+import ctypes
+import gc
+import resource
+import sys
 from pathlib import Path
 
+import psutil
 import torch
 
 MIB = 1 << 20
@@ -57,7 +62,6 @@ def current_rss_bytes() -> int:
     kib = _status_kib("VmRSS")
     if kib is not None:
         return kib * 1024
-    import psutil
 
     return psutil.Process().memory_info().rss
 
@@ -65,12 +69,9 @@ def current_rss_bytes() -> int:
 def _release_free_memory() -> None:
     """Return freed heap pages to the OS (glibc malloc_trim), so an earlier step's garbage
     does not count in the next peak. A no-op where glibc is absent."""
-    import gc
 
     gc.collect()
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -110,9 +111,6 @@ class PeakMemory:
         else:
             hwm = _status_kib("VmHWM")
             if hwm is None:  # not Linux: ru_maxrss is the lifetime peak (bytes on macOS)
-                import resource
-                import sys
-
                 r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
                 hwm = r // 1024 if sys.platform == "darwin" else r
                 self.method = "ru_maxrss_process_lifetime"

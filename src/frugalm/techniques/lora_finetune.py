@@ -28,6 +28,9 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora.layer import Linear as LoraLinear
+from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from frugalm.errors import TechniqueError
@@ -87,8 +90,6 @@ def lora_targets(model: nn.Module, patterns: tuple[str, ...], technique: str) ->
 
 def _quant_lora_linear_cls():
     """QuantLoraLinear, defined on first use so that importing this module does not import peft."""
-    from peft.tuners.lora.layer import Linear as LoraLinear
-    from peft.tuners.tuners_utils import check_adapters_to_merge
 
     class QuantLoraLinear(LoraLinear):
         """peft's LoRA Linear around a frozen QuantLinear; merging re-quantizes onto the layer's grid."""
@@ -125,7 +126,6 @@ def _quant_lora_linear_cls():
 
 
 def apply(model: nn.Module, config: LoraFinetuneConfig, ctx: Context) -> nn.Module:
-    from peft import LoraConfig, get_peft_model
 
     name = TECHNIQUE.name
     targets = lora_targets(model, config.targets, name)

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
+from datasketch import MinHash, MinHashLSH
 
 from frugalm.errors import ConfigError, DataError, problems_message, suggest
 from frugalm.text.files import DOC_SEPARATOR, split_documents
@@ -199,7 +200,6 @@ def _best_match(candidates, signature, hashes, signatures, shingles, config):
 
 def minhash_dedup(docs: Sequence[str], config: DedupConfig = DedupConfig()) -> DedupResult:
     """Remove near-duplicate documents, keeping the first of each group; report every removal."""
-    from datasketch import MinHash, MinHashLSH
 
     check_config(config)
     if isinstance(docs, (str, bytes)) or not all(isinstance(d, str) for d in docs):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from frugalm.measure.compute import _EXTRA_FLOP_FORMULAS
 from frugalm.measure.energy import EnergyMeter
@@ -74,7 +75,6 @@ def count_step_flops(
     which would change the trained bits. The probe's gradients are dropped and torch's RNG state
     restored, so training is unaffected. The optimizer's elementwise update is not counted.
     """
-    from torch.utils.flop_counter import FlopCounterMode
 
     rng = torch.get_rng_state()
     with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:

@@ -28,7 +28,9 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from frugalm.assets import DEFAULT_EVAL_PATH
 from frugalm.errors import ConfigError, DataError, problems_message
@@ -52,7 +54,6 @@ TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_att
 
 def build_model(spec: str, seed: int, layers: int | None = None) -> tuple[nn.Module, object | None, str]:
     """(model, tokenizer or None, description) for a --model spec; same weights on every process."""
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
     torch.manual_seed(seed)
     if spec == "tiny" or spec.endswith(".json"):
@@ -97,7 +98,6 @@ def train_ddp(
     count_flops: bool = True,
 ) -> dict:
     """Train `model` in place under DDP with `comm`; return the run's JSON-ready figures (on every rank)."""
-    import torch.distributed as dist
 
     model.to(info.device)
     wrap, counter = make_wrapper(comm, info)
@@ -161,8 +161,6 @@ def run(args: argparse.Namespace) -> dict:
         for comm in comms:
             model, tokenizer, desc = build_model(args.model, args.seed, args.layers)
             if args.tokenizer:
-                from transformers import AutoTokenizer
-
                 tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
             tokens = encode(text, tokenizer, model.config.vocab_size)
             if tokens.numel() < config.seq_len + 1:

@@ -41,7 +41,10 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
+from torch.nn.parallel import DistributedDataParallel
 
 from frugalm.errors import ConfigError, FrugalmError, problems_message, suggest
 
@@ -95,7 +98,6 @@ class DistInfo:
 
 def setup_distributed(backend: str | None = None) -> DistInfo:
     """Join the process group torchrun describes in the environment (gloo on CPU, nccl with CUDA)."""
-    import torch.distributed as dist
 
     missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
@@ -120,7 +122,6 @@ def setup_distributed(backend: str | None = None) -> DistInfo:
 
 
 def teardown_distributed() -> None:
-    import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -224,7 +225,6 @@ class _CountingGroup:
 
 def _hook_and_state(comm: CommConfig, group: _CountingGroup, counter: ByteCounter, backend: str):
     """(hook, state) of torch's own hook for `comm`, wrapped to record each bucket it is given."""
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     if comm.compression == "powersgd":
         state = powerSGD_hook.PowerSGDState(
@@ -267,8 +267,6 @@ def wrap_ddp(
     model: nn.Module, comm: CommConfig, info: DistInfo, counter: ByteCounter | None = None
 ) -> tuple[nn.Module, ByteCounter]:
     """Wrap `model` (already on info.device) in DDP with the counted comm hook of `comm`."""
-    import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
     if problems := comm.problems():
         raise ConfigError(problems_message("CommConfig", problems))

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from frugalm.errors import ConfigError, DataError, problems_message
 from frugalm.measure.compute import _EXTRA_FLOP_FORMULAS
@@ -232,7 +233,6 @@ class ImportanceWindows:
 
 def _scoring_flops_per_window(model: nn.Module, seq_len: int) -> int:
     """Counted FLOPs of one window's scoring forward (a probe of token 0: FLOPs do not depend on the values)."""
-    from torch.utils.flop_counter import FlopCounterMode
 
     device = next(model.parameters()).device
     probe = torch.zeros(1, seq_len + 1, dtype=torch.long, device=device)
