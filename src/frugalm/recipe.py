@@ -36,7 +36,7 @@ import yaml
 
 from frugalm.errors import ConfigError, did_you_mean, problems_message
 from frugalm.registry import TECHNIQUES, get_technique
-from frugalm.text.yaml_input import load_yaml, short
+from frugalm.text.yaml_input import load_yaml, read_yaml_file, short
 
 RECIPE_VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "recipes"
@@ -227,14 +227,7 @@ def name_problems(name, label: str = "'name'") -> list[str]:
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read and validate a recipe file; raise RecipeError listing every problem."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"recipe '{path}' cannot be read ({getattr(exc, 'strerror', None) or 'not UTF-8 text'}); pass the path of a recipe YAML file"
-        ) from None
-    data = load_yaml(text, str(path))
+    data = read_yaml_file(path, f"recipe '{path}'", "pass the path of a recipe YAML file", origin=str(path))
     recipe, problems = parse_recipe(data, overrides)
     if problems:
         raise RecipeError(str(path), problems)

@@ -44,6 +44,12 @@ class FieldSource:
     """(module, class) of a nested config field, whose own defaults apply under the overrides."""
 
 
+def add_overrides_option(p) -> None:
+    """`--set KEY=VALUE`, repeatable: a recipe value overridden (recipe.apply_overrides), for run and validate."""
+    p.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. stages.0.bits=4 (repeatable)")  # fmt: skip
+
+
 def add_options(p, options: list[Option], module: str, cls: str, owner: tuple[str, str, str] | None = None) -> None:
     """Add `options` (fields of `module.cls`) to parser `p`; defaults shown are those of `owner`'s
     field (module, class, field) when given: the config a command's API starts from."""

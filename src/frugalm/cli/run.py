@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from frugalm.cli.bench_options import add_bench_options, bench_config, print_result
-from frugalm.cli.config_options import Option, add_options, configure
+from frugalm.cli.config_options import Option, add_options, add_overrides_option, configure
 
 RUN = ("frugalm.run", "RunConfig")
 OPTIONS = [
@@ -20,14 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument(
         "model", nargs="?", help="model to start from (default: the recipe's `model`, else the built-in model)"
     )
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        dest="overrides",
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. stages.0.bits=4 (repeatable)",
-    )
+    add_overrides_option(p)
     add_options(p, OPTIONS, *RUN)
     p.add_argument("--no-measure", action="store_true", help="only produce and save the variant")
     add_bench_options(p, owner=(*RUN, "bench"))

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
+from frugalm.cli.config_options import add_overrides_option
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("validate", help="check recipes (every problem, located) without loading a model")
     p.add_argument("recipes", nargs="+", help="recipe YAML files")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        dest="overrides",
-        metavar="KEY=VALUE",
-        help="override a recipe value, e.g. stages.0.bits=4",
-    )
+    add_overrides_option(p)
     p.add_argument("--print", action="store_true", dest="show", help="print each resolved recipe")
     p.set_defaults(func=run)
 

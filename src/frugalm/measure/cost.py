@@ -13,7 +13,7 @@ from pathlib import Path
 
 from frugalm.assets import PROFILES_PATH
 from frugalm.errors import ConfigError, suggest
-from frugalm.text.yaml_input import load_yaml
+from frugalm.text.yaml_input import read_yaml_file
 
 USER_PROFILES = Path("~/.config/frugalm/profiles.yaml")
 DEFAULT_PROFILE = {"cpu": "cloud-cpu-2vcpu", "cuda": "cloud-h100"}
@@ -59,13 +59,7 @@ def _parse_profile(name: str, raw, origin: str) -> HardwareProfile:
 
 
 def _read_profiles(path: Path) -> dict[str, HardwareProfile]:
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            f"profiles file '{path}' cannot be read ({getattr(exc, 'strerror', None) or 'not UTF-8 text'}); fix the path given by --profiles or FRUGALM_PROFILES"
-        ) from None
-    data = load_yaml(text, f"profiles file '{path}'") or {}
+    data = read_yaml_file(path, f"profiles file '{path}'", "fix the path given by --profiles or FRUGALM_PROFILES") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"profiles file '{path}' must map profile names to fields")
     return {str(name): _parse_profile(str(name), raw, str(path)) for name, raw in data.items()}

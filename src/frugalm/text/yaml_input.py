@@ -10,6 +10,7 @@ memoising shared nodes) before anything is built from it.
 from __future__ import annotations
 
 import reprlib
+from pathlib import Path
 
 import yaml
 
@@ -27,6 +28,16 @@ _short.maxlevel = 3
 def short(value) -> str:
     """`repr(value)` cut to a readable length: what error messages echo of a user's value."""
     return _short.repr(value)
+
+
+def read_yaml_file(path, what: str, fix: str, origin: str | None = None):
+    """Read and parse a user's YAML file; one-line ConfigError naming `what` and the `fix` when it cannot be read."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not UTF-8 text"
+        raise ConfigError(f"{what} cannot be read ({reason}); {fix}") from None
+    return load_yaml(text, origin or what)
 
 
 def load_yaml(text: str, origin: str):
