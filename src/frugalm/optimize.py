@@ -61,11 +61,15 @@ class OptimizeConfig:
     recipes: tuple[str, ...] = ()
     """Recipe files or names of shipped recipes; empty: every shipped recipe."""
     bench: BenchConfig = field(
-        default_factory=lambda: BenchConfig(repetitions=3, protocol=PerplexityProtocol(max_tokens=16_384))
+        default_factory=lambda: BenchConfig(
+            repetitions=3, speedup=False, protocol=PerplexityProtocol(max_tokens=16_384)
+        )
     )
     """Fewer repetitions and evaluated tokens than `bench`: the job measures every recipe's variant
     and the baseline twice. The robustness text is PerplexityProtocol's default, as in `bench`, so
-    both give the same robust_ppl_ratio of a model."""
+    both give the same robust_ppl_ratio of a model. Paired speedups against the baseline are off by
+    default here (`--speedup yes` turns them on): timed to a 3% interval they would add minutes per
+    variant to the main job; its reports still call speed differences from the two baseline runs."""
     constraints: tuple[str, ...] = DEFAULT_CONSTRAINTS
     """Quality bounds for the recommendations, relative to the baseline ('ppl_tok<=+5%') or absolute ('peak_mem_mib<=200')."""
     keep_dominated: bool = False

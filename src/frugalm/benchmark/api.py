@@ -23,6 +23,7 @@ from frugalm.measure.metrics import (
     Measurement,
     check_metric_names,
 )
+from frugalm.measure.paired import PairedConfig
 from frugalm.measure.quality import PerplexityProtocol, describe_data
 from frugalm.measure.workloads import DEFAULT_WORKLOADS, fit_to_context, get_workloads
 from frugalm.models import (
@@ -54,7 +55,11 @@ class BenchConfig:
     dtype: str = "float32"
     """float32, bfloat16 or float16."""
     reference: str | None = None
-    """A model with the same tokenizer to measure fidelity against (KL divergence, top-1 agreement)."""
+    """A model with the same tokenizer to measure fidelity against (KL divergence, top-1 agreement) and speed against (speedup_prefill, speedup_decode)."""
+    speedup: bool = True
+    """With a reference: time the model against it in the same process, interleaved, for speedups with 95% intervals."""
+    paired: PairedConfig = field(default_factory=lambda: PairedConfig(budget_s=30.0))
+    """How speedups are timed: the interval's target half-width, the time budget per figure, the minimum sample duration."""
     metrics: tuple[str, ...] | None = None
     """Metrics to report; by default (None) all."""
     profile: str | None = None
@@ -105,6 +110,7 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
         profile=profile.to_dict(),
         metrics=metrics,
         reference_path=str(reference) if reference else None,
+        paired=asdict(config.paired) if reference and config.speedup else None,
         protocol=asdict(config.protocol),
         warmup=config.warmup,
         repetitions=config.repetitions,

@@ -23,7 +23,9 @@ from frugalm.measure import compute, memory, network
 from frugalm.measure.cost import HardwareProfile, grams_co2e, usd
 from frugalm.measure.energy import EnergyMeter
 from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement
+from frugalm.measure.paired import PairedConfig
 from frugalm.measure.quality import PerplexityProtocol, measure_quality
+from frugalm.measure.speedup import speedups
 from frugalm.measure.stats import percentile, spread
 from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
@@ -48,6 +50,8 @@ class BenchSpec:
     profile: dict
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     reference_path: str | None = None
+    paired: dict | None = None
+    """PairedConfig as a dict: time speedups against the reference; None: no speedups."""
     protocol: dict = field(default_factory=dict)
     warmup: int = 1
     repetitions: int = 5
@@ -82,8 +86,18 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     # memory the allocator may keep, and that would count in the next peak.
     for wd in spec.workloads:
         out += _workload(lm.model, Workload.from_dict(wd), lm.device, spec, profile, baseline_rss, emit, kv_cache)
+    # The reference is loaded only now, so that its memory never counts in the workloads' peaks.
+    want_speedups = bool(spec.paired) and any(m in spec.metrics for m in ("speedup_prefill", "speedup_decode"))
+    ref = None
+    if spec.reference_path and (_want(spec, "quality") or want_speedups):
+        ref = load_model(spec.reference_path, device=spec.device, dtype=spec.dtype)
+        _check_same_tokenizer(lm.tokenizer, ref.tokenizer, spec.reference_path)
+    if want_speedups:
+        workloads = [Workload.from_dict(wd) for wd in spec.workloads]
+        out += speedups(lm.model, ref.model, workloads, lm.device, PairedConfig(**spec.paired), model_cache=kv_cache,
+                        reference_cache=cache_factory(ref.model, ref.inference), emit=emit)  # fmt: skip
     if _want(spec, "quality"):
-        out += _quality(lm, spec, emit)
+        out += _quality(lm, ref, spec, emit)
     return [m for m in out if m.metric in spec.metrics], baseline_rss
 
 
@@ -119,13 +133,8 @@ def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:
     return out
 
 
-def _quality(lm, spec: BenchSpec, emit: Emit) -> list[Measurement]:
-
-    reference = None
-    if spec.reference_path:
-        ref = load_model(spec.reference_path, device=spec.device, dtype=spec.dtype)
-        _check_same_tokenizer(lm.tokenizer, ref.tokenizer, spec.reference_path)
-        reference = ref.model
+def _quality(lm, ref, spec: BenchSpec, emit: Emit) -> list[Measurement]:
+    reference = ref.model if ref is not None else None
     protocol = PerplexityProtocol(**spec.protocol)
     desc = {**spec.data_desc, "reference": spec.reference_path}
     return measure_quality(

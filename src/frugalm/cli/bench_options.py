@@ -7,6 +7,8 @@ OptimizeConfig's bench settings), so the command line and Python run the same pr
 
 from __future__ import annotations
 
+import argparse
+
 from frugalm.cli.config_options import Option, add_options, configure
 
 API = ("frugalm.benchmark.api", "BenchConfig")
@@ -28,7 +30,18 @@ BENCH_OPTIONS = [
     Option("--warmup", "warmup", {"type": int}),
     Option("--scale-workloads", "scale_workloads", {"action": "store_true"}),
     Option("--timeout", "timeout_s", {"type": float}),
+    Option("--speedup", "speedup", {"type": lambda text: yes_no(text), "metavar": "yes|no"}, "needs --reference"),
+    Option("--speedup-target", "paired.target_halfwidth", {"type": float}),
+    Option("--speedup-budget", "paired.budget_s", {"type": float}),
 ]
+
+
+def yes_no(text: str) -> bool:
+    if text.lower() in ("yes", "true", "1", "on"):
+        return True
+    if text.lower() in ("no", "false", "0", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
 
 
 def add_bench_options(p, owner: tuple[str, str, str] | None = None) -> None:

@@ -64,7 +64,7 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def _forward_kwargs(model) -> dict:
+def forward_kwargs(model) -> dict:
     # Real serving computes logits for the last position only; ask for that where supported.
     params = inspect.signature(model.forward).parameters
     return {"logits_to_keep": 1} if "logits_to_keep" in params else {}
@@ -73,8 +73,8 @@ def _forward_kwargs(model) -> dict:
 @torch.inference_mode()
 def flops_per_token(model, workload: Workload, device) -> tuple[int, int]:
     """(prefill FLOPs per prompt token, FLOPs of one decode step) for one sequence of the workload."""
-    ids = _prompt_ids(model, 1, workload.prompt_tokens, device)
-    kw = _forward_kwargs(model)
+    ids = prompt_ids(model, 1, workload.prompt_tokens, device)
+    kw = forward_kwargs(model)
     out = {}
 
     def prefill():
@@ -86,7 +86,7 @@ def flops_per_token(model, workload: Workload, device) -> tuple[int, int]:
     return prefill_flops // workload.prompt_tokens, decode_flops
 
 
-def _prompt_ids(model, batch: int, length: int, device, seed: int = 0) -> torch.Tensor:
+def prompt_ids(model, batch: int, length: int, device, seed: int = 0) -> torch.Tensor:
     """Seeded random token ids (avoiding the special ids at the bottom of most vocabularies)."""
     vocab = model.get_input_embeddings().weight.shape[0]
     g = torch.Generator().manual_seed(seed)
@@ -119,7 +119,7 @@ def generate_timed(model, ids: torch.Tensor, n_new: int, device, *, cache=None) 
     `cache` is the (empty) transformers Cache to run with, filled in place, e.g. a quantized one;
     None: the model makes its default cache.
     """
-    kw = _forward_kwargs(model)
+    kw = forward_kwargs(model)
     synchronize(device)
     t0 = time.perf_counter()
     out = model(ids, past_key_values=cache, use_cache=True, **kw)
@@ -167,7 +167,7 @@ def time_workload(
 
     timing = GenerationTiming()
     for rep in range(warmup + repetitions):
-        ids = _prompt_ids(model, workload.batch_size, workload.prompt_tokens, device, seed=rep)
+        ids = prompt_ids(model, workload.batch_size, workload.prompt_tokens, device, seed=rep)
         cache = cache_factory() if cache_factory else DynamicCache(config=model.config)
         ttft, steps = generate_timed(model, ids, workload.output_tokens, device, cache=cache)
         if rep >= warmup:

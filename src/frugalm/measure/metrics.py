@@ -13,7 +13,8 @@ from typing import Literal
 
 from frugalm.errors import ConfigError, did_you_mean, suggest
 
-BENCHMARK_VERSION = "frugalm-bench v1"
+BENCHMARK_VERSION = "frugalm-bench v2"
+"""v2: paired speedups against a reference (speedup_prefill, speedup_decode) joined the scorecard."""
 Method = Literal["measured", "estimated", "counted"]
 RESOURCES = ("quality", "computation", "memory", "energy", "money", "network")
 
@@ -225,6 +226,24 @@ _ALL = [
         "measured",
         "computation",
         "Decode throughput: tokens generated after the first, over the batch, per second of decode time.",
+        True,
+    ),
+    _m(
+        "speedup_prefill",
+        "x",
+        True,
+        "measured",
+        "computation",
+        "Prompt pass (time to first token, but for one argmax) of the reference over this model's, timed side by side in one process (ABBA blocks); above 1 is faster. Its 95% interval is in the protocol.",
+        True,
+    ),
+    _m(
+        "speedup_decode",
+        "x",
+        True,
+        "measured",
+        "computation",
+        "Decode-step time of the reference over this model's from the same prompt cache, timed side by side in one process (ABBA blocks); above 1 is faster. Its 95% interval is in the protocol.",
         True,
     ),
     _m(

@@ -1,0 +1,57 @@
+"""Paired speedups against a reference, measured in the child (no assertion on how fast anything is)."""
+
+import json
+import shutil
+
+from frugalm.benchmark.api import BenchConfig, bench
+from frugalm.cli import main
+from frugalm.measure.paired import PairedConfig
+from frugalm.measure.quality import PerplexityProtocol
+
+FAST = PairedConfig(budget_s=0.5, min_sample_s=0.01, min_blocks=3)
+
+
+def _config(reference, **kw) -> BenchConfig:
+    return BenchConfig(
+        workloads=("chat",), metrics=("speedup_prefill", "speedup_decode", "ppl_tok"), warmup=0, repetitions=1,
+        protocol=PerplexityProtocol(max_tokens=128), reference=str(reference), paired=FAST, **kw,
+    )  # fmt: skip
+
+
+def test_bench_against_a_reference_stores_paired_speedups_with_intervals(tiny_llama, text_file, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_llama, copy)
+    result = bench(tiny_llama, _config(copy, data=str(text_file)), store=tmp_path / "s.db")
+    figures = {m.metric: m for m in result.measurements}
+    for metric in ("speedup_prefill", "speedup_decode"):
+        m = figures[metric]
+        p = m.protocol
+        assert m.unit == "x" and m.method == "measured" and m.workload == "chat" and m.value > 0
+        assert p["ci"][0] <= m.value <= p["ci"][1] and m.n == p["n_blocks"] >= FAST.min_blocks
+        assert p["stopped_by"] in ("target", "budget", "max_blocks") and "one measuring process" in p["models"]
+        assert len(m.samples) == m.n and "load_avg_1m" in p["conditions_before"]
+    assert "crop" in figures["speedup_decode"].protocol["call"]
+
+
+def test_a_quantized_cache_is_restored_by_copy_on_both_sides(tiny_llama, text_file, tmp_path):
+    recipe = tmp_path / "kv.yaml"
+    recipe.write_text("version: 1\nname: kv\nstages:\n  - technique: kv_cache_quant\n    bits: 8\n    group_size: 16\n")
+    variant = tmp_path / "kv"
+    assert main(["run", str(recipe), str(tiny_llama), "--out", str(variant), "--no-measure", "--quiet"]) == 0
+    result = bench(variant, _config(tiny_llama, data=str(text_file)), store=tmp_path / "s.db")
+    decode = next(m for m in result.measurements if m.metric == "speedup_decode")
+    assert "deep copy (timed, both sides)" in decode.protocol["call"]
+
+
+def test_no_reference_or_speedup_off_means_no_speedups(tiny_llama, text_file, tmp_path, capsys):
+    args = ["bench", str(tiny_llama), "--data", str(text_file), "--workload", "chat", "--eval-tokens", "128",
+            "--repetitions", "1", "--warmup", "0", "--store", str(tmp_path / "s.db"), "--json", "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    assert not [m for m in json.loads(capsys.readouterr().out)["metrics"] if m["metric"].startswith("speedup")]
+    off = ["--reference", str(tiny_llama), "--speedup", "no"]
+    assert main([*args, *off]) == 0
+    assert not [m for m in json.loads(capsys.readouterr().out)["metrics"] if m["metric"].startswith("speedup")]
+    on = ["--reference", str(tiny_llama), "--speedup-budget", "0.5"]
+    assert main([*args, *on]) == 0
+    figures = {m["metric"]: m for m in json.loads(capsys.readouterr().out)["metrics"]}
+    assert {"speedup_prefill", "speedup_decode"} <= figures.keys() and figures["speedup_decode"]["unit"] == "x"
