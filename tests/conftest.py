@@ -183,3 +183,14 @@ def error_message(exc_info) -> str:
     message = str(exc_info.value)
     assert "\n" not in message  # one line, as the CLI prints it
     return message
+
+
+def complete_keys(db: Path):
+    """How often each key is stored as a complete run (the store checked whole first): optimize's resume tests."""
+    from collections import Counter
+
+    from frugalm.store import Store
+
+    with Store(db) as store:
+        assert store.integrity_check() == "ok"
+        return Counter(r.key for r in store.runs() if r.status == "complete" and r.key)

@@ -1,11 +1,11 @@
 """`frugalm optimize` end to end on a tiny model: report, resume after SIGKILL, bad input."""
 
 import os
-from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from conftest import complete_keys
 from frugalm.cli import main
 from frugalm.store import Store
 
@@ -24,12 +24,6 @@ FAST = [
 ]
 
 
-def _complete_keys(db: Path) -> Counter:
-    with Store(db) as store:
-        assert store.integrity_check() == "ok"
-        return Counter(r.key for r in store.runs() if r.status == "complete" and r.key)
-
-
 def test_optimize_writes_report_and_resumes(tiny_llama, text_file, tmp_path, capsys):
     out, db = tmp_path / "out", tmp_path / "s.db"
     args = ["optimize", str(tiny_llama), "--data", str(text_file), "--out", str(out), "--store", str(db), *FAST]
@@ -38,15 +32,15 @@ def test_optimize_writes_report_and_resumes(tiny_llama, text_file, tmp_path, cap
     assert "## Pareto fronts" in first.out
     for name in ("report.html", "report.md", "report.json"):
         assert (out / name).stat().st_size > 0
-    keys = _complete_keys(db)
+    keys = complete_keys(db)
     assert len(keys) == 4 and set(keys.values()) == {1}  # baseline, 2 variants, baseline again (noise): once each
     _saved_variants_reproduce_their_perplexity(out, db, text_file, tmp_path)
     assert main(args) == 0  # a rerun measures nothing again
     assert capsys.readouterr().err.count("already measured") == 4
-    assert _complete_keys(db) == keys
+    assert complete_keys(db) == keys
     # Another setting (more repetitions) is another key: never mixed with the first results.
     assert main([*args, "--repetitions", "3", "--recipe", "int8"]) == 0
-    assert len(_complete_keys(db)) > 4
+    assert len(complete_keys(db)) > 4
 
 
 def _saved_variants_reproduce_their_perplexity(out: Path, db: Path, text_file: Path, tmp_path: Path) -> None:

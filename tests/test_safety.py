@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import error_message
+from conftest import complete_keys, error_message
 from frugalm.atomic import OWNER_MARK, atomic_folder, sweep_leftovers
 from frugalm.cli import main
 from frugalm.errors import ConfigError, MeasurementError
@@ -301,12 +301,6 @@ def test_echoed_values_are_shortened(tmp_path):
 # --- 8. resume measures what it says it measured ---------------------------------------------------
 
 
-def _complete_keys(db: Path) -> Counter:
-    with Store(db) as store:
-        assert store.integrity_check() == "ok"
-        return Counter(r.key for r in store.runs() if r.status == "complete" and r.key)
-
-
 def test_resume_rebuilds_missing_artifacts_and_another_out_is_another_run(tiny_llama, text_file, tmp_path, capsys):
     import shutil
 
@@ -411,12 +405,12 @@ def test_optimize_killed_after_its_second_variant_resumes_without_redoing_anythi
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "".join(seen)
-    first = _complete_keys(db)
+    first = complete_keys(db)
     assert len(first) == 3 and set(first.values()) == {1}  # baseline, int8, magnitude50
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stderr.count("already measured") == 3
-    final = _complete_keys(db)
+    final = complete_keys(db)
     assert len(final) == 5 and set(final.values()) == {1}  # + wanda50 and the baseline again, each once
     assert all(final[k] == 1 for k in first)
     leftovers = (
