@@ -55,3 +55,21 @@ def test_no_reference_or_speedup_off_means_no_speedups(tiny_llama, text_file, tm
     assert main([*args, *on]) == 0
     figures = {m["metric"]: m for m in json.loads(capsys.readouterr().out)["metrics"]}
     assert {"speedup_prefill", "speedup_decode"} <= figures.keys() and figures["speedup_decode"]["unit"] == "x"
+
+
+def test_threads_and_cores_are_set_in_the_child_and_recorded(tiny_llama, text_file, tmp_path):
+    import os
+
+    import pytest
+
+    from frugalm.errors import ConfigError
+
+    core = sorted(os.sched_getaffinity(0))[0]
+    config = BenchConfig(data=str(text_file), workloads=("chat",), metrics=("ppl_tok",), warmup=0, repetitions=1,
+                         protocol=PerplexityProtocol(max_tokens=128), threads=1, cpus=(core,))  # fmt: skip
+    result = bench(tiny_llama, config, store=tmp_path / "s.db")
+    assert result.run.environment["torch_threads"] == 1 and result.run.environment["cpu_affinity"] == [core]
+    with pytest.raises(ConfigError, match="not cores this process may run on"):
+        bench(tiny_llama, BenchConfig(data=str(text_file), cpus=(10_000,)), store=tmp_path / "s.db")
+    with pytest.raises(ConfigError, match="threads must be >= 1"):
+        bench(tiny_llama, BenchConfig(data=str(text_file), threads=0), store=tmp_path / "s.db")

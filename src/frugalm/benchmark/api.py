@@ -15,7 +15,7 @@ from pathlib import Path
 from frugalm.assets import DEFAULT_EVAL_PATH
 from frugalm.benchmark.child import BenchSpec
 from frugalm.benchmark.runner import ChildCrash, Progress, run_child
-from frugalm.errors import DataError
+from frugalm.errors import ConfigError, DataError
 from frugalm.measure.cost import get_profile
 from frugalm.measure.metrics import (
     BENCHMARK_VERSION,
@@ -76,6 +76,10 @@ class BenchConfig:
     """Scale workloads longer than the model's context to fit (recorded as scaled)."""
     timeout_s: float = 3600.0
     """Seconds before the measuring child is stopped."""
+    threads: int | None = None
+    """Torch threads of the measuring child; by default (None) torch's own choice. Recorded with every run."""
+    cpus: tuple[int, ...] = ()
+    """CPU cores the measuring child may run on (its affinity); empty: every core this process may use."""
 
 
 @dataclass
@@ -91,6 +95,7 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
     config.protocol.check()
     if config.repetitions < 1 or config.warmup < 0:
         raise DataError(f"repetitions must be >= 1 and warmup >= 0 (got {config.repetitions}, {config.warmup})")
+    _check_threads_and_cpus(config)
     device = torch_device(config.device)
     torch_dtype(config.dtype)
     profile = get_profile(config.profile, device.type, config.profiles_file)
@@ -111,6 +116,8 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
         metrics=metrics,
         reference_path=str(reference) if reference else None,
         paired=asdict(config.paired) if reference and config.speedup else None,
+        threads=config.threads,
+        cpus=list(config.cpus),
         protocol=asdict(config.protocol),
         warmup=config.warmup,
         repetitions=config.repetitions,
@@ -130,6 +137,15 @@ def _evaluated_text(source, config: BenchConfig, metrics: list[str]) -> tuple[li
     if not any(METRICS[m].resource == "quality" for m in metrics):
         return [], desc
     return evaluated_documents(path, load_tokenizer(source), config.protocol.max_tokens), desc
+
+
+def _check_threads_and_cpus(config: BenchConfig) -> None:
+    if config.threads is not None and config.threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {config.threads}; give the number of torch threads, e.g. 2")
+    allowed = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    bad = [c for c in config.cpus if c not in allowed]
+    if bad:
+        raise ConfigError(f"cpus {bad} are not cores this process may run on; choose among {allowed}")
 
 
 def bench(

@@ -50,6 +50,10 @@ class BenchSpec:
     profile: dict
     metrics: list[str] = field(default_factory=lambda: list(METRICS))
     reference_path: str | None = None
+    threads: int | None = None
+    """Torch threads to run with (None: torch's default)."""
+    cpus: list[int] = field(default_factory=list)
+    """Cores to run on (empty: all allowed)."""
     paired: dict | None = None
     """PairedConfig as a dict: time speedups against the reference; None: no speedups."""
     protocol: dict = field(default_factory=dict)
@@ -74,6 +78,10 @@ def interpreter_baseline(model_path: str) -> int:
 def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     """All selected metrics of the spec's model, and the interpreter baseline RSS (bytes)."""
 
+    if spec.cpus:
+        os.sched_setaffinity(0, spec.cpus)
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
     baseline_rss = interpreter_baseline(spec.model_path)
     emit("loading model", 0, 1)
     lm = load_model(spec.model_path, device=spec.device, dtype=spec.dtype)
@@ -326,6 +334,7 @@ def environment(device: str) -> dict:
         "cpu": _cpu_model(),
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
         if hasattr(os, "sysconf")
         else None,

@@ -30,6 +30,8 @@ BENCH_OPTIONS = [
     Option("--warmup", "warmup", {"type": int}),
     Option("--scale-workloads", "scale_workloads", {"action": "store_true"}),
     Option("--timeout", "timeout_s", {"type": float}),
+    Option("--threads", "threads", {"type": int}),
+    Option("--cpus", "cpus", {"type": int, "action": "append", "metavar": "N"}, "repeatable"),
     Option("--speedup", "speedup", {"type": lambda text: yes_no(text), "metavar": "yes|no"}, "needs --reference"),
     Option("--speedup-target", "paired.target_halfwidth", {"type": float}),
     Option("--speedup-budget", "paired.budget_s", {"type": float}),
