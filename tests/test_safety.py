@@ -26,6 +26,11 @@ stages:
 FAST = ["--eval-tokens", "256", "--repetitions", "1", "--warmup", "0", "--workload", "chat", "--quiet"]
 
 
+def _optimize(model, data, db, *extra) -> list[str]:
+    """`frugalm optimize` arguments on a tiny model, measured fast, into the store `db`."""
+    return ["optimize", str(model), "--data", str(data), "--store", str(db), *FAST, *extra]
+
+
 def _recipe(tmp_path: Path, name: str, file: str = "recipe.yaml") -> Path:
     path = tmp_path / file
     path.write_text(RECIPE.format(name=json.dumps(name)))
@@ -122,24 +127,7 @@ def test_optimize_out_refuses_a_foreign_folder(tiny_llama, text_file, tmp_path, 
     (home / "variants" / "int8").mkdir(parents=True)
     (home / "variants" / "int8" / "notes.txt").write_text("mine")
     before = _tree(home)
-    assert (
-        main(
-            [
-                "optimize",
-                str(tiny_llama),
-                "--data",
-                str(text_file),
-                "--out",
-                str(home),
-                "--store",
-                str(tmp_path / "s.db"),
-                *FAST,
-                "--recipe",
-                "int8",
-            ]
-        )
-        == 2
-    )
+    assert main(_optimize(tiny_llama, text_file, tmp_path / "s.db", "--out", str(home), "--recipe", "int8")) == 2
     assert "was not written by frugalm" in capsys.readouterr().err
     assert _tree(home) == before
 
@@ -244,21 +232,7 @@ def test_stage_leaving_non_finite_weights_fails_the_variant_and_optimize_goes_on
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "stages[0] (rtn_quant) produced infinite values in model.layers.1.mlp.down_proj" in err
     assert not (tmp_path / "v").exists()
-    args = [
-        "optimize",
-        str(model),
-        "--data",
-        str(text_file),
-        "--out",
-        str(out),
-        "--store",
-        str(db),
-        *FAST,
-        "--recipe",
-        str(int8),
-        "--recipe",
-        "magnitude50",
-    ]
+    args = _optimize(model, text_file, db, "--out", str(out), "--recipe", str(int8), "--recipe", "magnitude50")
     assert main(args) == 0
     captured = capsys.readouterr()
     assert "q8: failed: stages[0] (rtn_quant) produced infinite values" in captured.err
@@ -305,18 +279,7 @@ def test_resume_rebuilds_missing_artifacts_and_another_out_is_another_run(tiny_l
     import shutil
 
     out, db = tmp_path / "out", tmp_path / "s.db"
-    args = [
-        "optimize",
-        str(tiny_llama),
-        "--data",
-        str(text_file),
-        "--store",
-        str(db),
-        *FAST,
-        "--recipe",
-        "int8",
-        "--keep-dominated",
-    ]
+    args = _optimize(tiny_llama, text_file, db, "--recipe", "int8", "--keep-dominated")
     assert main([*args, "--out", str(out)]) == 0
     shutil.rmtree(out / "variants" / "int8")  # the user removed an artifact
     capsys.readouterr()
@@ -338,26 +301,8 @@ def test_two_recipe_files_with_one_stem_are_refused(tiny_llama, text_file, tmp_p
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     first, second = _recipe(tmp_path / "a", "x", "same.yaml"), _recipe(tmp_path / "b", "y", "same.yaml")
-    assert (
-        main(
-            [
-                "optimize",
-                str(tiny_llama),
-                "--data",
-                str(text_file),
-                "--out",
-                str(tmp_path / "o"),
-                "--store",
-                str(tmp_path / "s.db"),
-                *FAST,
-                "--recipe",
-                str(first),
-                "--recipe",
-                str(second),
-            ]
-        )
-        == 2
-    )
+    args = _optimize(tiny_llama, text_file, tmp_path / "s.db", "--out", str(tmp_path / "o"), "--recipe", str(first))
+    assert main([*args, "--recipe", str(second)]) == 2
     assert "two recipes are named 'same'" in capsys.readouterr().err
 
 

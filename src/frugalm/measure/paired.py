@@ -89,7 +89,7 @@ def t_quantile(p: float, dof: int) -> float:
     return (lo + hi) / 2
 
 
-def _t_cdf(x: float, dof: int, steps: int = 2000) -> float:
+def _t_cdf(x: float, dof: int, steps: int = 400) -> float:
     v = float(dof)
     log_norm = math.lgamma((v + 1) / 2) - math.lgamma(v / 2) - 0.5 * math.log(v * math.pi)
     pdf = lambda t: math.exp(log_norm - (v + 1) / 2 * math.log1p(t * t / v))  # noqa: E731
