@@ -5,7 +5,14 @@ import random
 
 import pytest
 
-from frugalm.measure.paired import PairedConfig, machine_conditions, ratio_interval, t_quantile, time_paired
+from frugalm.measure.paired import (
+    PairedConfig,
+    competition,
+    machine_conditions,
+    ratio_interval,
+    t_quantile,
+    time_paired,
+)
 
 
 @pytest.mark.parametrize(
@@ -72,7 +79,7 @@ def test_drift_is_cancelled_by_the_abba_schedule():
 
 
 def test_noisy_timing_runs_until_the_target_is_met():
-    w = FakeWork(0.01, 0.013, noise=0.08, seed=1)
+    w = FakeWork(0.01, 0.013, noise=0.15, seed=1)
     config = PairedConfig(min_sample_s=0.05, target_halfwidth=0.03, budget_s=1e9)
     result = time_paired(w.call("a"), w.call("b"), config, clock=w.clock)
     assert result.stopped_by == "target" and result.halfwidth <= 0.03 and result.n_blocks > config.min_blocks
@@ -91,3 +98,13 @@ def test_machine_conditions_flags_competition():
     conditions = machine_conditions(threads=0)
     assert {"load_avg_1m", "governor", "affinity"} <= conditions.keys()
     assert conditions["competing"] == (conditions["load_avg_1m"] > 0.5)
+
+
+def test_competition_is_the_cores_other_processes_used():
+    before = {"busy_cpu_s": 100.0, "self_cpu_s": 10.0, "clock_s": 50.0}
+    after = {"busy_cpu_s": 106.0, "self_cpu_s": 14.0, "clock_s": 54.0}  # 6 busy core-seconds, 4 ours, over 4 s
+    assert competition(before, after)["other_cores"] == pytest.approx(0.5)
+    assert competition(before, after)["competed"]
+    quiet = {**after, "busy_cpu_s": 104.4}
+    assert not competition(before, quiet)["competed"]
+    assert competition({**before, "busy_cpu_s": None}, after) == {}

@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from frugalm.benchmark.api import BenchConfig, bench
 from frugalm.cli import main
 from frugalm.measure.paired import PairedConfig
@@ -13,7 +15,8 @@ FAST = PairedConfig(budget_s=0.5, min_sample_s=0.01, min_blocks=3)
 
 def _config(reference, **kw) -> BenchConfig:
     return BenchConfig(
-        workloads=("chat",), metrics=("speedup_prefill", "speedup_decode", "ppl_tok"), warmup=0, repetitions=1,
+        workloads=("chat",), metrics=("speedup_ttft", "speedup_decode", "energy_ratio_decode", "cost_ratio_decode", "decode_overhead_frac",
+                 "tpot_p50_ms", "ppl_tok"), warmup=0, repetitions=1,
         protocol=PerplexityProtocol(max_tokens=128), reference=str(reference), paired=FAST, **kw,
     )  # fmt: skip
 
@@ -23,14 +26,28 @@ def test_bench_against_a_reference_stores_paired_speedups_with_intervals(tiny_ll
     shutil.copytree(tiny_llama, copy)
     result = bench(tiny_llama, _config(copy, data=str(text_file)), store=tmp_path / "s.db")
     figures = {m.metric: m for m in result.measurements}
-    for metric in ("speedup_prefill", "speedup_decode"):
+    for metric in ("speedup_ttft", "speedup_decode"):
         m = figures[metric]
         p = m.protocol
         assert m.unit == "x" and m.method == "measured" and m.workload == "chat" and m.value > 0
         assert p["ci"][0] <= m.value <= p["ci"][1] and m.n == p["n_blocks"] >= FAST.min_blocks
         assert p["stopped_by"] in ("target", "budget", "max_blocks") and "one measuring process" in p["models"]
         assert len(m.samples) == m.n and "load_avg_1m" in p["conditions_before"]
-    assert "crop" in figures["speedup_decode"].protocol["call"]
+    assert "crop" in figures["speedup_decode"].protocol["call"] and "other_cores" in figures["speedup_decode"].protocol
+
+
+def test_energy_and_cost_ratios_are_the_inverted_decode_speedup(tiny_llama, text_file, tmp_path):
+    result = bench(tiny_llama, _config(tiny_llama, data=str(text_file)), store=tmp_path / "s.db")
+    figures = {m.metric: m for m in result.measurements}
+    decode = figures["speedup_decode"]
+    for name in ("energy_ratio_decode", "cost_ratio_decode"):
+        m = figures[name]
+        assert m.method == "estimated" and m.value == pytest.approx(1 / decode.value)
+        assert m.protocol["ci"] == pytest.approx([1 / decode.protocol["ci"][1], 1 / decode.protocol["ci"][0]])
+    overhead = figures["decode_overhead_frac"]
+    assert overhead.method == "estimated" and overhead.value > 0 and overhead.unit == "fraction"
+    assert overhead.protocol["model_step_ms"] == pytest.approx(figures["tpot_p50_ms"].value)
+    assert overhead.protocol["twin"]["hidden_size"] < 64
 
 
 def test_a_quantized_cache_is_restored_by_copy_on_both_sides(tiny_llama, text_file, tmp_path):
@@ -54,7 +71,7 @@ def test_no_reference_or_speedup_off_means_no_speedups(tiny_llama, text_file, tm
     on = ["--reference", str(tiny_llama), "--speedup-budget", "0.5"]
     assert main([*args, *on]) == 0
     figures = {m["metric"]: m for m in json.loads(capsys.readouterr().out)["metrics"]}
-    assert {"speedup_prefill", "speedup_decode"} <= figures.keys() and figures["speedup_decode"]["unit"] == "x"
+    assert {"speedup_ttft", "speedup_decode"} <= figures.keys() and figures["speedup_decode"]["unit"] == "x"
 
 
 def test_threads_and_cores_are_set_in_the_child_and_recorded(tiny_llama, text_file, tmp_path):

@@ -10,8 +10,12 @@
    rebuilt. A recipe that does not fit the model (say, a group size that does not divide its
    widths) is reported as skipped with the reason, and one that fails (a stage leaves NaN
    weights, the child crashes) as failed with its cause; optimize goes on with the rest.
-3. Measure the baseline once more, last: the two baseline runs give the run-to-run noise of
-   every figure, within which the report calls differences ties (see report/build.py).
+   Each variant's child also times it against the baseline, interleaved, for speedups with 95%
+   intervals (measure/paired.py), from which the report calls speed, energy and money.
+3. Measure the baseline once more, last, timed against itself: the two baseline runs give the
+   run-to-run noise of every other figure, within which the report calls differences ties (see
+   report/build.py), and its speedup over itself checks the paired timing (its interval should
+   contain 1).
 4. Compute the Pareto fronts (quality against each resource) from the stored figures, write the
    report (HTML, Markdown, JSON), and keep the artifacts of the variants on some front.
 """
@@ -23,7 +27,7 @@ import hashlib
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
@@ -34,6 +38,7 @@ from frugalm.benchmark.api import BenchConfig, bench, prepare
 from frugalm.benchmark.runner import Progress, warm_children
 from frugalm.errors import ConfigError, FrugalmError, MeasurementError, suggest
 from frugalm.measure.metrics import BENCHMARK_VERSION
+from frugalm.measure.paired import PairedConfig
 from frugalm.measure.quality import PerplexityProtocol
 from frugalm.models import METADATA_FILE, ModelSource, check_weights, resolve_model
 from frugalm.pareto import Constraint
@@ -62,14 +67,16 @@ class OptimizeConfig:
     """Recipe files or names of shipped recipes; empty: every shipped recipe."""
     bench: BenchConfig = field(
         default_factory=lambda: BenchConfig(
-            repetitions=3, speedup=False, protocol=PerplexityProtocol(max_tokens=16_384)
+            repetitions=3,
+            protocol=PerplexityProtocol(max_tokens=16_384),
+            paired=PairedConfig(budget_s=4.0),
         )
     )
     """Fewer repetitions and evaluated tokens than `bench`: the job measures every recipe's variant
     and the baseline twice. The robustness text is PerplexityProtocol's default, as in `bench`, so
-    both give the same robust_ppl_ratio of a model. Paired speedups against the baseline are off by
-    default here (`--speedup yes` turns them on): timed to a 3% interval they would add minutes per
-    variant to the main job; its reports still call speed differences from the two baseline runs."""
+    both give the same robust_ppl_ratio of a model. Each variant is timed against the baseline in
+    its measuring child (paired speedups, 95% intervals, target +-3%) with at most 4 s per figure,
+    so the main job stays within minutes; `--speedup-budget` buys tighter intervals."""
     constraints: tuple[str, ...] = DEFAULT_CONSTRAINTS
     """Quality bounds for the recommendations, relative to the baseline ('ppl_tok<=+5%') or absolute ('peak_mem_mib<=200')."""
     keep_dominated: bool = False
@@ -222,6 +229,10 @@ def optimize(
         config.bench.warmup,
         config.bench.repetitions,
         config.bench.metrics,
+        config.bench.speedup,
+        asdict(config.bench.paired),
+        config.bench.threads,
+        config.bench.cpus,
     ]
     out.mkdir(parents=True, exist_ok=True)
     state = _session_state(out)
@@ -252,7 +263,8 @@ def optimize(
             _key(settings, "baseline", "control"),
             progress,
             say,
-            label="baseline again (run-to-run noise)",
+            label="baseline again, and timed against itself (run-to-run noise; a check of the paired timing)",
+            reference=source.path,
         )
 
         session = Run(
@@ -279,13 +291,14 @@ def optimize(
     return OptimizeResult(out, baseline, variants, session, paths)
 
 
-def _baseline(source, config, db: Store, key: str, progress, say, label: str = "baseline") -> Entry:
+def _baseline(source, config, db: Store, key: str, progress, say, label: str = "baseline", reference=None) -> Entry:
     done = db.complete_run_with_key(key)
     if done:
         say(f"{label}: already measured (run {done.id}), skipped")
         return Entry("baseline", done)
     say(f"{label}: measuring")
-    result = bench(source.path, config.bench, store=db, progress=progress, kind="baseline", key=key)
+    bench_config = replace(config.bench, reference=str(reference)) if reference else config.bench
+    result = bench(source.path, bench_config, store=db, progress=progress, kind="baseline", key=key)
     return Entry("baseline", result.run)
 
 

@@ -55,7 +55,7 @@ class BenchConfig:
     dtype: str = "float32"
     """float32, bfloat16 or float16."""
     reference: str | None = None
-    """A model with the same tokenizer to measure fidelity against (KL divergence, top-1 agreement) and speed against (speedup_prefill, speedup_decode)."""
+    """A model with the same tokenizer to measure fidelity against (KL divergence, top-1 agreement) and speed against (speedup_ttft, speedup_decode)."""
     speedup: bool = True
     """With a reference: time the model against it in the same process, interleaved, for speedups with 95% intervals."""
     paired: PairedConfig = field(default_factory=lambda: PairedConfig(budget_s=30.0))

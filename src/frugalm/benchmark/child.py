@@ -22,10 +22,11 @@ from frugalm.errors import ModelError
 from frugalm.measure import compute, memory, network
 from frugalm.measure.cost import HardwareProfile, grams_co2e, usd
 from frugalm.measure.energy import EnergyMeter
-from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement
-from frugalm.measure.paired import PairedConfig
+from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, OVERHEAD_BOUND, Measurement
+from frugalm.measure.overhead import TWIN_HEAD_DIM, shrunk_twin, twin_step_s
+from frugalm.measure.paired import PairedConfig, competition, machine_conditions
 from frugalm.measure.quality import PerplexityProtocol, measure_quality
-from frugalm.measure.speedup import speedups
+from frugalm.measure.speedup import SPEEDUP_METRICS, speedups
 from frugalm.measure.stats import percentile, spread
 from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
@@ -94,8 +95,10 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     # memory the allocator may keep, and that would count in the next peak.
     for wd in spec.workloads:
         out += _workload(lm.model, Workload.from_dict(wd), lm.device, spec, profile, baseline_rss, emit, kv_cache)
+    if "decode_overhead_frac" in spec.metrics:
+        out += _overhead(lm.model, spec, lm.device, out)
     # The reference is loaded only now, so that its memory never counts in the workloads' peaks.
-    want_speedups = bool(spec.paired) and any(m in spec.metrics for m in ("speedup_prefill", "speedup_decode"))
+    want_speedups = bool(spec.paired) and any(m in spec.metrics for m in SPEEDUP_METRICS)
     ref = None
     if spec.reference_path and (_want(spec, "quality") or want_speedups):
         ref = load_model(spec.reference_path, device=spec.device, dtype=spec.dtype)
@@ -107,6 +110,27 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     if _want(spec, "quality"):
         out += _quality(lm, ref, spec, emit)
     return [m for m in out if m.metric in spec.metrics], baseline_rss
+
+
+def _overhead(model, spec: BenchSpec, device, figures: list[Measurement]) -> list[Measurement]:
+    """decode_overhead_frac per workload: a width-shrunk twin's decode step over the model's (measure/overhead.py)."""
+    tpot = {m.workload: m.value / 1e3 for m in figures if m.metric == "tpot_p50_ms"}
+    twin = shrunk_twin(model) if tpot else None
+    if twin is None:
+        return []
+    out = []
+    for wd in spec.workloads:
+        w = Workload.from_dict(wd)
+        if w.name in tpot:
+            twin_s = twin_step_s(twin, w, device)
+            protocol = {"twin": {"head_dim": TWIN_HEAD_DIM, "hidden_size": twin.config.hidden_size,
+                                 "layers": twin.config.num_hidden_layers, "weights": "random", "cache": "DynamicCache"},
+                        "twin_step_ms": twin_s * 1e3, "model_step_ms": tpot[w.name] * 1e3,
+                        "overhead_bound_above": OVERHEAD_BOUND,
+                        "how": "median twin decode step (2 generations after a warm-up) / the model's tpot_p50_ms"}  # fmt: skip
+            out.append(Measurement("decode_overhead_frac", twin_s / tpot[w.name], method="estimated", workload=w.name,
+                                   protocol=protocol))  # fmt: skip
+    return out
 
 
 def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:
@@ -196,6 +220,7 @@ def _workload(
         ]
     total = spec.warmup + spec.repetitions
     progress = lambda rep: emit(label, rep, total)  # noqa: E731
+    wp["conditions_before"] = machine_conditions(torch.get_num_threads())
     with memory.PeakMemory(device, baseline_rss) as peak:
         compute.time_workload(
             model, w, device, warmup=spec.warmup, repetitions=0, on_rep=progress, cache_factory=kv_cache
@@ -210,6 +235,8 @@ def _workload(
                 on_rep=lambda r: progress(spec.warmup + r),
                 cache_factory=kv_cache,
             )
+    wp["conditions_after"] = machine_conditions(torch.get_num_threads())
+    wp.update(competition(wp["conditions_before"], wp["conditions_after"]))
     out += _timing_measurements(w, timing, wp)
     out.append(
         Measurement(

@@ -13,9 +13,14 @@ from typing import Literal
 
 from frugalm.errors import ConfigError, did_you_mean, suggest
 
-BENCHMARK_VERSION = "frugalm-bench v2"
-"""v2: paired speedups against a reference (speedup_prefill, speedup_decode) joined the scorecard."""
+BENCHMARK_VERSION = "frugalm-bench v3"
+"""v2: paired speedups against a reference joined the scorecard. v3: the prefill speedup is
+speedup_ttft (the prompt pass and first argmax), the decode speedup is timed one step per call,
+and the energy and cost ratios derived from it (energy_ratio_decode, cost_ratio_decode) and the
+decode step's fixed-cost share (decode_overhead_frac) joined."""
 Method = Literal["measured", "estimated", "counted"]
+OVERHEAD_BOUND = 0.5
+"""decode_overhead_frac above this: the decode figures are called overhead-bound (the report says so)."""
 RESOURCES = ("quality", "computation", "memory", "energy", "money", "network")
 
 
@@ -229,12 +234,12 @@ _ALL = [
         True,
     ),
     _m(
-        "speedup_prefill",
+        "speedup_ttft",
         "x",
         True,
         "measured",
         "computation",
-        "Prompt pass (time to first token, but for one argmax) of the reference over this model's, timed side by side in one process (ABBA blocks); above 1 is faster. Its 95% interval is in the protocol.",
+        "Time to first token (the prompt pass and the first argmax: the prefill speedup) of the reference over this model's, timed side by side in one process (ABBA blocks); above 1 is faster. Its 95% interval is in the protocol.",
         True,
     ),
     _m(
@@ -244,6 +249,15 @@ _ALL = [
         "measured",
         "computation",
         "Decode-step time of the reference over this model's from the same prompt cache, timed side by side in one process (ABBA blocks); above 1 is faster. Its 95% interval is in the protocol.",
+        True,
+    ),
+    _m(
+        "decode_overhead_frac",
+        "fraction",
+        False,
+        "estimated",
+        "computation",
+        "Share of a decode step that is fixed per-step cost (Python, dispatch, cache bookkeeping): a width-shrunk twin's step time over this model's. Above 0.5 the decode figures are overhead-bound: no change to the weights can speed them much.",
         True,
     ),
     _m(
@@ -314,6 +328,15 @@ _ALL = [
         True,
     ),
     _m(
+        "energy_ratio_decode",
+        "x",
+        False,
+        "estimated",
+        "energy",
+        "Energy per decoded token of this model over the reference's: 1 / speedup_decode, assuming both draw the same power on the same cores; below 1 saves. Its 95% interval (speedup_decode's, inverted) is in the protocol.",
+        True,
+    ),
+    _m(
         "produce_energy_j",
         "J",
         False,
@@ -338,6 +361,15 @@ _ALL = [
         "estimated",
         "money",
         "USD per million generated tokens: the profile's hourly price times measured time, plus energy times its electricity price.",
+        True,
+    ),
+    _m(
+        "cost_ratio_decode",
+        "x",
+        False,
+        "estimated",
+        "money",
+        "Cost per decoded token of this model over the reference's: 1 / speedup_decode (hourly price and energy both scale with time at equal power); below 1 saves. Its 95% interval is in the protocol.",
         True,
     ),
     _m(

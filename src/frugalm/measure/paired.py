@@ -33,9 +33,10 @@ class PairedConfig:
     """Stop once the speedup's 95% interval is within +-this fraction (exp(t * se) - 1)."""
     budget_s: float = 60.0
     """Stop adding blocks after this many seconds of timing, target met or not."""
-    min_sample_s: float = 0.2
-    """Each sample repeats its call until it lasts at least this long."""
-    min_blocks: int = 6
+    min_sample_s: float = 0.05
+    """Each sample repeats its call until it lasts at least this long: far above the timer's
+    resolution, and short enough that A's and B's samples follow each other within a burst."""
+    min_blocks: int = 10
     """Blocks (of ABBA) before the stopping rule is first asked."""
     max_blocks: int = 400
     confidence: float = 0.95
@@ -160,21 +161,51 @@ def _calls_per_sample(run_a, run_b, min_sample_s: float, clock, sync) -> int:
     return max(1, math.ceil(min_sample_s / max(min(single), 1e-9)))
 
 
-def machine_conditions(threads: int | None = None) -> dict:
-    """What else the machine was doing and how it was set: load average, governor, frequency, affinity.
+COMPETING_CORES = 0.25
+"""Other processes (or other VMs, through steal time) using more than this many cores on average
+during a timing: it is flagged as competed."""
 
-    Recorded before and after a timing; `competing` is true when the 1-minute load exceeded the
-    threads this process uses (another process wanted the same cores).
+
+def machine_conditions(threads: int | None = None) -> dict:
+    """What else the machine was doing and how it was set: load average, governor, frequency,
+    affinity, and CPU-time counters that `competition` turns into the cores others used.
+
+    `competing` here is the load-average test (1-minute load above this process's threads + 0.5):
+    a lagging hint; `competition` over two snapshots is the measure.
     """
     load1, load5, _ = os.getloadavg()
     cpu = Path("/sys/devices/system/cpu/cpu0/cpufreq")
+    times = os.times()
     out = {"load_avg_1m": load1, "load_avg_5m": load5, "cpus": os.cpu_count(),
            "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-           "governor": _read(cpu / "scaling_governor"), "freq_khz": _read(cpu / "scaling_cur_freq")}  # fmt: skip
+           "governor": _read(cpu / "scaling_governor"), "freq_khz": _read(cpu / "scaling_cur_freq"),
+           "busy_cpu_s": _busy_cpu_s(), "self_cpu_s": times.user + times.system, "clock_s": time.monotonic()}  # fmt: skip
     if threads is not None:
         out["threads"] = threads
         out["competing"] = load1 > threads + 0.5
     return out
+
+
+def competition(before: dict, after: dict) -> dict:
+    """Cores other processes (and, through steal time, other VMs) used on average between two
+    snapshots of `machine_conditions`: the machine's busy CPU time (/proc/stat, all but idle and
+    iowait) minus this process's own, over the wall time. Empty where /proc/stat is unreadable."""
+    wall = after["clock_s"] - before["clock_s"]
+    if before.get("busy_cpu_s") is None or after.get("busy_cpu_s") is None or wall <= 0:
+        return {}
+    others = (after["busy_cpu_s"] - before["busy_cpu_s"] - (after["self_cpu_s"] - before["self_cpu_s"])) / wall
+    others = max(0.0, others)
+    return {"other_cores": others, "competed": others > COMPETING_CORES,
+            "rule": f"competed: other processes used more than {COMPETING_CORES} cores on average"}  # fmt: skip
+
+
+def _busy_cpu_s() -> float | None:
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def _read(path: Path) -> str | None:

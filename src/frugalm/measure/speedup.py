@@ -1,13 +1,23 @@
 """Speedups of a model over a reference, timed side by side in one process (see measure/paired.py).
 
 For each workload two calls are built per model, on the workload's batch and seeded prompt:
-- prefill: the prompt's forward pass with a fresh cache (the time to first token, but for one argmax);
-- decode: DECODE_STEPS greedy steps from the prompt's cache, which is then restored, so every call
-  decodes the same positions. A cache that can be cropped (transformers' DynamicCache) is cropped
-  back; one that cannot (a packed quantized cache) is rebuilt from a deep copy of the prefilled
-  one, and then both models restore that way so the copy's cost hits both sides alike.
-`speedup_prefill` and `speedup_decode` are time(reference) / time(model): above 1 the model is
+- ttft: the prompt's forward pass with a fresh cache and the first token's argmax, which is what
+  the time to first token (ttft_*) times: the prefill speedup;
+- decode: one greedy step from the prompt's cache, which is then restored, so every call decodes
+  the same position. A cache that can be cropped (transformers' DynamicCache) is cropped back;
+  one that cannot (a packed quantized cache) is rebuilt from a deep copy of the prefilled one,
+  and then both models restore that way so the copy's cost hits both sides alike.
+One step per call keeps the calls short, so the ABBA samples of the two models follow each
+other closely and a burst of contention on the shared machine lands on both (measured on a
+2-core VM: one-step calls reached a +-0.8% interval in 60 s where 8-step calls needed minutes
+for +-3%); a tiny model's step is repeated up to the minimum sample duration instead.
+`speedup_ttft` and `speedup_decode` are time(reference) / time(model): above 1 the model is
 faster. Both models are held by this one process; the protocol says so.
+
+Energy and money per token are time per token priced by the same power model and hourly price,
+so their ratios follow from the decode speedup: `energy_ratio_decode` and `cost_ratio_decode` =
+1 / speedup_decode, assuming both models draw the same power on the same cores (estimated, and
+labelled so; below 1 the model saves).
 """
 
 from __future__ import annotations
@@ -20,24 +30,25 @@ import torch
 
 from frugalm.measure import compute
 from frugalm.measure.metrics import Measurement
-from frugalm.measure.paired import PairedConfig, machine_conditions, time_paired
+from frugalm.measure.paired import PairedConfig, competition, machine_conditions, time_paired
 from frugalm.measure.workloads import Workload
 
-DECODE_STEPS = 8
-"""Decode steps per timed call (fewer when the workload generates fewer tokens)."""
+SPEEDUP_METRICS = ("speedup_ttft", "speedup_decode")
+DERIVED_RATIOS = {"energy_ratio_decode": "energy", "cost_ratio_decode": "money"}
 
 
-def _prefill_call(model, ids: torch.Tensor, make_cache) -> Callable[[], None]:
+def _ttft_call(model, ids: torch.Tensor, make_cache) -> Callable[[], None]:
     kw = compute.forward_kwargs(model)
 
     def run() -> None:
         with torch.no_grad():
-            model(ids, past_key_values=make_cache() if make_cache else None, use_cache=True, **kw)
+            out = model(ids, past_key_values=make_cache() if make_cache else None, use_cache=True, **kw)
+            out.logits[:, -1].argmax(-1)
 
     return run
 
 
-def _decode_call(model, ids: torch.Tensor, make_cache, steps: int, deep_copy: bool) -> Callable[[], None]:
+def _decode_call(model, ids: torch.Tensor, make_cache, deep_copy: bool) -> Callable[[], None]:
     kw = compute.forward_kwargs(model)
     with torch.no_grad():
         out = model(ids, past_key_values=make_cache() if make_cache else None, use_cache=True, **kw)
@@ -45,14 +56,13 @@ def _decode_call(model, ids: torch.Tensor, make_cache, steps: int, deep_copy: bo
     state = {"cache": copy.deepcopy(template) if deep_copy else template}
 
     def run() -> None:
-        cache, nxt = state["cache"], first
+        cache = state["cache"]
         with torch.no_grad():
-            for _ in range(steps):
-                nxt = model(nxt, past_key_values=cache, use_cache=True, **kw).logits[:, -1:].argmax(-1)
+            model(first, past_key_values=cache, use_cache=True, **kw).logits[:, -1:].argmax(-1)
         if deep_copy:
             state["cache"] = copy.deepcopy(template)
         else:
-            cache.crop(-steps)  # back to the prompt's positions
+            cache.crop(-1)  # back to the prompt's positions
 
     return run
 
@@ -63,20 +73,19 @@ def _can_crop(make_cache) -> bool:
 
 def speedups(model, reference, workloads: list[Workload], device, config: PairedConfig, *, model_cache=None,
              reference_cache=None, emit=None) -> list[Measurement]:  # fmt: skip
-    """speedup_prefill and speedup_decode of `model` over `reference` on each workload, with 95% intervals."""
+    """speedup_ttft and speedup_decode of `model` over `reference` on each workload, with 95%
+    intervals, and the energy and cost ratios derived from the decode speedup."""
     deep_copy = not (_can_crop(model_cache) and _can_crop(reference_cache))
     sync = (lambda: compute.synchronize(device)) if device.type == "cuda" else None
     out = []
     for w in workloads:
         ids = compute.prompt_ids(model, w.batch_size, w.prompt_tokens, device)
-        steps = max(1, min(DECODE_STEPS, w.output_tokens - 1))
-        pairs = {
-            "speedup_prefill": (_prefill_call(model, ids, model_cache), _prefill_call(reference, ids, reference_cache)),
-            "speedup_decode": (
-                _decode_call(model, ids, model_cache, steps, deep_copy),
-                _decode_call(reference, ids, reference_cache, steps, deep_copy),
-            ),
-        }
+        pairs = {"speedup_ttft": (_ttft_call(model, ids, model_cache), _ttft_call(reference, ids, reference_cache))}
+        if w.output_tokens > 1:
+            pairs["speedup_decode"] = (
+                _decode_call(model, ids, model_cache, deep_copy),
+                _decode_call(reference, ids, reference_cache, deep_copy),
+            )
         for metric, (run_model, run_reference) in pairs.items():
             if emit:
                 emit(f"{metric} on {w.name} (paired with the reference)", 0, 1)
@@ -85,29 +94,62 @@ def speedups(model, reference, workloads: list[Workload], device, config: Paired
             before = machine_conditions(torch.get_num_threads())
             result = time_paired(run_model, run_reference, config, sync=sync)
             after = machine_conditions(torch.get_num_threads())
+            call = (
+                f"prompt forward and first token's argmax, batch {w.batch_size} x {w.prompt_tokens} tokens, fresh cache"
+                if metric == "speedup_ttft"
+                else f"one greedy decode step at batch {w.batch_size} from the {w.prompt_tokens}-token prompt's cache, "
+                f"restored by {'deep copy (timed, both sides)' if deep_copy else 'crop'}"
+            )
             protocol = {
                 **result.protocol(config),
-                "call": f"prompt forward, batch {w.batch_size} x {w.prompt_tokens} tokens, fresh cache"
-                if metric == "speedup_prefill"
-                else f"{steps} greedy decode steps at batch {w.batch_size} from the {w.prompt_tokens}-token prompt's cache, "
-                f"restored by {'deep copy (timed, both sides)' if deep_copy else 'crop'}",
+                "call": call,
                 "models": "model and reference held by one measuring process",
                 "ratio": "time(reference) / time(model)",
                 "spread": "half the 95% interval's width",
                 "samples": "per-block ratios",
                 "conditions_before": before,
                 "conditions_after": after,
+                **competition(before, after),
             }
-            out.append(
-                Measurement(
-                    metric,
-                    result.speedup,
-                    method="measured",
-                    workload=w.name,
-                    n=result.n_blocks,
-                    spread=(result.ci_high - result.ci_low) / 2,
-                    protocol=protocol,
-                    samples=[math.exp(d) for d in result.block_log_ratios],
-                )  # fmt: skip
+            figure = Measurement(
+                metric,
+                result.speedup,
+                method="measured",
+                workload=w.name,
+                n=result.n_blocks,
+                spread=(result.ci_high - result.ci_low) / 2,
+                protocol=protocol,
+                samples=[math.exp(d) for d in result.block_log_ratios],
             )
+            out.append(figure)
+            if metric == "speedup_decode":
+                out += derived_ratios(figure)
     return out
+
+
+def derived_ratios(decode: Measurement) -> list[Measurement]:
+    """Energy and cost per token of the model over the reference's: 1 / speedup_decode, interval inverted."""
+    low, high = decode.protocol["ci"]
+    ci = [1 / high, 1 / low if low > 0 else math.inf]
+    protocol = {
+        "from": "speedup_decode",
+        "ratio": "energy (or cost) per token of the model / the reference's = time(model) / time(reference)",
+        "assumes": "both draw the same power on the same cores (the power model, or the hardware counter's "
+        "average, is the same for both), so energy and money per token scale with time per token",
+        "confidence": decode.protocol["confidence"],
+        "ci": ci,
+        "spread": "half the 95% interval's width",
+        "met_target": decode.protocol["met_target"],
+    }
+    return [
+        Measurement(
+            name,
+            1 / decode.value,
+            method="estimated",
+            workload=decode.workload,
+            n=decode.n,
+            spread=(ci[1] - ci[0]) / 2,
+            protocol=protocol,
+        )  # fmt: skip
+        for name in DERIVED_RATIOS
+    ]

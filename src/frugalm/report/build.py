@@ -4,14 +4,18 @@ The headline figure of each resource, plotted against quality, is named in HEADL
 direction of every metric comes from the registry. Figures carry their method so renderers
 can mark estimates as estimates.
 
-Differences within the noise are ties. Each figure gets a margin: the largest of its spread over
-the repetitions of its run, the run-to-run noise, which optimize measures by benchmarking the
+Differences within the noise are ties. Speed, energy and money are compared by paired speedups
+where every variant has them (optimize measures each variant against the baseline in one process,
+interleaved; measure/paired.py): the headlines become speedup_decode, energy_ratio_decode and
+cost_ratio_decode, the baseline is 1 by definition, and a variant is faster (cheaper) or slower
+only when its 95% interval excludes 1. Every other figure gets a margin: the largest of its spread
+over the repetitions of its run, the run-to-run noise, which optimize measures by benchmarking the
 baseline twice, first and last (|difference| / mean, per metric), and RESOLUTION of its value
 (float rounding: a KV cache that dequantizes exactly, or another kernel summing in another
-order, moves a perplexity in its fifth digit, which is no difference in quality). Timings of separate child
-processes on a shared machine differ far more than repetitions inside one process do, so
-without the second figure the front would reward luck. Two figures tie when they differ by no
-more than the sum of their margins; fronts, Δ markers and recommendations all use that rule.
+order, moves a perplexity in its fifth digit, which is no difference in quality). A figure with
+an interval has its half-width as margin. Two figures tie when they differ by no more than the
+sum of their margins; fronts, Δ markers (each figure's `verdict`) and recommendations all use
+that rule.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import json
 from pathlib import Path
 
 from frugalm.atomic import write_text_atomic
-from frugalm.measure.metrics import METRICS, get_metric
+from frugalm.measure.metrics import METRICS, OVERHEAD_BOUND, get_metric
 from frugalm.pareto import Constraint, hypervolume, non_dominated, satisfying
 from frugalm.report.html import render_html
 from frugalm.report.markdown import render_markdown
@@ -39,6 +43,11 @@ HEADLINE = {
     "money": "cost_usd_per_mtok",
     "network": "ship_compressed_mib",
 }
+
+
+PAIRED_HEADLINE = {"computation": "speedup_decode", "energy": "energy_ratio_decode", "money": "cost_ratio_decode"}
+"""The headlines where every variant was timed against the baseline (ratios with 95% intervals)."""
+PAIRED_METRICS = ("speedup_ttft", "speedup_decode", "energy_ratio_decode", "cost_ratio_decode")
 
 
 def _figure_key(metric: str, workload: str | None) -> str:
@@ -61,6 +70,7 @@ def _figures(db: Store, run: Run) -> dict[str, dict]:
             "method": m.method,
             "n": m.n,
             "spread": m.spread,
+            **({"ci": m.protocol["ci"]} if "ci" in m.protocol else {}),
         }
         for m in db.measurements(run.id)
     }
@@ -73,9 +83,9 @@ def _kernels(db: Store, run: Run) -> dict:
     return {"kernels": kernel_line(kernel_protocol(measurements)), "speed_kernel": speed_kernel_note(measurements)}
 
 
-def _headline_point(figures: dict, workload: str, field: str = "value") -> dict[str, float]:
+def _headline_point(figures: dict, workload: str, headline: dict, field: str = "value") -> dict[str, float]:
     point = {}
-    for metric in [QUALITY, *HEADLINE.values()]:
+    for metric in [QUALITY, *headline.values()]:
         key = _figure_key(metric, workload if get_metric(metric).per_workload else None)
         if key in figures:
             point[metric] = figures[key][field]
@@ -83,12 +93,22 @@ def _headline_point(figures: dict, workload: str, field: str = "value") -> dict[
 
 
 def _run_to_run_noise(first: dict, second: dict) -> dict[str, float]:
-    """Per figure key, |a - b| / mean(a, b) between two runs of the same model and settings."""
+    """Per figure key, |a - b| / mean(a, b) between two runs of the same model and settings (figures with an interval aside)."""
     out = {}
     for key, a in first.items():
         b = second.get(key)
-        if b is not None and a["value"] + b["value"]:
+        if b is not None and "ci" not in a and a["value"] + b["value"]:
             out[key] = abs(a["value"] - b["value"]) / abs((a["value"] + b["value"]) / 2)
+    return out
+
+
+def _reference_figures(entries: list[dict]) -> dict[str, dict]:
+    """The baseline's paired figures: 1 by definition (it is the reference), margin 0."""
+    out = {}
+    for e in entries[1:]:
+        for key, f in e["figures"].items():
+            if f["metric"] in PAIRED_METRICS:
+                out[key] = {**f, "value": 1.0, "method": "reference", "n": 1, "spread": 0.0, "ci": [1.0, 1.0]}
     return out
 
 
@@ -111,14 +131,23 @@ def build_report_data(db: Store, session: Run) -> dict:
                     **_kernels(db, run),
                 }
             )
-    noise = _run_to_run_noise(base_fig, _figures(db, db.get_run(cfg["control"]))) if cfg.get("control") else {}
+    control = db.get_run(cfg["control"]) if cfg.get("control") else None
+    control_fig = _figures(db, control) if control else {}
+    noise = _run_to_run_noise(base_fig, control_fig)
+    paired = len(entries) > 1 and all(f"speedup_decode@{workload}" in e["figures"] for e in entries[1:])
+    headline = {**HEADLINE, **(PAIRED_HEADLINE if paired else {})}
+    base_fig.update(_reference_figures(entries))
     for e in entries:
         for key, f in e["figures"].items():
-            f["margin"] = max(f["spread"] or 0.0, max(noise.get(key, 0.0), RESOLUTION) * abs(f["value"]))
-    points = [_headline_point(e["figures"], workload) for e in entries]
-    margins = [_headline_point(e["figures"], workload, "margin") for e in entries]
+            f["margin"] = (
+                f["spread"] or 0.0
+                if "ci" in f
+                else max(f["spread"] or 0.0, max(noise.get(key, 0.0), RESOLUTION) * abs(f["value"]))
+            )
+    points = [_headline_point(e["figures"], workload, headline) for e in entries]
+    margins = [_headline_point(e["figures"], workload, headline, "margin") for e in entries]
     fronts, volumes = {}, {}
-    for resource, metric in HEADLINE.items():
+    for resource, metric in headline.items():
         have = [i for i, p in enumerate(points) if QUALITY in p and metric in p]
         sub = [points[i] for i in have]
         front = [have[j] for j in non_dominated(sub, (QUALITY, metric), [margins[i] for i in have])] if sub else []
@@ -136,21 +165,89 @@ def build_report_data(db: Store, session: Run) -> dict:
         "environment": base_run.environment,
         "workload": base_run.config["workloads"][0],
         "quality_metric": QUALITY,
-        "headline": {r: {"metric": m, **_metric_info(m)} for r, m in HEADLINE.items()},
+        "headline": {r: {"metric": m, **_metric_info(m)} for r, m in headline.items()},
         "metrics": {name: _metric_info(name) for name in METRICS},
         "speed_metrics": list(SPEED_METRICS),
         "variants": variants,
         "skipped": cfg.get("skipped", {}),
         "fronts": fronts,
         "hypervolume": volumes,
-        "recommendations": _recommendations(cfg.get("constraint_specs", []), points, margins, entries),
+        "recommendations": _recommendations(cfg.get("constraint_specs", []), points, margins, entries, headline),
         "noise": {k: v for k, v in noise.items() if v > 0},
+        "tie_rule": _tie_rule(paired),
+        "self_check": _self_check(control_fig, workload),
+        "warnings": _warnings(db, [e["run"] for e in entries] + ([control] if control else []), base_fig, workload),
         "out_dir": cfg.get("out_dir"),
         "protocol": {
             k: base_run.config.get(k)
             for k in ("data", "protocol", "workloads", "profile", "repetitions", "warmup", "device", "dtype")
         },
     }
+
+
+def _tie_rule(paired: bool) -> str:
+    speed = (
+        "Speed, energy and money are compared by paired ratios: each variant was timed against the baseline in one "
+        "process, interleaved (ABBA blocks), for a 95% interval; it is faster (cheaper) or slower only when its "
+        "interval excludes 1, and two variants tie when their ratios differ by no more than the sum of their "
+        "half-widths. Energy and money ratios follow from the decode speedup at equal power (estimated). "
+        if paired
+        else "Speed, energy and money figures were timed in separate processes (no paired speedups): they tie within "
+        "the run-to-run noise below. "
+    )
+    return (
+        speed + "Every other figure ties within its margin: the largest of its spread over repetitions, the run-to-run "
+        "noise (the baseline measured first and last) and 0.01% of its value; a variant leaves a front only if another "
+        "beats it beyond the margins. Absolute times (tok/s, ms) are this machine's, as measured, with their spread."
+    )
+
+
+def _self_check(control_fig: dict, workload: str) -> dict | None:
+    """The baseline timed against itself (optimize's control run): its interval should contain 1."""
+    f = control_fig.get(f"speedup_decode@{workload}")
+    if not f or "ci" not in f:
+        return None
+    lo, hi = f["ci"]
+    return {"metric": "speedup_decode", "workload": workload, "value": f["value"], "ci": [lo, hi],
+            "halfwidth": (hi - lo) / 2, "contains_1": lo <= 1 <= hi}  # fmt: skip
+
+
+def _warnings(db: Store, runs: list[Run], base_fig: dict, workload: str) -> list[dict]:
+    """Competing load during any timing, and decode figures that are overhead-bound on this model."""
+    out = []
+    competed, worst = set(), 0.0
+    for run in runs:
+        for m in db.measurements(run.id):
+            if m.protocol.get("competed"):
+                competed.add(run.id)
+                worst = max(worst, m.protocol.get("other_cores", 0.0))
+    if competed:
+        out.append(
+            {
+                "kind": "competing_load",
+                "text": f"other processes competed for the cores during the timing of {len(competed)} of {len(runs)} "
+                f"runs (up to {worst:.2f} cores on average, from /proc/stat): their intervals are wider and their "
+                "absolute times slower than on an idle machine; rerun when the machine is idle for tighter figures",
+            }
+        )
+    bound = {
+        f["workload"]: f["value"]
+        for f in base_fig.values()
+        if f["metric"] == "decode_overhead_frac" and f["value"] >= OVERHEAD_BOUND
+    }
+    if bound:
+        where = ", ".join(f"{w} {min(v, 1.0):.0%}" for w, v in sorted(bound.items()))
+        out.append(
+            {
+                "kind": "overhead_bound",
+                "text": f"decode is overhead-bound on this model: fixed per-step cost (Python, dispatch, cache "
+                f"bookkeeping), estimated with a width-shrunk twin, takes {where} of the baseline's decode step, so no "
+                "change to the weights can speed its decode much; its decode figures (speedup_decode, decode_tok_s, "
+                "tpot) compare mostly that fixed cost, and the time to first token (many tokens per call) shows "
+                "compute savings better. On a larger model these figures differ.",
+            }
+        )
+    return out
 
 
 def _reference(metric: str, values: list[float]) -> float:
@@ -175,9 +272,8 @@ def _variant_row(entry: dict, base_fig: dict, on_front: set, fronts: dict, workl
     for key, f in figs.items():
         base = base_fig.get(key)
         f["delta_pct"] = 100 * (f["value"] / base["value"] - 1) if base and base["value"] else None
-        f["tie"] = (
-            bool(base) and f["delta_pct"] != 0 and abs(f["value"] - base["value"]) <= f["margin"] + base["margin"]
-        )
+        f["verdict"] = _verdict(f, base) if base and entry["name"] != "baseline" else None
+        f["tie"] = f["verdict"] == "tie" and f["delta_pct"] != 0
     run = entry["run"]
     variant = run.config.get("variant", {})
     return {
@@ -197,7 +293,24 @@ def _variant_row(entry: dict, base_fig: dict, on_front: set, fronts: dict, workl
     }
 
 
-def _recommendations(specs: list[str], points: list[dict], margins: list[dict], entries: list[dict]) -> list[dict]:
+def _verdict(f: dict, base: dict) -> str:
+    """'better', 'worse' or 'tie' against the baseline's figure: by the interval where the figure has one
+    (a ratio to the baseline: tie when it contains the baseline's value), else by the margins."""
+    if "ci" in f and base["method"] == "reference":
+        lo, hi = f["ci"]
+        if lo <= base["value"] <= hi:
+            return "tie"
+        above = lo > base["value"]
+    else:
+        if abs(f["value"] - base["value"]) <= f["margin"] + base["margin"]:
+            return "tie"
+        above = f["value"] > base["value"]
+    return "better" if above == get_metric(f["metric"]).higher_is_better else "worse"
+
+
+def _recommendations(
+    specs: list[str], points: list[dict], margins: list[dict], entries: list[dict], headline: dict
+) -> list[dict]:
     """Per constraint: which variants satisfy it, and the best of them on each resource.
 
     The variants whose figure ties with the best one (within their margins) are listed as tied;
@@ -209,7 +322,7 @@ def _recommendations(specs: list[str], points: list[dict], margins: list[dict], 
         c = Constraint.parse(spec)
         ok = satisfying(points, [c], points[0])  # points[0] is the baseline
         best = {}
-        for resource, metric in HEADLINE.items():
+        for resource, metric in headline.items():
             cands = [i for i in ok if metric in points[i]]
             if cands:
                 better = max if get_metric(metric).higher_is_better else min
