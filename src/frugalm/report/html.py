@@ -2,7 +2,9 @@
 
 Plots are SVG drawn here, so the file opens anywhere offline. Each point carries its recipe and
 figures in a `data-tip` attribute shown on hover (and in an SVG <title> for browsers without
-scripts). Estimated figures are drawn hollow and dashed and labelled "estimated". The speed
+scripts). Labels are placed so that none overlaps another label or point (place_labels): the baseline
+and the front first, the rest while room lasts; a point left without one keeps its name in its tip.
+Estimated figures are drawn hollow and dashed and labelled "estimated". The speed
 figures of a variant whose quantized layers ran dequantized carry a "no speed kernel" badge.
 
 Names and paths come from users (recipe names, model paths): everything is escaped, by jinja's
@@ -52,8 +54,131 @@ def _ticks(lo: float, hi: float, log: bool) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
-def scatter_svg(data: dict, resource: str) -> str:
-    """Quality (y) against one resource's headline metric (x), front points filled and joined."""
+R, SAME_SPOT = 6, 2.0
+"""Radius of a plotted point, and the distance within which points share one label ("name +2") (px)."""
+LABEL_H, LABEL_ASCENT = 11.5, 8.5
+"""Estimated label box height for the 10px label font, and how far its top sits above the baseline."""
+_NARROW, _WIDE = set("fijlrtI-.,:;/'|!()[] "), set("mwMW%@")
+
+
+def _char_width(c: str) -> float:
+    if c in _NARROW:
+        return 4.2
+    if c in _WIDE or ord(c) >= 0x1100:  # East Asian scripts: a full em
+        return 10.0
+    return 8.5 if c.isupper() or not c.isalnum() else 6.4
+
+
+def text_width(text: str) -> float:
+    """An upper estimate (px) of `text` in the 10px label font.
+
+    Per character: DejaVu Sans's widths rounded up (the widest of the common sans fonts, and
+    Chromium's usual system-ui on Linux), so the real text fits the box in Helvetica or Segoe too.
+    A flat 6px a character would be too narrow for "wanda50" or "mmm".
+    """
+    return sum(_char_width(c) for c in text)
+
+
+def label_box(x: float, y: float, anchor: str, text: str) -> tuple[float, float, float, float]:
+    """The estimated box (x0, y0, x1, y1) of a label drawn at x, y (its baseline) with this text-anchor."""
+    w = text_width(text) + 1
+    x0 = {"start": x, "middle": x - w / 2, "end": x - w}[anchor]
+    return x0, y - LABEL_ASCENT, x0 + w, y - LABEL_ASCENT + LABEL_H
+
+
+def _label_spots(x: float, y: float, far: bool):
+    """Where a point's label may go, nearest first: (text x, baseline y, text-anchor, with a leader line?).
+
+    Beside the point: right, left, above, below, then the diagonals. With `far`, then farther up or
+    down (and out to the sides), joined to the point by a thin leader line. The text is anchored on
+    its side nearest the point, so a real text narrower than its estimate still sits against it.
+    """
+    gap, d = R + 3, R - 1  # side labels clear the circle by 3px; a diagonal's corner by ~1px
+    mid = y + LABEL_ASCENT - LABEL_H / 2  # the baseline that centres the box on the point
+    yield x + gap, mid, "start", False
+    yield x - gap, mid, "end", False
+    yield x, y - gap - LABEL_H + LABEL_ASCENT, "middle", False
+    yield x, y + gap + LABEL_ASCENT, "middle", False
+    yield x + d, y - d - LABEL_H + LABEL_ASCENT, "start", False
+    yield x - d, y - d - LABEL_H + LABEL_ASCENT, "end", False
+    yield x + d, y + d + LABEL_ASCENT, "start", False
+    yield x - d, y + d + LABEL_ASCENT, "end", False
+    if far:
+        ups = [(x, "middle"), (x - 4, "start"), (x + 4, "end"), (x + 16, "start"), (x - 16, "end")]
+        ups += [(x + 36, "start"), (x - 36, "end")]
+        for step in range(1, 6):
+            dy = gap + step * LABEL_H
+            for ly in (y - dy - LABEL_H + LABEL_ASCENT, y + dy + LABEL_ASCENT):  # up, then down
+                for lx, anchor in ups:
+                    yield lx, ly, anchor, True
+        for dx in (24, 48):
+            yield x + dx, mid, "start", True
+            yield x - dx, mid, "end", True
+
+
+def _hits_circle(box, cx: float, cy: float) -> bool:
+    nx, ny = min(max(cx, box[0]), box[2]), min(max(cy, box[1]), box[3])  # the box's point nearest the centre
+    return (nx - cx) ** 2 + (ny - cy) ** 2 < (R + 0.5) ** 2
+
+
+def _leader(x: float, y: float, box) -> tuple[float, float, float, float]:
+    """A line from the circle's edge to the box's nearest point (1px short of it)."""
+    nx, ny = min(max(x, box[0]), box[2]), min(max(y, box[1]), box[3])
+    dist = math.hypot(nx - x, ny - y)
+    ux, uy = (nx - x) / dist, (ny - y) / dist
+    return x + ux * R, y + uy * R, nx - ux, ny - uy
+
+
+def _inside(px: float, py: float, box) -> bool:
+    return box[0] <= px <= box[2] and box[1] <= py <= box[3]
+
+
+def place_labels(circles: list[tuple[float, float]], wanted: list[tuple[int, str, bool]]) -> dict[int, tuple]:
+    """Greedy label placement: circle index -> (x, y, anchor, leader line or None) for the labels that fit.
+
+    `wanted` holds (circle index, text, may sit far), the most important first; each label takes the
+    first spot (see _label_spots) whose box stays inside the plot area and overlaps no label or
+    leader line placed before it and no other circle (circles at its own spot aside). A leader line
+    may cross no circle or label. A label with no free spot is left out: the name stays in the
+    point's hover tip.
+    """
+    placed: dict[int, tuple] = {}
+    boxes: list[tuple] = []
+    dots: list[tuple[float, float]] = []  # points along the leader lines, every 2px
+    for i, text, far in wanted:
+        x, y = circles[i]
+        others = [(px, py) for px, py in circles if math.hypot(px - x, py - y) >= SAME_SPOT]
+        for lx, ly, anchor, lead in _label_spots(x, y, far):
+            box = label_box(lx, ly, anchor, text)
+            if box[0] < PAD_L or box[2] > W - PAD_R or box[1] < PAD_T or box[3] > H - PAD_B:
+                continue
+            if any(b[0] < box[2] and box[0] < b[2] and b[1] < box[3] and box[1] < b[3] for b in boxes):
+                continue
+            if any(_hits_circle(box, px, py) for px, py in others) or any(_inside(*dot, box) for dot in dots):
+                continue
+            line = _leader(x, y, box) if lead else None
+            if line:
+                n = max(1, int(math.hypot(line[2] - line[0], line[3] - line[1]) / 2))
+                line_dots = [
+                    (line[0] + (line[2] - line[0]) * k / n, line[1] + (line[3] - line[1]) * k / n) for k in range(n + 1)
+                ]
+                # the line's first dot sits on its own circle's edge, where a neighbour may touch
+                if any(_inside(*dot, b) for dot in line_dots for b in boxes) or any(
+                    (dx - px) ** 2 + (dy - py) ** 2 < R**2 for dx, dy in line_dots[1:] for px, py in others
+                ):
+                    continue
+                dots += line_dots
+            placed[i] = (lx, ly, anchor, line)
+            boxes.append(box)
+            break
+    return placed
+
+
+def scatter_svg(data: dict, resource: str) -> tuple[str, int]:
+    """Quality (y) against one resource's headline metric (x), front points filled and joined.
+
+    Returns the SVG and how many points went unlabelled (no room beside them: see place_labels).
+    """
     head = data["headline"][resource]
     metric, q = head["metric"], data["quality_metric"]
     rows = []
@@ -62,7 +187,7 @@ def scatter_svg(data: dict, resource: str) -> str:
         if fx and fy:
             rows.append((v, fx, fy))
     if len(rows) < 1:
-        return "<p class=muted>no figures for this resource</p>"
+        return "<p class=muted>no figures for this resource</p>", 0
     sx, (xlo, xhi, xlog) = _scale([fx["value"] for _, fx, _ in rows], PAD_L, W - PAD_R, log=True)
     sy, (ylo, yhi, ylog) = _scale([fy["value"] for _, _, fy in rows], H - PAD_B, PAD_T, log=False)
     front = set(data["fronts"].get(resource, []))
@@ -91,8 +216,23 @@ def scatter_svg(data: dict, resource: str) -> str:
     pts = sorted(((sx(fx["value"]), sy(fy["value"])) for v, fx, fy in rows if v["name"] in front))
     if len(pts) > 1:
         parts.append('<polyline class=front points="' + " ".join(f"{x:.1f},{y:.1f}" for x, y in pts) + '" />')
-    for v, fx, fy in rows:
-        x, y = sx(fx["value"]), sy(fy["value"])
+    xy = [(round(sx(fx["value"]), 1), round(sy(fy["value"]), 1), v["name"]) for v, fx, fy in rows]
+    # Labels: the baseline first, then the front (these may sit farther off, on a leader line), then
+    # the rest beside their points while room lasts (sorted is stable). Points at one spot share a
+    # label, "first name +k"; their tips name each other.
+    order = sorted(range(len(rows)), key=lambda i: (xy[i][2] != "baseline", xy[i][2] not in front))
+    wanted: list[list] = []  # [index, name, may sit far, points sharing its spot]
+    for i in order:
+        x, y, name = xy[i]
+        same = next((w for w in wanted if math.hypot(xy[w[0]][0] - x, xy[w[0]][1] - y) < SAME_SPOT), None)
+        if same:
+            same[3] += 1
+        else:
+            wanted.append([i, name, name == "baseline" or name in front, 0])
+    texts = {i: name + (f" +{k}" if k else "") for i, name, _, k in wanted}
+    labels = place_labels([(x, y) for x, y, _ in xy], [(i, texts[i], far) for i, _, far, _ in wanted])
+    for i, (v, fx, fy) in enumerate(rows):
+        x, y, _ = xy[i]
         cls = " ".join(
             c
             for c in (
@@ -108,12 +248,21 @@ def scatter_svg(data: dict, resource: str) -> str:
             tip += " | " + " → ".join(s["technique"] for s in v["recipe"]["stages"])
         if badge(v, metric, data):
             tip += " | no speed kernel: " + v["speed_kernel"]["text"]
-        lx, anchor = (x + 8, "start") if x < W - 90 else (x - 8, "end")  # keep labels inside the plot
+        # A circle drawn over this one's centre hides it from the mouse: name those in every tip there.
+        hidden = [n for j, (px, py, n) in enumerate(xy) if j != i and (px - x) ** 2 + (py - y) ** 2 < R**2]
+        if hidden:
+            tip += " | at the same spot: " + ", ".join(hidden)
+        label = ""
+        if i in labels:
+            lx, ly, anchor, line = labels[i]
+            if line:
+                label = '<line class=leader x1="{:.1f}" y1="{:.1f}" x2="{:.1f}" y2="{:.1f}" />'.format(*line)
+            label += f'<text x="{lx:.1f}" y="{ly:.1f}" class=label text-anchor={anchor}>{html.escape(texts[i])}</text>'
         parts.append(
-            f'<g class="{cls}" data-tip="{html.escape(tip)}"><title>{html.escape(tip)}</title><circle cx="{x:.1f}" cy="{y:.1f}" r="6" /><text x="{lx:.1f}" y="{y - 8:.1f}" class=label text-anchor={anchor}>{html.escape(v["name"])}</text></g>'
+            f'<g class="{cls}" data-tip="{html.escape(tip)}"><title>{html.escape(tip)}</title><circle cx="{x:.1f}" cy="{y:.1f}" r="{R}" />{label}</g>'
         )
     parts.append("</svg>")
-    return "".join(parts)
+    return "".join(parts), len(rows) - len(labels)
 
 
 def badge(variant: dict, metric: str, data: dict) -> str:
@@ -143,6 +292,26 @@ def _fig(variant: dict, metric: str, data: dict) -> dict | None:
     return variant["figures"].get(key)
 
 
+def verdict(f: dict, higher_is_better: bool) -> str:
+    """A figure against the baseline's: "better", "worse", "tie" (within the noise) or "" (the same value).
+
+    The report data's own "verdict" (from a paired interval) decides where present; otherwise its
+    "tie" flag (within the margins), then the sign of its Δ.
+    """
+    if f.get("verdict"):
+        return f["verdict"]
+    if f.get("tie"):
+        return "tie"
+    if not f.get("delta_pct"):
+        return ""
+    return "better" if (f["delta_pct"] > 0) == higher_is_better else "worse"
+
+
+def ci_text(f: dict) -> str:
+    """ " [lo, hi]" for a figure with a 95% interval ('' otherwise)."""
+    return f" [{format_value(f['ci'][0])}, {format_value(f['ci'][1])}]" if f.get("ci") else ""
+
+
 def bars_html(data: dict) -> str:
     """Per resource, each variant's headline figure relative to the baseline, as CSS bars."""
     out = []
@@ -158,11 +327,12 @@ def bars_html(data: dict) -> str:
                 continue
             ratio = f["value"] / base["value"]
             good = ratio >= 1 if head["higher_is_better"] else ratio <= 1
-            kind = " tie" if f.get("tie") else (" good" if good else " bad")
+            seen = verdict(f, head["higher_is_better"])
+            kind = {"better": " good", "worse": " bad", "tie": " tie"}.get(seen, " good" if good else " bad")
             width = min(100.0, 50 * ratio)
             est = " estimated" if f["method"] == "estimated" else ""
             rows.append(
-                f'<div class="bar-row"><span class=bar-name>{html.escape(v["name"])}</span><span class="bar{kind}{est}" style="width:{width:.1f}%"></span><span class=bar-val>{ratio:.2f}×{" ≈" if f.get("tie") else ""}{" (est.)" if est else ""}{badge(v, metric, data)}</span></div>'
+                f'<div class="bar-row"><span class=bar-name>{html.escape(v["name"])}</span><span class="bar{kind}{est}" style="width:{width:.1f}%"></span><span class=bar-val>{ratio:.2f}×{" ≈" if seen == "tie" else ""}{" (est.)" if est else ""}{badge(v, metric, data)}</span></div>'
             )
         out.append(
             f"<div class=bars><h3>{resource}: {metric} vs baseline <small>({'higher' if head['higher_is_better'] else 'lower'} is better; the middle line is the baseline; grey ≈: within the noise)</small></h3>{''.join(rows)}</div>"
@@ -177,11 +347,18 @@ def render_html(data: dict) -> str:
         v, indent=2, sort_keys=True, default=str, ensure_ascii=False
     )  # autoescaped where used: tojson would show \\u003c for <
     template = env.get_template("template.html")
-    plots = {r: scatter_svg(data, r) for r in data["headline"]}
+    plots = {r: scatter_svg(data, r) for r in data["headline"]}  # resource -> (svg, unlabelled points)
     metric_names = sorted(
         {f["metric"] for v in data["variants"] for f in v["figures"].values()},
         key=lambda m: (data["metrics"][m]["resource"], m),
     )
     return template.render(
-        d=data, plots=plots, bars=bars_html(data), metric_names=metric_names, data_json=script_json(data)
+        d=data,
+        plots=plots,
+        bars=bars_html(data),
+        metric_names=metric_names,
+        data_json=script_json(data),
+        verdict=verdict,
+        ci_text=ci_text,
+        figure=lambda variant, metric: _fig(variant, metric, data),
     )

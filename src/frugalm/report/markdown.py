@@ -26,22 +26,38 @@ def _no_speed_kernel(variant: dict, metric: str, d: dict) -> bool:
 
 
 def _cell(variant: dict, metric: str, d: dict) -> str:
-    workload = d["workload"]["name"]
-    f = variant["figures"].get(f"{metric}@{workload}" if METRICS[metric].per_workload else metric)
+    f = variant["figures"].get(_key(metric, d))
     if not f:
         return "—"
     out = format_value(f["value"])
+    if f.get("ci"):
+        out += f" [{format_value(f['ci'][0])}, {format_value(f['ci'][1])}]"
     if f.get("delta_pct") is not None and variant["name"] != "baseline":
-        out += f" ({f['delta_pct']:+.1f}%{', ≈' if f.get('tie') else ''})"
+        tie = f["verdict"] == "tie" if f.get("verdict") else f.get("tie")  # a paired verdict decides where present
+        out += f" ({f['delta_pct']:+.1f}%{', ≈' if tie else ''})"
     out += " *est.*" if f["method"] == "estimated" else ""
     return out + (" *(no speed kernel)*" if _no_speed_kernel(variant, metric, d) else "")
 
 
+TIES_INLINE = 2
+"""At most this many tied names inline in a recommendation; more are counted there and listed under "Ties"."""
+
+
 def _best(res: str, b: dict, d: dict) -> str:
     variant = next((v for v in d["variants"] if v["name"] == b["variant"]), {})
-    tied = "; tied within noise: " + ", ".join(text(n) for n in b["tied"]) if b.get("tied") else ""
+    tied = b.get("tied") or []
+    if len(tied) > TIES_INLINE:
+        ties = f"; ≈ {len(tied)} others tie (see Ties below)"
+    else:
+        ties = "; tied within noise: " + ", ".join(text(n) for n in tied) if tied else ""
     slow = "; no speed kernel" if _no_speed_kernel(variant, b["metric"], d) else ""
-    return f"{res}: **{text(b['variant'])}** ({format_value(b['value'])} {METRICS[b['metric']].unit}{tied}{slow})"
+    f = variant.get("figures", {}).get(_key(b["metric"], d))
+    ci = f" [{format_value(f['ci'][0])}, {format_value(f['ci'][1])}]" if f and f.get("ci") else ""
+    return f"{res}: **{text(b['variant'])}** ({format_value(b['value'])}{ci} {METRICS[b['metric']].unit}{ties}{slow})"
+
+
+def _key(metric: str, d: dict) -> str:
+    return f"{metric}@{d['workload']['name']}" if METRICS[metric].per_workload else metric
 
 
 def render_markdown(d: dict) -> str:
@@ -52,18 +68,25 @@ def render_markdown(d: dict) -> str:
         f"{text(d['benchmark_version'])} · session {text(d['session_id'])} · {d['created_at']} · {text(d['environment'].get('device'))} · {text(d['environment'].get('cpu'))}",
         f"Workload `{d['workload']['name']}`; quality `{d['quality_metric']}` on {text(d['protocol']['data']['data'])}. *est.* marks estimated figures (profile prices, power model).",
         "",
-        "## Recommended variants",
-        "",
     ]
+    for w in d.get("warnings") or []:  # a blank line between them keeps each its own quote
+        lines += [f"> **Warning:** {text(w['text'])}", ""]
+    lines += ["## Recommended variants", ""]
     for r in d["recommendations"]:
         best = ", ".join(_best(res, b, d) for res, b in r["best"].items())
         lines.append(f"- {r['constraint']}: {best or 'no variant satisfies it'}")
     lines += ["", "## Pareto fronts (quality against each resource)", ""]
     noise = ", ".join(f"`{k}` ±{100 * v:.1f}%" for k, v in d.get("noise", {}).items() if k.split("@")[0] in metrics)
-    lines += [
-        f"Run-to-run noise (baseline measured first and last): {noise or 'none measured'}. Differences within a figure's margin (its spread, this noise or 0.01% of its value, whichever is largest) are ties, marked ≈; a variant is off a front only if another beats it beyond the margins.",
-        "",
-    ]
+    noise = f"Run-to-run noise (baseline measured first and last): {noise or 'none measured'}."
+    if d.get("tie_rule"):
+        lines += [text(d["tie_rule"]), "", noise, ""]
+    else:
+        lines += [
+            f"{noise} Differences within a figure's margin (its spread, this noise or 0.01% of its value, whichever is largest) are ties, marked ≈; a variant is off a front only if another beats it beyond the margins.",
+            "",
+        ]
+    if d.get("self_check"):
+        lines += [_self_check(d["self_check"]), ""]
     for res, names in d["fronts"].items():
         lines.append(
             f"- {res} (`{d['headline'][res]['metric']}`): {', '.join(text(n) for n in names)}; hypervolume {format_value(d['hypervolume'].get(res, 0))}"
@@ -77,6 +100,7 @@ def render_markdown(d: dict) -> str:
     lines += _kernel_lines(d)
     if d["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {text(n)}: {text(why)}" for n, why in d["skipped"].items()]
+    lines += _ties_lines(d)
     lines += ["", f"Artifacts of variants on a front: {text(d['out_dir'])}/variants/. ★ = on at least one front.", ""]
     return "\n".join(lines)
 
@@ -90,3 +114,25 @@ def _kernel_lines(d: dict) -> list[str]:
         if v.get("kernels")
     ]
     return ["", "## Kernels (linear layers, by format)", "", *rows] if rows else []
+
+
+def _self_check(sc: dict) -> str:
+    """The baseline timed against itself: its speedup's interval should contain 1."""
+    lo, hi = sc["ci"]
+    out = f"Timing check — baseline against itself: `{sc['metric']}` {sc['value']:.3f}× [{lo:.3f}, {hi:.3f}] (95% interval; it should contain 1)"
+    if not lo <= 1 <= hi:
+        out += " — **it does not: speed differences this small are not to be trusted here**"
+    if sc.get("met_target") is False:
+        out += " (wider than its target)"
+    return out + (f" on `{sc['workload']}`." if sc.get("workload") else ".")
+
+
+def _ties_lines(d: dict) -> list[str]:
+    """The full lists of tied variants too long to show inline in the recommendations."""
+    rows = [
+        f"- {r['constraint']}, {res} (best: {text(b['variant'])}): {', '.join(text(n) for n in b['tied'])}"
+        for r in d["recommendations"]
+        for res, b in r["best"].items()
+        if len(b.get("tied") or []) > TIES_INLINE
+    ]
+    return ["", "## Ties", "", "Variants tied within noise with the recommended one:", "", *rows] if rows else []
