@@ -1,5 +1,6 @@
 """`frugalm optimize` end to end on a tiny model: report, resume after SIGKILL, bad input."""
 
+import json
 import os
 from pathlib import Path
 
@@ -16,6 +17,8 @@ FAST = [
     "2",
     "--workload",
     "chat",
+    "--speedup-budget",
+    "1",
     "--quiet",
     "--recipe",
     "int8",
@@ -34,6 +37,7 @@ def test_optimize_writes_report_and_resumes(tiny_llama, text_file, tmp_path, cap
         assert (out / name).stat().st_size > 0
     keys = complete_keys(db)
     assert len(keys) == 4 and set(keys.values()) == {1}  # baseline, 2 variants, baseline again (noise): once each
+    _speed_is_judged_from_paired_intervals(json.loads((out / "report.json").read_text()))
     _saved_variants_reproduce_their_perplexity(out, db, text_file, tmp_path)
     assert main(args) == 0  # a rerun measures nothing again
     assert capsys.readouterr().err.count("already measured") == 4
@@ -41,6 +45,31 @@ def test_optimize_writes_report_and_resumes(tiny_llama, text_file, tmp_path, cap
     # Another setting (more repetitions) is another key: never mixed with the first results.
     assert main([*args, "--repetitions", "3", "--recipe", "int8"]) == 0
     assert len(complete_keys(db)) > 4
+
+
+def _speed_is_judged_from_paired_intervals(report: dict) -> None:
+    """Every variant carries a decode speedup with its interval; speed, energy and money headlines are the
+    paired ratios; the verdict follows the interval; the baseline timed against itself is reported."""
+    assert [report["headline"][r]["metric"] for r in ("computation", "energy", "money")] == [
+        "speedup_decode",
+        "energy_ratio_decode",
+        "cost_ratio_decode",
+    ]
+    base, *variants = report["variants"]
+    assert (
+        base["figures"]["speedup_decode@chat"]["value"] == 1.0
+        and base["figures"]["speedup_decode@chat"]["method"] == "reference"
+    )
+    for v in variants:
+        f = v["figures"]["speedup_decode@chat"]
+        lo, hi = f["ci"]
+        assert lo <= f["value"] <= hi and f["margin"] == pytest.approx((hi - lo) / 2)
+        assert f["verdict"] == ("tie" if lo <= 1 <= hi else "better" if lo > 1 else "worse")
+        energy = v["figures"]["energy_ratio_decode@chat"]
+        assert energy["verdict"] == {"better": "better", "worse": "worse", "tie": "tie"}[f["verdict"]]
+    check = report["self_check"]
+    assert check["metric"] == "speedup_decode" and check["ci"][0] <= check["value"] <= check["ci"][1]
+    assert "paired" in report["tie_rule"]
 
 
 def _saved_variants_reproduce_their_perplexity(out: Path, db: Path, text_file: Path, tmp_path: Path) -> None:
