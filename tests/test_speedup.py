@@ -7,6 +7,7 @@ import pytest
 
 from frugalm.benchmark.api import BenchConfig, bench
 from frugalm.cli import main
+from frugalm.errors import ConfigError
 from frugalm.measure.paired import PairedConfig
 from frugalm.measure.quality import PerplexityProtocol
 
@@ -14,8 +15,9 @@ FAST = PairedConfig(budget_s=0.5, min_sample_s=0.01, min_blocks=3)
 
 
 def _config(reference, **kw) -> BenchConfig:
+    kw.setdefault("workloads", ("chat",))
     return BenchConfig(
-        workloads=("chat",), metrics=("speedup_ttft", "speedup_decode", "energy_ratio_decode", "cost_ratio_decode", "decode_overhead_frac",
+        metrics=("speedup_ttft", "speedup_decode", "energy_ratio_decode", "cost_ratio_decode", "decode_overhead_frac",
                  "tpot_p50_ms", "ppl_tok"), warmup=0, repetitions=1,
         protocol=PerplexityProtocol(max_tokens=128), reference=str(reference), paired=FAST, **kw,
     )  # fmt: skip
@@ -44,10 +46,29 @@ def test_energy_and_cost_ratios_are_the_inverted_decode_speedup(tiny_llama, text
         m = figures[name]
         assert m.method == "estimated" and m.value == pytest.approx(1 / decode.value)
         assert m.protocol["ci"] == pytest.approx([1 / decode.protocol["ci"][1], 1 / decode.protocol["ci"][0]])
-    overhead = figures["decode_overhead_frac"]
-    assert overhead.method == "estimated" and overhead.value > 0 and overhead.unit == "fraction"
-    assert overhead.protocol["model_step_ms"] == pytest.approx(figures["tpot_p50_ms"].value)
-    assert overhead.protocol["twin"]["hidden_size"] < 64
+    assert "decode_overhead_frac" not in figures  # with a reference, the speedups stand in its place
+
+
+def test_decode_overhead_is_timed_against_a_shrunk_twin(tiny_llama, text_file, tmp_path):
+    config = BenchConfig(data=str(text_file), workloads=("chat",), metrics=("decode_overhead_frac", "ppl_tok"), warmup=0,
+                         repetitions=1, protocol=PerplexityProtocol(max_tokens=128))  # fmt: skip
+    overhead = next(m for m in bench(tiny_llama, config, store=tmp_path / "s.db").measurements)
+    p = overhead.protocol
+    assert overhead.metric == "decode_overhead_frac" and overhead.method == "estimated" and overhead.unit == "fraction"
+    assert p["ci"][0] <= overhead.value <= p["ci"][1] and p["ratio"] == "time(twin) / time(model)"
+    assert p["twin"]["hidden_size"] == 4 * 8 < 64 and p["twin"]["layers"] == 2
+
+
+def test_speedups_on_the_workloads_asked_for(tiny_llama, text_file, tmp_path):
+    config = _config(tiny_llama, data=str(text_file), workloads=("chat", "batch8"), speedup_workloads=("batch8",))
+    speedups = [
+        m for m in bench(tiny_llama, config, store=tmp_path / "s.db").measurements if m.metric == "speedup_decode"
+    ]
+    assert [m.workload for m in speedups] == ["batch8"]
+    with pytest.raises(ConfigError, match="not among the workloads measured"):
+        bench(
+            tiny_llama, _config(tiny_llama, data=str(text_file), speedup_workloads=("long",)), store=tmp_path / "s.db"
+        )
 
 
 def test_a_quantized_cache_is_restored_by_copy_on_both_sides(tiny_llama, text_file, tmp_path):

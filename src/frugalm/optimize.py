@@ -75,8 +75,9 @@ class OptimizeConfig:
     """Fewer repetitions and evaluated tokens than `bench`: the job measures every recipe's variant
     and the baseline twice. The robustness text is PerplexityProtocol's default, as in `bench`, so
     both give the same robust_ppl_ratio of a model. Each variant is timed against the baseline in
-    its measuring child (paired speedups, 95% intervals, target +-3%) with at most 4 s per figure,
-    so the main job stays within minutes; `--speedup-budget` buys tighter intervals."""
+    its measuring child (paired speedups, 95% intervals, target +-3%) on the headline (first)
+    workload unless `--speedup-workload` names others, with at most 4 s per figure, so the main
+    job stays within minutes; `--speedup-budget` buys tighter intervals."""
     constraints: tuple[str, ...] = DEFAULT_CONSTRAINTS
     """Quality bounds for the recommendations, relative to the baseline ('ppl_tok<=+5%') or absolute ('peak_mem_mib<=200')."""
     keep_dominated: bool = False
@@ -215,6 +216,8 @@ def optimize(
     constraints = [Constraint.parse(c) for c in config.constraints]
     out = _check_out_dir(config.out_dir, config.force)
     spec = prepare(source.path, config.bench)  # model, data, workloads, metrics, profile, device
+    if not config.bench.speedup_workloads:  # the report judges speed on the headline (first) workload
+        config = replace(config, bench=replace(config.bench, speedup_workloads=(spec.workloads[0]["name"],)))
     _check_fits_memory(source, config.bench.device)
     check_weights(source)  # a damaged weights file is one line now, not a failed baseline later
     settings = [
@@ -230,6 +233,7 @@ def optimize(
         config.bench.repetitions,
         config.bench.metrics,
         config.bench.speedup,
+        config.bench.speedup_workloads,
         asdict(config.bench.paired),
         config.bench.threads,
         config.bench.cpus,

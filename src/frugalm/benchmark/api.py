@@ -58,6 +58,8 @@ class BenchConfig:
     """A model with the same tokenizer to measure fidelity against (KL divergence, top-1 agreement) and speed against (speedup_ttft, speedup_decode)."""
     speedup: bool = True
     """With a reference: time the model against it in the same process, interleaved, for speedups with 95% intervals."""
+    speedup_workloads: tuple[str, ...] = ()
+    """Workloads to time speedups on; empty: every workload."""
     paired: PairedConfig = field(default_factory=lambda: PairedConfig(budget_s=30.0))
     """How speedups are timed: the interval's target half-width, the time budget per figure, the minimum sample duration."""
     metrics: tuple[str, ...] | None = None
@@ -102,6 +104,11 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
     source = resolve_model(model)
     context = context_length(read_config(source))
     fitted = [fit_to_context(w, context, scale=config.scale_workloads) for w in workloads]
+    unknown = sorted(set(config.speedup_workloads) - {w.name for w in workloads})
+    if unknown:
+        raise ConfigError(
+            f"speedup workload(s) {', '.join(unknown)} are not among the workloads measured ({', '.join(w.name for w in workloads)}); add them with --workload or drop them"
+        )
     reference = resolve_model(config.reference).path if config.reference else None
     docs, data_desc = _evaluated_text(source, config, metrics)
     return BenchSpec(
@@ -116,6 +123,7 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
         metrics=metrics,
         reference_path=str(reference) if reference else None,
         paired=asdict(config.paired) if reference and config.speedup else None,
+        speedup_workloads=list(config.speedup_workloads),
         threads=config.threads,
         cpus=list(config.cpus),
         protocol=asdict(config.protocol),

@@ -22,8 +22,8 @@ from frugalm.errors import ModelError
 from frugalm.measure import compute, memory, network
 from frugalm.measure.cost import HardwareProfile, grams_co2e, usd
 from frugalm.measure.energy import EnergyMeter
-from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, OVERHEAD_BOUND, Measurement
-from frugalm.measure.overhead import TWIN_HEAD_DIM, shrunk_twin, twin_step_s
+from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement
+from frugalm.measure.overhead import decode_overhead, shrunk_twin
 from frugalm.measure.paired import PairedConfig, competition, machine_conditions
 from frugalm.measure.quality import PerplexityProtocol, measure_quality
 from frugalm.measure.speedup import SPEEDUP_METRICS, speedups
@@ -57,6 +57,8 @@ class BenchSpec:
     """Cores to run on (empty: all allowed)."""
     paired: dict | None = None
     """PairedConfig as a dict: time speedups against the reference; None: no speedups."""
+    speedup_workloads: list[str] = field(default_factory=list)
+    """Workloads the speedups are timed on (empty: all)."""
     protocol: dict = field(default_factory=dict)
     warmup: int = 1
     repetitions: int = 5
@@ -95,16 +97,17 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     # memory the allocator may keep, and that would count in the next peak.
     for wd in spec.workloads:
         out += _workload(lm.model, Workload.from_dict(wd), lm.device, spec, profile, baseline_rss, emit, kv_cache)
-    if "decode_overhead_frac" in spec.metrics:
-        out += _overhead(lm.model, spec, lm.device, out)
-    # The reference is loaded only now, so that its memory never counts in the workloads' peaks.
     want_speedups = bool(spec.paired) and any(m in spec.metrics for m in SPEEDUP_METRICS)
+    if "decode_overhead_frac" in spec.metrics and not want_speedups:
+        out += _overhead(lm.model, spec, lm.device, kv_cache, emit)
+    # The reference is loaded only now, so that its memory never counts in the workloads' peaks.
     ref = None
     if spec.reference_path and (_want(spec, "quality") or want_speedups):
         ref = load_model(spec.reference_path, device=spec.device, dtype=spec.dtype)
         _check_same_tokenizer(lm.tokenizer, ref.tokenizer, spec.reference_path)
     if want_speedups:
         workloads = [Workload.from_dict(wd) for wd in spec.workloads]
+        workloads = [w for w in workloads if not spec.speedup_workloads or w.name in spec.speedup_workloads]
         out += speedups(lm.model, ref.model, workloads, lm.device, PairedConfig(**spec.paired), model_cache=kv_cache,
                         reference_cache=cache_factory(ref.model, ref.inference), emit=emit)  # fmt: skip
     if _want(spec, "quality"):
@@ -112,24 +115,17 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     return [m for m in out if m.metric in spec.metrics], baseline_rss
 
 
-def _overhead(model, spec: BenchSpec, device, figures: list[Measurement]) -> list[Measurement]:
-    """decode_overhead_frac per workload: a width-shrunk twin's decode step over the model's (measure/overhead.py)."""
-    tpot = {m.workload: m.value / 1e3 for m in figures if m.metric == "tpot_p50_ms"}
-    twin = shrunk_twin(model) if tpot else None
+def _overhead(model, spec: BenchSpec, device, kv_cache, emit: Emit) -> list[Measurement]:
+    """decode_overhead_frac per workload: the model's decode step timed against a width-shrunk twin's (measure/overhead.py)."""
+    twin = shrunk_twin(model)
     if twin is None:
         return []
     out = []
     for wd in spec.workloads:
         w = Workload.from_dict(wd)
-        if w.name in tpot:
-            twin_s = twin_step_s(twin, w, device)
-            protocol = {"twin": {"head_dim": TWIN_HEAD_DIM, "hidden_size": twin.config.hidden_size,
-                                 "layers": twin.config.num_hidden_layers, "weights": "random", "cache": "DynamicCache"},
-                        "twin_step_ms": twin_s * 1e3, "model_step_ms": tpot[w.name] * 1e3,
-                        "overhead_bound_above": OVERHEAD_BOUND,
-                        "how": "median twin decode step (2 generations after a warm-up) / the model's tpot_p50_ms"}  # fmt: skip
-            out.append(Measurement("decode_overhead_frac", twin_s / tpot[w.name], method="estimated", workload=w.name,
-                                   protocol=protocol))  # fmt: skip
+        if w.output_tokens > 1:
+            emit(f"decode overhead on {w.name} (paired with a width-shrunk twin)", 0, 1)
+            out.append(decode_overhead(model, twin, w, device, model_cache=kv_cache))
     return out
 
 

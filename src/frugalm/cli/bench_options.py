@@ -33,6 +33,7 @@ BENCH_OPTIONS = [
     Option("--threads", "threads", {"type": int}),
     Option("--cpus", "cpus", {"type": int, "action": "append", "metavar": "N"}, "repeatable"),
     Option("--speedup", "speedup", {"type": lambda text: yes_no(text), "metavar": "yes|no"}, "needs --reference"),
+    Option("--speedup-workload", "speedup_workloads", {"action": "append", "metavar": "NAME"}, "repeatable"),
     Option("--speedup-target", "paired.target_halfwidth", {"type": float}),
     Option("--speedup-budget", "paired.budget_s", {"type": float}),
 ]

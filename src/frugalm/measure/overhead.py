@@ -7,13 +7,14 @@ step of a *twin*: the same architecture and depth, built from the model's config
 shrunk (8 dimensions per head, MLP 4x that), random weights, same batch and prompt, a float
 cache. The twin runs the same operator sequence with almost no arithmetic, so
 
-    decode_overhead_frac = median twin step time / median model step time
+    decode_overhead_frac = twin step time / model step time
 
-estimates the share of the model's step that no change to its weights can remove. Above
-metrics.OVERHEAD_BOUND the decode figures are overhead-bound (the report says so); for a model
-whose weights stream from memory each step it is small. Estimated, not measured exactly: the twin keeps a little
-arithmetic (an upper-bound bias of roughly the twin's width over the model's, squared) and is
-timed right after the model's workload, not interleaved with it.
+timed paired and interleaved like a speedup (measure/paired.py, one step per call from the
+prompt's cache), estimates the share of the model's step that no change to its weights can
+remove. Above metrics.OVERHEAD_BOUND the decode figures are overhead-bound (the report says so);
+for a model whose weights stream from memory each step it is small. Estimated, not exact: the
+twin keeps a little arithmetic (an upper-bound bias of about the square of the twin's width over
+the model's).
 """
 
 from __future__ import annotations
@@ -21,13 +22,17 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoModelForCausalLM
 
 from frugalm.measure import compute
-from frugalm.measure.stats import percentile
+from frugalm.measure.metrics import OVERHEAD_BOUND, Measurement
+from frugalm.measure.paired import PairedConfig, competition, machine_conditions, time_paired
+from frugalm.measure.speedup import decode_call
 from frugalm.measure.workloads import Workload
 
 TWIN_HEAD_DIM = 8
+TIMING = PairedConfig(target_halfwidth=0.05, budget_s=3.0)
+"""A classification figure (overhead-bound or not): a 5% interval is plenty."""
 _WIDTH_ATTRS = ("intermediate_size", "ffn_dim")
 
 
@@ -48,20 +53,42 @@ def shrunk_twin(model) -> torch.nn.Module | None:
     for attr in _WIDTH_ATTRS:
         if getattr(config, attr, None):
             setattr(config, attr, 4 * hidden)
+    param = next(model.parameters())
     try:
-        twin = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+        twin = AutoModelForCausalLM.from_config(config, dtype=param.dtype)
     except (ValueError, TypeError, RuntimeError):
         return None
-    return twin.to(next(model.parameters()).device).eval()
+    return twin.to(param.device).eval()
 
 
-def twin_step_s(twin, workload: Workload, device, reps: int = 2, max_steps: int = 32) -> float:
-    """Median decode-step time of the twin on the workload's batch and prompt (seconds)."""
-    ids = compute.prompt_ids(twin, workload.batch_size, workload.prompt_tokens, device)
-    n_new = max(2, min(workload.output_tokens, max_steps))
-    steps = []
-    for rep in range(reps + 1):  # the first is warm-up
-        _, s = compute.generate_timed(twin, ids, n_new, device, cache=DynamicCache(config=twin.config))
-        if rep:
-            steps += s
-    return percentile(steps, 50)
+def decode_overhead(model, twin, w: Workload, device, *, model_cache=None) -> Measurement:
+    """decode_overhead_frac of `model` on workload `w`: its decode step timed against the twin's."""
+    ids = compute.prompt_ids(model, w.batch_size, w.prompt_tokens, device)
+    deep_copy = model_cache is not None  # a packed quantized cache cannot crop: copy on both sides
+    run_model = decode_call(model, ids, model_cache, deep_copy)
+    run_twin = decode_call(twin, ids, None, deep_copy)
+    for fn in (run_model, run_twin, run_model, run_twin):  # warm-up
+        fn()
+    before = machine_conditions(torch.get_num_threads())
+    result = time_paired(run_twin, run_model, TIMING)  # time(model) / time(twin)
+    after = machine_conditions(torch.get_num_threads())
+    lo, hi = 1 / result.ci_high, 1 / result.ci_low
+    protocol = {
+        **result.protocol(TIMING),
+        "ci": [lo, hi],
+        "twin": {
+            "head_dim": TWIN_HEAD_DIM,
+            "hidden_size": twin.config.hidden_size,
+            "layers": twin.config.num_hidden_layers,
+            "weights": "random",
+            "cache": "DynamicCache",
+        },  # fmt: skip
+        "call": f"one greedy decode step at batch {w.batch_size} from the {w.prompt_tokens}-token prompt's cache",
+        "ratio": "time(twin) / time(model)",
+        "overhead_bound_above": OVERHEAD_BOUND,
+        "conditions_before": before,
+        "conditions_after": after,
+        **competition(before, after),
+    }
+    return Measurement("decode_overhead_frac", 1 / result.speedup, method="estimated", workload=w.name,
+                       n=result.n_blocks, spread=(hi - lo) / 2, protocol=protocol)  # fmt: skip

@@ -48,7 +48,7 @@ def _ttft_call(model, ids: torch.Tensor, make_cache) -> Callable[[], None]:
     return run
 
 
-def _decode_call(model, ids: torch.Tensor, make_cache, deep_copy: bool) -> Callable[[], None]:
+def decode_call(model, ids: torch.Tensor, make_cache, deep_copy: bool) -> Callable[[], None]:
     kw = compute.forward_kwargs(model)
     with torch.no_grad():
         out = model(ids, past_key_values=make_cache() if make_cache else None, use_cache=True, **kw)
@@ -83,8 +83,8 @@ def speedups(model, reference, workloads: list[Workload], device, config: Paired
         pairs = {"speedup_ttft": (_ttft_call(model, ids, model_cache), _ttft_call(reference, ids, reference_cache))}
         if w.output_tokens > 1:
             pairs["speedup_decode"] = (
-                _decode_call(model, ids, model_cache, deep_copy),
-                _decode_call(reference, ids, reference_cache, deep_copy),
+                decode_call(model, ids, model_cache, deep_copy),
+                decode_call(reference, ids, reference_cache, deep_copy),
             )
         for metric, (run_model, run_reference) in pairs.items():
             if emit:
