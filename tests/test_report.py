@@ -312,3 +312,74 @@ def test_hostile_names_render_as_text_in_headless_chromium(hostile_report):
         page.hover("svg.plot .pt circle >> nth=1")
         assert HOSTILE in page.locator("#tip").text_content()
         browser.close()
+
+
+def _paired_fixture(path: Path) -> Run:
+    """A session whose variants were timed against the baseline: speedups with intervals, the ratios derived."""
+    workload = {"name": "chat", "prompt_tokens": 128, "output_tokens": 64, "batch_size": 1}
+    config = {"workloads": [workload], "data": {"data": "fixture.txt"}, "protocol": {}}
+    env = {"device": "cpu", "cpu": "Fixture CPU"}
+    # name -> (ppl_tok, speedup_decode, its 95% interval, whether another process competed)
+    paired = {
+        "fast": (3.7, 1.40, (1.33, 1.47), False),
+        "tied": (3.8, 1.01, (0.97, 1.05), True),
+        "slow": (3.65, 0.60, (0.58, 0.62), False),
+    }
+
+    def figures(ppl, speedup=None, ci=None, competed=False, overhead=None) -> list[Measurement]:
+        out = [Measurement("ppl_tok", ppl, method="measured")]
+        if speedup is not None:
+            p = {"ci": list(ci), "competed": competed, "other_cores": 0.6 if competed else 0.0}
+            out.append(Measurement("speedup_decode", speedup, method="measured", workload="chat",
+                                   spread=(ci[1] - ci[0]) / 2, protocol=p))  # fmt: skip
+            inverse = {"ci": [1 / ci[1], 1 / ci[0]]}
+            for name in ("energy_ratio_decode", "cost_ratio_decode"):
+                out.append(Measurement(name, 1 / speedup, method="estimated", workload="chat",
+                                       spread=(1 / ci[0] - 1 / ci[1]) / 2, protocol=inverse))  # fmt: skip
+        if overhead is not None:
+            out.append(Measurement("decode_overhead_frac", overhead, method="estimated", workload="chat"))
+        return out
+
+    with Store(path) as db:
+
+        def add(run_id, kind, measurements, recipe=None):  # fmt: skip
+            cfg = {**config, "variant": {"recipe": recipe, "changes": []}} if recipe else config
+            run = Run(id=run_id, created_at="2026-12-02T00:00:00+0000", kind=kind, model_ref="m",
+                      model_path=f"/fixture/{run_id}", benchmark_version="frugalm-bench v3", environment=env,
+                      config=cfg)  # fmt: skip
+            return db.add_run(run, measurements)
+
+        base = add("base", "baseline", figures(3.6, overhead=0.93))
+        control = add("control", "baseline", figures(3.6, 0.99, (0.97, 1.02)))
+        variants = {
+            name: add(name, "variant", figures(ppl, s, ci, c), {"version": 1, "name": name, "stages": []})
+            for name, (ppl, s, ci, c) in paired.items()
+        }
+        session = Run(id="session-p", created_at="2026-12-02T00:01:00+0000", kind="optimize", model_ref="m",
+                      benchmark_version="frugalm-bench v3", environment=env,
+                      config={"baseline": base, "control": control, "variants": variants,
+                              "constraint_specs": ["ppl_tok<=+20%"], "out_dir": "/fixture/out"})  # fmt: skip
+        db.add_run(session, [])
+    return session
+
+
+def test_paired_speedups_decide_speed_energy_and_money(tmp_path):
+    session = _paired_fixture(tmp_path / "p.db")
+    with Store(tmp_path / "p.db") as db:
+        data = build_report_data(db, session)
+    heads = {r: h["metric"] for r, h in data["headline"].items()}
+    assert heads["computation"] == "speedup_decode" and heads["energy"] == "energy_ratio_decode"
+    assert heads["money"] == "cost_ratio_decode" and heads["memory"] == "peak_mem_mib"
+    rows = {v["name"]: v["figures"] for v in data["variants"]}
+    assert rows["baseline"]["speedup_decode@chat"]["value"] == 1.0
+    verdicts = {n: (f["speedup_decode@chat"]["verdict"], f["energy_ratio_decode@chat"]["verdict"]) for n, f in rows.items() if n != "baseline"}  # fmt: skip
+    assert verdicts == {"fast": ("better", "better"), "tied": ("tie", "tie"), "slow": ("worse", "worse")}
+    # A tie cannot push the baseline off the speed front; with worse quality it, and the slow one, are dominated.
+    assert data["fronts"]["computation"] == ["baseline", "fast"]
+    best = data["recommendations"][0]["best"]["computation"]
+    assert best["variant"] == "fast" and best["tied"] == []
+    assert data["self_check"] == {"metric": "speedup_decode", "workload": "chat", "value": 0.99, "ci": [0.97, 1.02],
+                                  "halfwidth": pytest.approx(0.025), "contains_1": True}  # fmt: skip
+    kinds = {w["kind"]: w["text"] for w in data["warnings"]}
+    assert "1 of 5 runs" in kinds["competing_load"] and "chat 93%" in kinds["overhead_bound"]
+    assert "paired" in data["tie_rule"]
