@@ -1,6 +1,7 @@
 """Reports: golden files from a fixture database, and the HTML opened in a real headless Chromium."""
 
 import json
+import math
 import os
 import re
 import shutil
@@ -324,14 +325,17 @@ def _paired_fixture(path: Path) -> Run:
         "fast": (3.7, 1.40, (1.33, 1.47), False),
         "tied": (3.8, 1.01, (0.97, 1.05), True),
         "slow": (3.65, 0.60, (0.58, 0.62), False),
+        "barely": (3.9, math.exp(0.015), (math.exp(0.015 - 0.01327), math.exp(0.015 + 0.01327)), False),
     }
+    # Per-block ratios of "barely": its 95% interval alone excludes 1, not once widened for 4 comparisons.
+    blocks = {"barely": [math.exp(d) for d in [0.035, -0.005] * 6]}
 
-    def figures(ppl, speedup=None, ci=None, competed=False, overhead=None) -> list[Measurement]:
+    def figures(ppl, speedup=None, ci=None, competed=False, overhead=None, samples=None) -> list[Measurement]:
         out = [Measurement("ppl_tok", ppl, method="measured")]
         if speedup is not None:
             p = {"ci": list(ci), "competed": competed, "other_cores": 0.6 if competed else 0.0}
             out.append(Measurement("speedup_decode", speedup, method="measured", workload="chat",
-                                   spread=(ci[1] - ci[0]) / 2, protocol=p))  # fmt: skip
+                                   spread=(ci[1] - ci[0]) / 2, protocol=p, samples=samples))  # fmt: skip
             inverse = {"ci": [1 / ci[1], 1 / ci[0]]}
             for name in ("energy_ratio_decode", "cost_ratio_decode"):
                 out.append(Measurement(name, 1 / speedup, method="estimated", workload="chat",
@@ -352,7 +356,12 @@ def _paired_fixture(path: Path) -> Run:
         base = add("base", "baseline", figures(3.6, overhead=0.93))
         control = add("control", "baseline", figures(3.6, 0.99, (0.97, 1.02)))
         variants = {
-            name: add(name, "variant", figures(ppl, s, ci, c), {"version": 1, "name": name, "stages": []})
+            name: add(
+                name,
+                "variant",
+                figures(ppl, s, ci, c, samples=blocks.get(name)),
+                {"version": 1, "name": name, "stages": []},
+            )
             for name, (ppl, s, ci, c) in paired.items()
         }
         session = Run(id="session-p", created_at="2026-12-02T00:01:00+0000", kind="optimize", model_ref="m",
@@ -373,7 +382,11 @@ def test_paired_speedups_decide_speed_energy_and_money(tmp_path):
     rows = {v["name"]: v["figures"] for v in data["variants"]}
     assert rows["baseline"]["speedup_decode@chat"]["value"] == 1.0
     verdicts = {n: (f["speedup_decode@chat"]["verdict"], f["energy_ratio_decode@chat"]["verdict"]) for n, f in rows.items() if n != "baseline"}  # fmt: skip
-    assert verdicts == {"fast": ("better", "better"), "tied": ("tie", "tie"), "slow": ("worse", "worse")}
+    assert verdicts == {"fast": ("better", "better"), "tied": ("tie", "tie"), "slow": ("worse", "worse"),
+                        "barely": ("tie", "tie")}  # fmt: skip
+    barely = rows["barely"]["speedup_decode@chat"]
+    assert barely["ci_alone"][0] > 1 > barely["ci"][0] and data["simultaneous"]["variants"] == 4
+    assert data["simultaneous"]["each"] == pytest.approx(1 - 0.05 / 4) and "Bonferroni" in data["tie_rule"]
     # A tie cannot push the baseline off the speed front; with worse quality it, and the slow one, are dominated.
     assert data["fronts"]["computation"] == ["baseline", "fast"]
     best = data["recommendations"][0]["best"]["computation"]
@@ -381,5 +394,5 @@ def test_paired_speedups_decide_speed_energy_and_money(tmp_path):
     assert data["self_check"] == {"metric": "speedup_decode", "workload": "chat", "value": 0.99, "ci": [0.97, 1.02],
                                   "halfwidth": pytest.approx(0.025), "contains_1": True}  # fmt: skip
     kinds = {w["kind"]: w["text"] for w in data["warnings"]}
-    assert "1 of 5 runs" in kinds["competing_load"] and "chat 93%" in kinds["overhead_bound"]
+    assert "1 of 6 runs" in kinds["competing_load"] and "chat 93%" in kinds["overhead_bound"]
     assert "paired" in data["tie_rule"]

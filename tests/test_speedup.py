@@ -56,7 +56,7 @@ def test_decode_overhead_is_timed_against_a_shrunk_twin(tiny_llama, text_file, t
     p = overhead.protocol
     assert overhead.metric == "decode_overhead_frac" and overhead.method == "estimated" and overhead.unit == "fraction"
     assert p["ci"][0] <= overhead.value <= p["ci"][1] and p["ratio"] == "time(twin) / time(model)"
-    assert p["twin"]["hidden_size"] == 4 * 8 < 64 and p["twin"]["layers"] == 2
+    assert p["twin"]["hidden_size"] == 4 * 4 < 64 and p["twin"]["layers"] == 2
 
 
 def test_speedups_on_the_workloads_asked_for(tiny_llama, text_file, tmp_path):

@@ -4,7 +4,7 @@ A decode step of a small model is mostly Python, operator dispatch and cache boo
 same few hundred operator calls run whatever the widths, so a variant that halves the weights'
 bytes or arithmetic can decode no faster. To say when that is so, the step is compared with the
 step of a *twin*: the same architecture and depth, built from the model's config with every width
-shrunk (8 dimensions per head, MLP 4x that), random weights, same batch and prompt, a float
+shrunk (4 dimensions per head, MLP 4x that), random weights, same batch and prompt, a float
 cache. The twin runs the same operator sequence with almost no arithmetic, so
 
     decode_overhead_frac = twin step time / model step time
@@ -30,7 +30,7 @@ from frugalm.measure.paired import PairedConfig, competition, machine_conditions
 from frugalm.measure.speedup import decode_call
 from frugalm.measure.workloads import Workload
 
-TWIN_HEAD_DIM = 8
+TWIN_HEAD_DIM = 4
 TIMING = PairedConfig(target_halfwidth=0.05, budget_s=3.0)
 """A classification figure (overhead-bound or not): a 5% interval is plenty."""
 _WIDTH_ATTRS = ("intermediate_size", "ffn_dim")
