@@ -28,9 +28,10 @@ TEMPLATE_DIR = Path(__file__).resolve().parent
 W, H, PAD_L, PAD_B, PAD_T, PAD_R = 420, 300, 64, 46, 16, 16
 
 
-def _scale(values: list[float], lo_px: float, hi_px: float, log: bool):
+def _scale(values: list[float], lo_px: float, hi_px: float, log: bool, log_above: float = 20):
+    """A linear or (when `log` and the values span more than `log_above` times) log10 pixel scale."""
     lo, hi = min(values), max(values)
-    if log and lo > 0 and hi / lo > 20:
+    if log and lo > 0 and hi / lo > log_above:
         f = math.log10
         lo, hi = f(lo), f(hi)
     else:
@@ -43,8 +44,10 @@ def _scale(values: list[float], lo_px: float, hi_px: float, log: bool):
 
 
 def _ticks(lo: float, hi: float, log: bool) -> list[float]:
-    if log:
-        return [10**e for e in range(math.ceil(lo), math.floor(hi) + 1)]
+    if log:  # 1, 2 and 5 per decade over a few decades, powers of ten beyond
+        steps = (1, 2, 5) if hi - lo <= 3 else (1,)
+        ticks = [m * 10**e for e in range(math.floor(lo), math.ceil(hi) + 1) for m in steps]
+        return [t for t in ticks if lo <= math.log10(t) <= hi]
     step = 10 ** math.floor(math.log10((hi - lo) / 4)) if hi > lo else 1
     for mult in (1, 2, 5, 10):
         if (hi - lo) / (step * mult) <= 6:
@@ -189,7 +192,9 @@ def scatter_svg(data: dict, resource: str) -> tuple[str, int]:
     if len(rows) < 1:
         return "<p class=muted>no figures for this resource</p>", 0
     sx, (xlo, xhi, xlog) = _scale([fx["value"] for _, fx, _ in rows], PAD_L, W - PAD_R, log=True)
-    sy, (ylo, yhi, ylog) = _scale([fy["value"] for _, _, fy in rows], H - PAD_B, PAD_T, log=False)
+    # Perplexity on a log axis (the loss) once one variant's is three times another's, so a broken
+    # variant does not squash every other point onto the axis.
+    sy, (ylo, yhi, ylog) = _scale([fy["value"] for _, _, fy in rows], H - PAD_B, PAD_T, log=True, log_above=3)
     front = set(data["fronts"].get(resource, []))
     estimated = any(fx["method"] == "estimated" for _, fx, _ in rows)
     parts = [
@@ -211,7 +216,7 @@ def scatter_svg(data: dict, resource: str) -> tuple[str, int]:
         f'<text x="{(PAD_L + W - PAD_R) / 2}" y="{H - 8}" class=axis text-anchor=middle>{html.escape(xlabel)}</text>'
     )
     parts.append(
-        f'<text transform="translate(14,{(PAD_T + H - PAD_B) / 2}) rotate(-90)" class=axis text-anchor=middle>{html.escape(q)} (ppl, lower is better)</text>'
+        f'<text transform="translate(14,{(PAD_T + H - PAD_B) / 2}) rotate(-90)" class=axis text-anchor=middle>{html.escape(q)} (ppl{", log scale" if ylog else ""}, lower is better)</text>'
     )
     pts = sorted(((sx(fx["value"]), sy(fy["value"])) for v, fx, fy in rows if v["name"] in front))
     if len(pts) > 1:
