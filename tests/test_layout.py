@@ -31,7 +31,7 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("registry and recipe", ("frugalm.registry", "frugalm.recipe")),
     ("benchmark", ("frugalm.benchmark",)),
     ("report", ("frugalm.report",)),
-    ("run, export, optimize", ("frugalm.run", "frugalm.export", "frugalm.optimize")),
+    ("run, export, optimize", ("frugalm.run", "frugalm.export", "frugalm.export_gguf", "frugalm.optimize")),
     ("cli", ("frugalm.cli", "frugalm.__main__")),
 ]
 CLI_MAY_DEFER = "frugalm.cli"
