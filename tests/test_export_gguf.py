@@ -103,7 +103,7 @@ def test_refuses_int4_whose_offsets_float16_cannot_hold(tiny_llama, tmp_path):
     ("options", "fix"),
     [
         (dict(bits=8, activations="dynamic-int8"), "activations: none"),
-        (dict(bits=4, group_size=16), "group_size 32, 64, 128 or -1"),
+        (dict(bits=4, group_size=16), "a multiple of 32 (32, 64, 128) or -1 (per channel)"),
     ],
     ids=["w8a8-dynamic", "group16"],
 )
@@ -222,3 +222,43 @@ def test_stories260K_float32_equals_llama_cpps_own_conversion(tmp_path):
         "tokenizer.ggml.padding_token_id",
         "tokenizer.ggml.seperator_token_id",
     }  # both unset (-1)
+
+
+@pytest.mark.integration
+@needs_assets()
+@pytest.mark.parametrize(("bits", "qtype"), [(8, "Q8_0"), (4, "Q4_0")])
+def test_stories260K_quantized_round_trips_and_its_172_column_layers_are_named(tmp_path, bits, qtype):
+    """ffn_down has 172 columns, which no GGUF block divides: refused, with the fix; without it the rest maps exactly."""
+    lm = load_model(STORIES, fast_kernels=False)
+    run("rtn_quant", lm.model, bits=bits, group_size=-1)
+    whole = save_variant(lm.model, lm.tokenizer, tmp_path / "whole", {})
+    with pytest.raises(ConfigError) as exc:
+        export_gguf(whole, tmp_path / "whole.gguf")
+    assert "mlp.down_proj" in error_message(exc) and "`targets`" in error_message(exc)
+
+    lm = load_model(STORIES, fast_kernels=False)
+    targets = ("*.self_attn.*", "*.mlp.gate_proj", "*.mlp.up_proj")
+    run("rtn_quant", lm.model, bits=bits, group_size=32 if bits == 4 else -1, targets=targets)
+    artifact = save_variant(lm.model, lm.tokenizer, tmp_path / "variant", {})
+    result = export_gguf(artifact, tmp_path / "s.gguf")
+    assert result.tensor_types == {"F32": 2 + 5 * 3, qtype: 5 * 6}  # down_proj and the norms stay float
+    model = load_model(artifact, fast_kernels=False).model
+    for name, t in tensors(result.path).items():
+        if name.startswith("blk.") and "norm" not in name:
+            ours = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())
+            assert torch.equal(ours, frugalm_weight(model, hf_name(name))), name
+
+
+def test_a_head_pruned_model_exports_at_its_new_sizes(tiny_llama, tmp_path):
+    """Half the key/value groups removed: 2 query heads of 16 no longer span the width, so the head size is written."""
+    artifact = variant(
+        tiny_llama, tmp_path, technique="structured_prune", unit="heads", fraction=0.5, importance="magnitude"
+    )
+    result = export_gguf(artifact, tmp_path / "m.gguf")
+    fields = gguf.GGUFReader(result.path).fields
+    assert (
+        fields["llama.attention.head_count"].contents() == 2 and fields["llama.attention.key_length"].contents() == 16
+    )
+    model = load_model(artifact).model
+    t = tensors(result.path)["blk.0.attn_q.weight"]
+    assert np.array_equal(t.data, frugalm_weight(model, "model.layers.0.self_attn.q_proj").numpy())

@@ -270,8 +270,13 @@ def _quantized(name: str, m: QuantLinear, perm) -> tuple[np.ndarray, gguf.GGMLQu
             f"layer '{name}' is {m.format}: its figures come from fbgemm's per-tensor activation quantization, which llama.cpp does not do; quantize with `activations: none` (format w8a16) to export to GGUF, or keep frugalm's own artifact"
         )
     if m.group_size % BLOCK:
+        fix = (
+            f"its rows have {m.in_features} columns, which no multiple of {BLOCK} divides: leave it out of the recipe's `targets` to export"
+            if m.in_features % BLOCK
+            else f"quantize with a group_size that is a multiple of {BLOCK} (32, 64, 128) or -1 (per channel) to export"
+        )
         raise ConfigError(
-            f"layer '{name}' has group size {m.group_size}, not a multiple of GGUF's block of {BLOCK}; quantize with group_size 32, 64, 128 or -1 (per channel, {m.in_features} columns) to export"
+            f"layer '{name}' has group size {m.group_size}, not a multiple of GGUF's block of {BLOCK} weights; {fix}"
         )
     q, scales, zeros = unpack(m.qweight, m.bits), m.scales, m.zeros  # (out, in) uint8, (out, G) f16, (out, G) u8
     if perm is not None:
@@ -340,7 +345,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int, where
         tokens[i] = t["content"]
         types[i] = gguf.TokenType.CONTROL if t.get("special") else gguf.TokenType.USER_DEFINED
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        scores = _sentencepiece_style(tokens, types, model.get("unk_token"))
+        scores = _sentencepiece_scores_(tokens, types, model.get("unk_token"))
         writer.add_tokenizer_model("llama")
         writer.add_token_scores(scores)
     elif model.get("type") == "BPE" and (spec.get("pre_tokenizer") or {}).get("type") == "ByteLevel":
@@ -362,7 +367,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, folder: Path, vocab_size: int, where
         vocab_log.setLevel(level)
 
 
-def _sentencepiece_style(tokens: list[str], types: list, unk: str | None) -> list[float]:
+def _sentencepiece_scores_(tokens: list[str], types: list, unk: str | None) -> list[float]:
     """Scores and types as sentencepiece's BPE model has them: bytes <0xNN>, unk, control 0; pieces -rank."""
     scores, rank = [], 0
     for i, text in enumerate(tokens):
