@@ -43,6 +43,9 @@ VARIANTS = {
         },
     ),
     "int4-g64": ("rtn_quant", {"bits": 4, "group_size": 64, "symmetric": False}),
+    "w8a16": ("rtn_quant", {"bits": 8, "group_size": -1, "symmetric": True, "activations": "none"}),
+    "int4-g32": ("rtn_quant", {"bits": 4, "group_size": 32, "symmetric": False}),
+    "int4-channel": ("rtn_quant", {"bits": 4, "group_size": -1, "symmetric": False}),
     "structured25": ("structured_prune", {"unit": "mlp_channels", "fraction": 0.25, "importance": "magnitude"}),
 }
 METRICS = ["decode_tok_s", "prefill_tok_s", "weights_mib", "artifact_mib", "peak_mem_mib"]

@@ -28,6 +28,7 @@ from frugalm.errors import ConfigError, ModelError, suggest
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.runtime.quant_linear import (
     Int8Linear,
+    PackedWeightLinear,
     QuantLinear,
     set_linear_formats_,
     to_fast_kernels_,
@@ -320,7 +321,7 @@ def packed_layers(model: nn.Module) -> dict[str, dict]:
 
     layers = {}
     for name, m in model.named_modules():
-        if isinstance(m, Int8Linear):
+        if isinstance(m, (Int8Linear, PackedWeightLinear)):
             raise AssertionError("save a variant before swapping in fast kernels (to_fast_kernels_)")
         if isinstance(m, QuantLinear):
             layers[name] = {

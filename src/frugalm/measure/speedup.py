@@ -37,7 +37,7 @@ SPEEDUP_METRICS = ("speedup_ttft", "speedup_decode")
 DERIVED_RATIOS = {"energy_ratio_decode": "energy", "cost_ratio_decode": "money"}
 
 
-def _ttft_call(model, ids: torch.Tensor, make_cache) -> Callable[[], None]:
+def ttft_call(model, ids: torch.Tensor, make_cache) -> Callable[[], None]:
     kw = compute.forward_kwargs(model)
 
     def run() -> None:
@@ -80,7 +80,7 @@ def speedups(model, reference, workloads: list[Workload], device, config: Paired
     out = []
     for w in workloads:
         ids = compute.prompt_ids(model, w.batch_size, w.prompt_tokens, device)
-        pairs = {"speedup_ttft": (_ttft_call(model, ids, model_cache), _ttft_call(reference, ids, reference_cache))}
+        pairs = {"speedup_ttft": (ttft_call(model, ids, model_cache), ttft_call(reference, ids, reference_cache))}
         if w.output_tokens > 1:
             pairs["speedup_decode"] = (
                 decode_call(model, ids, model_cache, deep_copy),

@@ -21,7 +21,12 @@ Each quantized layer has a *format*, which says how it computes, not only what i
 dtype and calling a dense matmul: correct everywhere, faster nowhere (`kernel = "dequantize"`);
 a w8a8-dynamic QuantLinear quantizes its input first (an emulation of fbgemm: same numerics, no
 speed). `Int8Linear` runs fbgemm's int8 matmul instead (`kernel = "fbgemm"`): a real speed
-kernel on x86 CPUs, used for w8a8-dynamic layers only (`to_fast_kernels_`).
+kernel on x86 CPUs, used for w8a8-dynamic layers. `PackedWeightLinear` runs the weight-only
+formats on ATen's CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), packed at
+load time from the stored codes so artifacts stay portable. Those kernels are fast only with
+bfloat16 activations, so a fast weight-only layer computes in bfloat16 (16-bit activations, as
+the format's name says) and returns the model's dtype; its quality is measured that way.
+`to_fast_kernels_` swaps both in where they apply.
 """
 
 from __future__ import annotations
@@ -212,6 +217,95 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits=8, per-channel, kernel=fbgemm"
 
 
+DECODE_ROWS = 8
+"""Inputs of at most this many rows (tokens x batch) take the packed kernel: batch-1 to batch-8
+decode. More rows (prefill) dequantize to bfloat16 once per call and run a dense bfloat16 matmul,
+measured faster there than the packed kernels (benchmarks/bench_kernels.py)."""
+
+
+class PackedWeightLinear(nn.Module):
+    """A w8a16 or w4a16 layer on ATen's packed CPU kernels, computing in bfloat16 (see module doc).
+
+    int8: per-channel symmetric codes (zero point 128) as int8 with one scale per row,
+    `_weight_int8pack_mm`. int4: tinygemm's CPU layout (`_convert_weight_to_int4pack_for_cpu`) with
+    per-group (scale, offset) where w = (q - 8) * scale + offset, offset = (8 - z) * scale (any zero
+    point). The kernels take bfloat16 scales, which round the stored float16 ones: part of the
+    bfloat16 path whose perplexity the benchmark measures. Prefill rows dequantize from the stored
+    codes, which an int4 layer therefore also holds (tinygemm's layout has no unpacking op): its
+    weights take 1 byte per weight in memory, not 0.5, and its buffers say so to `weights_mib`.
+    """
+
+    def __init__(self, source: QuantLinear):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = source.in_features, source.out_features, source.bits
+        self.group_size, self.activations = source.group_size, "none"
+        self.kernel = "int8pack-bf16" if source.bits == 8 else "int4pack-bf16"
+        q = unpack(source.qweight, source.bits)
+        if source.bits == 8:
+            self.register_buffer("codes", (q.to(torch.int16) - 128).to(torch.int8))
+            self.register_buffer("scales", source.scales.clone())  # (out, 1) float16
+            self.register_buffer("kernel_scales", source.scales[:, 0].bfloat16())
+        else:
+            self.kernel_group = kernel_group(source)
+            repeat = source.group_size // self.kernel_group  # a wider group is exactly several blocks sharing its scale
+            scales = source.scales.float().repeat_interleave(repeat, dim=1)
+            offsets = (8 - source.zeros.float().repeat_interleave(repeat, dim=1)) * scales
+            self.register_buffer("codes", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8))
+            self.register_buffer("kernel_scales", torch.stack([scales.t(), offsets.t()], -1).bfloat16().contiguous())
+            self.register_buffer("qweight", source.qweight.clone())
+            self.register_buffer("scales", source.scales.clone())
+            self.register_buffer("zeros", source.zeros.clone())
+        self.bias = source.bias
+
+    @property
+    def format(self) -> str:
+        return format_name(self.bits, "none")
+
+    def packed_params(self) -> int:
+        return self.in_features * self.out_features
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        if self.bits == 8:
+            return (self.codes.to(dtype) * self.scales.to(dtype)).to(dtype)
+        return dequantize_groups(unpack(self.qweight, 4), self.scales, self.zeros, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).bfloat16()
+        if x2.shape[0] <= DECODE_ROWS:
+            if self.bits == 8:
+                y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.kernel_scales)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.codes, self.kernel_group, self.kernel_scales)
+        else:
+            y = F.linear(x2, self.dequantized_weight(torch.bfloat16))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel={self.kernel} (decode), bfloat16 dequantize (prefill)"
+
+
+KERNEL_GROUPS = (256, 128, 64, 32)
+"""Group sizes ATen's int4 CPU kernel takes."""
+
+
+def kernel_group(module: QuantLinear) -> int:
+    """The widest group the int4 kernel takes that divides the layer's own (per-channel included), or 0."""
+    return next((g for g in KERNEL_GROUPS if module.group_size % g == 0 and module.in_features % g == 0), 0)
+
+
+def packed_eligible(module: QuantLinear) -> bool:
+    """A weight-only layer ATen's CPU kernels take: int8 per-channel symmetric, or int4 whose groups
+    are whole blocks of 32..256 columns, with a multiple of 16 rows."""
+    if module.activations != "none":
+        return False
+    if module.bits == 8:
+        return fbgemm_eligible(module)
+    return module.bits == 4 and kernel_group(module) > 0 and module.out_features % 16 == 0
+
+
 def has_fbgemm() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
@@ -222,25 +316,29 @@ def fbgemm_eligible(module: QuantLinear) -> bool:
 
 
 def to_fast_kernels_(model: nn.Module) -> list[str]:
-    """Swap every w8a8-dynamic QuantLinear on the CPU for an fbgemm Int8Linear where the CPU has fbgemm.
+    """Swap the CPU's speed kernels in: w8a8-dynamic layers onto fbgemm (Int8Linear) where the CPU
+    has it, and weight-only layers that ATen's packed kernels take onto PackedWeightLinear.
 
-    Returns the names of swapped modules. Weight-only layers (w8a16, w4a16) keep running
-    dequantized: fbgemm's kernel would quantize their activations, which their format does not.
+    Returns the names of swapped modules. Other weight-only layers (say int4 in groups of 16) keep
+    running dequantized, and the scorecard says so ("no speed kernel").
     """
-    if not has_fbgemm():
-        return []
-    torch.backends.quantized.engine = "fbgemm"
+    fbgemm = has_fbgemm()
+    if fbgemm:
+        torch.backends.quantized.engine = "fbgemm"
     swapped = []
     for name, module in list(model.named_modules()):
-        if (
-            isinstance(module, QuantLinear)
-            and module.activations == "dynamic-int8"
-            and module.qweight.device.type == "cpu"
-        ):
+        if not isinstance(module, QuantLinear) or module.qweight.device.type != "cpu":
+            continue
+        if module.activations == "dynamic-int8" and fbgemm:
             assert fbgemm_eligible(module), f"{name}: w8a8-dynamic needs int8 per-channel symmetric weights"
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, Int8Linear(module))
-            swapped.append(name)
+            fast = Int8Linear(module)
+        elif packed_eligible(module):
+            fast = PackedWeightLinear(module)
+        else:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, fast)
+        swapped.append(name)
     return swapped
 
 
@@ -265,7 +363,7 @@ def format_summary(model: nn.Module) -> dict[str, dict[str, int]]:
     """Quantized layers by format, then by the kernel that runs them: {"w8a8-dynamic": {"fbgemm": 14}}."""
     out: dict[str, dict[str, int]] = {}
     for m in model.modules():
-        fmt = getattr(m, "format", None) if isinstance(m, (QuantLinear, Int8Linear)) else None
+        fmt = getattr(m, "format", None) if isinstance(m, (QuantLinear, Int8Linear, PackedWeightLinear)) else None
         if fmt:
             kernels = out.setdefault(fmt, {})
             kernels[m.kernel] = kernels.get(m.kernel, 0) + 1

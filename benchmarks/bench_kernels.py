@@ -1,0 +1,130 @@
+"""Weight-only int8 and int4 layers on ATen's packed CPU kernels: decode and prefill against float32, and their quality.
+
+    .venv/bin/python benchmarks/bench_kernels.py [--threads 2] [--budget 20]
+
+Speed, on the random-weight SmolLM2-135M stand-in (real shapes; bench_foundation.py), each variant
+loaded as it runs (frugalm.load_model: packed at load time from the stored codes) and timed
+against the float32 model in one process, paired and interleaved (frugalm.measure.paired,
+95% Student-t intervals): `decode` is one greedy step at batch 1 from a 128-token cache (the
+call `frugalm bench --reference` times), `prefill` the 128-token prompt pass and first argmax.
+The same variant run dequantized (fast_kernels=False: the float32 path it had before) is timed
+beside it.
+
+Quality, on the real stories260K and the built-in model: perplexity of each variant as it runs
+(bfloat16 activations; the perplexity windows are prefill rows, so bfloat16 dequantized weights),
+with the packed decode kernel forced onto every row, and the same codes dequantized in float32,
+under frugalm's protocol (16,384 tokens of TinyStories; the built-in held-out text).
+On stories260K only layers whose shapes the kernels take run fast (its 172-wide MLP does not),
+so the built-in model is the full check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_compression_speed import VARIANTS, build_variant  # noqa: E402
+from bench_foundation import build_standin  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT.parent / "shared" / "assets"
+SPEED = ("w8a16", "int4-g32", "int4-channel")
+
+
+def speed(args) -> None:
+    import torch
+
+    from frugalm.measure.paired import PairedConfig, time_paired
+    from frugalm.measure.speedup import decode_call, ttft_call
+    from frugalm.models import load_model
+    from frugalm.runtime.modules import kernel_summary
+
+    torch.set_num_threads(args.threads)
+    base = build_standin()
+    fp32 = load_model(base).model
+    ids = torch.randint(5, fp32.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    config = PairedConfig(budget_s=args.budget)
+    ref = {"decode": decode_call(fp32, ids, None, False), "prefill": ttft_call(fp32, ids, None)}
+    print(f"threads {args.threads}; {config}", flush=True)
+    for name in SPEED:
+        folder, _ = build_variant(base, name)
+        for fast in (True, False):
+            model = load_model(folder, fast_kernels=fast).model
+            calls = {"decode": decode_call(model, ids, None, False), "prefill": ttft_call(model, ids, None)}
+            for phase, call in calls.items():
+                for fn in (call, ref[phase], call, ref[phase]):
+                    fn()
+                r = time_paired(call, ref[phase], config)
+                print(f"{name:<13} {'packed' if fast else 'dequantized':<11} {phase:<7} vs float32: {r.speedup:.3f}x "
+                      f"[{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n_blocks} blocks, {r.stopped_by}); kernels {kernel_summary(model)}",
+                      flush=True)  # fmt: skip
+            del model
+
+
+def quality(args) -> None:
+    import tempfile
+
+    import torch
+
+    from frugalm.assets import DEFAULT_EVAL_PATH, DEFAULT_MODEL_DIR
+    from frugalm.measure.quality import PerplexityProtocol, measure_quality
+    from frugalm.models import context_length, load_model, save_variant
+    from frugalm.registry import get_technique
+    from frugalm.runtime import quant_linear
+    from frugalm.runtime.modules import kernel_summary
+    from frugalm.techniques.base import Context
+    from frugalm.text.encode import evaluated_documents
+
+    torch.set_num_threads(args.threads)
+    protocol = PerplexityProtocol(max_tokens=16_384)
+    decode_rows = quant_linear.DECODE_ROWS
+    models = {"stories260K": (ASSETS / "models" / "stories260K", ASSETS / "data" / "tinystories_valid_0000-0499.txt"),
+              "built-in": (DEFAULT_MODEL_DIR, DEFAULT_EVAL_PATH)}  # fmt: skip
+    for label, (model_dir, text) in models.items():
+        if not model_dir.exists():
+            print(f"{label}: not found, skipped")
+            continue
+        for name in ("w8a16", "int4-g32", "int4-channel"):
+            technique_name, options = VARIANTS[name]
+            if label == "stories260K" and name == "int4-g32":  # 32 does not divide its MLP's 172 columns
+                options = {**options, "targets": ("*.self_attn.*", "*.mlp.gate_proj", "*.mlp.up_proj")}
+            technique = get_technique(technique_name)
+            lm = load_model(model_dir, fast_kernels=False)
+            model = technique.apply(lm.model, technique.config_cls(**options), Context())
+            with tempfile.TemporaryDirectory() as tmp:
+                save_variant(model, lm.tokenizer, Path(tmp) / "v", {"changes": [], "recipe": {}})
+                ppl = {}
+                for path in ("packed", "kernel", "float32"):  # kernel: the decode kernel forced for every row
+                    v = load_model(Path(tmp) / "v", fast_kernels=path != "float32")
+                    quant_linear.DECODE_ROWS = 10**9 if path == "kernel" else decode_rows
+                    docs = evaluated_documents(text, v.tokenizer, protocol.max_tokens)
+                    figures = measure_quality(v.model, v.tokenizer, docs, protocol, context=context_length(v.model.config),
+                                              data_desc={})  # fmt: skip
+                    ppl[path] = next(m.value for m in figures if m.metric == "ppl_tok")
+                    if path == "packed":
+                        fast_kernels = kernel_summary(v.model)
+                quant_linear.DECODE_ROWS = decode_rows
+            print(f"{label:<12} {name:<13} ppl_tok as it runs (bfloat16) {ppl['packed']:.4f} ({100 * (ppl['packed'] / ppl['float32'] - 1):+.3f}%), "
+                  f"decode kernel on every row {ppl['kernel']:.4f} ({100 * (ppl['kernel'] / ppl['float32'] - 1):+.3f}%), "
+                  f"dequantized float32 {ppl['float32']:.4f}; kernels {fast_kernels}", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of paired timing per figure at most")
+    parser.add_argument("--only", choices=("speed", "quality"), default=None)
+    args = parser.parse_args()
+    if args.only != "quality":
+        speed(args)
+    if args.only != "speed":
+        quality(args)
+
+
+if __name__ == "__main__":
+    main()
