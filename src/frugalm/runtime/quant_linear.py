@@ -298,12 +298,14 @@ def kernel_group(module: QuantLinear) -> int:
 
 def packed_eligible(module: QuantLinear) -> bool:
     """A weight-only layer ATen's CPU kernels take: int8 per-channel symmetric, or int4 whose groups
-    are whole blocks of 32..256 columns, with a multiple of 16 rows."""
-    if module.activations != "none":
+    are whole blocks of 32..256 columns; rows and columns multiples of 16. (torch 2.13's
+    `_weight_int8pack_mm` crashes the process on 8+ rows of an input whose width is not a multiple
+    of 16, e.g. stories260K's 172; tinygemm refuses rows that are not: such layers stay dequantized.)"""
+    if module.activations != "none" or module.in_features % 16 or module.out_features % 16:
         return False
     if module.bits == 8:
         return fbgemm_eligible(module)
-    return module.bits == 4 and kernel_group(module) > 0 and module.out_features % 16 == 0
+    return module.bits == 4 and kernel_group(module) > 0
 
 
 def has_fbgemm() -> bool:
