@@ -23,7 +23,19 @@ stages:
   - technique: magnitude_prune
     sparsity: 0.5
 """
-FAST = ["--eval-tokens", "256", "--repetitions", "1", "--warmup", "0", "--workload", "chat", "--quiet"]
+FAST = [
+    "--eval-tokens",
+    "256",
+    "--repetitions",
+    "1",
+    "--warmup",
+    "0",
+    "--workload",
+    "chat",
+    "--speedup-budget",
+    "0.5",
+    "--quiet",
+]
 
 
 def _optimize(model, data, db, *extra) -> list[str]:
