@@ -46,6 +46,20 @@ VARIANTS = {
     "w8a16": ("rtn_quant", {"bits": 8, "group_size": -1, "symmetric": True, "activations": "none"}),
     "int4-g32": ("rtn_quant", {"bits": 4, "group_size": 32, "symmetric": False}),
     "int4-channel": ("rtn_quant", {"bits": 4, "group_size": -1, "symmetric": False}),
+    "w8a16+head": (
+        "rtn_quant",
+        {
+            "bits": 8,
+            "group_size": -1,
+            "symmetric": True,
+            "activations": "none",
+            "targets": ("*.mlp.*", "*.self_attn.*", "lm_head"),
+        },
+    ),  # fmt: skip
+    "int4-g32+head": (
+        "rtn_quant",
+        {"bits": 4, "group_size": 32, "symmetric": False, "targets": ("*.mlp.*", "*.self_attn.*", "lm_head")},
+    ),
     "structured25": ("structured_prune", {"unit": "mlp_channels", "fraction": 0.25, "importance": "magnitude"}),
 }
 METRICS = ["decode_tok_s", "prefill_tok_s", "weights_mib", "artifact_mib", "peak_mem_mib"]

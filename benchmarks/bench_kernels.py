@@ -33,7 +33,7 @@ from bench_foundation import build_standin  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
-SPEED = ("w8a16", "int4-g32", "int4-channel")
+SPEED = ("w8a16", "int4-g32", "int4-channel", "w8a16+head", "int4-g32+head")
 
 
 def speed(args) -> None:
@@ -51,7 +51,7 @@ def speed(args) -> None:
     config = PairedConfig(budget_s=args.budget)
     ref = {"decode": decode_call(fp32, ids, None, False), "prefill": ttft_call(fp32, ids, None)}
     print(f"threads {args.threads}; {config}", flush=True)
-    for name in SPEED:
+    for name in args.variants:
         folder, _ = build_variant(base, name)
         for fast in (True, False):
             model = load_model(folder, fast_kernels=fast).model
@@ -119,6 +119,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of paired timing per figure at most")
     parser.add_argument("--only", choices=("speed", "quality"), default=None)
+    parser.add_argument("--variants", nargs="*", default=list(SPEED), choices=SPEED, help="variants to time")
     args = parser.parse_args()
     if args.only != "quality":
         speed(args)
