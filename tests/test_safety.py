@@ -323,33 +323,8 @@ def test_two_recipe_files_with_one_stem_are_refused(tiny_llama, text_file, tmp_p
 
 def test_optimize_killed_after_its_second_variant_resumes_without_redoing_anything(tiny_llama, text_file, tmp_path):
     out, db = tmp_path / "out", tmp_path / "s.db"
-    cmd = [
-        sys.executable,
-        "-m",
-        "frugalm",
-        "optimize",
-        str(tiny_llama),
-        "--data",
-        str(text_file),
-        "--out",
-        str(out),
-        "--store",
-        str(db),
-        "--eval-tokens",
-        "256",
-        "--repetitions",
-        "1",
-        "--warmup",
-        "0",
-        "--workload",
-        "chat",
-        "--recipe",
-        "int8",
-        "--recipe",
-        "magnitude50",
-        "--recipe",
-        "wanda50",
-    ]
+    extra = ["--out", str(out), "--recipe", "int8", "--recipe", "magnitude50", "--recipe", "wanda50"]
+    cmd = [sys.executable, "-m", "frugalm", *_optimize(tiny_llama, text_file, db, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
         cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, start_new_session=True

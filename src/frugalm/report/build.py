@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 
 from frugalm.atomic import write_text_atomic
-from frugalm.measure.metrics import METRICS, OVERHEAD_BOUND, get_metric
+from frugalm.measure.metrics import METRICS, OVERHEAD_BOUND, Measurement, get_metric
 from frugalm.measure.paired import ratio_interval
 from frugalm.pareto import Constraint, hypervolume, non_dominated, satisfying
 from frugalm.report.html import render_html
@@ -64,7 +64,7 @@ SPEED_METRICS = tuple(
 """Timed figures of a workload: a dequantizing variant's are marked "no speed kernel" beside them."""
 
 
-def _figures(db: Store, run: Run) -> dict[str, dict]:
+def _figures(measurements: list[Measurement]) -> dict[str, dict]:
     return {
         _figure_key(m.metric, m.workload): {
             "metric": m.metric,
@@ -76,14 +76,19 @@ def _figures(db: Store, run: Run) -> dict[str, dict]:
             "spread": m.spread,
             **({"ci": m.protocol["ci"]} if "ci" in m.protocol else {}),
         }
-        for m in db.measurements(run.id)
+        for m in measurements
     }
 
 
-def _kernels(db: Store, run: Run) -> dict:
-    """The run's kernel summary (formats named) and its "no speed kernel" note, from the measuring child's protocols."""
-
+def _entry(db: Store, run: Run, name: str, recipe: dict | None) -> dict:
+    """A run as the report reads it: its figures, and its kernel summary (formats named) and "no speed
+    kernel" note from the measuring child's protocols. The store is read once per run."""
     measurements = db.measurements(run.id)
+    return {"name": name, "run": run, "measurements": measurements, "figures": _figures(measurements),
+            "recipe": recipe, **_kernels(measurements)}  # fmt: skip
+
+
+def _kernels(measurements: list[Measurement]) -> dict:
     return {"kernels": kernel_line(kernel_protocol(measurements)), "speed_kernel": speed_kernel_note(measurements)}
 
 
@@ -117,7 +122,7 @@ def _reference_figures(entries: list[dict]) -> dict[str, dict]:
     return out
 
 
-def _simultaneous_intervals(db: Store, entries: list[dict]) -> dict | None:
+def _simultaneous_intervals(entries: list[dict]) -> dict | None:
     """Widen every variant's speedup interval so that all of them hold together at 95% (Bonferroni).
 
     With 15 variants each judged at 95%, about one "faster" or "slower" call in a report would be
@@ -132,7 +137,7 @@ def _simultaneous_intervals(db: Store, entries: list[dict]) -> dict | None:
         return None
     each = 1 - (1 - CONFIDENCE) / len(compared)
     for e in compared:
-        for m in db.measurements(e["run"].id):
+        for m in e["measurements"]:
             f = e["figures"].get(_figure_key(m.metric, m.workload))
             if m.metric not in SPEEDUPS or not m.samples or len(m.samples) < 2 or f is None:
                 continue
@@ -151,26 +156,18 @@ def build_report_data(db: Store, session: Run) -> dict:
     cfg = session.config
     base_run = db.get_run(cfg["baseline"])
     workload = base_run.config["workloads"][0]["name"]
-    base_fig = _figures(db, base_run)
-    entries = [{"name": "baseline", "run": base_run, "figures": base_fig, "recipe": None, **_kernels(db, base_run)}]
+    entries = [_entry(db, base_run, "baseline", None)]
+    base_fig = entries[0]["figures"]
     for name, run_id in cfg["variants"].items():
         if run_id:
             run = db.get_run(run_id)
-            entries.append(
-                {
-                    "name": name,
-                    "run": run,
-                    "figures": _figures(db, run),
-                    "recipe": run.config.get("variant", {}).get("recipe"),
-                    **_kernels(db, run),
-                }
-            )
-    control = db.get_run(cfg["control"]) if cfg.get("control") else None
-    control_fig = _figures(db, control) if control else {}
+            entries.append(_entry(db, run, name, run.config.get("variant", {}).get("recipe")))
+    control = _entry(db, db.get_run(cfg["control"]), "control", None) if cfg.get("control") else None
+    control_fig = control["figures"] if control else {}
     noise = _run_to_run_noise(base_fig, control_fig)
     paired = len(entries) > 1 and all(f"speedup_decode@{workload}" in e["figures"] for e in entries[1:])
     headline = {**HEADLINE, **(PAIRED_HEADLINE if paired else {})}
-    simultaneous = _simultaneous_intervals(db, entries)
+    simultaneous = _simultaneous_intervals(entries)
     base_fig.update(_reference_figures(entries))
     for e in entries:
         for key, f in e["figures"].items():
@@ -212,7 +209,7 @@ def build_report_data(db: Store, session: Run) -> dict:
         "tie_rule": _tie_rule(paired, simultaneous),
         "simultaneous": simultaneous,
         "self_check": _self_check(control_fig, workload),
-        "warnings": _warnings(db, [e["run"] for e in entries] + ([control] if control else []), base_fig, workload),
+        "warnings": _warnings(entries + ([control] if control else []), base_fig),
         "out_dir": cfg.get("out_dir"),
         "protocol": {
             k: base_run.config.get(k)
@@ -254,14 +251,14 @@ def _self_check(control_fig: dict, workload: str) -> dict | None:
             "halfwidth": (hi - lo) / 2, "contains_1": lo <= 1 <= hi}  # fmt: skip
 
 
-def _warnings(db: Store, runs: list[Run], base_fig: dict, workload: str) -> list[dict]:
-    """Competing load during any timing, and decode figures that are overhead-bound on this model."""
+def _warnings(runs: list[dict], base_fig: dict) -> list[dict]:
+    """Competing load during any timing of the runs (report entries), and decode figures that are overhead-bound on this model."""
     out = []
     competed, worst = set(), 0.0
     for run in runs:
-        for m in db.measurements(run.id):
+        for m in run["measurements"]:
             if m.protocol.get("competed"):
-                competed.add(run.id)
+                competed.add(run["run"].id)
                 worst = max(worst, m.protocol.get("other_cores", 0.0))
     if competed:
         out.append(
