@@ -49,13 +49,13 @@ def speed(args) -> None:
     fp32 = load_model(base).model
     ids = torch.randint(5, fp32.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
     config = PairedConfig(budget_s=args.budget)
-    ref = {"decode": decode_call(fp32, ids, None, False), "prefill": ttft_call(fp32, ids, None)}
+    ref = {"decode": decode_call(fp32, ids, None), "prefill": ttft_call(fp32, ids, None)}
     print(f"threads {args.threads}; {config}", flush=True)
     for name in args.variants:
         folder, _ = build_variant(base, name)
         for fast in (True, False):
             model = load_model(folder, fast_kernels=fast).model
-            calls = {"decode": decode_call(model, ids, None, False), "prefill": ttft_call(model, ids, None)}
+            calls = {"decode": decode_call(model, ids, None), "prefill": ttft_call(model, ids, None)}
             for phase, call in calls.items():
                 for fn in (call, ref[phase], call, ref[phase]):
                     fn()

@@ -49,7 +49,7 @@ def calls(model, steps: int = 1):
 
     ids = torch.randint(5, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     if steps == 1:
-        run = decode_call(model, ids, None, deep_copy=False)
+        run = decode_call(model, ids, None)
     else:
         with torch.no_grad():
             out = model(ids, use_cache=True)

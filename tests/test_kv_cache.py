@@ -66,15 +66,35 @@ def test_quantized_cache_tracks_the_float_cache(tiny):
     ref_logits = _decode(model, ids, reference, DynamicCache(config=model.config))
     errors = {}
     for bits in (8, 4):
-        logits = _decode(model, ids, reference, make_cache(model, _kv(bits)))
+        logits = _decode(model, ids, reference, make_cache(model, _kv(bits), 0))
         assert torch.isfinite(logits).all()
         errors[bits] = (logits - ref_logits).abs().max().item() / ref_logits.abs().max().item()
         if bits == 8:
             assert errors[8] < 0.003, errors
             assert (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean() >= 0.95
-            free = _greedy(model, ids, 24, make_cache(model, _kv(8)))
+            free = _greedy(model, ids, 24, make_cache(model, _kv(8), 0))
             assert (free == reference).float().mean() >= 0.8
     assert errors[8] < errors[4] < 0.05, errors
+
+
+@pytest.mark.parametrize("residual, keep", [(16, 60), (0, 60), (0, 50)])  # (0, 50): into the packed past
+def test_crop_forgets_the_newest_tokens_without_requantizing(tiny, residual, keep):
+    # crop(-n), used by the paired decode timing and assisted decoding, equals never having seen them
+    model = tiny.model
+    ids = torch.randint(4, 300, (1, 70), generator=torch.Generator().manual_seed(1))
+    fresh, cropped = make_cache(model, _kv(8, 16, residual), 0), make_cache(model, _kv(8, 16, residual), 0)
+    with torch.no_grad():
+        model(ids[:, :keep], past_key_values=fresh, use_cache=True)
+        model(ids[:, :60], past_key_values=cropped, use_cache=True)
+        model(ids[:, 60:], past_key_values=cropped, use_cache=True)
+        cropped.crop(keep - 70)
+        assert cropped.get_seq_length() == keep
+        nxt = ids[:, keep : keep + 1]
+        a = model(nxt, past_key_values=fresh, use_cache=True).logits
+        b = model(nxt, past_key_values=cropped, use_cache=True).logits
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(ValueError, match="negative"):
+        cropped.crop(3)
 
 
 def _per_token_bytes(bits: int, group: int) -> int:
@@ -86,7 +106,7 @@ def _per_token_bytes(bits: int, group: int) -> int:
 def test_cache_bytes_are_the_packed_storage(tiny, bits, limit):
     model, batch, prompt, new, residual = tiny.model, 2, 80, 20, 16
     ids = torch.randint(4, 300, (batch, prompt))
-    plain, quant = DynamicCache(config=model.config), make_cache(model, _kv(bits, 16, residual))
+    plain, quant = DynamicCache(config=model.config), make_cache(model, _kv(bits, 16, residual), 0)
     for cache in (plain, quant):
         _greedy(model, ids, new, cache)
     tokens = prompt + new  # the last greedy step feeds its token too
@@ -106,10 +126,10 @@ def test_chunked_scoring_with_a_plain_cache_equals_whole_windows(tiny, text_file
     model = tiny.model
     encoded = encode_documents(tiny.tokenizer, [text_file.read_text()], 600)
     whole = score_text(model, encoded, 200, 100)
-    chunked = score_text(model, encoded, 200, 100, cache_factory=lambda: DynamicCache(config=model.config))
+    chunked = score_text(model, encoded, 200, 100, cache_factory=lambda n: DynamicCache(config=model.config))
     assert chunked.n_predicted == whole.n_predicted
     assert chunked.nll_sum == pytest.approx(whole.nll_sum, rel=1e-4)
-    int4 = score_text(model, encoded, 200, 100, cache_factory=lambda: make_cache(model, _kv(4, 4, 0)))
+    int4 = score_text(model, encoded, 200, 100, cache_factory=lambda n: make_cache(model, _kv(4, 4, 0), n))
     assert int4.nll_sum != pytest.approx(whole.nll_sum, rel=1e-6) and math.isfinite(int4.nll_sum)
 
 
@@ -130,7 +150,7 @@ def test_apply_save_load_round_trips_the_setting(tiny_llama, tmp_path, text_file
     assert json.loads((folder / "frugalm.json").read_text())["inference"] == {"kv_cache": setting}
     again = load_model(folder, fast_kernels=False)
     assert again.inference == {"kv_cache": setting} and inference_settings(again.model) == again.inference
-    assert isinstance(cache_factory(again.model)().layers[0], PackedKVLayer)
+    assert isinstance(cache_factory(again.model)(64).layers[0], PackedKVLayer)
     assert cache_factory(load_model(tiny_llama).model) is None  # a plain model keeps its default cache
     ms = {
         m.metric: m
@@ -153,7 +173,7 @@ def test_timed_workload_runs_with_the_cache_and_counts_its_bytes(tiny):
     model, w = tiny.model, Workload("t", 48, 8, 2, "")
     plain = time_workload(model, w, CPU, warmup=0, repetitions=1)
     quant = time_workload(
-        model, w, CPU, warmup=0, repetitions=1, cache_factory=lambda: make_cache(model, _kv(8, 16, 0))
+        model, w, CPU, warmup=0, repetitions=1, cache_factory=lambda n: make_cache(model, _kv(8, 16, 0), n)
     )
     assert len(quant.decode_step_s[0]) == 7
     assert plain.cache_bytes == [(48 + 7) * 2 * KV_HEADS * LAYERS * 2 * HEAD_DIM * 4]
@@ -164,7 +184,7 @@ def test_timed_workload_runs_with_the_cache_and_counts_its_bytes(tiny):
 def test_other_architectures_run_with_the_cache(tiny_models, arch):
     model = load_model(tiny_models[arch]).model
     TECHNIQUE.apply(model, KVCacheQuantConfig(bits=4, residual_length=4), Context())
-    cache = cache_factory(model)()
+    cache = cache_factory(model)(32)
     tokens = _greedy(model, torch.randint(4, 300, (1, 24)), 8, cache)
     assert tokens.shape == (1, 8) and cache.get_seq_length() == 32 and cache_bytes(cache) > 0
 

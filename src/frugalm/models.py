@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from frugalm.assets import DEFAULT_MODEL_DIR
 from frugalm.atomic import atomic_folder
 from frugalm.errors import ConfigError, ModelError, suggest
+from frugalm.runtime import compiled
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.runtime.quant_linear import (
     Int8Linear,
@@ -249,8 +250,10 @@ def load_model(
 
     Packed quantized layers are rebuilt from the artifact's frugalm.json, each in its recorded
     format (inference.linear_formats). With `fast_kernels` a layer runs on the device's real
-    kernel for its format where one exists (w8a8-dynamic: fbgemm on x86 CPUs); weight-only
-    layers (w8a16, w4a16) always compute dequantized, never through an activation-quantizing kernel.
+    kernel for its format where one exists (on CPU: fbgemm for w8a8-dynamic, ATen's packed
+    weight-only kernels for w8a16/w4a16, see runtime/quant_linear), never through a kernel that
+    quantizes activations the format does not. A variant recorded to decode compiled
+    (inference.compiled_decode) gets its compiled path installed (runtime/compiled).
     """
 
     source = resolve_model(ref)
@@ -274,6 +277,8 @@ def load_model(
             to_fast_kernels_(model)
     if inference:
         setattr(model, INFERENCE_ATTR, inference)
+    if inference.get(compiled.SETTING):
+        compiled.install(model, inference[compiled.SETTING])
     return LoadedModel(model, tokenizer, source, dev, dt, inference)
 
 

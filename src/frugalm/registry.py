@@ -20,6 +20,7 @@ TECHNIQUES: dict[str, str] = {
     "gptq_quant": "frugalm.techniques.quant_gptq:TECHNIQUE",
     "awq_quant": "frugalm.techniques.quant_awq:TECHNIQUE",
     "kv_cache_quant": "frugalm.techniques.kv_cache_quant:TECHNIQUE",
+    "compile_decode": "frugalm.techniques.compile_decode:TECHNIQUE",
     "distill": "frugalm.techniques.distill:TECHNIQUE",
     "lora_finetune": "frugalm.techniques.lora_finetune:TECHNIQUE",
     "masked_finetune": "frugalm.techniques.masked_finetune:TECHNIQUE",

@@ -82,6 +82,8 @@ class BenchConfig:
     """Torch threads of the measuring child; by default (None) torch's own choice. Recorded with every run."""
     cpus: tuple[int, ...] = ()
     """CPU cores the measuring child may run on (its affinity); empty: every core this process may use."""
+    compile: bool = False
+    """Decode compiled: a static KV cache and torch.compile of the one-token step, compile time reported as compile_s (a variant made with compile_decode decodes compiled anyway)."""
 
 
 @dataclass
@@ -126,6 +128,7 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
         speedup_workloads=list(config.speedup_workloads),
         threads=config.threads,
         cpus=list(config.cpus),
+        compile_decode=config.compile,
         protocol=asdict(config.protocol),
         warmup=config.warmup,
         repetitions=config.repetitions,

@@ -31,7 +31,8 @@ from frugalm.measure.stats import percentile, spread
 from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
 from frugalm.runtime.kv_cache import cache_factory
-from frugalm.runtime.modules import inference_settings, kernel_summary
+from frugalm.runtime import compiled
+from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, kernel_summary
 from frugalm.runtime.quant_linear import format_summary
 
 Emit = Callable[[str, int, int], None]
@@ -58,6 +59,8 @@ class BenchSpec:
     paired: dict | None = None
     """PairedConfig as a dict: time speedups against the reference; None: no speedups."""
     speedup_workloads: list[str] = field(default_factory=list)
+    compile_decode: bool = False
+    """Install the compiled decode path (runtime/compiled) on the model measured."""
     """Workloads the speedups are timed on (empty: all)."""
     protocol: dict = field(default_factory=dict)
     warmup: int = 1
@@ -88,6 +91,10 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     baseline_rss = interpreter_baseline(spec.model_path)
     emit("loading model", 0, 1)
     lm = load_model(spec.model_path, device=spec.device, dtype=spec.dtype)
+    if spec.compile_decode and not lm.inference.get(compiled.SETTING):
+        lm.inference = {**lm.inference, compiled.SETTING: {"mode": "default"}}
+        setattr(lm.model, INFERENCE_ATTR, lm.inference)
+        compiled.install(lm.model, lm.inference[compiled.SETTING])
     emit("loading model", 1, 1)
     out = _static(lm.model, Path(spec.model_path), spec)
     profile = HardwareProfile(**spec.profile)
@@ -110,9 +117,27 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
         workloads = [w for w in workloads if not spec.speedup_workloads or w.name in spec.speedup_workloads]
         out += speedups(lm.model, ref.model, workloads, lm.device, PairedConfig(**spec.paired), model_cache=kv_cache,
                         reference_cache=cache_factory(ref.model, ref.inference), emit=emit)  # fmt: skip
+    if compiled.compile_log(lm.model):
+        out.append(_compile_time(lm.model))
     if _want(spec, "quality"):
         out += _quality(lm, ref, spec, emit)
     return [m for m in out if m.metric in spec.metrics], baseline_rss
+
+
+def _compile_time(model) -> Measurement:
+    log = compiled.compile_log(model)
+    return Measurement(
+        "compile_s",
+        sum(r["first_call_s"] for r in log),
+        method="measured",
+        n=len(log),
+        protocol={
+            "what": "wall time of the first compiled decode call per (batch, cache length) shape: compilation plus one step",
+            "shapes": log,
+            "mode": inference_settings(model)[compiled.SETTING]["mode"],
+            "paid": "once per serving process and shape (inductor's on-disk cache shortens later compilations)",
+        },
+    )
 
 
 def _overhead(model, spec: BenchSpec, device, kv_cache, emit: Emit) -> list[Measurement]:
@@ -266,6 +291,8 @@ def kernel_protocol(model) -> dict:
 
     formats = format_summary(model)
     out = {"kernels": kernel_summary(model), "formats": formats}
+    path = inference_settings(model).get(compiled.SETTING)
+    out["decode_path"] = f"compiled (torch.compile mode {path['mode']}, static KV cache)" if path else "eager"
     if any("fbgemm" in kernels for kernels in formats.values()):
         out["quantized_engine"] = torch.backends.quantized.engine
     return out

@@ -32,6 +32,7 @@ BENCH_OPTIONS = [
     Option("--timeout", "timeout_s", {"type": float}),
     Option("--threads", "threads", {"type": int}),
     Option("--cpus", "cpus", {"type": int, "action": "append", "metavar": "N"}, "repeatable"),
+    Option("--compile", "compile", {"action": "store_true"}),
     Option("--speedup", "speedup", {"type": lambda text: yes_no(text), "metavar": "yes|no"}, "needs --reference"),
     Option("--speedup-workload", "speedup_workloads", {"action": "append", "metavar": "NAME"}, "repeatable"),
     Option("--speedup-target", "paired.target_halfwidth", {"type": float}),

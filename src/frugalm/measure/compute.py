@@ -157,7 +157,7 @@ def time_workload(
     warmup: int,
     repetitions: int,
     on_rep: Callable[[int], None] | None = None,
-    cache_factory: Callable[[], object] | None = None,
+    cache_factory: Callable[[int], object] | None = None,
 ) -> GenerationTiming:
     """Warm up, then time `repetitions` full generations of the workload on fresh prompts.
 
@@ -168,7 +168,8 @@ def time_workload(
     timing = GenerationTiming()
     for rep in range(warmup + repetitions):
         ids = prompt_ids(model, workload.batch_size, workload.prompt_tokens, device, seed=rep)
-        cache = cache_factory() if cache_factory else DynamicCache(config=model.config)
+        tokens = workload.prompt_tokens + workload.output_tokens
+        cache = cache_factory(tokens) if cache_factory else DynamicCache(config=model.config)
         ttft, steps = generate_timed(model, ids, workload.output_tokens, device, cache=cache)
         if rep >= warmup:
             timing.prefill_s.append(ttft)

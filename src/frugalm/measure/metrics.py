@@ -269,6 +269,14 @@ _ALL = [
         "Wall time to produce the variant from its base model (compression or training stages), on the stated device.",
     ),
     _m(
+        "compile_s",
+        "s",
+        False,
+        "measured",
+        "computation",
+        "Wall time torch.compile took to build the compiled decode step (first call per batch and cache length, compilation plus one step): paid once per serving process and shape, only by variants that decode compiled.",
+    ),
+    _m(
         "produce_flops",
         "FLOP",
         False,

@@ -64,9 +64,8 @@ def shrunk_twin(model) -> torch.nn.Module | None:
 def decode_overhead(model, twin, w: Workload, device, *, model_cache=None) -> Measurement:
     """decode_overhead_frac of `model` on workload `w`: its decode step timed against the twin's."""
     ids = compute.prompt_ids(model, w.batch_size, w.prompt_tokens, device)
-    deep_copy = model_cache is not None  # a packed quantized cache cannot crop: copy on both sides
-    run_model = decode_call(model, ids, model_cache, deep_copy)
-    run_twin = decode_call(twin, ids, None, deep_copy)
+    run_model = decode_call(model, ids, model_cache, w.prompt_tokens + w.output_tokens)
+    run_twin = decode_call(twin, ids, None)
     for fn in (run_model, run_twin, run_model, run_twin):  # warm-up
         fn()
     before = machine_conditions(torch.get_num_threads())

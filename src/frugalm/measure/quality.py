@@ -97,15 +97,17 @@ def score_text(
     reference=None,
     progress: Progress | None = None,
     label: str = "perplexity",
-    cache_factory: Callable[[], object] | None = None,
+    cache_factory: Callable[[int], object] | None = None,
 ) -> Scores:
     """Sum next-token NLL (and KL/agreement against `reference`) over the rolling windows.
 
     `cache_factory` (default: the model's own quantized KV cache, if it has one) makes the fresh
-    cache each batch of windows is prefilled through in chunks; without one, whole windows.
+    cache each batch of windows is prefilled through in chunks; without one, whole windows. A
+    compiled decode path does not apply: windows are prefill, eager either way.
     """
 
-    cache_factory = cache_factory or model_cache_factory(model)
+    kv_only = {"kv_cache": inference_settings(model).get("kv_cache")}
+    cache_factory = cache_factory or model_cache_factory(model, kv_only)
     device = next(model.parameters()).device
     spans = rolling_windows(len(encoded.ids), window, stride)
     vocab = model.get_output_embeddings().out_features  # a Linear, or a quantized one (no .weight)
@@ -130,7 +132,7 @@ def _window_logits(model, inputs: torch.Tensor, cache_factory) -> torch.Tensor:
     """(B, L, V) logits of each window: one forward, or chunked prefill through a fresh cache."""
     if cache_factory is None:
         return model(inputs).logits
-    cache = cache_factory()
+    cache = cache_factory(inputs.shape[1])
     chunks = [
         model(inputs[:, i : i + CHUNK_TOKENS], past_key_values=cache, use_cache=True).logits
         for i in range(0, inputs.shape[1], CHUNK_TOKENS)

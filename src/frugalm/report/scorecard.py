@@ -31,7 +31,7 @@ def kernel_protocol(measurements: list[Measurement]) -> dict | None:
     """What ran the linear layers, as the measuring child reported it with the run's workload figures."""
     for m in measurements:
         if "kernels" in m.protocol:
-            return {k: m.protocol[k] for k in ("kernels", "formats", "quantized_engine") if k in m.protocol}
+            return {k: m.protocol[k] for k in ("kernels", "formats", "quantized_engine", "decode_path") if k in m.protocol}
     return None
 
 
@@ -48,6 +48,8 @@ def kernel_line(protocol: dict | None) -> str | None:
         parts += [f"{kernel}: {n} layers" for kernel, n in sorted(protocol["kernels"].items()) if kernel != "dense"]
     if protocol["kernels"].get("dense"):
         parts.append(f"dense: {protocol['kernels']['dense']}")
+    if protocol.get("decode_path", "eager") != "eager":
+        parts.append(f"decode {protocol['decode_path']}")
     return "; ".join(parts) or None
 
 

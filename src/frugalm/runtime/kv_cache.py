@@ -16,6 +16,7 @@ from torch import nn
 from transformers.cache_utils import Cache, QuantizedLayer
 
 from frugalm.errors import TechniqueError
+from frugalm.runtime import compiled
 from frugalm.runtime.modules import inference_settings
 from frugalm.runtime.quant_linear import (
     dequantize_groups,
@@ -52,6 +53,10 @@ class PackedStates:
             )
         )
 
+    def head(self, tokens: int) -> PackedStates:
+        """The first `tokens` tokens (views)."""
+        return PackedStates(self.codes[:, :, :tokens], self.scales[:, :, :tokens], self.zeros[:, :, :tokens])
+
     def select(self, batch_idx: torch.Tensor) -> PackedStates:
         return PackedStates(
             self.codes.index_select(0, batch_idx),
@@ -70,7 +75,7 @@ class PackedKVLayer(QuantizedLayer):
     appended to the packed storage.
     """
 
-    is_croppable = False
+    is_croppable = True
 
     def __init__(self, bits: int, group_size: int, residual_length: int):
         # axis -1: groups run along head_dim, one token at a time, for keys and values alike.
@@ -118,6 +123,26 @@ class PackedKVLayer(QuantizedLayer):
             self._quantized_keys, self._quantized_values = qk, qv
         else:
             self._quantized_keys, self._quantized_values = self._quantized_keys.cat(qk), self._quantized_values.cat(qv)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the newest `-tokens_to_remove` tokens (transformers' convention: a negative count), from
+        the full-precision window first, then from the packed storage; nothing is re-quantized."""
+        if tokens_to_remove > 0:
+            raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
+        drop = min(-tokens_to_remove, self.cumulative_length)
+        if drop == 0 or not self.is_initialized:
+            return
+        window = self.keys.shape[-2]
+        from_window = min(drop, window)
+        self.keys, self.values = self.keys[:, :, : window - from_window], self.values[:, :, : window - from_window]
+        if drop > from_window:  # into the packed past
+            kept = self._quantized_keys.codes.shape[2] - (drop - from_window)
+            if kept:
+                self._quantized_keys = self._quantized_keys.head(kept)
+                self._quantized_values = self._quantized_values.head(kept)
+            else:
+                self._quantized_keys = self._quantized_values = None
+        self.cumulative_length -= drop
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if not self.is_initialized:
@@ -167,19 +192,25 @@ def check_fits(model: nn.Module, bits: int, group_size: int, where: str) -> None
         )
 
 
-def make_cache(model: nn.Module, settings: dict) -> Cache | None:
-    """A fresh cache for one generation as `settings` ({"kv_cache": {...}}) says; None: the model's default cache."""
+def make_cache(model: nn.Module, settings: dict, max_tokens: int) -> Cache | None:
+    """A fresh cache for one generation of up to `max_tokens` tokens per sequence, as `settings` say
+    ({"kv_cache": {...}}: packed; {"compiled_decode": {...}}: static); None: the model's default cache."""
     kv = settings.get("kv_cache")
-    if not kv:
-        return None
-    check_fits(model, kv["bits"], kv["group_size"], "kv_cache setting")
-    n_layers = _text_config(model).num_hidden_layers
-    return Cache(layers=[PackedKVLayer(kv["bits"], kv["group_size"], kv["residual_length"]) for _ in range(n_layers)])
+    if kv and settings.get(compiled.SETTING):
+        raise TechniqueError("kv_cache and compiled_decode settings together: the packed cache is not static; keep one")
+    if kv:
+        check_fits(model, kv["bits"], kv["group_size"], "kv_cache setting")
+        n_layers = _text_config(model).num_hidden_layers
+        return Cache(layers=[PackedKVLayer(kv["bits"], kv["group_size"], kv["residual_length"]) for _ in range(n_layers)])
+    if settings.get(compiled.SETTING):
+        return compiled.static_cache(model, max_tokens)
+    return None
 
 
-def cache_factory(model: nn.Module, settings: dict | None = None) -> Callable[[], Cache] | None:
-    """A maker of fresh caches for `model` (settings default to the model's own); None when it runs with the default cache."""
+def cache_factory(model: nn.Module, settings: dict | None = None) -> Callable[[int], Cache] | None:
+    """A maker of fresh caches for `model`, given the tokens per sequence each must hold (settings
+    default to the model's own); None when it runs with the default cache."""
     settings = inference_settings(model) if settings is None else settings
-    if not settings.get("kv_cache"):
+    if not (settings.get("kv_cache") or settings.get(compiled.SETTING)):
         return None
-    return lambda: make_cache(model, settings)
+    return lambda max_tokens: make_cache(model, settings, max_tokens)

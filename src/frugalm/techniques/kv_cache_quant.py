@@ -67,6 +67,10 @@ def apply(model: nn.Module, config: KVCacheQuantConfig, ctx: Context) -> nn.Modu
     if problems:
         raise TechniqueError(f"{name}: " + "; ".join(problems))
     check_fits(model, config.bits, config.group_size, name)
+    if inference_settings(model).get("compiled_decode"):
+        raise TechniqueError(
+            f"{name}: this variant decodes compiled (compile_decode) on a static cache, which cannot hold packed codes; drop one of the two stages"
+        )
     attention = [n for n, m in model.named_modules() if type(m).__name__.endswith("Attention")]
     if not attention:
         raise TechniqueError(

@@ -1,0 +1,139 @@
+"""The decode step's own speed: compiled against eager, against the bandwidth limit, and the quantized KV cache's cost.
+
+    .venv/bin/python benchmarks/bench_decode.py [--threads 2] [--budget 20] [--only compiled|kv]
+
+On the random-weight SmolLM2-135M stand-in (real shapes; bench_foundation.py), timed with the
+calls `frugalm bench --reference` times (frugalm.measure.speedup: one greedy step at batch 1,
+cropped back after each call), paired and interleaved in one process (frugalm.measure.paired,
+95% Student-t intervals on per-block ratios):
+
+compiled  The compiled decode path (runtime/compiled: static KV cache, torch.compile of the
+          one-token step) against the eager float32 model with transformers' DynamicCache, on
+          the chat workload's shape (128-token prompt, cache for 192 tokens), for float32 and
+          the packed weight-only variants of bench_kernels.py. Compile time (measured, first
+          call) is printed beside each. Then the fraction of the bandwidth limit: tok/s of the
+          step (median of its paired samples) over bandwidth / weight bytes read per token, with
+          the read bandwidth measured here (torch.sum over 1 GiB, median of 7), for the eager
+          and the compiled float32 step.
+kv        The packed int8 and int4 KV caches (techniques/kv_cache_quant, group 64, 128 recent
+          tokens in float) against the float cache at the long workload (1,536-token prompt):
+          the decode step's paired ratio, and the cache's bytes (counted) against the float
+          cache's after the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_compression_speed import build_variant  # noqa: E402
+from bench_foundation import build_standin, read_bandwidth_gbs  # noqa: E402
+
+PACKED = ("w8a16", "int4-g32", "int4-g32+head")
+
+
+def _timed(label, call, ref, config):
+    from frugalm.measure.paired import time_paired
+
+    for fn in (call, ref, call, ref):
+        fn()
+    r = time_paired(call, ref, config)
+    print(f"{label:<34} {r.speedup:.3f}x [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n_blocks} blocks, {r.stopped_by})", flush=True)
+    return r
+
+
+def compiled_section(args, base) -> None:
+    import torch
+
+    from frugalm.measure.memory import weights_bytes
+    from frugalm.measure.paired import PairedConfig
+    from frugalm.measure.speedup import decode_call
+    from frugalm.models import load_model
+    from frugalm.runtime import compiled
+    from frugalm.runtime.kv_cache import cache_factory
+
+    config = PairedConfig(budget_s=args.budget)
+    eager = load_model(base).model
+    ids = torch.randint(5, eager.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    tokens = 128 + 64
+    ref = decode_call(eager, ids, None, tokens)
+    print(f"decode step at batch 1 from a 128-token prompt vs eager float32 (DynamicCache); {config}")
+    float_result = None
+    for name in ("float32", *PACKED):
+        folder = base if name == "float32" else build_variant(base, name)[0]
+        model = load_model(folder).model
+        if name != "float32":
+            _timed(f"{name} eager", decode_call(model, ids, None, tokens), ref, config)
+        setting = {"mode": "default"}
+        compiled.install(model, setting)
+        call = decode_call(model, ids, cache_factory(model, {compiled.SETTING: setting}), tokens)
+        t = time.perf_counter()
+        call()
+        print(f"  ({name}: compiled in {time.perf_counter() - t:.1f} s, measured: first call)")
+        r = _timed(f"{name} compiled", call, ref, config)
+        if name == "float32":
+            float_result = r
+        del model
+    bw, bw_sd = read_bandwidth_gbs()
+    weights = weights_bytes(eager)
+    limit = bw * 1e9 / weights
+    eager_s = statistics.median(float_result.seconds_b)  # per-call seconds
+    compiled_s = statistics.median(float_result.seconds_a)
+    print(f"\nread bandwidth (torch.sum over 1 GiB float32, median of 7): {bw:.2f} ± {bw_sd:.2f} GB/s; "
+          f"float32 weights {weights / 1e6:.1f} MB per token; limit {limit:.2f} tok/s")  # fmt: skip
+    for label, s in (("eager", eager_s), ("compiled", compiled_s)):
+        print(f"float32 {label:<8} decode {1 / s:.2f} tok/s (median of paired samples) = {1 / s / limit:.2f} of the bandwidth limit")
+
+
+def kv_section(args, base) -> None:
+    import torch
+
+    from frugalm.measure.compute import cache_bytes
+    from frugalm.measure.paired import PairedConfig
+    from frugalm.measure.speedup import decode_call
+    from frugalm.models import load_model
+    from frugalm.runtime.kv_cache import make_cache
+
+    config = PairedConfig(budget_s=args.budget)
+    model = load_model(base).model
+    ids = torch.randint(5, model.config.vocab_size, (1, 1536), generator=torch.Generator().manual_seed(0))
+    ref = decode_call(model, ids, None)
+    with torch.no_grad():
+        float_bytes = cache_bytes(model(ids, use_cache=True).past_key_values)
+    print(f"decode step at batch 1 from a 1,536-token prompt vs the float32 DynamicCache; {config}")
+    for bits in (8, 4):
+        settings = {"kv_cache": {"bits": bits, "group_size": 64, "residual_length": 128}}
+        _timed(f"kv-int{bits}", decode_call(model, ids, lambda n, s=settings: make_cache(model, s, n)), ref, config)
+        cache = make_cache(model, settings, 0)
+        with torch.no_grad():
+            model(ids, past_key_values=cache, use_cache=True)
+        print(f"  cache after the prompt: {cache_bytes(cache) / 2**20:.2f} MiB vs float32 {float_bytes / 2**20:.2f} MiB "
+              f"= {cache_bytes(cache) / float_bytes:.3f}x (counted)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds per paired figure")
+    parser.add_argument("--only", choices=("compiled", "kv"))
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    base = build_standin()
+    print(f"threads {args.threads}")
+    if args.only in (None, "compiled"):
+        compiled_section(args, base)
+    if args.only in (None, "kv"):
+        kv_section(args, base)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Compiled decode: the variant decodes through `torch.compile` against a static KV cache (runtime/compiled).
+
+A system technique: no weight changes. `apply` records the inference setting on the model, which
+`save_variant` writes into frugalm.json as `"inference": {"compiled_decode": {"mode": ...}}` and
+`load_model` restores by installing the compiled path; the benchmark then runs every decode step
+of the variant compiled (prefill stays eager) and reports the compilation's wall time as
+`compile_s`, a cost paid once per process and shape. It composes with weight techniques (the
+packed int8/int4 layers are compiled into the graph) but not with kv_cache_quant, whose packed
+cache grows by concatenation and cannot be static.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from torch import nn
+
+from frugalm.errors import TechniqueError
+from frugalm.runtime import compiled
+from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
+from frugalm.techniques.base import Context, Technique, record_change
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompileDecodeConfig:
+    mode: Literal["default", "max-autotune-no-cudagraphs", "reduce-overhead"] = "default"
+    """torch.compile mode: default, max-autotune-no-cudagraphs (longer compile, tuned kernels) or reduce-overhead (CUDA graphs; CUDA only)."""
+
+    def problems(self) -> list[str]:
+        if self.mode not in compiled.MODES:
+            return [f"mode must be one of {', '.join(compiled.MODES)}, got {self.mode!r}"]
+        return []
+
+
+def apply(model: nn.Module, config: CompileDecodeConfig, ctx: Context) -> nn.Module:
+    name = TECHNIQUE.name
+    problems = config.problems()
+    if problems:
+        raise TechniqueError(f"{name}: " + "; ".join(problems))
+    settings = inference_settings(model)
+    if settings.get("kv_cache"):
+        raise TechniqueError(
+            f"{name}: this variant quantizes its KV cache (kv_cache_quant), whose packed cache cannot be static; drop one of the two stages"
+        )
+    compiled.check_fits(model, name)
+    setting = {"mode": config.mode}
+    setattr(model, INFERENCE_ATTR, {**settings, compiled.SETTING: setting})
+    record_change(ctx, name, [], 0, model, inference={compiled.SETTING: setting})
+    return model
+
+
+TECHNIQUE = Technique(name="compile_decode", config_cls=CompileDecodeConfig, apply=apply, kind="acceleration")

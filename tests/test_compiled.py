@@ -1,0 +1,93 @@
+"""The compiled decode path: same tokens as eager, one compilation per shape on record, the stage and bench option."""
+
+import json
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from frugalm.benchmark.api import BenchConfig, bench
+from frugalm.cli import main
+from frugalm.errors import TechniqueError
+from frugalm.models import load_model, save_variant
+from frugalm.runtime import compiled
+from frugalm.runtime.kv_cache import cache_factory
+from frugalm.techniques.base import Context
+from frugalm.techniques.compile_decode import TECHNIQUE, CompileDecodeConfig
+from frugalm.techniques.kv_cache_quant import TECHNIQUE as KV, KVCacheQuantConfig
+
+
+@torch.inference_mode()
+def _greedy(model, ids, n, cache):
+    out = model(ids, past_key_values=cache, use_cache=True)
+    tokens, logits = [], []
+    for _ in range(n):
+        nxt = out.logits[:, -1:].argmax(-1)
+        tokens.append(nxt)
+        out = model(nxt, past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.cat(tokens, 1), torch.stack(logits, 1)
+
+
+@pytest.fixture(scope="module")
+def compiled_variant(tiny_llama, tmp_path_factory):
+    lm = load_model(tiny_llama)
+    ctx = Context()
+    model = TECHNIQUE.apply(lm.model, CompileDecodeConfig(), ctx)
+    assert ctx.changes[-1]["params_changed"] == 0
+    return save_variant(model, lm.tokenizer, tmp_path_factory.mktemp("c") / "compiled", {"changes": ctx.changes})
+
+
+def test_compiled_steps_decode_what_eager_decodes(tiny_llama, compiled_variant):
+    meta = json.loads((compiled_variant / "frugalm.json").read_text())
+    assert meta["inference"] == {"compiled_decode": {"mode": "default"}}
+    model = load_model(compiled_variant).model  # installs the compiled path
+    eager = load_model(tiny_llama).model
+    ids = torch.randint(4, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    cache = cache_factory(model)(20 + 12)
+    assert isinstance(cache, compiled.StaticDecodeCache)
+    tokens, logits = _greedy(model, ids, 12, cache)
+    ref_tokens, ref_logits = _greedy(eager, ids, 12, DynamicCache(config=eager.config))
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.allclose(logits, ref_logits, atol=1e-4)
+    log = compiled.compile_log(model)  # 12 steps, one shape: compiled once
+    assert [(r["batch"], r["cache_tokens"]) for r in log] == [(2, 32)] and log[0]["first_call_s"] > 0
+    cache.crop(-3)  # the write position moves back; the next step overwrites the slot
+    assert int(cache.get_seq_length()) == 20 + 12 - 3
+    with torch.inference_mode():
+        again = model(tokens[:, 9:10], past_key_values=cache, use_cache=True).logits[:, -1]
+    assert torch.allclose(again, logits[:, 9], atol=1e-4)
+    assert len(compiled.compile_log(model)) == 1
+
+
+def test_compiled_decode_and_a_quantized_cache_refuse_each_other(tiny_llama):
+    for first, second in (
+        ((KV, KVCacheQuantConfig(bits=8, group_size=16)), (TECHNIQUE, CompileDecodeConfig())),
+        ((TECHNIQUE, CompileDecodeConfig()), (KV, KVCacheQuantConfig(bits=8, group_size=16))),
+    ):
+        model = load_model(tiny_llama).model
+        first[0].apply(model, first[1], Context())
+        with pytest.raises(TechniqueError, match="drop one of the two stages"):
+            second[0].apply(model, second[1], Context())
+
+
+def test_a_bad_mode_is_one_line(tiny_llama, tmp_path, capsys):
+    recipe = tmp_path / "c.yaml"
+    recipe.write_text("version: 1\nname: c\nstages:\n  - technique: compile_decode\n    mode: turbo\n")
+    assert main(["validate", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "mode" in err and "turbo" in err
+
+
+def test_bench_reports_the_compile_time_and_the_decode_path(compiled_variant, tiny_llama, text_file, tmp_path):
+    config = BenchConfig(
+        data=str(text_file), workloads=("chat",), repetitions=1, warmup=0, metrics=("decode_tok_s", "compile_s")
+    )
+    figures = {m.metric: m for m in bench(compiled_variant, config, store=tmp_path / "s.db").measurements}
+    compile_s = figures["compile_s"]
+    assert compile_s.method == "measured" and compile_s.value > 0 and compile_s.n == 1
+    assert compile_s.protocol["shapes"][0]["cache_tokens"] == 128 + 64  # the chat workload's prompt and new tokens
+    assert figures["decode_tok_s"].protocol["decode_path"].startswith("compiled")
+    plain = bench(tiny_llama, config, store=tmp_path / "s.db").measurements
+    assert "compile_s" not in {m.metric for m in plain}
+    assert next(m for m in plain if m.metric == "decode_tok_s").protocol["decode_path"] == "eager"
