@@ -45,7 +45,10 @@ def _timed(label, call, ref, config):
     for fn in (call, ref, call, ref):
         fn()
     r = time_paired(call, ref, config)
-    print(f"{label:<34} {r.speedup:.3f}x [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n_blocks} blocks, {r.stopped_by})", flush=True)
+    print(
+        f"{label:<34} {r.speedup:.3f}x [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n_blocks} blocks, {r.stopped_by})",
+        flush=True,
+    )
     return r
 
 
@@ -89,7 +92,9 @@ def compiled_section(args, base) -> None:
     print(f"\nread bandwidth (torch.sum over 1 GiB float32, median of 7): {bw:.2f} ± {bw_sd:.2f} GB/s; "
           f"float32 weights {weights / 1e6:.1f} MB per token; limit {limit:.2f} tok/s")  # fmt: skip
     for label, s in (("eager", eager_s), ("compiled", compiled_s)):
-        print(f"float32 {label:<8} decode {1 / s:.2f} tok/s (median of paired samples) = {1 / s / limit:.2f} of the bandwidth limit")
+        print(
+            f"float32 {label:<8} decode {1 / s:.2f} tok/s (median of paired samples) = {1 / s / limit:.2f} of the bandwidth limit"
+        )
 
 
 def kv_section(args, base) -> None:

@@ -159,11 +159,11 @@ def frugalm_steps(model, ids, steps: int):
 
 
 def compare(label: str, folder: Path, gguf: Path, windows, prompt, args) -> None:
+    import torch
+
     from frugalm.measure.paired import PairedConfig, time_paired
     from frugalm.models import load_model
     from frugalm.runtime.modules import kernel_summary
-
-    import torch
 
     model = load_model(folder).model
     peer = LlamaCpp(gguf, args.threads)
@@ -188,7 +188,10 @@ def compare(label: str, folder: Path, gguf: Path, windows, prompt, args) -> None
         for fn in (run_ours, run_peer, run_ours, run_peer):
             fn()
         r = time_paired(run_ours, run_peer, PairedConfig(budget_s=args.budget))
-        per_token = [s / args.steps for s in (sorted(r.seconds_a)[len(r.seconds_a) // 2], sorted(r.seconds_b)[len(r.seconds_b) // 2])]
+        per_token = [
+            s / args.steps
+            for s in (sorted(r.seconds_a)[len(r.seconds_a) // 2], sorted(r.seconds_b)[len(r.seconds_b) // 2])
+        ]
         print(f"{'':<22} decode ({args.steps} steps per call, batch 1, {PROMPT}-token prompt): frugalm / llama.cpp tok/s "
               f"{r.speedup:.3f}x [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n_blocks} blocks, {r.stopped_by}); medians "
               f"{1 / per_token[0]:.1f} vs {1 / per_token[1]:.1f} tok/s; round trip {1e6 * rtt:.0f} us per call; "

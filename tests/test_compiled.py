@@ -14,7 +14,8 @@ from frugalm.runtime import compiled
 from frugalm.runtime.kv_cache import cache_factory
 from frugalm.techniques.base import Context
 from frugalm.techniques.compile_decode import TECHNIQUE, CompileDecodeConfig
-from frugalm.techniques.kv_cache_quant import TECHNIQUE as KV, KVCacheQuantConfig
+from frugalm.techniques.kv_cache_quant import TECHNIQUE as KV
+from frugalm.techniques.kv_cache_quant import KVCacheQuantConfig
 
 
 @torch.inference_mode()

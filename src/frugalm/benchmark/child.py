@@ -30,8 +30,8 @@ from frugalm.measure.speedup import SPEEDUP_METRICS, speedups
 from frugalm.measure.stats import percentile, spread
 from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
-from frugalm.runtime.kv_cache import cache_factory
 from frugalm.runtime import compiled
+from frugalm.runtime.kv_cache import cache_factory
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, kernel_summary
 from frugalm.runtime.quant_linear import format_summary
 

@@ -31,7 +31,9 @@ def kernel_protocol(measurements: list[Measurement]) -> dict | None:
     """What ran the linear layers, as the measuring child reported it with the run's workload figures."""
     for m in measurements:
         if "kernels" in m.protocol:
-            return {k: m.protocol[k] for k in ("kernels", "formats", "quantized_engine", "decode_path") if k in m.protocol}
+            return {
+                k: m.protocol[k] for k in ("kernels", "formats", "quantized_engine", "decode_path") if k in m.protocol
+            }
     return None
 
 

@@ -201,7 +201,9 @@ def make_cache(model: nn.Module, settings: dict, max_tokens: int) -> Cache | Non
     if kv:
         check_fits(model, kv["bits"], kv["group_size"], "kv_cache setting")
         n_layers = _text_config(model).num_hidden_layers
-        return Cache(layers=[PackedKVLayer(kv["bits"], kv["group_size"], kv["residual_length"]) for _ in range(n_layers)])
+        return Cache(
+            layers=[PackedKVLayer(kv["bits"], kv["group_size"], kv["residual_length"]) for _ in range(n_layers)]
+        )
     if settings.get(compiled.SETTING):
         return compiled.static_cache(model, max_tokens)
     return None
