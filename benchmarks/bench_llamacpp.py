@@ -21,7 +21,8 @@ Perplexity: both score the same non-overlapping windows of the same token ids (f
 tokenization of the TinyStories text; window 512; each window from an empty cache); the gap is
 frugalm's / llama.cpp's - 1. Decode: K greedy steps at batch 1 from the same 128-token prompt,
 then both caches are rolled back, timed paired and interleaved (frugalm.measure.paired): A is
-frugalm in this process, B a request to the waiting llama.cpp child (its round trip, measured
+frugalm in this process, eager and then on the compiled decode path (runtime/compiled; its
+compile time printed), B a request to the waiting llama.cpp child (its round trip, measured
 alone, is printed; it is inside B's time). The ratio is time(llama.cpp) / time(frugalm): frugalm's
 decode tok/s over llama.cpp's. Both run `--threads` threads on the same cores, one at a time.
 """
@@ -137,7 +138,7 @@ def frugalm_nll(model, windows) -> tuple[float, int]:
     return total, n
 
 
-def frugalm_steps(model, ids, steps: int):
+def frugalm_steps(model, ids, steps: int, make_cache=None):
     """K greedy steps from the prompt's cache, then cropped back: the same call as the worker's decode."""
     import torch
 
@@ -145,7 +146,7 @@ def frugalm_steps(model, ids, steps: int):
 
     kw = forward_kwargs(model)
     with torch.inference_mode():
-        out = model(ids, use_cache=True, **kw)
+        out = model(ids, past_key_values=make_cache(ids.shape[1] + steps) if make_cache else None, use_cache=True, **kw)
     cache, first = out.past_key_values, out.logits[:, -1:].argmax(-1)
 
     def run() -> None:
@@ -163,6 +164,8 @@ def compare(label: str, folder: Path, gguf: Path, windows, prompt, args) -> None
 
     from frugalm.measure.paired import PairedConfig, time_paired
     from frugalm.models import load_model
+    from frugalm.runtime import compiled
+    from frugalm.runtime.kv_cache import cache_factory
     from frugalm.runtime.modules import kernel_summary
 
     model = load_model(folder).model
@@ -183,19 +186,26 @@ def compare(label: str, folder: Path, gguf: Path, windows, prompt, args) -> None
         for _ in range(20):
             peer.ask("noop")
         rtt = (time.perf_counter() - t) / 20
-        run_ours = frugalm_steps(model, torch.tensor([prompt]), args.steps)
         run_peer = lambda: peer.ask("decode", steps=args.steps)  # noqa: E731
-        for fn in (run_ours, run_peer, run_ours, run_peer):
-            fn()
-        r = time_paired(run_ours, run_peer, PairedConfig(budget_s=args.budget))
-        per_token = [
-            s / args.steps
-            for s in (sorted(r.seconds_a)[len(r.seconds_a) // 2], sorted(r.seconds_b)[len(r.seconds_b) // 2])
-        ]
-        print(f"{'':<22} decode ({args.steps} steps per call, batch 1, {PROMPT}-token prompt): frugalm / llama.cpp tok/s "
-              f"{r.speedup:.3f}x [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n_blocks} blocks, {r.stopped_by}); medians "
-              f"{1 / per_token[0]:.1f} vs {1 / per_token[1]:.1f} tok/s; round trip {1e6 * rtt:.0f} us per call; "
-              f"frugalm kernels {kernel_summary(model)}", flush=True)  # fmt: skip
+        print(f"{'':<22} decode: {args.steps} greedy steps per call, batch 1, {PROMPT}-token prompt; frugalm kernels "
+              f"{kernel_summary(model)}; round trip to llama.cpp {1e6 * rtt:.0f} us per call (inside its time)")  # fmt: skip
+        setting = {"mode": "default"}
+        for path in ("eager", "compiled"):
+            make_cache = None
+            if path == "compiled":
+                compiled.install(model, setting)
+                make_cache = cache_factory(model, {compiled.SETTING: setting})
+            run_ours = frugalm_steps(model, torch.tensor([prompt]), args.steps, make_cache)
+            t = time.perf_counter()
+            run_ours()
+            first = time.perf_counter() - t
+            for fn in (run_ours, run_peer, run_ours, run_peer):
+                fn()
+            r = time_paired(run_ours, run_peer, PairedConfig(budget_s=args.budget))
+            medians = [sorted(x)[len(x) // 2] / args.steps for x in (r.seconds_a, r.seconds_b)]
+            print(f"{'':<22}   frugalm {path:<8} / llama.cpp tok/s {r.speedup:.3f}x [{r.ci_low:.3f}, {r.ci_high:.3f}] "
+                  f"({r.n_blocks} blocks, {r.stopped_by}); medians {1 / medians[0]:.1f} vs {1 / medians[1]:.1f} tok/s"
+                  + (f"; compiled in {first:.1f} s (first call)" if path == "compiled" else ""), flush=True)  # fmt: skip
     finally:
         peer.close()
 

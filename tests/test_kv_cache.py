@@ -215,3 +215,20 @@ def test_bad_options_give_one_line_errors(tiny_llama, options, fix, recipe_fix):
     if recipe_fix:  # rules that need no model also show in a recipe check (`frugalm validate`)
         _, problems = build_config(KVCacheQuantConfig, options, "stages[0] (kv_cache_quant)")
         assert len(problems) == 1 and recipe_fix in problems[0]
+
+
+@pytest.mark.parametrize("bits, group", [(8, 16), (8, 4), (4, 16), (4, 4)])
+def test_the_in_place_dequantization_equals_the_reference_one(bits, group):
+    from frugalm.runtime.kv_cache import _dequantized_cat
+    from frugalm.runtime.quant_linear import dequantize_groups, unpack
+
+    layer = PackedKVLayer(bits, group, 0)
+    for n in (37, 40):
+        q = layer._quantize(torch.randn(2, KV_HEADS, n, HEAD_DIM), -1)
+        window = torch.randn(2, KV_HEADS, 5, HEAD_DIM)
+        rows = 2 * KV_HEADS * n
+        reference = dequantize_groups(unpack(q.codes.reshape(rows, -1), bits), q.scales.reshape(rows, -1),
+                                      q.zeros.reshape(rows, -1)).view(2, KV_HEADS, n, HEAD_DIM)  # fmt: skip
+        assert torch.equal(
+            _dequantized_cat(q.codes, q.scales, q.zeros, window, bits), torch.cat([reference, window], 2)
+        )

@@ -42,9 +42,10 @@ class StaticDecodeCache(StaticCache):
         """Forget the newest `-tokens_to_remove` tokens: the write position moves back; the slots are overwritten later."""
         if tokens_to_remove > 0:
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}")
-        for layer in self.layers:
-            if layer.is_initialized:
-                layer.cumulative_length.sub_(min(-tokens_to_remove, int(layer.cumulative_length)))
+        with torch.inference_mode():  # the counter is an inference tensor when the cache was filled in that mode
+            for layer in self.layers:
+                if layer.is_initialized:
+                    layer.cumulative_length.sub_(min(-tokens_to_remove, int(layer.cumulative_length)))
 
 
 def check_fits(model: nn.Module, where: str) -> None:

@@ -20,9 +20,10 @@ and is not done here.
 `frugalm.models.inference_settings`), which `save_variant` writes into frugalm.json as
 `"inference": {"kv_cache": {...}}` and `load_model` restores. Whoever runs the model asks
 `cache_factory(model)` for a fresh cache per sequence batch (the benchmark's timed generation and
-its perplexity passes do). Dequantizing the past costs time every decode step: on CPU this saves
-memory, not time; no fused low-bit attention kernel is used. Greedy/sampled decoding only: the
-cache cannot be cropped (assisted decoding).
+its perplexity passes do). Attention reads the past dequantized at every step, written in place
+beside the full-precision window (runtime/kv_cache._dequantized_cat; no temporaries, no
+concatenation); that float copy lives for one layer's attention only. The cache crops (assisted decoding,
+the benchmark's step-and-restore) without re-quantizing anything.
 """
 
 from __future__ import annotations
