@@ -50,7 +50,7 @@ def test_load_model_packs_weight_only_variants_and_keeps_their_codes(tiny_llama,
     run("rtn_quant", lm.model, bits=4, group_size=32, symmetric=False)
     folder = save_variant(lm.model, lm.tokenizer, tmp_path / "int4", {})
     fast, slow = load_model(folder).model, load_model(folder, fast_kernels=False).model
-    assert kernel_summary(fast) == {"int4pack-bf16": 14, "dense": 1}
+    assert kernel_summary(fast) == {"int4pack-bf16 decode, bf16-dequantize prefill": 14, "dense": 1}
     assert kernel_summary(slow) == {"dequantize": 14, "dense": 1}
     ids = torch.randint(0, fast.config.vocab_size, (1, 12))
     with torch.no_grad():

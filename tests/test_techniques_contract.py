@@ -30,6 +30,8 @@ QUALITY_FLOOR = {
     "sparsegpt_prune": 2.0,
     "structured_prune": 20.0,  # 25% of MLP channels physically removed, no recovery
     "kv_cache_quant": 1.02,  # int8 KV cache, scored by chunked prefill through it
+    "mixed_precision_quant": 1.05,  # 5.0 average bits, int4/int8 GPTQ per layer
+    "compile_decode": 1.0,  # no weight changes; prefill (what perplexity scores) stays eager
     # Training stages run a short budget here (TRAINING_BUDGET) on the held-out text after the
     # evaluated part; fine-tuning must not hurt, the half-layer student is allowed its loss.
     "full_finetune": 1.05,

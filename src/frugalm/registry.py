@@ -19,6 +19,7 @@ TECHNIQUES: dict[str, str] = {
     "rtn_quant": "frugalm.techniques.quant_rtn:TECHNIQUE",
     "gptq_quant": "frugalm.techniques.quant_gptq:TECHNIQUE",
     "awq_quant": "frugalm.techniques.quant_awq:TECHNIQUE",
+    "mixed_precision_quant": "frugalm.techniques.quant_mixed:TECHNIQUE",
     "kv_cache_quant": "frugalm.techniques.kv_cache_quant:TECHNIQUE",
     "compile_decode": "frugalm.techniques.compile_decode:TECHNIQUE",
     "distill": "frugalm.techniques.distill:TECHNIQUE",

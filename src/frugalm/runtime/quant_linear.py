@@ -240,7 +240,8 @@ class PackedWeightLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.bits = source.in_features, source.out_features, source.bits
         self.group_size, self.activations = source.group_size, "none"
-        self.kernel = "int8pack-bf16" if source.bits == 8 else "int4pack-bf16"
+        # per phase: decode rows on the packed kernel, prefill rows on bfloat16 weights dequantized per call
+        self.kernel = f"{'int8pack' if source.bits == 8 else 'int4pack'}-bf16 decode, bf16-dequantize prefill"
         q = unpack(source.qweight, source.bits)
         if source.bits == 8:
             self.register_buffer("codes", (q.to(torch.int16) - 128).to(torch.int8))
@@ -289,7 +290,7 @@ class PackedWeightLinear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel={self.kernel} (decode), bfloat16 dequantize (prefill)"
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}"
 
 
 KERNEL_GROUPS = (256, 128, 64, 32)

@@ -19,6 +19,7 @@ from torch import nn
 from frugalm.errors import TechniqueError
 from frugalm.runtime import compiled
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
+from frugalm.techniques._arch import decoder_blocks
 from frugalm.techniques.base import Context, Technique, record_change
 
 
@@ -46,7 +47,9 @@ def apply(model: nn.Module, config: CompileDecodeConfig, ctx: Context) -> nn.Mod
     compiled.check_fits(model, name)
     setting = {"mode": config.mode}
     setattr(model, INFERENCE_ATTR, {**settings, compiled.SETTING: setting})
-    record_change(ctx, name, [], 0, model, inference={compiled.SETTING: setting})
+    found = decoder_blocks(model)  # what runs inside the compiled graph, for the record
+    layers = [f"{found[0]}.{i}" for i in range(len(found[1]))] if found else [type(model).__name__]
+    record_change(ctx, name, layers, 0, model, inference={compiled.SETTING: setting})
     return model
 
 
