@@ -43,6 +43,8 @@ QUALITY_FLOOR = {
 EVAL_TOKENS = 4096
 TRAINING_BUDGET = {"steps": 10, "batch_size": 4, "seq_len": 128, "warmup_steps": 2, "log_every": 5}
 """Options given to training stages (kind "training") instead of their defaults, to keep the matrix fast."""
+FAST_OPTIONS = {"mixed_precision_quant": {"probe_tokens": 512}}
+"""Other techniques' options that keep the matrix fast (fewer sensitivity probe tokens)."""
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +88,9 @@ def test_apply_save_reload(name, setup, tmp_path):
         calibration=calibration, tokenizer=tokenizer, training_documents=docs[n:], held_out_documents=docs[:n]
     )
     model = technique.apply(
-        lm.model, technique.config_cls(**(TRAINING_BUDGET if technique.kind == "training" else {})), ctx
+        lm.model,
+        technique.config_cls(**(TRAINING_BUDGET if technique.kind == "training" else FAST_OPTIONS.get(name, {}))),
+        ctx,
     )
     change = ctx.changes[-1]
     assert change["technique"] == name and (
