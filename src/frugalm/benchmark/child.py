@@ -59,9 +59,9 @@ class BenchSpec:
     paired: dict | None = None
     """PairedConfig as a dict: time speedups against the reference; None: no speedups."""
     speedup_workloads: list[str] = field(default_factory=list)
+    """Workloads the speedups are timed on (empty: all)."""
     compile_decode: bool = False
     """Install the compiled decode path (runtime/compiled) on the model measured."""
-    """Workloads the speedups are timed on (empty: all)."""
     protocol: dict = field(default_factory=dict)
     warmup: int = 1
     repetitions: int = 5
