@@ -92,3 +92,14 @@ def test_bench_reports_the_compile_time_and_the_decode_path(compiled_variant, ti
     plain = bench(tiny_llama, config, store=tmp_path / "s.db").measurements
     assert "compile_s" not in {m.metric for m in plain}
     assert next(m for m in plain if m.metric == "decode_tok_s").protocol["decode_path"] == "eager"
+
+
+def test_bench_compile_refuses_a_quantized_cache_variant_in_one_line(tiny_llama, text_file, tmp_path):
+    from frugalm.errors import FrugalmError
+
+    lm = load_model(tiny_llama)
+    KV.apply(lm.model, KVCacheQuantConfig(bits=8, group_size=16), Context())
+    folder = save_variant(lm.model, lm.tokenizer, tmp_path / "kv", {"changes": []})
+    config = BenchConfig(data=str(text_file), workloads=("chat",), repetitions=1, warmup=0, compile=True)
+    with pytest.raises(FrugalmError, match="without --compile"):
+        bench(folder, config, store=tmp_path / "s.db")

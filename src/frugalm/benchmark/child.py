@@ -18,7 +18,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import frugalm
-from frugalm.errors import ModelError
+from frugalm.errors import ConfigError, ModelError
 from frugalm.measure import compute, memory, network
 from frugalm.measure.cost import HardwareProfile, grams_co2e, usd
 from frugalm.measure.energy import EnergyMeter
@@ -91,6 +91,10 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     baseline_rss = interpreter_baseline(spec.model_path)
     emit("loading model", 0, 1)
     lm = load_model(spec.model_path, device=spec.device, dtype=spec.dtype)
+    if spec.compile_decode and lm.inference.get("kv_cache"):
+        raise ConfigError(
+            "--compile: this variant quantizes its KV cache (kv_cache_quant), whose packed cache cannot be static; bench it without --compile"
+        )
     if spec.compile_decode and not lm.inference.get(compiled.SETTING):
         lm.inference = {**lm.inference, compiled.SETTING: {"mode": "default"}}
         setattr(lm.model, INFERENCE_ATTR, lm.inference)
