@@ -13,7 +13,8 @@ For each model (the real stories260K; the random-weight SmolLM2-135M stand-in of
 bench_foundation.py) and each pair:
 - float32: frugalm's float32 model against `frugalm export --format gguf` of it (F32);
 - int4: frugalm's symmetric int4 group-32 RTN variant (packed int4 kernel, bfloat16 activations
-  for decode rows) against its GGUF export, whose codes map exactly to Q4_0. llama.cpp's Q4_0
+  for decode rows) against its GGUF export, whose codes map exactly to Q4_0 (`--with-head`: also
+  with the output head quantized, untied, on both sides). llama.cpp's Q4_0
   matmul quantizes activations to 8 bits per block, so logits differ slightly with the same
   weights. On stories260K the 172-wide down projections stay float (172 is no multiple of 32).
 
@@ -223,6 +224,9 @@ def run_model(name: str, base: Path, int4_targets: tuple[str, ...], args) -> Non
     compare("float32 vs F32", base, _gguf(base, f"{name}-f32"), windows, prompt, args)
     int4 = _variant(base, "int4-g32-sym", int4_targets)
     compare("int4 g32 vs Q4_0", int4, _gguf(int4, f"{name}-int4-g32-sym"), windows, prompt, args)
+    if args.with_head:  # the output head quantized too, on both sides (untied from the embedding)
+        head = _variant(base, "int4-g32-sym-head", (*int4_targets, "lm_head"))
+        compare("int4 g32+head vs Q4_0", head, _gguf(head, f"{name}-int4-g32-sym-head"), windows, prompt, args)
 
 
 def main() -> None:
@@ -233,6 +237,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="decode steps per timed call")
     parser.add_argument("--tokens", type=int, default=16384, help="evaluated tokens (before cutting into windows)")
     parser.add_argument("--models", default="stories260K,standin")
+    parser.add_argument(
+        "--with-head", action="store_true", help="also the int4 variants with the output head quantized"
+    )
     args = parser.parse_args()
     if args.setup:
         setup()
