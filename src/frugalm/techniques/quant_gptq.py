@@ -187,6 +187,16 @@ def layer_hessian(stats: InputStats) -> torch.Tensor:
     return 2 * stats.gram / stats.tokens
 
 
+def layer_codes(w: torch.Tensor, stats: InputStats, config: GPTQQuantConfig):
+    """(q, scale, zero) of one layer from its calibration input statistics, as `config` says; a layer
+    the calibration forward never reached has nothing to weigh its error by: round-to-nearest."""
+    if not stats.tokens:
+        return quantize_groups(w, config.bits, config.group_size, config.symmetric)
+    return gptq_codes(w, layer_hessian(stats), bits=config.bits, group_size=config.group_size,
+                      symmetric=config.symmetric, act_order=config.act_order, observer=config.observer,
+                      damp_percent=config.damp_percent, block_size=config.block_size)  # fmt: skip
+
+
 # --- the technique ------------------------------------------------------------------------------
 
 
@@ -198,21 +208,8 @@ def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
     count, done = ByteCount(), 0
     for step in calibrate_blocks(model, layers, tokens, gram=True, sequential=config.sequential):
         for layer_name, module in step.layers:
-            w, stats = weight_out_in(module), step.stats[layer_name]  # (out, in)
-            if stats.tokens:
-                q, scale, zero = gptq_codes(
-                    w,
-                    layer_hessian(stats),
-                    bits=config.bits,
-                    group_size=config.group_size,
-                    symmetric=config.symmetric,
-                    act_order=config.act_order,
-                    observer=config.observer,
-                    damp_percent=config.damp_percent,
-                    block_size=config.block_size,
-                )
-            else:  # never reached by the calibration forward: nothing to weigh the error by
-                q, scale, zero = quantize_groups(w, config.bits, config.group_size, config.symmetric)
+            w = weight_out_in(module)  # (out, in)
+            q, scale, zero = layer_codes(w, step.stats[layer_name], config)
             new = quant_linear(module, q, scale, zero, config.bits)
             count.add(w, new)
             replace_module_(model, layer_name, new)

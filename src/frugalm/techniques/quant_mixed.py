@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import glob
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,14 +120,10 @@ def _probe_codes(config: MixedPrecisionConfig, model, layers, calibration: torch
     stats = {}  # every layer's input statistics from the float model, one calibration pass
     for step in calibrate_blocks(model, layers, calibration, gram=True, sequential=False):
         stats.update(step.stats)
-    gptq = quant_gptq.GPTQQuantConfig()
 
     def codes(name, w, fmt):
-        if not stats[name].tokens:
-            return quantize_groups(w, fmt[0], fmt[1], config.symmetric)
-        return quant_gptq.gptq_codes(w, quant_gptq.layer_hessian(stats[name]), bits=fmt[0], group_size=fmt[1],
-                                     symmetric=config.symmetric, act_order=gptq.act_order, observer=gptq.observer,
-                                     damp_percent=gptq.damp_percent, block_size=gptq.block_size)  # fmt: skip
+        options = quant_gptq.GPTQQuantConfig(bits=fmt[0], group_size=fmt[1], symmetric=config.symmetric)
+        return quant_gptq.layer_codes(w, stats[name], options)
 
     return codes
 
@@ -144,7 +141,7 @@ def sensitivities(model, layers, formats, codes, tokens, report=None) -> dict[st
             q, scale, zero = codes(name, original.clone(), fmt)
             w.copy_(dequantize_groups(q, scale, zero, w.dtype))
             logp = _log_probs(model, tokens)
-            out[name][fmt] = (reference.exp() * (reference - logp)).sum(-1).mean().item()
+            out[name][fmt] = F.kl_div(logp, reference, log_target=True, reduction="none").sum(-1).mean().item()
         w.copy_(original)
         if report:
             report(i + 1, len(layers))
@@ -229,10 +226,10 @@ def apply(model: nn.Module, config: MixedPrecisionConfig, ctx: Context) -> nn.Mo
         raise TechniqueError(
             f"{name}: a budget of {config.budget} {config.budget_unit} is below the narrowest allocation ({need:.3f} {config.budget_unit}); raise the budget"
         )
-    tokens = ctx.calibration_tokens(name)
-    tokens = tokens[: max(1, config.probe_tokens // tokens.shape[1])]
+    calibration = ctx.calibration_tokens(name)
+    tokens = calibration[: max(1, config.probe_tokens // calibration.shape[1])]
     t0 = time.perf_counter()
-    codes = _probe_codes(config, model, layers, ctx.calibration_tokens(name))
+    codes = _probe_codes(config, model, layers, calibration)
     losses = sensitivities(model, layers, {n: list(c) for n, c in costs.items()}, codes, tokens,
                            report=lambda done, total: ctx.report(f"{name} sensitivity", done, total))  # fmt: skip
     sensitivity_s = time.perf_counter() - t0
@@ -240,9 +237,6 @@ def apply(model: nn.Module, config: MixedPrecisionConfig, ctx: Context) -> nn.Mo
     quantize_as(model, choice, config, ctx)
     spent = sum(costs[n][f] for n, f in choice.items())
     weights = sum(weight_out_in(m).numel() for _, m in layers)
-    counts: dict[str, int] = {}
-    for f in choice.values():
-        counts[format_name(f)] = counts.get(format_name(f), 0) + 1
     record_change(
         ctx,
         name,
@@ -252,7 +246,7 @@ def apply(model: nn.Module, config: MixedPrecisionConfig, ctx: Context) -> nn.Mo
         method=config.method,
         budget=f"{config.budget} {config.budget_unit}",
         allocation={n: format_name(f) for n, f in choice.items()},
-        layers_per_format=counts,
+        layers_per_format=dict(Counter(format_name(f) for f in choice.values())),
         budget_used=(spent + fixed) / unit,
         average_bits=spent / weights,
         predicted_kl_nats=sum(losses[n][f] for n, f in choice.items()),
