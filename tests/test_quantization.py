@@ -153,6 +153,21 @@ def test_activation_quantization_needs_int8_per_channel_symmetric():
             ), problems
 
 
+@pytest.mark.parametrize("technique", QUANT)
+def test_a_group_size_that_does_not_divide_a_layer_is_refused_or_falls_back_to_per_channel(tiny_llama, technique):
+    # tiny_llama: attention and gate/up take 64 columns, down_proj 128; group 128 divides only down_proj
+    with pytest.raises(TechniqueError, match="group_size 128 does not divide in_features 64.*indivisible"):
+        run(technique, load(tiny_llama), bits=4, group_size=128)
+    model = load(tiny_llama)
+    change = run(technique, model, bits=4, group_size=128, indivisible="per_channel")
+    fallback = set(change["per_channel_layers"])
+    assert fallback and all(not n.endswith("down_proj") for n in fallback)
+    for name in change["layers"]:
+        groups = model.get_submodule(name).scales.shape[1]
+        assert groups == 1, name  # 64 columns per channel, 128 columns in one group of 128
+    assert change["group_size"] == 128
+
+
 def test_load_model_runs_each_format_on_its_own_kernel(tiny_llama, tmp_path):
     from frugalm.models import load_model, read_metadata, save_variant
     from frugalm.runtime.modules import kernel_summary

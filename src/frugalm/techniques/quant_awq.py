@@ -47,6 +47,7 @@ from frugalm.techniques.base import Context, Technique
 from frugalm.techniques.quant_rtn import (
     ByteCount,
     WeightQuantOptions,
+    group_details,
     quant_linear,
     quant_targets,
     record_quant_change,
@@ -244,7 +245,7 @@ def _try_fold_(
         x_mean,
         gram,
         bits=config.bits,
-        group_size=config.group_size,
+        group_size=config.group_for(weights[0].shape[1]),
         symmetric=config.symmetric,
         grid=config.grid,
     )
@@ -291,19 +292,19 @@ def apply(model: nn.Module, config: AWQQuantConfig, ctx: Context) -> nn.Module:
         scales = scale_block_(step, config)
         for layer_name, module in step.layers:
             w, stats = weight_out_in(module).float().clone(), step.stats[layer_name]  # (out, in), already scaled
+            group_size = config.group_for(w.shape[1])
             if config.clip and stats.tokens and not layer_name.endswith(NO_CLIP):
                 s = scales.get(layer_name, torch.ones(w.shape[1], device=w.device))
                 gram = (stats.gram / stats.tokens).float() / (s[:, None] * s[None, :])  # inputs are now x / s
-                w = clip_search(w, gram, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
+                w = clip_search(w, gram, bits=config.bits, group_size=group_size, symmetric=config.symmetric)
             if layer_name not in scales:
                 unscaled.append(layer_name)
-            new = quant_linear(
-                module, *quantize_groups(w, config.bits, config.group_size, config.symmetric), config.bits
-            )
+            new = quant_linear(module, *quantize_groups(w, config.bits, group_size, config.symmetric), config.bits)
             count.add(w, new)
             replace_module_(model, layer_name, new)
             ctx.report(name, count.layers, len(layers))
-    details = {k: getattr(config, k) for k in ("bits", "activations", "group_size", "symmetric", "grid", "clip")}
+    details = {k: getattr(config, k) for k in ("bits", "activations", "symmetric", "grid", "clip")}
+    details |= group_details(config, layers)
     record_quant_change(
         ctx,
         name,

@@ -45,6 +45,7 @@ from frugalm.techniques.base import Context, Technique
 from frugalm.techniques.quant_rtn import (
     ByteCount,
     WeightQuantOptions,
+    group_details,
     quant_linear,
     quant_targets,
     record_quant_change,
@@ -190,9 +191,10 @@ def layer_hessian(stats: InputStats) -> torch.Tensor:
 def layer_codes(w: torch.Tensor, stats: InputStats, config: GPTQQuantConfig):
     """(q, scale, zero) of one layer from its calibration input statistics, as `config` says; a layer
     the calibration forward never reached has nothing to weigh its error by: round-to-nearest."""
+    group_size = config.group_for(w.shape[1])
     if not stats.tokens:
-        return quantize_groups(w, config.bits, config.group_size, config.symmetric)
-    return gptq_codes(w, layer_hessian(stats), bits=config.bits, group_size=config.group_size,
+        return quantize_groups(w, config.bits, group_size, config.symmetric)
+    return gptq_codes(w, layer_hessian(stats), bits=config.bits, group_size=group_size,
                       symmetric=config.symmetric, act_order=config.act_order, observer=config.observer,
                       damp_percent=config.damp_percent, block_size=config.block_size)  # fmt: skip
 
@@ -220,7 +222,6 @@ def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
         for k in (
             "bits",
             "activations",
-            "group_size",
             "symmetric",
             "act_order",
             "observer",
@@ -228,6 +229,7 @@ def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
             "sequential",
         )
     }
+    details |= group_details(config, layers)
     record_quant_change(ctx, name, [n for n, _ in layers], count, model, calibration_samples=len(tokens), **details)
     return model
 

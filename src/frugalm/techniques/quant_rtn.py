@@ -46,9 +46,16 @@ class WeightQuantOptions:
     """none: weight-only, format w8a16 (w4a16 at 4 bits): float activations, dequantized weights; exports to compressed-tensors. dynamic-int8: format w8a8-dynamic: each input tensor is quantized on the fly as fbgemm does (one range per tensor, codes 0..127) and x86 CPUs run fbgemm's int8 matmul: the fast CPU path, with that activation rounding's quality cost; not exportable. Needs bits 8, group_size -1, symmetric true."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """fnmatch patterns over module names; the output head is excluded unless named."""
+    indivisible: Literal["error", "per_channel"] = "error"
+    """A layer whose in_features group_size does not divide: error (refuse, naming the layer), or per_channel (that layer gets one scale per output channel, as llama.cpp gives such tensors another type; the record lists them). per_channel lets one group size serve models of any width, as a search space needs."""
 
     def problems(self) -> list[str]:
         return quant_problems(self.bits, self.group_size, self.activations, self.symmetric)
+
+    def group_for(self, in_features: int) -> int:
+        """The group size a layer of `in_features` columns gets: group_size, or -1 where it does not divide and `indivisible` allows."""
+        g = self.group_size
+        return -1 if g > 0 and in_features % g and self.indivisible == "per_channel" else g
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +98,7 @@ def quant_targets(technique: str, config: WeightQuantOptions, model: nn.Module) 
     """The layers a weight quantization config targets in `model`, after every check that needs no calibration."""
     check_config(technique, config)
     layers = select_linears(model, config.targets, technique=technique)
-    check_widths(technique, layers, config.bits, config.group_size)
+    check_widths(technique, layers, config.bits, config.group_for)
     return layers
 
 
@@ -99,19 +106,27 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(2, n + 1) if n % d == 0]
 
 
-def check_widths(technique: str, layers: list[tuple[str, nn.Module]], bits: int, group_size: int) -> None:
-    """Every layer's in_features must split into groups (and be even for int4); name the first that does not."""
+def check_widths(technique: str, layers: list[tuple[str, nn.Module]], bits: int, group_for) -> None:
+    """Every layer's in_features must split into groups (`group_for(in_features)` columns; and be even
+    for int4); name the first that does not."""
     for name, module in layers:
         in_features = weight_out_in(module).shape[1]
+        group_size = group_for(in_features)
         if group_size > 0 and in_features % group_size:
             valid = ", ".join(str(d) for d in _divisors(in_features)[:12])
             raise TechniqueError(
-                f"{technique}: group_size {group_size} does not divide in_features {in_features} of layer '{name}'; use -1 (per channel) or a group size dividing {in_features} ({valid}), or narrow `targets`"
+                f"{technique}: group_size {group_size} does not divide in_features {in_features} of layer '{name}'; use -1 (per channel), a group size dividing {in_features} ({valid}), indivisible: per_channel, or narrow `targets`"
             )
         if bits == 4 and in_features % 2:
             raise TechniqueError(
                 f"{technique}: int4 packs two weights per byte, but layer '{name}' has odd in_features {in_features}; use bits 8 or leave it out of `targets`"
             )
+
+
+def group_details(config: WeightQuantOptions, layers: list[tuple[str, nn.Module]]) -> dict:
+    """group_size for the record, and the layers it did not divide (quantized per channel) if any."""
+    fallback = [n for n, m in layers if config.group_for(weight_out_in(m).shape[1]) != config.group_size]
+    return {"group_size": config.group_size, **({"per_channel_layers": fallback} if fallback else {})}
 
 
 def replace_module_(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -210,7 +225,7 @@ def apply(model: nn.Module, config: RTNQuantConfig, ctx: Context) -> nn.Module:
     count = ByteCount()
     for i, (layer_name, module) in enumerate(layers):
         w = weight_out_in(module)  # (out, in)
-        q, scale, zero = quantize_groups(w, config.bits, config.group_size, config.symmetric)
+        q, scale, zero = quantize_groups(w, config.bits, config.group_for(w.shape[1]), config.symmetric)
         new = quant_linear(module, q, scale, zero, config.bits)
         count.add(w, new)
         replace_module_(model, layer_name, new)
@@ -223,8 +238,8 @@ def apply(model: nn.Module, config: RTNQuantConfig, ctx: Context) -> nn.Module:
         model,
         bits=config.bits,
         activations=config.activations,
-        group_size=config.group_size,
         symmetric=config.symmetric,
+        **group_details(config, layers),
     )
     return model
 
