@@ -28,10 +28,22 @@ ROOMS: list[tuple[str, tuple[str, ...]]] = [
     ("store and pareto", ("frugalm.store", "frugalm.pareto")),
     ("training", ("frugalm.training",)),
     ("techniques", ("frugalm.techniques",)),
-    ("registry and recipe", ("frugalm.registry", "frugalm.recipe")),
+    ("registry and recipe", ("frugalm.registry", "frugalm.recipe", "frugalm.space")),
     ("benchmark", ("frugalm.benchmark",)),
     ("report", ("frugalm.report",)),
-    ("run, export, optimize", ("frugalm.run", "frugalm.export", "frugalm.export_gguf", "frugalm.optimize")),
+    (
+        "run, export, search, optimize",
+        (
+            "frugalm.run",
+            "frugalm.export",
+            "frugalm.export_gguf",
+            "frugalm.search",
+            "frugalm.trials",
+            "frugalm.ray_trials",
+            "frugalm.search_run",
+            "frugalm.optimize",
+        ),
+    ),
     ("cli", ("frugalm.cli", "frugalm.__main__")),
 ]
 CLI_MAY_DEFER = "frugalm.cli"

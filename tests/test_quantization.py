@@ -154,12 +154,10 @@ def test_activation_quantization_needs_int8_per_channel_symmetric():
 
 
 @pytest.mark.parametrize("technique", QUANT)
-def test_a_group_size_that_does_not_divide_a_layer_is_refused_or_falls_back_to_per_channel(tiny_llama, technique):
+def test_a_group_size_that_does_not_divide_a_layer_falls_back_to_per_channel(tiny_llama, technique):
     # tiny_llama: attention and gate/up take 64 columns, down_proj 128; group 128 divides only down_proj
-    with pytest.raises(TechniqueError, match="group_size 128 does not divide in_features 64.*indivisible"):
-        run(technique, load(tiny_llama), bits=4, group_size=128)
     model = load(tiny_llama)
-    change = run(technique, model, bits=4, group_size=128, indivisible="per_channel")
+    change = run(technique, model, bits=4, group_size=128)  # the default: per channel where it does not divide
     fallback = set(change["per_channel_layers"])
     assert fallback and all(not n.endswith("down_proj") for n in fallback)
     for name in change["layers"]:
@@ -372,11 +370,11 @@ def test_awq_undoes_a_fold_that_changes_the_output(tiny_models):
 @pytest.mark.parametrize("technique", QUANT)
 def test_group_size_that_does_not_divide_names_the_layer_and_the_fix(tiny_llama, technique):
     with pytest.raises(TechniqueError) as info:
-        run(technique, load(tiny_llama), group_size=48)
+        run(technique, load(tiny_llama), group_size=48, indivisible="error")
     message = error_message(info)
     assert (
         "group_size 48" in message and "in_features 64" in message and "model.layers.0" in message and "32" in message
-    )
+    ) and "indivisible: per_channel" in message
 
 
 def test_targets_matching_nothing_is_one_error(tiny_llama):

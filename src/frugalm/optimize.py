@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -51,7 +50,10 @@ from frugalm.recipe import (
 )
 from frugalm.report.build import build_report_data, write_reports
 from frugalm.run import RunConfig, run_recipe
+from frugalm.search import SearchConfig
+from frugalm.search_run import plan_search, run_planned_search
 from frugalm.store import Run, Store
+from frugalm.trials import key_of
 
 DEFAULT_CONSTRAINTS = ("ppl_tok<=+5%", "ppl_tok<=+20%")
 
@@ -84,6 +86,10 @@ class OptimizeConfig:
     """Keep the artifacts of variants on no front (by default they are removed; their figures stay)."""
     force: bool = False
     """Write into an existing output folder that frugalm did not write (by default refused; its variants/ folders may be replaced)."""
+    portfolio: bool = True
+    """Run the recipes (the portfolio) before any search; False: the search alone, from a cold start."""
+    search: SearchConfig = field(default_factory=SearchConfig)
+    """The adaptive search after the portfolio (`--search N`; see frugalm/search.py)."""
 
 
 @dataclass
@@ -198,10 +204,6 @@ def _model_identity(source: ModelSource) -> list:
     return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.path.iterdir() if f.is_file())
 
 
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
 def optimize(
     model: str | os.PathLike | None = None,
     config: OptimizeConfig = OptimizeConfig(),
@@ -212,12 +214,13 @@ def optimize(
 ) -> OptimizeResult:
     # 1. Everything that can be wrong is found before anything runs.
     source = resolve_model(model)
-    recipes = _load_recipes(_recipe_paths(config.recipes))
+    recipes = _load_recipes(_recipe_paths(config.recipes)) if config.portfolio else []
     constraints = [Constraint.parse(c) for c in config.constraints]
     out = _check_out_dir(config.out_dir, config.force)
     spec = prepare(source.path, config.bench)  # model, data, workloads, metrics, profile, device
     if not config.bench.speedup_workloads:  # the report judges speed on the headline (first) workload
         config = replace(config, bench=replace(config.bench, speedup_workloads=(spec.workloads[0]["name"],)))
+    plan = plan_search(config.search, source, spec.workloads[0]["name"], config.bench)
     _check_fits_memory(source, config.bench.device)
     check_weights(source)  # a damaged weights file is one line now, not a failed baseline later
     settings = [
@@ -244,7 +247,7 @@ def optimize(
         out / SESSION_FILE, json.dumps(state, indent=2)
     )  # marks the folder as optimize's before anything else lands in it
     with contextlib.nullcontext(store) if isinstance(store, Store) else Store(store) as db, warm_children():
-        baseline = _baseline(source, config, db, _key(settings, "baseline"), progress, say)
+        baseline = _baseline(source, config, db, key_of(settings, "baseline"), progress, say)
         variants = [
             _variant(
                 name,
@@ -252,7 +255,7 @@ def optimize(
                 source,
                 config,
                 db,
-                _key(settings, recipe_to_dict(recipe), str(out)),
+                key_of(settings, recipe_to_dict(recipe), str(out)),
                 out,
                 state,
                 progress,
@@ -260,11 +263,17 @@ def optimize(
             )
             for name, recipe in recipes
         ]
+        searched = None
+        if plan:
+            searched = run_planned_search(
+                plan, source, config, db, settings, out, state, baseline, variants, constraints, progress, say
+            )
+            variants += [Entry(name, run, recipe) for name, run, recipe in searched.entries]
         control = _baseline(
             source,
             config,
             db,
-            _key(settings, "baseline", "control"),
+            key_of(settings, "baseline", "control"),
             progress,
             say,
             label="baseline again, and timed against itself (run-to-run noise; a check of the paired timing)",
@@ -284,6 +293,7 @@ def optimize(
                 "constraints": [str(c) for c in constraints],
                 "constraint_specs": list(config.constraints),
                 "out_dir": str(out),
+                **({"search": searched.summary} if searched else {}),
             },
             environment=baseline.run.environment,
         )

@@ -19,6 +19,7 @@ import functools
 import itertools
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -56,6 +57,8 @@ class RunResult:
     artifact: Path
     metadata: dict
     bench: BenchResult | None
+    screened_out: str | None = None
+    """Why `screen` stopped the run before its measurement, if it did."""
 
 
 def run_recipe(
@@ -66,7 +69,10 @@ def run_recipe(
     store: Store | str | os.PathLike | None = None,
     progress: Progress | None = None,
     key: str | None = None,
+    screen: Callable[[Path], str | None] | None = None,
 ) -> RunResult:
+    """`screen(artifact)`, when given, runs between saving and measuring: a cheap check (the
+    search's perplexity screen) whose reason, if it returns one, ends the run unmeasured."""
 
     unmerged = [i for i, s in enumerate(recipe.stages) if s.technique == "lora_finetune" and not s.config.merge]
     if unmerged:
@@ -120,6 +126,9 @@ def run_recipe(
     artifact = save_variant(lm.model, lm.tokenizer, out_dir, metadata, force=config.force)
     if not config.measure:
         return RunResult(artifact, metadata, None)
+    reason = screen(artifact) if screen else None
+    if reason:
+        return RunResult(artifact, metadata, None, screened_out=reason)
     bench_config = replace(config.bench, reference=str(source.path))
     produce = Measurement(
         "produce_wall_s", produce_s, method="measured", protocol={"stages": timings, "device": str(lm.device)}

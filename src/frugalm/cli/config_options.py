@@ -63,7 +63,7 @@ def add_options(p, options: list[Option], module: str, cls: str, owner: tuple[st
             shown = shown[part]
         keywords = (
             {"metavar": o.flag.lstrip("-").upper().replace("-", "_")}
-            if o.argparse.get("action") != "store_true"
+            if o.argparse.get("action") not in ("store_true", "store_false")
             else {}
         )
         p.add_argument(

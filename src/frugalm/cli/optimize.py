@@ -14,6 +14,16 @@ OPTIONS = [
     Option("--constraint", "constraints", {"action": "append", "metavar": "SPEC"}, "repeatable"),
     Option("--keep-dominated", "keep_dominated", {"action": "store_true"}),
     Option("--force", "force", {"action": "store_true"}),
+    Option("--no-portfolio", "portfolio", {"action": "store_false"}),
+    Option("--search", "search.trials", {"type": int, "metavar": "N"}),
+    Option("--space", "search.space", {"metavar": "FILE|NAME"}),
+    Option("--objective", "search.objectives", {"action": "append", "metavar": "METRIC[@WORKLOAD]"}, "repeatable"),
+    Option("--search-time", "search.time_budget_s", {"type": float, "metavar": "S"}),
+    Option("--sampler", "search.sampler", {"choices": ["auto", "tpe", "nsga2", "random"]}),
+    Option("--search-seed", "search.seed", {"type": int}),
+    Option("--no-warm-start", "search.warm_start", {"action": "store_false"}),
+    Option("--screen-tokens", "search.screen_tokens", {"type": int}),
+    Option("--ray", "search.ray", {"metavar": "ADDRESS|local"}),
 ]
 
 

@@ -211,6 +211,7 @@ def build_report_data(db: Store, session: Run) -> dict:
         "self_check": _self_check(control_fig, workload),
         "warnings": _warnings(entries + ([control] if control else []), base_fig),
         "out_dir": cfg.get("out_dir"),
+        "search": cfg.get("search"),
         "protocol": {
             k: base_run.config.get(k)
             for k in ("data", "protocol", "workloads", "profile", "repetitions", "warmup", "device", "dtype")

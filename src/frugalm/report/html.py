@@ -345,6 +345,36 @@ def bars_html(data: dict) -> str:
     return "".join(out)
 
 
+def hypervolume_svg(curve: list[dict], width: int = 560, height: int = 180) -> str:
+    """Hypervolume of the trials so far against trial number: a step line, portfolio trials in amber."""
+    if not curve:
+        return ""
+    pad_l, pad_r, pad_t, pad_b = 56, 12, 10, 28
+    top = max(c["hypervolume"] for c in curve) or 1.0
+    n = max(len(curve) - 1, 1)
+
+    def xy(i: int, v: float) -> tuple[float, float]:
+        return pad_l + i * (width - pad_l - pad_r) / n, height - pad_b - v / top * (height - pad_t - pad_b)
+
+    path = " ".join(f"{x:.1f},{y:.1f}" for i, c in enumerate(curve) for x, y in [xy(i, c["hypervolume"])])
+    dots = "".join(
+        f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{"#b45309" if c["source"] == "portfolio" else "#1d4ed8"}">'
+        f"<title>trial {c['trial']} ({c['source']}): {format_value(c['hypervolume'])}</title></circle>"
+        for i, c in enumerate(curve)
+        for x, y in [xy(i, c["hypervolume"])]
+    )
+    axis = (
+        f'<line x1="{pad_l}" y1="{height - pad_b}" x2="{width - pad_r}" y2="{height - pad_b}" stroke="#94a3b8"/>'
+        f'<text x="{pad_l - 6}" y="{pad_t + 8}" text-anchor="end" font-size="11">{format_value(top)}</text>'
+        f'<text x="{pad_l - 6}" y="{height - pad_b}" text-anchor="end" font-size="11">0</text>'
+        f'<text x="{(width + pad_l) / 2}" y="{height - 6}" text-anchor="middle" font-size="11">trial</text>'
+    )
+    return (
+        f'<svg class=hvcurve width="{width}" height="{height}" role="img" aria-label="hypervolume by trial">{axis}'
+        f'<polyline points="{path}" fill="none" stroke="#1d4ed8" stroke-width="1.5"/>{dots}</svg>'
+    )
+
+
 def render_html(data: dict) -> str:
     env = Environment(loader=FileSystemLoader(TEMPLATE_DIR), autoescape=select_autoescape(["html"]))
     env.filters["fmt"] = lambda v: "" if v is None else format_value(v)
@@ -363,6 +393,7 @@ def render_html(data: dict) -> str:
         bars=bars_html(data),
         metric_names=metric_names,
         data_json=script_json(data),
+        hv_svg=hypervolume_svg((data.get("search") or {}).get("hypervolume", [])),
         verdict=verdict,
         ci_text=ci_text,
         figure=lambda variant, metric: _fig(variant, metric, data),

@@ -101,6 +101,7 @@ def render_markdown(d: dict) -> str:
     if d["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {text(n)}: {text(why)}" for n, why in d["skipped"].items()]
     lines += _ties_lines(d)
+    lines += search_lines(d.get("search"))
     lines += ["", f"Artifacts of variants on a front: {text(d['out_dir'])}/variants/. ★ = on at least one front.", ""]
     return "\n".join(lines)
 
@@ -136,3 +137,53 @@ def _ties_lines(d: dict) -> list[str]:
         if len(b.get("tied") or []) > TIES_INLINE
     ]
     return ["", "## Ties", "", "Variants tied within noise with the recommended one:", "", *rows] if rows else []
+
+
+def search_lines(s: dict | None) -> list[str]:
+    """The search: its settings, its front over trials, hypervolume by trial, the settings that mattered, every trial."""
+    if not s:
+        return []
+    objectives = s["objectives"]
+    warm = sum(t["source"] == "portfolio" for t in s["trials"])
+    lines = [
+        "",
+        "## Search",
+        "",
+        f"Space `{text(s['space'])}`, sampler {s['sampler']} (seed {s['seed']}); objectives {', '.join(f'`{o}`' for o in objectives)}; "
+        f"constraints: {'; '.join(s['constraints']) or 'none'}. {s['measured']} variant(s) proposed and measured by the search, "
+        f"after {warm} portfolio variant(s) given as its warm start. Hypervolume reference: "
+        + ", ".join(f"`{o}` {format_value(v)}" for o, v in s["reference"].items())
+        + " (the baseline's figures made 50% worse).",
+        "",
+        f"Front over all trials (every objective at once): {', '.join(text(n) for n in s['front']) or 'none'}.",
+        "",
+    ]
+    curve = s["hypervolume"]
+    if curve:
+        steps = [c for i, c in enumerate(curve) if i == 0 or c["hypervolume"] != curve[i - 1]["hypervolume"]]
+        lines.append(
+            "Hypervolume by trial: "
+            + ", ".join(f"{format_value(c['hypervolume'])} (trial {c['trial']})" for c in steps)
+            + "."
+        )
+    for objective, found in (s.get("importances") or {}).items():
+        top = sorted(found.items(), key=lambda kv: -kv[1])[:5]
+        lines.append(
+            f"Settings that mattered for `{objective}` (PED-ANOVA importance): "
+            + ", ".join(f"`{k}` {v:.2f}" for k, v in top)
+            + "."
+        )
+    lines += [
+        "",
+        "| trial | source | state | settings | " + " | ".join(objectives) + " |",
+        "|" + "---|" * (4 + len(objectives)),
+    ]
+    for t in s["trials"]:
+        shown = t["figures"] if t["state"] == "complete" else {}  # a pruned trial's figures are its screen's
+        values = [format_value(shown[o]) if o in shown else "—" for o in objectives]
+        state = (
+            t["state"] + (" (repeat)" if t.get("repeat") else "") + (f": {text(t['reason'])}" if t["reason"] else "")
+        )
+        what = text(t.get("settings") or t["name"]) + (f" = {text(t['name'])}" if t["name"] else "")
+        lines.append(f"| {t['number']} | {t['source']} | {state} | {what} | " + " | ".join(values) + " |")
+    return lines

@@ -46,8 +46,8 @@ class WeightQuantOptions:
     """none: weight-only, format w8a16 (w4a16 at 4 bits): float activations, dequantized weights; exports to compressed-tensors. dynamic-int8: format w8a8-dynamic: each input tensor is quantized on the fly as fbgemm does (one range per tensor, codes 0..127) and x86 CPUs run fbgemm's int8 matmul: the fast CPU path, with that activation rounding's quality cost; not exportable. Needs bits 8, group_size -1, symmetric true."""
     targets: tuple[str, ...] = DEFAULT_TARGETS
     """fnmatch patterns over module names; the output head is excluded unless named."""
-    indivisible: Literal["error", "per_channel"] = "error"
-    """A layer whose in_features group_size does not divide: error (refuse, naming the layer), or per_channel (that layer gets one scale per output channel, as llama.cpp gives such tensors another type; the record lists them). per_channel lets one group size serve models of any width, as a search space needs."""
+    indivisible: Literal["per_channel", "error"] = "per_channel"
+    """A layer whose in_features group_size does not divide: per_channel (that layer gets one scale per output channel, as llama.cpp gives such tensors another type; the record lists them as per_channel_layers), so one group size serves models of any width; or error (refuse, naming the layer)."""
 
     def problems(self) -> list[str]:
         return quant_problems(self.bits, self.group_size, self.activations, self.symmetric)
