@@ -17,6 +17,8 @@ import os
 import socket
 from concurrent.futures import Future
 
+import torch
+
 from frugalm.errors import ConfigError
 from frugalm.trials import Shipped, TrialSpec, measure_remote
 
@@ -75,7 +77,7 @@ def submit(spec: TrialSpec) -> Future:
     """Run `measure_remote(spec)` as a task on a node with a free trial slot; a Future of its Shipped."""
     ray = _ray()
     task = ray.remote(measure_remote).options(resources={RESOURCE: 1}, num_cpus=0, max_retries=0)
-    return task.remote(spec).future()
+    return task.remote(spec, (torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"))).future()
 
 
 __all__ = ["RESOURCE", "Shipped", "check_address", "cluster", "submit"]

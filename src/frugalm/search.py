@@ -8,7 +8,7 @@ so one command gives one front over everything measured.
     ask ──▶ point of the space ──▶ recipe ──▶ evaluate (screen, build, measure, store) ──▶ tell
 
 Sampler (`auto`): TPE (multi-objective, multivariate and grouped so the conditional structure
-of optional slots is modelled, constraints through Optuna's `constraints_func`) for budgets of
+of optional slots is modelled, constraints as each trial's `set_constraint` values) for budgets of
 up to 100 trials, where it learns from the first few; NSGA-II past that, where its populations
 have the trials to evolve. Optuna's GP sampler was left out: its kernels model the categorical
 and conditional parameters a recipe space is made of worse than TPE, per ask it costs seconds
@@ -138,16 +138,15 @@ def search_constraints(constraints: Sequence[Constraint]) -> list[Constraint]:
     return list(loosest.values())
 
 
-def violations(figures: dict[str, float], constraints: Sequence[tuple[Constraint, float]]) -> list[float]:
-    """Optuna's constraint values: (value - bound) / |bound| for <=, (bound - value) / |bound| for >=."""
-    out = []
+def violations(figures: dict[str, float], constraints: Sequence[tuple[Constraint, float]]) -> dict[str, float]:
+    """Optuna's constraint values by name: (value - bound) / |bound| for <=, (bound - value) / |bound| for >=
+    (<= 0: met); a missing figure counts as broken."""
+    out = {}
     for c, bound in constraints:
-        v = figures.get(c.metric)
-        if v is None:
-            out.append(1.0)
-            continue
-        scale = abs(bound) or 1.0
-        out.append((v - bound) / scale if c.op == "<=" else (bound - v) / scale)
+        v, scale = figures.get(c.metric), abs(bound) or 1.0
+        out[f"{c.metric}{c.op}{bound:g}"] = (
+            1.0 if v is None else (v - bound) / scale if c.op == "<=" else (bound - v) / scale
+        )
     return out
 
 
@@ -185,25 +184,20 @@ def _suggest(trial: optuna.Trial, name: str, d: Domain):
 
 
 def _sampler(config: SearchConfig):
-    constraints_func = _constraints_of  # the figures' bound violations, set on each trial
+    """Constraints reach every sampler as each trial's `set_constraint` values (Optuna 5's mechanism)."""
     if config.sampler == "random":
         return optuna.samplers.RandomSampler(seed=config.seed)
     if config.sampler == "nsga2" or (config.sampler == "auto" and config.trials > 100):
-        return optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=constraints_func)
+        return optuna.samplers.NSGAIISampler(seed=config.seed)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
             seed=config.seed,
             multivariate=True,
             group=True,
-            constraints_func=constraints_func,
             # TPE models the trials it has; with tens of trials, a few random ones suffice to start
             n_startup_trials=max(3, min(10, config.trials // 4)),
         )
-
-
-def _constraints_of(trial: optuna.trial.FrozenTrial) -> list[float]:
-    return trial.user_attrs.get("violations", [])
 
 
 def study_identity(*parts) -> str:
@@ -334,7 +328,8 @@ def _tell(study, trial, outcome: Outcome, objectives, constraints, *, counted: b
         state = TrialState.PRUNED if outcome.state == "pruned" else TrialState.FAIL
         study.tell(trial, state=state)
         return
-    trial.set_user_attr("violations", violations(outcome.figures, constraints))
+    for name, value in violations(outcome.figures, constraints).items():
+        trial.set_constraint(name, value)
     study.tell(trial, values)
 
 
@@ -347,10 +342,9 @@ def _frozen(space, point, outcome, objectives, constraints, source: str):
         user_attrs={
             "source": source,
             "outcome": dataclasses.asdict(outcome),
-            "violations": violations(outcome.figures, constraints),
             "counted": False,
         },
-        system_attrs={"constraints": violations(outcome.figures, constraints)},
+        system_attrs={f"constraints:{k}": v for k, v in violations(outcome.figures, constraints).items()},
     )
 
 

@@ -72,7 +72,11 @@ def plan_search(
         raise ConfigError("objectives name one metric twice; give each metric once")
     if config.ray:
         check_address(config.ray)
-    return SearchPlan(config, space, Layout.of(read_config(source)), objectives)
+    layout = Layout.of(read_config(source))
+    for slot in space.slots:
+        for group in slot.groups:  # an architecture the groups cannot resolve against: one line now
+            layout.targets(group, slot.groups)
+    return SearchPlan(config, space, layout, objectives)
 
 
 def run_planned_search(plan, source, config, db: Store, settings, out: Path, state: dict, baseline, portfolio,

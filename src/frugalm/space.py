@@ -192,6 +192,8 @@ class Space:
                 options = {**slot.fixed, **{o: point[slot.param(o, group)] for o in slot.searched}}
                 if group:
                     options["targets"] = list(layout.targets(group, slot.groups))
+                    if not options["targets"]:  # no middle blocks (a model of two): the group is empty
+                        continue
                 stages.append({"technique": technique, **options})
         return stages
 
@@ -218,7 +220,7 @@ class Space:
         point: dict[str, Any] = {}
         j = 0
         for slot in self.slots:
-            n = max(1, len(slot.groups))
+            n = max(1, len([g for g in slot.groups if layout.targets(g, slot.groups)]))
             found = self._match(slot, stages[j : j + n], layout)
             if found is not None:
                 point.update(found)
@@ -230,7 +232,8 @@ class Space:
         return point if j == len(stages) else None
 
     def _match(self, slot: Slot, stages: list[dict], layout: Layout) -> dict[str, Any] | None:
-        if len(stages) != max(1, len(slot.groups)) or len({s["technique"] for s in stages}) != 1:
+        groups = tuple(g for g in slot.groups if layout.targets(g, slot.groups))
+        if len(stages) != max(1, len(groups)) or len({s["technique"] for s in stages}) != 1:
             return None
         technique = stages[0]["technique"]
         if technique not in slot.techniques:
@@ -239,7 +242,7 @@ class Space:
         point = {f"{slot.prefix}.on": True} if slot.optional else {}
         if len(slot.techniques) > 1:
             point[f"{slot.prefix}.technique"] = technique
-        for group, stage in zip(slot.groups or ("",), stages):
+        for group, stage in zip(groups or ("",), stages):
             expected_targets = list(layout.targets(group, slot.groups)) if group else defaults.get("targets")
             for option, value in stage.items():
                 if option == "technique":

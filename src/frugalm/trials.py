@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from frugalm.atomic import OWNED_BY
 from frugalm.benchmark.api import BenchConfig, bench
@@ -144,8 +147,17 @@ class Shipped:
     files: dict[str, bytes]
 
 
-def measure_remote(spec: TrialSpec) -> Shipped:
-    """`measure_trial` into a scratch store and folder, packed to travel back (a Ray task's body)."""
+def measure_remote(spec: TrialSpec, threads: tuple[int, str | None]) -> Shipped:
+    """`measure_trial` into a scratch store and folder, packed to travel back (a Ray task's body).
+
+    `threads`: the coordinator's torch threads and OMP_NUM_THREADS. Ray pins its workers to one
+    thread; float sums then add up in another order and figures differ in the 8th digit, so the
+    task runs with the coordinator's settings, for the figures a local trial would store.
+    """
+    torch.set_num_threads(threads[0])
+    os.environ.pop("OMP_NUM_THREADS", None)
+    if threads[1] is not None:
+        os.environ["OMP_NUM_THREADS"] = threads[1]
     with tempfile.TemporaryDirectory(prefix="frugalm-trial-") as scratch:
         root = Path(scratch)
         with Store(root / "trial.db") as db:
