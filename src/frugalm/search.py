@@ -70,8 +70,8 @@ class SearchConfig:
     """Stored metrics to optimize ('metric' or 'metric@workload'), directions from the metric registry."""
     time_budget_s: float | None = None
     """Stop proposing once the search has run this long (seconds, over resumed runs too)."""
-    sampler: Literal["auto", "tpe", "nsga2", "random"] = "auto"
-    """auto: TPE up to 100 trials, NSGA-II beyond; random: the baseline a search must beat."""
+    sampler: Literal["auto", "tpe", "nsga2", "random", "grid"] = "auto"
+    """auto: TPE up to 100 trials, NSGA-II beyond; random: the baseline a search must beat; grid: every point of a finite space, once (Optuna's brute force)."""
     seed: int = 0
     """Sampler seed; part of the study's identity."""
     warm_start: bool = True
@@ -187,6 +187,8 @@ def _sampler(config: SearchConfig):
     """Constraints reach every sampler as each trial's `set_constraint` values (Optuna 5's mechanism)."""
     if config.sampler == "random":
         return optuna.samplers.RandomSampler(seed=config.seed)
+    if config.sampler == "grid":
+        return optuna.samplers.BruteForceSampler(seed=config.seed)
     if config.sampler == "nsga2" or (config.sampler == "auto" and config.trials > 100):
         return optuna.samplers.NSGAIISampler(seed=config.seed)
     with warnings.catch_warnings():
@@ -257,7 +259,7 @@ def run_search(
         t.user_attrs.get("source") == "portfolio" for t in study.get_trials(deepcopy=False)
     ):
         for point, outcome in warm:
-            if outcome.state == "complete":
+            if outcome.state == "complete" and _values(outcome, objectives) is not None:
                 study.add_trial(_frozen(space, point, outcome, objectives, constraints, "portfolio"))
     started = time.monotonic()
     elapsed0 = float(study.user_attrs.get("elapsed_s", 0.0))

@@ -19,7 +19,7 @@ OPTIONS = [
     Option("--space", "search.space", {"metavar": "FILE|NAME"}),
     Option("--objective", "search.objectives", {"action": "append", "metavar": "METRIC[@WORKLOAD]"}, "repeatable"),
     Option("--search-time", "search.time_budget_s", {"type": float, "metavar": "S"}),
-    Option("--sampler", "search.sampler", {"choices": ["auto", "tpe", "nsga2", "random"]}),
+    Option("--sampler", "search.sampler", {"choices": ["auto", "tpe", "nsga2", "random", "grid"]}),
     Option("--search-seed", "search.seed", {"type": int}),
     Option("--no-warm-start", "search.warm_start", {"action": "store_false"}),
     Option("--screen-tokens", "search.screen_tokens", {"type": int}),
