@@ -63,7 +63,7 @@ MAX_REPEATS = 200
 @dataclass(frozen=True)
 class SearchConfig:
     trials: int = 0
-    """Variants the search proposes and measures after the portfolio (0: no search). Repeated configurations are answered from the store and not counted."""
+    """Variants the search proposes and measures after the portfolio (0: no search, or as many as --search-time allows). Repeated configurations are answered from the store and not counted."""
     space: str = "default"
     """Search space: a YAML file or the name of a shipped space."""
     objectives: tuple[str, ...] = ("ppl_tok", "weights_mib", "speedup_decode")
@@ -188,7 +188,7 @@ def _sampler(config: SearchConfig):
     if config.sampler == "random":
         return optuna.samplers.RandomSampler(seed=config.seed)
     if config.sampler == "grid":
-        return optuna.samplers.BruteForceSampler(seed=config.seed)
+        return _Exhaustive(seed=config.seed)
     if config.sampler == "nsga2" or (config.sampler == "auto" and config.trials > 100):
         return optuna.samplers.NSGAIISampler(seed=config.seed)
     with warnings.catch_warnings():
@@ -200,6 +200,19 @@ def _sampler(config: SearchConfig):
             # TPE models the trials it has; with tens of trials, a few random ones suffice to start
             n_startup_trials=max(3, min(10, config.trials // 4)),
         )
+
+
+class _Exhaustive(optuna.samplers.BruteForceSampler):
+    """Optuna's brute force, which stops the study once every point is tried; with ask and tell there
+    is no optimize() to stop (Study.stop raises), so it raises `exhausted` for the loop to see."""
+
+    exhausted = False
+
+    def after_trial(self, study, trial, state, values) -> None:
+        try:
+            super().after_trial(study, trial, state, values)
+        except RuntimeError:  # Study.stop outside optimize(): every point has been tried
+            self.exhausted = True
 
 
 def study_identity(*parts) -> str:
@@ -270,9 +283,10 @@ def run_search(
 
     def out_of_budget() -> bool:
         spent = elapsed0 + time.monotonic() - started
-        return counted() + len(running) >= config.trials or (
-            config.time_budget_s is not None and spent >= config.time_budget_s
-        )
+        by_count = (
+            config.trials > 0 and counted() + len(running) >= config.trials
+        )  # 0 with a time budget: no count limit
+        return by_count or (config.time_budget_s is not None and spent >= config.time_budget_s)
 
     def finish(trial, outcome: Outcome) -> None:
         _tell(study, trial, outcome, objectives, constraints, counted=outcome.state != "infeasible")
