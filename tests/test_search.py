@@ -296,3 +296,33 @@ def test_search_killed_midway_resumes_and_a_ray_cluster_stores_the_same_figures(
         for t in remote.values():
             if t["state"] == "complete":  # the artifact came back to the coordinator's folder
                 assert db.get_run(t["run_id"]).model_path == str(tmp_path / "ray" / "variants" / t["name"])
+
+
+def test_a_pruned_trial_teaches_the_sampler_but_counts_nowhere(tmp_path):
+    from optuna.trial import TrialState
+
+    from frugalm.search import hypervolume_curve
+
+    space = parse_space({"stages": [{"technique": "rtn_quant", "bits": [4, 8], "group_size": [32, -1]}]}, "s.yaml")
+    objectives = [Objective("ppl_tok"), Objective("weights_mib")]
+    bounds = [(Constraint.parse("ppl_tok<=11"), 11.0)]
+
+    def evaluate(point):
+        name = f"b{point['s0.bits']}g{point['s0.group_size']}"
+        if point["s0.bits"] == 4:  # the screen says: too far from the float model
+            return Outcome("pruned", name, None, {"ppl_tok": 30.0}, "screen: ppl_tok 30 breaks the bound")
+        return Outcome("complete", name, None, {"ppl_tok": 10.0, "weights_mib": 1.0 + (point["s0.group_size"] > 0)})
+
+    worst = {"ppl_tok": 15.0, "weights_mib": 3.0}
+    result = run_search(space, Layout("llama", 2), SearchConfig(trials=4, sampler="grid"), objectives, bounds, evaluate,
+                        journal=tmp_path / "j", identity="s", worst=worst, say=lambda line: None)  # fmt: skip
+    pruned = [t for t in result.study.trials if t.user_attrs["outcome"]["state"] == "pruned"]
+    assert len(pruned) == 2 and result.new == 4
+    for t in pruned:  # told as complete and infeasible, at the worst values
+        assert t.state == TrialState.COMPLETE and t.values == [15.0, 3.0]
+        assert t.system_attrs["constraints:ppl_tok<=11"] > 0
+    records = {t["name"]: t for t in result.trials}
+    assert records["b4g32"]["state"] == "pruned"
+    curve = hypervolume_curve(result.trials, objectives, worst)
+    measured_only = hypervolume_curve([t for t in result.trials if t["state"] == "complete"], objectives, worst)
+    assert curve[-1]["hypervolume"] == measured_only[-1]["hypervolume"] > 0

@@ -248,12 +248,14 @@ def run_search(
     identity: str,
     warm: Sequence[tuple[dict, Outcome]] = (),
     concurrency: int = 1,
+    worst: dict[str, float] | None = None,
     say=print,
 ) -> SearchResult:
     """Run (or resume) the study `identity` in `journal` until `config.trials` new variants are
     measured, the time budget is spent or the space is exhausted. `warm`: (point, outcome) of the
     portfolio's variants that are points of the space. `evaluate(point)` gives an Outcome, or a
-    Pending one when it runs elsewhere; up to `concurrency` run at once."""
+    Pending one when it runs elsewhere; up to `concurrency` run at once. `worst`: objective values
+    (by name) a pruned trial is told with (the hypervolume reference)."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = JournalStorage(JournalFileBackend(str(journal)))
     directions = ["maximize" if get_metric(o.metric).higher_is_better else "minimize" for o in objectives]
@@ -289,7 +291,7 @@ def run_search(
         return by_count or (config.time_budget_s is not None and spent >= config.time_budget_s)
 
     def finish(trial, outcome: Outcome) -> None:
-        _tell(study, trial, outcome, objectives, constraints, counted=outcome.state != "infeasible")
+        _tell(study, trial, outcome, objectives, constraints, worst, counted=outcome.state != "infeasible")
         study.set_user_attr("elapsed_s", elapsed0 + time.monotonic() - started)
         say(f"search: trial {trial.number} {outcome.name or '(base model)'}: {_describe(outcome, objectives)}")
 
@@ -300,7 +302,7 @@ def run_search(
             known = _known(study, point, trial.number)
             if known is not None:  # proposed before: the same figures, no cost, not counted
                 repeats += 1
-                _tell(study, trial, known, objectives, constraints, counted=False, repeat=True)
+                _tell(study, trial, known, objectives, constraints, worst, counted=False, repeat=True)
                 continue
             repeats = 0
             trial.set_user_attr("source", "search")
@@ -334,12 +336,20 @@ def _values(outcome: Outcome, objectives: Sequence[Objective]) -> list[float] | 
     return None if any(v is None or not math.isfinite(v) for v in values) else values
 
 
-def _tell(study, trial, outcome: Outcome, objectives, constraints, *, counted: bool, repeat: bool = False) -> None:
+def _tell(
+    study, trial, outcome: Outcome, objectives, constraints, worst, *, counted: bool, repeat: bool = False
+) -> None:
+    """Tell the sampler. A pruned trial is told as a complete but infeasible one (its constraint
+    values from the screen, its objectives at `worst`, which constrained samplers never rank it
+    by), so the sampler learns to avoid its region; the trial's record still says pruned, and no
+    front, hypervolume or importance counts it."""
     trial.set_user_attr("outcome", dataclasses.asdict(outcome))
     trial.set_user_attr("counted", counted and not repeat)
     if repeat:
         trial.set_user_attr("repeat", True)
     values = _values(outcome, objectives) if outcome.state == "complete" else None
+    if outcome.state == "pruned" and worst and constraints:
+        values = [worst[str(o)] for o in objectives]
     if values is None:
         state = TrialState.PRUNED if outcome.state == "pruned" else TrialState.FAIL
         study.tell(trial, state=state)
@@ -390,9 +400,16 @@ def importances(study: optuna.Study, objectives: Sequence[Objective]) -> dict[st
     """Per objective, each parameter's share of the variance that matters (Optuna's PED-ANOVA, which
     needs no scikit-learn), from the complete trials; empty where there are too few of them."""
     out = {}
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    complete = [
+        t
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if t.user_attrs.get("outcome", {}).get("state") == "complete"  # not the pruned ones told as infeasible
+    ]
     if len(complete) < 4:
         return out
+    measured = optuna.create_study(directions=study.directions)
+    measured.add_trials(complete)
+    study = measured
     evaluator = optuna.importance.PedAnovaImportanceEvaluator()
     for i, o in enumerate(objectives):
         try:

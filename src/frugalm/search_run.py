@@ -92,6 +92,7 @@ def run_planned_search(plan, source, config, db: Store, settings, out: Path, sta
             base_fig[str(o)] = 1.0
     bounds = [(c, c.bound(base_fig.get(c.metric))) for c in search_constraints(constraints)]
     base_outcome = Outcome("complete", "baseline", baseline.run.id, base_fig)
+    worst = {str(o): v for o, v in zip(plan.objectives, reference_point(base_fig, plan.objectives).values())}
     screen_for = _screening(sc, source, config.bench, db, settings, constraints, progress, say)
 
     def evaluate(point: dict):
@@ -128,10 +129,10 @@ def run_planned_search(plan, source, config, db: Store, settings, out: Path, sta
         with cluster(sc.ray) as slots:
             say(f"search: on the Ray cluster '{sc.ray}', {slots} trial slot(s)")
             result = run_search(plan.space, plan.layout, sc, plan.objectives, bounds, evaluate,
-                                journal=journal_path(out), identity=identity, warm=warm, concurrency=slots, say=say)  # fmt: skip
+                                journal=journal_path(out), identity=identity, warm=warm, concurrency=slots, worst=worst, say=say)  # fmt: skip
     else:
         result = run_search(plan.space, plan.layout, sc, plan.objectives, bounds, evaluate,
-                            journal=journal_path(out), identity=identity, warm=warm, say=say)  # fmt: skip
+                            journal=journal_path(out), identity=identity, warm=warm, worst=worst, say=say)  # fmt: skip
     return SearchOutput(_entries(db, result.trials, portfolio), _summary(plan, result, base_fig, bounds))
 
 
