@@ -163,7 +163,7 @@ def _report_hv(out: Path, s: dict, with_search: bool) -> float:
     """Hypervolume of the report's variants (baseline and every portfolio recipe, in the space or not;
     the search's too when `with_search`), in the search's objectives and reference."""
     report = json.loads((out / "report.json").read_text())
-    searched = {t["name"] for t in s["trials"] if t["source"] == "search"}
+    searched = {t["name"] for t in s["trials"] if t["source"] == "search"} - {"baseline"}  # the all-off point
     points = [
         {"state": "complete", "figures": {k: f["value"] for k, f in v["figures"].items()}}
         for v in report["variants"]

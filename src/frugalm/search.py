@@ -188,7 +188,9 @@ def _sampler(config: SearchConfig):
     if config.sampler == "random":
         return optuna.samplers.RandomSampler(seed=config.seed)
     if config.sampler == "grid":
-        return _Exhaustive(seed=config.seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return _Exhaustive(seed=config.seed)
     if config.sampler == "nsga2" or (config.sampler == "auto" and config.trials > 100):
         return optuna.samplers.NSGAIISampler(seed=config.seed)
     with warnings.catch_warnings():
