@@ -25,17 +25,16 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import psutil
 import torch
 
-from frugalm.atomic import OWNED_BY, check_output_folder, write_text_atomic
+from frugalm.atomic import check_output_folder, write_text_atomic
 from frugalm.benchmark.api import BenchConfig, bench, prepare
 from frugalm.benchmark.runner import Progress, warm_children
-from frugalm.errors import ConfigError, FrugalmError, MeasurementError, suggest
+from frugalm.errors import ConfigError, suggest
 from frugalm.measure.metrics import BENCHMARK_VERSION
 from frugalm.measure.paired import PairedConfig
 from frugalm.measure.quality import PerplexityProtocol
@@ -49,11 +48,10 @@ from frugalm.recipe import (
     recipe_to_dict,
 )
 from frugalm.report.build import build_report_data, write_reports
-from frugalm.run import RunConfig, run_recipe
 from frugalm.search import SearchConfig
 from frugalm.search_run import plan_search, run_planned_search
 from frugalm.store import Run, Store
-from frugalm.trials import key_of
+from frugalm.trials import TrialSpec, key_of, measure_trial, remove_artifact
 
 DEFAULT_CONSTRAINTS = ("ppl_tok<=+5%", "ppl_tok<=+20%")
 
@@ -327,23 +325,17 @@ def _variant(
     if done:
         say(f"{name}: measured before (run {done.id}) but its artifact {artifact} is missing: rebuilding it")
     say(f"{name}: {' -> '.join(s.technique for s in recipe.stages)}")
-    try:
-        result = run_recipe(
-            recipe,
-            source.path,
-            RunConfig(out_dir=str(artifact), bench=config.bench, force=config.force),
-            store=db,
-            progress=progress,
-            key=key,
-        )
-    except MeasurementError as exc:  # the variant broke (NaN weights, a crashed child): say why, go on with the rest
-        say(f"{name}: failed: {exc}")
-        return Entry(name, None, recipe_to_dict(recipe), skipped=f"failed: {exc}")
-    except FrugalmError as exc:  # the recipe does not fit this model: say why, go on with the rest
-        say(f"{name}: skipped: {exc}")
-        return Entry(name, None, recipe_to_dict(recipe), skipped=str(exc))
+    rdict = recipe_to_dict(recipe)
+    spec = TrialSpec(name, rdict, str(source.path), config.bench, key, force=config.force)
+    outcome = measure_trial(spec, db, artifact, progress)
+    if outcome.state == "failed":  # the variant broke (NaN weights, a crashed child): say why, go on with the rest
+        say(f"{name}: failed: {outcome.reason}")
+        return Entry(name, None, rdict, skipped=f"failed: {outcome.reason}")
+    if outcome.state == "infeasible":  # the recipe does not fit this model: say why, go on with the rest
+        say(f"{name}: skipped: {outcome.reason}")
+        return Entry(name, None, rdict, skipped=outcome.reason)
     state["removed_dominated"].pop(name, None)
-    return Entry(name, result.bench.run, recipe_to_dict(recipe))
+    return Entry(name, db.get_run(outcome.run_id), rdict)
 
 
 def _remove_dominated_artifacts(out: Path, data, variants: list[Entry], state: dict) -> None:
@@ -354,6 +346,5 @@ def _remove_dominated_artifacts(out: Path, data, variants: list[Entry], state: d
         if entry.run is None or entry.name in keep:
             continue
         state["removed_dominated"][entry.name] = entry.run.key
-        if not folder.is_symlink() and folder.is_dir() and any((folder / mark).is_file() for mark in OWNED_BY):
-            shutil.rmtree(folder)
+        remove_artifact(folder)
     write_text_atomic(out / SESSION_FILE, json.dumps(state, indent=2))

@@ -185,26 +185,7 @@ def parse_recipe(data, overrides: list[str] = ()) -> tuple[Recipe | None, list[s
     if not isinstance(data, dict):
         return None, ["must be a mapping with keys " + ", ".join(TOP_KEYS)]
     data = apply_overrides(data, overrides)
-    problems = [
-        f"unknown key {short(k)}{did_you_mean(str(k), TOP_KEYS)} (keys: {', '.join(TOP_KEYS)})"
-        for k in data
-        if k not in TOP_KEYS
-    ]
-    if data.get("version", RECIPE_VERSION) != RECIPE_VERSION:
-        problems.append(
-            f"version {short(data.get('version'))} is not supported; this frugalm reads version {RECIPE_VERSION}"
-        )
-    stages_raw = data.get("stages")
-    if not isinstance(stages_raw, list) or not stages_raw:
-        problems.append("'stages' must be a non-empty list of stages (each with a 'technique' key)")
-        stages_raw = []
-    stages = []
-    for i, raw in enumerate(stages_raw):
-        stage, errs = _stage(raw, i)
-        problems += errs
-        stages.append(stage)
-    calibration, errs = build_config(Calibration, data.get("calibration") or {}, "calibration")
-    problems += errs
+    stages, calibration, problems = parse_document(data, TOP_KEYS, RECIPE_VERSION, _stage, "stages")
     for key in ("name", "model"):
         if data.get(key) is not None and not isinstance(data[key], str):
             problems.append(f"'{key}' must be a string, got {short(data[key])}")
@@ -214,6 +195,27 @@ def parse_recipe(data, overrides: list[str] = ()) -> tuple[Recipe | None, list[s
     return Recipe(
         name=data.get("name") or "unnamed", model=data.get("model"), stages=tuple(stages), calibration=calibration
     ), []
+
+
+def parse_document(data: dict, keys, version: int, item, items: str) -> tuple[list, Calibration | None, list[str]]:
+    """What recipes and search spaces share: their keys, version, non-empty `stages` (each parsed by
+    `item(raw, i)` into (value, problems)) and calibration; (stages, calibration, every problem)."""
+    problems = [
+        f"unknown key {short(k)}{did_you_mean(str(k), keys)} (keys: {', '.join(keys)})" for k in data if k not in keys
+    ]
+    if data.get("version", version) != version:
+        problems.append(f"version {short(data.get('version'))} is not supported; this frugalm reads version {version}")
+    raw_stages = data.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        problems.append(f"'stages' must be a non-empty list of {items} (each with a 'technique' key)")
+        raw_stages = []
+    stages = []
+    for i, raw in enumerate(raw_stages):
+        stage, errs = item(raw, i)
+        problems += errs
+        stages.append(stage)
+    calibration, errs = build_config(Calibration, data.get("calibration") or {}, "calibration")
+    return stages, calibration, problems + errs
 
 
 def name_problems(name, label: str = "'name'") -> list[str]:

@@ -51,6 +51,7 @@ from frugalm.recipe import (
     RecipeError,
     Stage,
     build_config,
+    parse_document,
     parse_recipe,
     recipe_to_dict,
 )
@@ -348,26 +349,7 @@ def parse_space(data, origin: str = "space") -> Space:
     """Validate raw space data; raise RecipeError listing every problem, each located."""
     if not isinstance(data, dict):
         raise RecipeError(origin, ["must be a mapping with keys " + ", ".join(TOP_KEYS)])
-    problems = [
-        f"unknown key {short(k)}{did_you_mean(str(k), TOP_KEYS)} (keys: {', '.join(TOP_KEYS)})"
-        for k in data
-        if k not in TOP_KEYS
-    ]
-    if data.get("version", SPACE_VERSION) != SPACE_VERSION:
-        problems.append(
-            f"version {short(data.get('version'))} is not supported; this frugalm reads version {SPACE_VERSION}"
-        )
-    raw_stages = data.get("stages")
-    if not isinstance(raw_stages, list) or not raw_stages:
-        problems.append("'stages' must be a non-empty list of slots (each with a 'technique' key)")
-        raw_stages = []
-    slots = []
-    for i, raw in enumerate(raw_stages):
-        slot, errs = _slot(raw, i)
-        problems += errs
-        slots.append(slot)
-    calibration, errs = build_config(Calibration, data.get("calibration") or {}, "calibration")
-    problems += errs
+    slots, calibration, problems = parse_document(data, TOP_KEYS, SPACE_VERSION, _slot, "slots")
     if not isinstance(data.get("name", ""), str):
         problems.append(f"'name' must be a string, got {short(data['name'])}")
     if problems:
