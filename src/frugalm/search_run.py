@@ -109,8 +109,8 @@ def run_planned_search(plan, source, config, db: Store, settings, out: Path, sta
             return Outcome("complete", recipe.name, done.id, figures(db.measurements(done.id)))
         screen = screen_for(rdict)
         before = screened(db, screen) if screen else None
-        if before and before[1]:
-            return Outcome("pruned", recipe.name, before[0].id, figures(db.measurements(before[0].id)), before[1])
+        if before and before[2]:  # screened out before: no need to build the variant again
+            return Outcome("pruned", recipe.name, *before)
         state["removed_dominated"].pop(recipe.name, None)
         say(f"search: {recipe.name}: {' -> '.join(_stage_text(s) for s in rdict['stages'])}")
         spec = TrialSpec(recipe.name, rdict, str(source.path), config.bench, key, screen, config.force)
@@ -156,12 +156,8 @@ def _screening(sc: SearchConfig, source, bench_config: BenchConfig, db: Store, s
         say(f"search: screening the baseline ({', '.join(metrics)} on the first {sc.screen_tokens} tokens)")
         base = bench(source.path, screen_bench, store=db, progress=progress, kind="screen", key=base_key).run
     base_fig = figures(db.measurements(base.id))
-    bounds = tuple((str(c) if not c.relative else _spec(c), c.bound(base_fig.get(c.metric))) for c in quality)
+    bounds = tuple((c, c.bound(base_fig.get(c.metric))) for c in quality)
     return lambda rdict: Screen(screen_bench, key_of(settings, rdict, "screen", sc.screen_tokens), bounds)
-
-
-def _spec(c: Constraint) -> str:
-    return f"{c.metric}{c.op}{c.value:+g}%"
 
 
 def _stage_text(stage: dict) -> str:

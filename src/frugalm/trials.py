@@ -43,8 +43,8 @@ class Screen:
     bench: BenchConfig
     """The cheap measurement: the constrained quality metrics on the first screen tokens."""
     key: str
-    bounds: tuple[tuple[str, float], ...]
-    """(constraint text, bound on the screen's scale: relative bounds taken from the baseline's screen)."""
+    bounds: tuple[tuple[Constraint, float], ...]
+    """(constraint, its bound on the screen's scale: relative bounds taken from the baseline's screen)."""
 
 
 @dataclass(frozen=True)
@@ -68,38 +68,41 @@ def figures(measurements: list[Measurement]) -> dict[str, float]:
     return {f"{m.metric}@{m.workload}" if m.workload else m.metric: float(m.value) for m in measurements}
 
 
-def screen_verdict(found: dict[str, float], bounds) -> str | None:
-    for text, bound in bounds:
-        c = Constraint.parse(text)
+def screen_verdict(found: dict[str, float], bounds: tuple[tuple[Constraint, float], ...]) -> str | None:
+    for c, bound in bounds:
         value = found.get(c.metric)
         slack = abs(bound) * SCREEN_SLACK
         if value is not None and not c.holds(value, bound + slack if c.op == "<=" else bound - slack):
-            return f"screen: {c.metric} {value:.4g} on the first tokens breaks {c} (bound {bound:.4g}, +{SCREEN_SLACK:.0%} slack)"
+            return f"screen: {c.metric} {value:.4g} on the first tokens breaks {c} (bound {bound:.4g}, {SCREEN_SLACK:.0%} slack)"
     return None
 
 
-def screened(store: Store, screen: Screen) -> tuple[Run, str | None] | None:
-    """The stored screen of this trial and its verdict, if it was screened before."""
+def screened(store: Store, screen: Screen) -> tuple[str, dict[str, float], str | None] | None:
+    """(run id, figures, verdict) of this trial's stored screen, if it was screened before."""
     run = store.complete_run_with_key(screen.key)
-    return (run, screen_verdict(figures(store.measurements(run.id)), screen.bounds)) if run else None
+    if run is None:
+        return None
+    found = figures(store.measurements(run.id))
+    return run.id, found, screen_verdict(found, screen.bounds)
 
 
 def measure_trial(spec: TrialSpec, store: Store, artifact: Path, progress=None) -> Outcome:
-    """Build, screen and measure one trial into `store` and `artifact`; its Outcome."""
+    """Build, screen and measure one trial into `store` and `artifact`; its Outcome. A screen stored
+    before (a run killed between screen and measurement) is reused, never measured again."""
     t0 = time.perf_counter()
-    if spec.screen:
-        before = screened(store, spec.screen)
-        if before and before[1]:
-            return Outcome("pruned", spec.name, before[0].id, figures(store.measurements(before[0].id)), before[1])
     recipe, problems = parse_recipe(spec.recipe)
     if problems:
         return Outcome("infeasible", spec.name, reason="; ".join(problems))
     screen_run: list = []
 
     def screen(path: Path) -> str | None:
-        result = bench(path, spec.screen.bench, store=store, progress=progress, kind="screen", key=spec.screen.key)
-        screen_run.append(result)
-        return screen_verdict(figures(result.measurements), spec.screen.bounds)
+        found = screened(store, spec.screen)
+        if found is None:
+            result = bench(path, spec.screen.bench, store=store, progress=progress, kind="screen", key=spec.screen.key)
+            measured = figures(result.measurements)
+            found = (result.run.id, measured, screen_verdict(measured, spec.screen.bounds))
+        screen_run.append(found)
+        return found[2]
 
     try:
         result = run_recipe(
@@ -117,9 +120,8 @@ def measure_trial(spec: TrialSpec, store: Store, artifact: Path, progress=None) 
         return Outcome("infeasible", spec.name, reason=str(exc), cost_s=time.perf_counter() - t0)
     if result.screened_out:
         remove_artifact(result.artifact)
-        run = screen_run[0]
-        return Outcome("pruned", spec.name, run.run.id, figures(run.measurements), result.screened_out,
-                       time.perf_counter() - t0)  # fmt: skip
+        run_id, found, _ = screen_run[0]
+        return Outcome("pruned", spec.name, run_id, found, result.screened_out, time.perf_counter() - t0)
     return Outcome(
         "complete",
         spec.name,
