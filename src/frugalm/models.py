@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from frugalm.assets import DEFAULT_MODEL_DIR
 from frugalm.atomic import atomic_folder
 from frugalm.errors import ConfigError, ModelError, suggest
-from frugalm.runtime import compiled
+from frugalm.runtime import compiled, decoding
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.runtime.quant_linear import (
     Int8Linear,
@@ -253,7 +253,8 @@ def load_model(
     kernel for its format where one exists (on CPU: fbgemm for w8a8-dynamic, ATen's packed
     weight-only kernels for w8a16/w4a16, see runtime/quant_linear), never through a kernel that
     quantizes activations the format does not. A variant recorded to decode compiled
-    (inference.compiled_decode) gets its compiled path installed (runtime/compiled).
+    (inference.compiled_decode) gets its compiled path installed (runtime/compiled); a
+    speculative one (inference.decoding) gets its draft, from the artifact's draft/ folder.
     """
 
     source = resolve_model(ref)
@@ -279,6 +280,13 @@ def load_model(
         setattr(model, INFERENCE_ATTR, inference)
     if inference.get(compiled.SETTING):
         compiled.install(model, inference[compiled.SETTING])
+    if inference.get(decoding.SETTING, {}).get("method") == "speculative":
+        draft_dir = source.path / decoding.DRAFT_DIR
+        if not (draft_dir / "config.json").is_file():
+            raise ModelError(
+                f"'{source.ref}' decodes speculatively but its draft folder ({decoding.DRAFT_DIR}/) is missing; the artifact is damaged: re-create it"
+            )
+        decoding.attach_draft(model, load_model(draft_dir, device=device, dtype=dtype, fast_kernels=fast_kernels).model)
     return LoadedModel(model, tokenizer, source, dev, dt, inference)
 
 
@@ -348,16 +356,24 @@ def save_variant(
     """
 
     with atomic_folder(out_dir, force=force) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        meta = {
-            "format": ARTIFACT_FORMAT,
-            **metadata,
-            "packed_layers": packed_layers(model),
-            "inference": inference_settings(model),
-        }
-        (tmp / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        _write_variant(model, tokenizer, tmp, metadata)
+        draft = decoding.draft_of(model)
+        if draft is not None:  # a speculative variant carries its draft, a variant folder of its own
+            (tmp / decoding.DRAFT_DIR).mkdir()
+            _write_variant(draft, tokenizer, tmp / decoding.DRAFT_DIR, {"role": "draft of the parent folder's variant"})
     return Path(out_dir).expanduser().resolve()
+
+
+def _write_variant(model: nn.Module, tokenizer, folder: Path, metadata: dict) -> None:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    meta = {
+        "format": ARTIFACT_FORMAT,
+        **metadata,
+        "packed_layers": packed_layers(model),
+        "inference": inference_settings(model),
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
 
 
 def read_metadata(path: Path) -> dict | None:

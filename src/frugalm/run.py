@@ -97,7 +97,9 @@ def run_recipe(
         profile=config.bench.profile,
         profiles_file=config.bench.profiles_file,
     )
-    if any(get_technique(s.technique).kind in ("training", "data") for s in recipe.stages):  # the default training text
+    if any(
+        get_technique(s.technique).wants_training_text(s.config) for s in recipe.stages
+    ):  # the default training text
         ctx.held_out_documents, ctx.training_documents, ctx.training_source = split()
     checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints"
     timings = []

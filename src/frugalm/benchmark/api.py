@@ -32,10 +32,12 @@ from frugalm.models import (
     context_length,
     load_tokenizer,
     read_config,
+    read_metadata,
     resolve_model,
     torch_device,
     torch_dtype,
 )
+from frugalm.runtime import decoding
 from frugalm.store import Run, Store
 from frugalm.text.encode import evaluated_documents
 from frugalm.text.files import check_text_file
@@ -124,7 +126,7 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
         profile=profile.to_dict(),
         metrics=metrics,
         reference_path=str(reference) if reference else None,
-        paired=asdict(config.paired) if reference and config.speedup else None,
+        paired=asdict(config.paired) if config.speedup else None,
         speedup_workloads=list(config.speedup_workloads),
         threads=config.threads,
         cpus=list(config.cpus),
@@ -140,12 +142,16 @@ def _evaluated_text(source, config: BenchConfig, metrics: list[str]) -> tuple[li
 
     The whole file is checked and hashed as a stream; only the documents the perplexity
     protocol evaluates (its first max_tokens tokens, which also hold the robustness text) are
-    read into memory and shipped to the child, and none when no quality metric is asked for.
+    read into memory and shipped to the child, and none when no quality metric is asked for and
+    the model has no decoding strategy (whose generations start from prompts of this text).
     """
 
     path = config.data if config.data is not None else DEFAULT_EVAL_PATH
     desc = describe_data(str(config.data) if config.data is not None else None, check_text_file(path))
-    if not any(METRICS[m].resource == "quality" for m in metrics):
+    strategy = ((read_metadata(source.path) or {}).get("inference") or {}).get(decoding.SETTING)
+    if (
+        not any(METRICS[m].resource == "quality" for m in metrics) and not strategy
+    ):  # a strategy decodes from text prompts
         return [], desc
     return evaluated_documents(path, load_tokenizer(source), config.protocol.max_tokens), desc
 

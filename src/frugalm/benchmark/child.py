@@ -20,17 +20,18 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import frugalm
 from frugalm.errors import ConfigError, ModelError
 from frugalm.measure import compute, memory, network
+from frugalm.measure.compute import Strategy, text_prompts
 from frugalm.measure.cost import HardwareProfile, grams_co2e, usd
 from frugalm.measure.energy import EnergyMeter
 from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement
 from frugalm.measure.overhead import decode_overhead, shrunk_twin
 from frugalm.measure.paired import PairedConfig, competition, machine_conditions
 from frugalm.measure.quality import PerplexityProtocol, measure_quality
-from frugalm.measure.speedup import SPEEDUP_METRICS, speedups
+from frugalm.measure.speedup import GENERATION_CALL, SPEEDUP_METRICS, generation_call, paired_figure, speedups
 from frugalm.measure.stats import percentile, spread
 from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
-from frugalm.runtime import compiled
+from frugalm.runtime import compiled, decoding
 from frugalm.runtime.kv_cache import cache_factory
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, kernel_summary
 from frugalm.runtime.quant_linear import format_summary
@@ -104,11 +105,17 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     profile = HardwareProfile(**spec.profile)
 
     kv_cache = cache_factory(lm.model, lm.inference)  # the artifact's quantized KV cache, if it has one
+    workloads = [Workload.from_dict(wd) for wd in spec.workloads]
+    strategies = {w.name: _strategy(lm, w, spec) for w in workloads}  # the variant's decoding strategy, batch 1
     # Workloads before the quality passes: those allocate large logits tensors whose freed
     # memory the allocator may keep, and that would count in the next peak.
-    for wd in spec.workloads:
-        out += _workload(lm.model, Workload.from_dict(wd), lm.device, spec, profile, baseline_rss, emit, kv_cache)
-    want_speedups = bool(spec.paired) and any(m in spec.metrics for m in SPEEDUP_METRICS)
+    for w in workloads:
+        out += _workload(lm.model, w, lm.device, spec, profile, baseline_rss, emit, kv_cache, strategies[w.name])
+    if spec.paired:
+        out += strategy_speedups(
+            lm.model, workloads, strategies, PairedConfig(**spec.paired), lm.device, kv_cache, emit
+        )
+    want_speedups = bool(spec.paired and spec.reference_path) and any(m in spec.metrics for m in SPEEDUP_METRICS)
     # Not for a compiled decode step: the twin would need its own compilation (as long as the model's).
     if "decode_overhead_frac" in spec.metrics and not want_speedups and not lm.inference.get(compiled.SETTING):
         out += _overhead(lm.model, spec, lm.device, kv_cache, emit)
@@ -118,15 +125,38 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
         ref = load_model(spec.reference_path, device=spec.device, dtype=spec.dtype)
         _check_same_tokenizer(lm.tokenizer, ref.tokenizer, spec.reference_path)
     if want_speedups:
-        workloads = [Workload.from_dict(wd) for wd in spec.workloads]
-        workloads = [w for w in workloads if not spec.speedup_workloads or w.name in spec.speedup_workloads]
-        out += speedups(lm.model, ref.model, workloads, lm.device, PairedConfig(**spec.paired), model_cache=kv_cache,
-                        reference_cache=cache_factory(ref.model, ref.inference), emit=emit)  # fmt: skip
+        timed = [w for w in workloads if not spec.speedup_workloads or w.name in spec.speedup_workloads]
+        out += speedups(lm.model, ref.model, timed, lm.device, PairedConfig(**spec.paired), model_cache=kv_cache,
+                        reference_cache=cache_factory(ref.model, ref.inference), emit=emit, strategies=strategies)  # fmt: skip
     if compiled.compile_log(lm.model):
         out.append(_compile_time(lm.model))
     if _want(spec, "quality"):
         out += _quality(lm, ref, spec, emit)
     return [m for m in out if m.metric in spec.metrics], baseline_rss
+
+
+def _strategy(lm, w: Workload, spec: BenchSpec) -> Strategy | None:
+    """The variant's decoding strategy for workload `w`, with its text prompts; None where it decodes plainly."""
+    setting = lm.inference.get(decoding.SETTING)
+    if not setting or w.batch_size != 1 or w.output_tokens < 2:
+        return None
+    prompts = text_prompts(lm.tokenizer, spec.docs, w.prompt_tokens, lm.device)
+    return Strategy(setting, decoding.proposer_for(lm.model, setting), prompts)
+
+
+def strategy_speedups(model, workloads: list[Workload], strategies: dict, config: PairedConfig, device, kv_cache,
+                      emit: Emit) -> list[Measurement]:  # fmt: skip
+    """speedup_strategy per workload with a strategy: its generations against the same model's plain ones."""
+    out = []
+    for w in workloads:
+        strategy = strategies[w.name]
+        if strategy is None:
+            continue
+        emit(f"speedup_strategy on {w.name} (paired with plain greedy decoding)", 0, 1)
+        plain = generation_call(model, w, strategy.prompts, kv_cache, None)
+        out.append(paired_figure("speedup_strategy", w, generation_call(model, w, strategy.prompts, kv_cache, strategy),
+                                 plain, config, device, f"{GENERATION_CALL}; B: the same model decoding plain greedy"))  # fmt: skip
+    return out
 
 
 def _compile_time(model) -> Measurement:
@@ -161,15 +191,25 @@ def _overhead(model, spec: BenchSpec, device, kv_cache, emit: Emit) -> list[Meas
 
 def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:
     mib = memory.MIB
+    draft = decoding.draft_of(model)
+    draft_bytes = memory.weights_bytes(draft) if draft is not None else 0
     out = [
         Measurement(
             "params_count", memory.params_count(model), method="counted", protocol={"tied_weights": "counted once"}
         ),
         Measurement(
             "weights_mib",
-            memory.weights_bytes(model) / mib,
+            (memory.weights_bytes(model) + draft_bytes) / mib,
             method="counted",
-            protocol={"what": "parameters and buffers in memory", "dtype": spec.dtype},
+            protocol={
+                "what": "parameters and buffers in memory",
+                "dtype": spec.dtype,
+                **(
+                    {"draft_mib": draft_bytes / mib, "draft": "the speculative draft model's, included"}
+                    if draft
+                    else {}
+                ),
+            },
         ),
         Measurement(
             "artifact_mib", memory.folder_bytes(folder) / mib, method="counted", protocol={"folder": str(folder)}
@@ -216,8 +256,9 @@ def _check_same_tokenizer(tok, ref_tok, ref_path: str) -> None:
 
 
 def _workload(
-    model, w: Workload, device, spec: BenchSpec, profile: HardwareProfile, baseline_rss: int, emit: Emit, kv_cache=None
-) -> list[Measurement]:
+    model, w: Workload, device, spec: BenchSpec, profile: HardwareProfile, baseline_rss: int, emit: Emit, kv_cache=None,
+    strategy: Strategy | None = None,
+) -> list[Measurement]:  # fmt: skip
     label = f"workload {w.name}"
 
     kv = inference_settings(model).get("kv_cache")  # what kv_cache (the cache factory) builds
@@ -234,6 +275,7 @@ def _workload(
         }
         if kv
         else "DynamicCache (model dtype)",
+        **_decoding_protocol(model, w, strategy),
     }
     out = []
     if _want(spec, "computation"):
@@ -252,8 +294,9 @@ def _workload(
     wp["conditions_before"] = machine_conditions(torch.get_num_threads())
     with memory.PeakMemory(device, baseline_rss) as peak:
         compute.time_workload(
-            model, w, device, warmup=spec.warmup, repetitions=0, on_rep=progress, cache_factory=kv_cache
-        )
+            model, w, device, warmup=spec.warmup, repetitions=0, on_rep=progress, cache_factory=kv_cache,
+            strategy=strategy,
+        )  # fmt: skip
         with EnergyMeter(device, profile) as energy:
             timing = compute.time_workload(
                 model,
@@ -263,6 +306,7 @@ def _workload(
                 repetitions=spec.repetitions,
                 on_rep=lambda r: progress(spec.warmup + r),
                 cache_factory=kv_cache,
+                strategy=strategy,
             )
     wp["conditions_after"] = machine_conditions(torch.get_num_threads())
     wp.update(competition(wp["conditions_before"], wp["conditions_after"]))
@@ -291,6 +335,44 @@ def _workload(
         )
     )
     out += _energy_money(model, w, spec, energy, profile, wp)
+    if strategy is not None:
+        out += _strategy_figures(model, w, strategy, kv_cache, wp)
+    return out
+
+
+def _decoding_protocol(model, w: Workload, strategy: Strategy | None) -> dict:
+    setting = inference_settings(model).get(decoding.SETTING)
+    if not setting:
+        return {}
+    if strategy is None:
+        return {"decoding": f"plain greedy: the variant's {setting['method']} decoding runs at batch 1 only"}
+    return {"decoding": setting, "prompts": f"{len(strategy.prompts)} prompts of {w.prompt_tokens} tokens from the evaluation text, one per repetition in turn",
+            "decode_step": "a round's time shared equally by the tokens it produced"}  # fmt: skip
+
+
+def _strategy_figures(model, w: Workload, strategy: Strategy, kv_cache, wp: dict) -> list[Measurement]:
+    """Counts of the timed generations, and their agreement with the same model's plain greedy output."""
+    stats, agree, total = strategy.stats, 0, 0
+    for i, got in enumerate(strategy.outputs):
+        cache = kv_cache(w.prompt_tokens + w.output_tokens) if kv_cache else None
+        plain = decoding.generate(
+            model, strategy.prompt(i), w.output_tokens, cache=cache
+        )  # the timed runs used prompts 0, 1, ...
+        agree += sum(a == b for a, b in zip(got, plain))
+        total += len(plain)
+    p = {**wp, "generations": len(strategy.outputs), "generated_tokens": stats.generated, "rounds": stats.rounds,
+         "guesses": stats.drafted, "kept": stats.accepted, "target_forwards": stats.target_forwards,
+         "draft_forwards": stats.draft_forwards}  # fmt: skip
+    out = [
+        Measurement("target_fwd_per_tok", stats.target_fwd_per_tok, method="counted", workload=w.name, protocol=p),
+        Measurement("greedy_agree_frac", agree / total, method="measured", workload=w.name, n=len(strategy.outputs),
+                    protocol={**p, "compared": "position by position with plain greedy decoding of the same model and prompts"}),
+    ]  # fmt: skip
+    if stats.drafted:
+        out += [
+            Measurement("accept_rate", stats.accept_rate, method="counted", workload=w.name, protocol=p),
+            Measurement("accept_len_mean", stats.accept_len_mean, method="counted", workload=w.name, protocol=p),
+        ]
     return out
 
 

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 from transformers import DynamicCache
 
 from frugalm.measure.workloads import Workload
+from frugalm.runtime import decoding
 
 aten = torch.ops.aten
 
@@ -149,6 +150,48 @@ def cache_bytes(cache) -> int:
     return total
 
 
+@dataclass
+class Strategy:
+    """A variant's decoding strategy as the benchmark runs it (runtime/decoding), batch 1, on real text.
+
+    Guesses depend on what is decoded, so its generations start from prompts of the evaluation
+    text (`text_prompts`), one per repetition in turn; counts of every timed generation gather in
+    `stats` and their tokens in `outputs`.
+    """
+
+    setting: dict
+    proposer: object
+    prompts: list[torch.Tensor]
+    stats: decoding.DecodeStats = field(default_factory=decoding.DecodeStats)
+    outputs: list[list[int]] = field(default_factory=list)
+
+    def prompt(self, i: int) -> torch.Tensor:
+        return self.prompts[i % len(self.prompts)]
+
+    def generate(self, model, ids: torch.Tensor, n_new: int, *, cache=None, clock=None, stats=None) -> list[int]:
+        return decoding.generate(model, ids, n_new, proposer=self.proposer, k=self.setting["k"], cache=cache,
+                                 stats=stats if stats is not None else self.stats, clock=clock)  # fmt: skip
+
+
+def text_prompts(tokenizer, docs: list[str], length: int, device, count: int = 8) -> list[torch.Tensor]:
+    """`count` prompts of `length` tokens from the evaluation documents: each document's first
+    tokens where it is long enough, else windows of the documents' tokens run together, evenly spaced."""
+    whole, stream = [], []
+    for doc in docs:
+        ids = tokenizer(doc).input_ids
+        if len(ids) >= length:
+            whole.append(ids[:length])
+        stream += ids
+        if len(whole) >= count or len(stream) >= 4 * count * length:
+            break
+    if len(whole) < count:
+        if len(stream) < length:
+            raise ValueError(f"the evaluation text has {len(stream)} tokens, fewer than one {length}-token prompt")
+        starts = [round(i * (len(stream) - length) / max(1, count - 1)) for i in range(count)]
+        whole += [stream[s : s + length] for s in starts][: count - len(whole)]
+    return [torch.tensor([ids], device=device) for ids in whole]
+
+
 def time_workload(
     model,
     workload: Workload,
@@ -158,19 +201,32 @@ def time_workload(
     repetitions: int,
     on_rep: Callable[[int], None] | None = None,
     cache_factory: Callable[[int], object] | None = None,
+    strategy: Strategy | None = None,
 ) -> GenerationTiming:
     """Warm up, then time `repetitions` full generations of the workload on fresh prompts.
 
     Each generation runs with a fresh cache from `cache_factory` (a quantized KV cache, say);
-    None: a plain DynamicCache, as the model would make itself.
+    None: a plain DynamicCache, as the model would make itself. With a `strategy` (batch 1) each
+    generation decodes with it from the next text prompt, and a round's time is shared equally by
+    the tokens it produced (one decode "step" per token).
     """
 
     timing = GenerationTiming()
     for rep in range(warmup + repetitions):
-        ids = prompt_ids(model, workload.batch_size, workload.prompt_tokens, device, seed=rep)
         tokens = workload.prompt_tokens + workload.output_tokens
         cache = cache_factory(tokens) if cache_factory else DynamicCache(config=model.config)
-        ttft, steps = generate_timed(model, ids, workload.output_tokens, device, cache=cache)
+        if strategy is not None:
+            clock: list[tuple[float, int]] = []
+            counts = strategy.stats if rep >= warmup else decoding.DecodeStats()
+            out = strategy.generate(
+                model, strategy.prompt(rep), workload.output_tokens, cache=cache, clock=clock, stats=counts
+            )
+            if rep >= warmup:
+                strategy.outputs.append(out)
+            ttft, steps = clock[0][0], [s / n for s, n in clock[1:] for _ in range(n)]
+        else:
+            ids = prompt_ids(model, workload.batch_size, workload.prompt_tokens, device, seed=rep)
+            ttft, steps = generate_timed(model, ids, workload.output_tokens, device, cache=cache)
         if rep >= warmup:
             timing.prefill_s.append(ttft)
             timing.decode_step_s.append(steps)

@@ -30,6 +30,7 @@ from frugalm.measure import compute
 from frugalm.measure.metrics import Measurement
 from frugalm.measure.paired import PairedConfig, competition, machine_conditions, time_paired
 from frugalm.measure.workloads import Workload
+from frugalm.runtime import decoding
 
 SPEEDUP_METRICS = ("speedup_ttft", "speedup_decode")
 DERIVED_RATIOS = {"energy_ratio_decode": "energy", "cost_ratio_decode": "money"}
@@ -63,54 +64,91 @@ def decode_call(model, ids: torch.Tensor, make_cache, max_tokens: int | None = N
     return run
 
 
+GENERATION_CALL = ("A: one whole batch-1 greedy generation of the workload's output tokens with the variant's decoding "
+                   "strategy, from the next of its evaluation-text prompts (prefill included), fresh cache")  # fmt: skip
+
+
+def generation_call(model, w: Workload, prompts: list[torch.Tensor], make_cache, strategy) -> Callable[[], None]:
+    """One whole generation per call, from the next prompt in turn: with `strategy` (compute.Strategy), or plain greedy.
+
+    A and B each cycle through the same prompts from the first, so the samples of one ABBA
+    block decode the same prompts."""
+    tokens = w.prompt_tokens + w.output_tokens
+    turn = iter(range(1 << 62))
+
+    def run() -> None:
+        ids = prompts[next(turn) % len(prompts)]
+        cache = make_cache(tokens) if make_cache else None
+        if strategy is not None:
+            strategy.generate(model, ids, w.output_tokens, cache=cache, stats=decoding.DecodeStats())
+        else:
+            decoding.generate(model, ids, w.output_tokens, cache=cache)
+
+    return run
+
+
+def paired_figure(metric: str, w: Workload, run_a, run_b, config: PairedConfig, device, call: str) -> Measurement:
+    """`metric` = time(B) / time(A), timed in ABBA blocks after two warm-up calls each, with its 95% interval."""
+    sync = (lambda: compute.synchronize(device)) if getattr(device, "type", None) == "cuda" else None
+    for fn in (run_a, run_b, run_a, run_b):  # warm-up: allocator, kernel packing
+        fn()
+    before = machine_conditions(torch.get_num_threads())
+    result = time_paired(run_a, run_b, config, sync=sync)
+    after = machine_conditions(torch.get_num_threads())
+    protocol = {
+        **result.protocol(config),
+        "call": call,
+        "models": "both held by one measuring process",
+        "ratio": "time(B) / time(A)",
+        "spread": "half the 95% interval's width",
+        "samples": "per-block ratios",
+        "conditions_before": before,
+        "conditions_after": after,
+        **competition(before, after),
+    }
+    return Measurement(metric, result.speedup, method="measured", workload=w.name, n=result.n_blocks,
+                       spread=(result.ci_high - result.ci_low) / 2, protocol=protocol,
+                       samples=[math.exp(d) for d in result.block_log_ratios])  # fmt: skip
+
+
 def speedups(model, reference, workloads: list[Workload], device, config: PairedConfig, *, model_cache=None,
-             reference_cache=None, emit=None) -> list[Measurement]:  # fmt: skip
-    """speedup_ttft and speedup_decode of `model` over `reference` on each workload, with 95%
-    intervals, and the energy and cost ratios derived from the decode speedup."""
-    sync = (lambda: compute.synchronize(device)) if device.type == "cuda" else None
+             reference_cache=None, emit=None, strategies: dict | None = None) -> list[Measurement]:  # fmt: skip
+    """speedup_ttft and speedup_decode of `model` (A) over `reference` (B) on each workload, with
+    95% intervals, and the energy and cost ratios derived from the decode speedup.
+
+    Where the model decodes with a strategy (`strategies[workload]`, batch 1), one decode step says
+    nothing of its speed: speedup_decode times whole generations instead, the model's with its
+    strategy against the reference's plain greedy ones from the same text prompts."""
     out = []
     for w in workloads:
         ids = compute.prompt_ids(model, w.batch_size, w.prompt_tokens, device)
-        pairs = {"speedup_ttft": (ttft_call(model, ids, model_cache), ttft_call(reference, ids, reference_cache))}
-        if w.output_tokens > 1:
+        strategy = (strategies or {}).get(w.name)
+        pairs = {
+            "speedup_ttft": (
+                ttft_call(model, ids, model_cache),
+                ttft_call(reference, ids, reference_cache),
+                f"prompt forward and first token's argmax, batch {w.batch_size} x {w.prompt_tokens} tokens, fresh cache",
+            )
+        }
+        if w.output_tokens > 1 and strategy is not None:
+            pairs["speedup_decode"] = (
+                generation_call(model, w, strategy.prompts, model_cache, strategy),
+                generation_call(reference, w, strategy.prompts, reference_cache, None),
+                f"{GENERATION_CALL}; B: the reference decoding plain greedy",
+            )
+        elif w.output_tokens > 1:
             pairs["speedup_decode"] = (
                 decode_call(model, ids, model_cache, w.prompt_tokens + w.output_tokens),
                 decode_call(reference, ids, reference_cache, w.prompt_tokens + w.output_tokens),
+                f"one greedy decode step at batch {w.batch_size} from the {w.prompt_tokens}-token prompt's cache, "
+                "cropped back after each call",
             )
-        for metric, (run_model, run_reference) in pairs.items():
+        for metric, (run_model, run_reference, call) in pairs.items():
             if emit:
                 emit(f"{metric} on {w.name} (paired with the reference)", 0, 1)
-            for fn in (run_model, run_reference, run_model, run_reference):  # warm-up: allocator, kernel packing
-                fn()
-            before = machine_conditions(torch.get_num_threads())
-            result = time_paired(run_model, run_reference, config, sync=sync)
-            after = machine_conditions(torch.get_num_threads())
-            call = (
-                f"prompt forward and first token's argmax, batch {w.batch_size} x {w.prompt_tokens} tokens, fresh cache"
-                if metric == "speedup_ttft"
-                else f"one greedy decode step at batch {w.batch_size} from the {w.prompt_tokens}-token prompt's cache, "
-                "cropped back after each call"
-            )
-            protocol = {
-                **result.protocol(config),
-                "call": call,
-                "models": "model and reference held by one measuring process",
-                "ratio": "time(reference) / time(model)",
-                "spread": "half the 95% interval's width",
-                "samples": "per-block ratios",
-                "conditions_before": before,
-                "conditions_after": after,
-                **competition(before, after),
-            }
-            figure = Measurement(
-                metric,
-                result.speedup,
-                method="measured",
-                workload=w.name,
-                n=result.n_blocks,
-                spread=(result.ci_high - result.ci_low) / 2,
-                protocol=protocol,
-                samples=[math.exp(d) for d in result.block_log_ratios],
+            figure = paired_figure(metric, w, run_model, run_reference, config, device, call)
+            figure.protocol.update(
+                models="model and reference held by one measuring process", ratio="time(reference) / time(model)"
             )
             out.append(figure)
             if metric == "speedup_decode":

@@ -33,9 +33,16 @@ class Technique:
     """True, or a function of the config, when `apply` reads ctx.calibration."""
     version: int = 1
     """Bumped when the technique's output changes for the same config (stored with artifacts)."""
+    needs_training_text: bool | Callable[[Any], bool] | None = None
+    """True, or a function of the config, when `apply` trains on ctx.training_documents; None: the training and data kinds do."""
 
     def wants_calibration(self, config) -> bool:
         return self.needs_calibration(config) if callable(self.needs_calibration) else self.needs_calibration
+
+    def wants_training_text(self, config) -> bool:
+        if self.needs_training_text is None:
+            return self.kind in ("training", "data")
+        return self.needs_training_text(config) if callable(self.needs_training_text) else self.needs_training_text
 
 
 @dataclass

@@ -17,7 +17,7 @@ from typing import Literal
 from torch import nn
 
 from frugalm.errors import TechniqueError
-from frugalm.runtime import compiled
+from frugalm.runtime import compiled, decoding
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.techniques._arch import decoder_blocks
 from frugalm.techniques.base import Context, Technique, record_change
@@ -43,6 +43,10 @@ def apply(model: nn.Module, config: CompileDecodeConfig, ctx: Context) -> nn.Mod
     if settings.get("kv_cache"):
         raise TechniqueError(
             f"{name}: this variant quantizes its KV cache (kv_cache_quant), whose packed cache cannot be static; drop one of the two stages"
+        )
+    if settings.get(decoding.SETTING):
+        raise TechniqueError(
+            f"{name}: this variant decodes with {settings[decoding.SETTING]['method']}, whose rounds run eager; drop one of the two stages"
         )
     compiled.check_fits(model, name)
     setting = {"mode": config.mode}
