@@ -14,6 +14,8 @@ from frugalm.measure.quality import score_text
 from frugalm.models import load_model, save_variant
 from frugalm.recipe import Recipe, Stage, build_config, recipe_to_dict
 from frugalm.registry import TECHNIQUES, get_technique
+from frugalm.runtime.decoding import draft_of
+from frugalm.runtime.modules import inference_settings
 from frugalm.techniques._calibrate import sample_calibration
 from frugalm.techniques.base import Context
 from frugalm.text.encode import encode_documents
@@ -39,12 +41,16 @@ QUALITY_FLOOR = {
     "lora_finetune": 1.05,
     "distill": 3.0,
     "dedup_data": 1.0,  # a data stage: the weights are untouched
+    # Decoding stages: the weights are untouched; how the variant generates is not scored by perplexity.
+    "speculative": 1.0,
+    "prompt_lookup": 1.0,
+    "early_exit": 1.0,
 }
 EVAL_TOKENS = 4096
 TRAINING_BUDGET = {"steps": 10, "batch_size": 4, "seq_len": 128, "warmup_steps": 2, "log_every": 5}
 """Options given to training stages (kind "training") instead of their defaults, to keep the matrix fast."""
-FAST_OPTIONS = {"mixed_precision_quant": {"probe_tokens": 512}}
-"""Other techniques' options that keep the matrix fast (fewer sensitivity probe tokens)."""
+FAST_OPTIONS = {"mixed_precision_quant": {"probe_tokens": 512}, "speculative": TRAINING_BUDGET}
+"""Other techniques' options that keep the matrix fast (fewer sensitivity probe tokens, a short draft distillation)."""
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +99,9 @@ def test_apply_save_reload(name, setup, tmp_path):
         ctx,
     )
     change = ctx.changes[-1]
+    decoding_stage = name in ("speculative", "prompt_lookup")  # change how the model generates, no layer
     assert change["technique"] == name and (
-        change["data"]["docs_in"] > 0 if technique.kind == "data" else change["layers"]
+        change["data"]["docs_in"] > 0 if technique.kind == "data" else change["layers"] or decoding_stage
     )
     ids = evaluated.ids[None, :256]
     with torch.no_grad():
@@ -106,3 +113,7 @@ def test_apply_save_reload(name, setup, tmp_path):
     again = load_model(folder, fast_kernels=False)
     with torch.no_grad():
         assert torch.equal(again.model(ids).logits, logits)
+    assert again.inference.get("decoding") == inference_settings(model).get("decoding")
+    if name == "speculative":  # the draft travels in the artifact
+        with torch.no_grad():
+            assert torch.equal(draft_of(again.model)(ids).logits, draft_of(model)(ids).logits)

@@ -1,0 +1,188 @@
+"""Decoding strategies (runtime/decoding and the speculative, prompt_lookup, early_exit stages).
+
+Lossless greedy speculation on tiny random models of every architecture, the counts it reports,
+the artifact's draft, the benchmark's figures, and bad input as one line.
+"""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import TINY_CONFIGS, build_tiny_model
+from frugalm.cli import main
+from frugalm.errors import TechniqueError
+from frugalm.models import load_model, save_variant
+from frugalm.recipe import build_config
+from frugalm.registry import get_technique
+from frugalm.runtime import decoding
+from frugalm.runtime.decoding import DecodeStats, DraftProposer, PromptLookupProposer, generate, layer_view
+from frugalm.techniques._arch import decoder_blocks
+from frugalm.techniques.base import Context
+
+
+def _model(path):
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def _prompt(n=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 290, (1, n), generator=g)
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_plain_loop_is_transformers_greedy(arch, tiny_models):
+    model = _model(tiny_models[arch])
+    ids = _prompt()
+    expected = model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False)[0, ids.shape[1] :].tolist()
+    stats = DecodeStats()
+    assert generate(model, ids, 20, stats=stats) == expected
+    assert stats.target_forwards == 20 and stats.target_fwd_per_tok == 1.0 and stats.drafted == 0
+
+
+@pytest.mark.parametrize("arch", sorted(TINY_CONFIGS))
+def test_strategies_are_lossless(arch, tiny_models, tmp_path):
+    model = _model(tiny_models[arch])
+    other = _model(build_tiny_model(arch, tmp_path / "other", seed=1))  # a draft that often disagrees
+    path, _ = decoder_blocks(model)
+    proposers = {
+        "self": DraftProposer(model),
+        "other": DraftProposer(other),
+        "adaptive": DraftProposer(other, threshold=0.5),
+        "lookup": PromptLookupProposer(3, 1),
+        "early": DraftProposer(layer_view(model, path, 1)),
+    }
+    for seed in range(3):
+        ids = _prompt(seed=seed)
+        plain = generate(model, ids, 30)
+        for name, proposer in proposers.items():
+            for k in (1, 3, 5):
+                stats = DecodeStats()
+                assert generate(model, ids, 30, proposer=proposer, k=k, stats=stats) == plain, (name, k, seed)
+                assert stats.generated == 30 and stats.accepted <= stats.drafted
+                if name == "self":  # a draft equal to the target: every guess kept
+                    assert stats.accept_rate == 1.0 and stats.target_forwards < 30 / k + 2
+
+
+def test_layer_view_shares_weights_and_leaves_the_model_whole(tiny_models):
+    model = _model(tiny_models["llama"])
+    view = layer_view(model, "model.layers", 1)
+    assert len(model.model.layers) == 2 and model.config.num_hidden_layers == 2
+    assert len(view.model.layers) == 1 and view.config.num_hidden_layers == 1
+    assert view.model.layers[0] is model.model.layers[0] and view.lm_head is model.lm_head
+    truncated = copy.deepcopy(model)
+    truncated.model.layers = truncated.model.layers[:1]
+    truncated.config.num_hidden_layers = 1
+    ids = _prompt()
+    with torch.no_grad():
+        torch.testing.assert_close(view(ids).logits, truncated(ids).logits)
+
+
+def test_prompt_lookup_copies_the_latest_match():
+    proposer = PromptLookupProposer(3, 1)
+    seq = [5, 6, 7, 8, 9, 5, 6, 7, 1, 2, 5, 6, 7]
+    assert proposer.propose(seq, 3, DecodeStats()) == [1, 2, 5]  # the later "5 6 7" is followed by 1 2
+    assert proposer.propose([1, 2, 3], 3, DecodeStats()) == []
+
+
+def test_batch_above_one_is_refused(tiny_models):
+    model = _model(tiny_models["llama"])
+    with pytest.raises(ValueError, match="batch 1"):
+        generate(model, torch.randint(3, 290, (2, 8)), 4, proposer=PromptLookupProposer())
+
+
+def _apply(name, model, ctx, **options):
+    technique = get_technique(name)
+    config, problems = build_config(technique.config_cls, options, name)
+    assert problems == [], problems
+    return technique.apply(model, config, ctx)
+
+
+def test_speculative_artifact_carries_its_draft(tiny_models, tmp_path):
+    lm = load_model(tiny_models["llama"], fast_kernels=False)
+    draft_folder = build_tiny_model("llama", tmp_path / "draft-src", seed=3)
+    model = _apply("speculative", lm.model, Context(tokenizer=lm.tokenizer), draft=str(draft_folder), k=2)
+    folder = save_variant(model, lm.tokenizer, tmp_path / "v", {})
+    meta = json.loads((folder / "frugalm.json").read_text())
+    assert meta["inference"]["decoding"] == {"method": "speculative", "k": 2, "threshold": 0.0}
+    again = load_model(folder)
+    draft = decoding.draft_of(again.model)
+    assert draft is not None and draft is not again.model
+    ids = _prompt()
+    plain = generate(again.model, ids, 16)
+    assert (
+        generate(again.model, ids, 16, proposer=decoding.proposer_for(again.model, again.inference["decoding"]), k=2)
+        == plain
+    )
+    shutil.rmtree(folder / "draft")
+    with pytest.raises(Exception, match="draft folder"):
+        load_model(folder)
+
+
+def test_bad_options_are_refused(tiny_models, tmp_path):
+    lm = load_model(tiny_models["llama"], fast_kernels=False)
+    ctx = Context(tokenizer=lm.tokenizer)
+    for name, options, message in [
+        ("speculative", {"k": 0}, "k must be at least 1"),
+        ("prompt_lookup", {"k": -1}, "k must be at least 1"),
+        ("early_exit", {"layers": 2}, "fewer than the model's 2 decoder blocks"),
+        ("early_exit", {"threshold": 1.5}, "threshold must be in [0, 1)"),
+    ]:
+        technique = get_technique(name)
+        config, problems = build_config(technique.config_cls, options, name)
+        if problems:
+            assert message in problems[0]
+            continue
+        with pytest.raises(TechniqueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            technique.apply(lm.model, config, ctx)
+    gpt2 = tiny_models["gpt2"]
+    with pytest.raises(TechniqueError, match="another tokenizer"):
+        other_vocab = tmp_path / "other-vocab"
+        shutil.copytree(gpt2, other_vocab)
+        vocab = json.loads((other_vocab / "tokenizer.json").read_text())
+        vocab["model"]["vocab"] = {f"x{k}": v for k, v in vocab["model"]["vocab"].items()}
+        vocab["model"]["merges"] = []
+        (other_vocab / "tokenizer.json").write_text(json.dumps(vocab))
+        _apply("speculative", lm.model, ctx, draft=str(other_vocab))
+    model = _apply("prompt_lookup", lm.model, ctx)
+    with pytest.raises(TechniqueError, match="one decoding strategy"):
+        _apply("early_exit", model, ctx, layers=1)
+    with pytest.raises(TechniqueError, match="drop one of the two stages"):
+        _apply("compile_decode", model, ctx)
+
+
+def test_bad_recipe_values_are_one_line(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    for stage, expected in [
+        ("technique: speculative\n    k: 0", "k must be at least 1"),
+        ("technique: early_exit\n    layers: 9", "fewer than the model's 4 decoder blocks"),
+        ("technique: speculative\n    draft: /no/such/draft", "does not exist"),
+    ]:
+        recipe.write_text(f"version: 1\nname: bad\nstages:\n  - {stage}\n")
+        assert main(["run", str(recipe), "--out", str(tmp_path / "out"), "--no-measure", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()  # the resolved recipe, then the error
+        errors = [line for line in err if "error:" in line]
+        assert errors == [err[-1]] and err[-1].startswith("frugalm run: error:") and expected in err[-1], err
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_prompt_lookup_is_measured_on_text_prompts(tmp_path, capsys):
+    """The built-in model decoding code with prompt lookup: identical output, counts, a paired speedup."""
+    db = tmp_path / "s.db"
+    args = ["run", "src/frugalm/recipes/prompt-lookup.yaml", "--out", str(tmp_path / "pl"), "--store", str(db),
+            "--workload", "chat", "--workload", "batch8", "--repetitions", "2", "--speedup-budget", "3", "--json", "--quiet",
+            "--metric", "greedy_agree_frac", "--metric", "accept_rate", "--metric", "accept_len_mean",
+            "--metric", "target_fwd_per_tok", "--metric", "speedup_strategy", "--metric", "tpot_p50_ms"]  # fmt: skip
+    assert main(args) == 0
+    figures = {(m["metric"], m["workload"]): m for m in json.loads(capsys.readouterr().out)["metrics"]}
+    assert figures[("greedy_agree_frac", "chat")]["value"] == 1.0
+    assert 0 < figures[("accept_rate", "chat")]["value"] <= 1
+    assert figures[("target_fwd_per_tok", "chat")]["value"] < 1  # code repeats itself: guesses are kept
+    speedup = figures[("speedup_strategy", "chat")]
+    assert speedup["method"] == "measured" and len(speedup["protocol"]["ci"]) == 2
+    assert ("accept_rate", "batch8") not in figures  # batch 8 decodes plainly, and says so
+    assert "batch 1 only" in figures[("tpot_p50_ms", "batch8")]["protocol"]["decoding"]
