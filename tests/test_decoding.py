@@ -20,6 +20,7 @@ from frugalm.recipe import build_config
 from frugalm.registry import get_technique
 from frugalm.runtime import decoding
 from frugalm.runtime.decoding import DecodeStats, DraftProposer, PromptLookupProposer, generate, layer_view
+from frugalm.runtime.kv_cache import cache_factory
 from frugalm.techniques._arch import decoder_blocks
 from frugalm.techniques.base import Context
 
@@ -65,6 +66,18 @@ def test_strategies_are_lossless(arch, tiny_models, tmp_path):
                 assert stats.generated == 30 and stats.accepted <= stats.drafted
                 if name == "self":  # a draft equal to the target: every guess kept
                     assert stats.accept_rate == 1.0 and stats.target_forwards < 30 / k + 2
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_strategies_run_on_the_packed_kv_cache(bits, tiny_models):
+    """Rounds crop frugalm's quantized cache; the output is plain greedy's on the same cache."""
+    model = _model(tiny_models["llama"])
+    make = cache_factory(model, {"kv_cache": {"bits": bits, "group_size": 64, "residual_length": 8}})
+    for seed in range(2):
+        ids = _prompt(40, seed)
+        plain = generate(model, ids, 40, cache=make(80))
+        for proposer in (PromptLookupProposer(), DraftProposer(layer_view(model, "model.layers", 1))):
+            assert generate(model, ids, 40, cache=make(80), proposer=proposer, k=3) == plain
 
 
 def test_layer_view_shares_weights_and_leaves_the_model_whole(tiny_models):
