@@ -45,6 +45,7 @@ QUALITY_FLOOR = {
     "speculative": 1.0,
     "prompt_lookup": 1.0,
     "early_exit": 1.0,
+    "offload": 1.0,  # weights read from disk, unchanged
 }
 EVAL_TOKENS = 4096
 TRAINING_BUDGET = {"steps": 10, "batch_size": 4, "seq_len": 128, "warmup_steps": 2, "log_every": 5}

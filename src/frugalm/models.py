@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from frugalm.assets import DEFAULT_MODEL_DIR
 from frugalm.atomic import atomic_folder
 from frugalm.errors import ConfigError, ModelError, suggest
-from frugalm.runtime import compiled, decoding
+from frugalm.runtime import compiled, decoding, offload
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.runtime.quant_linear import (
     Int8Linear,
@@ -254,7 +254,8 @@ def load_model(
     weight-only kernels for w8a16/w4a16, see runtime/quant_linear), never through a kernel that
     quantizes activations the format does not. A variant recorded to decode compiled
     (inference.compiled_decode) gets its compiled path installed (runtime/compiled); a
-    speculative one (inference.decoding) gets its draft, from the artifact's draft/ folder.
+    speculative one (inference.decoding) gets its draft, from the artifact's draft/ folder; an
+    offloaded one (inference.offload) keeps part of its blocks on disk (runtime/offload).
     """
 
     source = resolve_model(ref)
@@ -262,16 +263,25 @@ def load_model(
     check_weights(source)
     tokenizer = load_tokenizer(source)
     meta = read_metadata(source.path)
+    inference = (meta or {}).get("inference") or {}
+    offloaded = inference.get(offload.SETTING)
+    if offloaded and dev.type != "cpu":
+        raise ModelError(
+            f"'{source.ref}' is offloaded to disk (its offload stage), which runs on the CPU here; load it with --device cpu"
+        )
     try:
         if meta and meta.get("packed_layers"):
             model = _load_packed(source, meta, dt)
+        elif offloaded:
+            model, _ = offload.load(source.path, offloaded, dt)  # part of the weights stay on disk
         else:
             model = AutoModelForCausalLM.from_pretrained(source.path, dtype=dt)
     except (OSError, ValueError, KeyError) as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"'{source.ref}' could not be loaded as a causal LM by transformers: {first_line}") from None
-    model.to(dev).eval()
-    inference = (meta or {}).get("inference") or {}
+    if not offloaded:
+        model.to(dev)
+    model.eval()
     if meta and meta.get("packed_layers"):
         set_linear_formats_(model, inference.get("linear_formats"))  # None: saved before formats were recorded
         if fast_kernels and dev.type == "cpu":

@@ -25,6 +25,7 @@ TECHNIQUES: dict[str, str] = {
     "speculative": "frugalm.techniques.speculative:TECHNIQUE",
     "prompt_lookup": "frugalm.techniques.prompt_lookup:TECHNIQUE",
     "early_exit": "frugalm.techniques.early_exit:TECHNIQUE",
+    "offload": "frugalm.techniques.offload:TECHNIQUE",
     "distill": "frugalm.techniques.distill:TECHNIQUE",
     "lora_finetune": "frugalm.techniques.lora_finetune:TECHNIQUE",
     "masked_finetune": "frugalm.techniques.masked_finetune:TECHNIQUE",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,18 @@ from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement
 from frugalm.measure.overhead import decode_overhead, shrunk_twin
 from frugalm.measure.paired import PairedConfig, competition, machine_conditions
 from frugalm.measure.quality import PerplexityProtocol, measure_quality
-from frugalm.measure.speedup import GENERATION_CALL, SPEEDUP_METRICS, generation_call, paired_figure, speedups
+from frugalm.measure.speedup import (
+    GENERATION_CALL,
+    SPEEDUP_METRICS,
+    decode_call,
+    generation_call,
+    paired_figure,
+    speedups,
+)
 from frugalm.measure.stats import percentile, spread
 from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
-from frugalm.runtime import compiled, decoding
+from frugalm.runtime import compiled, decoding, offload
 from frugalm.runtime.kv_cache import cache_factory
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, kernel_summary
 from frugalm.runtime.quant_linear import format_summary
@@ -111,13 +119,16 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     # memory the allocator may keep, and that would count in the next peak.
     for w in workloads:
         out += _workload(lm.model, w, lm.device, spec, profile, baseline_rss, emit, kv_cache, strategies[w.name])
+    if offload.plan_of(lm.model) is not None:
+        out += _offload_figures(lm.model, workloads, Path(spec.model_path), lm.device, kv_cache, emit)
     if spec.paired:
         out += strategy_speedups(
             lm.model, workloads, strategies, PairedConfig(**spec.paired), lm.device, kv_cache, emit
         )
     want_speedups = bool(spec.paired and spec.reference_path) and any(m in spec.metrics for m in SPEEDUP_METRICS)
     # Not for a compiled decode step: the twin would need its own compilation (as long as the model's).
-    if "decode_overhead_frac" in spec.metrics and not want_speedups and not lm.inference.get(compiled.SETTING):
+    if ("decode_overhead_frac" in spec.metrics and not want_speedups and not lm.inference.get(compiled.SETTING)
+            and offload.plan_of(lm.model) is None):  # fmt: skip
         out += _overhead(lm.model, spec, lm.device, kv_cache, emit)
     # The reference is loaded only now, so that its memory never counts in the workloads' peaks.
     ref = None
@@ -156,6 +167,37 @@ def strategy_speedups(model, workloads: list[Workload], strategies: dict, config
         plain = generation_call(model, w, strategy.prompts, kv_cache, None)
         out.append(paired_figure("speedup_strategy", w, generation_call(model, w, strategy.prompts, kv_cache, strategy),
                                  plain, config, device, f"{GENERATION_CALL}; B: the same model decoding plain greedy"))  # fmt: skip
+    return out
+
+
+def _offload_figures(model, workloads: list[Workload], folder: Path, device, kv_cache, emit: Emit, steps: int = 5) -> list[Measurement]:  # fmt: skip
+    """Per workload: bytes read from the weight files by one decode step (counted), and the step timed cold."""
+    plan = offload.plan_of(model)
+    out = []
+    for w in workloads:
+        if w.output_tokens < 2:
+            continue
+        emit(f"offloaded decode on {w.name} (cold page cache)", 0, steps)
+        ids = compute.prompt_ids(model, w.batch_size, w.prompt_tokens, device)
+        step = decode_call(model, ids, kv_cache, w.prompt_tokens + w.output_tokens)
+        step()
+        before = offload.bytes_read(model)
+        step()
+        read = offload.bytes_read(model) - before
+        cold = []
+        for i in range(steps):
+            evicted = offload.evict(folder)
+            t = time.perf_counter()
+            step()
+            cold.append((time.perf_counter() - t) * 1e3)
+            emit(f"offloaded decode on {w.name} (cold page cache)", i + 1, steps)
+        p = {"workload": w.to_dict(), "plan": plan, "folder": str(folder)}
+        out += [
+            Measurement("offload_read_mib_per_tok", read / memory.MIB, method="counted", workload=w.name,
+                        protocol={**p, "counted": "bytes returned by accelerate's weight loader during one decode step"}),
+            _summary("tpot_cold_ms", w.name, cold, {**p, "evicted_bytes": evicted, "cold": "the weight files evicted "
+                     "from the OS page cache (posix_fadvise DONTNEED) before every step; one step from the prompt's cache, cropped back"}),
+        ]  # fmt: skip
     return out
 
 
@@ -204,6 +246,7 @@ def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:
             protocol={
                 "what": "parameters and buffers in memory",
                 "dtype": spec.dtype,
+                **({"offload": offload.plan_of(model)} if offload.plan_of(model) else {}),
                 **(
                     {"draft_mib": draft_bytes / mib, "draft": "the speculative draft model's, included"}
                     if draft

@@ -33,10 +33,13 @@ def weights_bytes(model) -> int:
     """Bytes of parameters and buffers as they lie in memory (packed formats count as packed).
 
     Modules whose weights live inside an opaque kernel object (fbgemm's packed int8) report
-    them through a `weight_bytes()` method.
+    them through a `weight_bytes()` method. Weights offloaded to disk (on the meta device
+    between their block's forwards) are not in memory and do not count.
     """
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
+        if t.is_meta:  # offloaded to disk (runtime/offload): not in memory
+            continue
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
         if key not in seen:
             seen.add(key)
