@@ -1,6 +1,7 @@
 """Decoding strategies side by side with plain greedy decoding, and the drafts they need.
 
     .venv/bin/python benchmarks/bench_decoding.py [--steps 400] [--budget 20] [--out FILE]
+        [--parts strategies drafts confidence]
 
 Everything in one process, one torch thread, batch 1, float32. Models: stories260K (its own
 TinyStories text) and the built-in model (Python code). Prompts: the first 128 tokens of 8
@@ -17,6 +18,11 @@ Drafts: `speculative`'s distilled draft (a layer-dropped copy keeping half the b
 `--steps` steps, batch 16 x 256 tokens, on the documents after the held-out ones, soft targets
 alpha 0.9, T 2) against the same student trained with the next-token loss only (alpha 0): their
 held-out perplexity (the 8 prompts' documents, 4,096 tokens, windows of 256) and acceptance.
+
+Confidence exit (lossy, `early_exit` mode confidence): every token may exit from block
+`--exit-from` on (default half the depth) once its top probability reaches 0.5, 0.7 or 0.9; printed: blocks run per token, agreement of
+its greedy output with plain greedy (position by position), held-out perplexity scored token by
+token through the exit against the full model's, and the paired speedup.
 
 Run alone: it times speed, and 2 shared cores swing with any other load.
 """
@@ -144,11 +150,57 @@ def _drafts(lm, held, train, steps: int) -> tuple[dict, object]:
     return out, drafts
 
 
+def _confidence_rows(lm, prompts, held, budget, first: int) -> list[dict]:
+    """The lossy confidence exit at three thresholds: speed, agreement, blocks per token, perplexity through the exit."""
+    from frugalm.measure.compute import Strategy
+    from frugalm.measure.paired import PairedConfig
+    from frugalm.measure.speedup import generation_call, paired_figure
+    from frugalm.measure.workloads import Workload
+    from frugalm.runtime import decoding
+    from frugalm.runtime.modules import INFERENCE_ATTR
+
+    model, rows = lm.model, []
+    n = model.config.num_hidden_layers
+    full_ppl = _ppl(model, lm.tokenizer, held)
+    w = Workload("bench", PROMPT_TOKENS, NEW_TOKENS, 1, "bench_decoding")
+    for threshold in (0.5, 0.7, 0.9):
+        setting = {"method": "confidence_exit", "layers": first, "threshold": threshold, "blocks": "model.layers",
+                   "norm": "model.norm", "rotary": "model.rotary_emb"}  # fmt: skip
+        strategy = Strategy(setting, None, prompts)
+        agree = total = 0
+        for ids in prompts:
+            plain = decoding.generate(model, ids, NEW_TOKENS)
+            out = strategy.generate(model, ids, NEW_TOKENS)
+            agree += sum(a == b for a, b in zip(out, plain))
+            total += len(plain)
+        setattr(model, INFERENCE_ATTR, {"decoding": setting})
+        ppl = _ppl(model, lm.tokenizer, held)  # scored token by token through the exit
+        setattr(model, INFERENCE_ATTR, {})
+        fig = paired_figure("speedup_strategy", w, generation_call(model, w, prompts, None, strategy),
+                            generation_call(model, w, prompts, None, None), PairedConfig(budget_s=budget, target_halfwidth=0.02),
+                            model.device, "bench")  # fmt: skip
+        row = {"threshold": threshold, "blocks_per_tok": strategy.stats.blocks_per_tok, "greedy_agree": agree / total,
+               "ppl": ppl, "ppl_full": full_ppl, "speedup": fig.value, "ci": fig.protocol["ci"]}  # fmt: skip
+        print(
+            f"  confidence exit from block {first} of {n}, threshold {threshold}: blocks/token {row['blocks_per_tok']:.2f}  "
+            f"greedy agreement {row['greedy_agree']:.3f}  ppl {ppl:.3f} (full {full_ppl:.3f}, {100 * (ppl / full_ppl - 1):+.1f}%)  "
+            f"speedup {fig.value:.3f}x [{fig.protocol['ci'][0]:.3f}, {fig.protocol['ci'][1]:.3f}]",
+            flush=True,
+        )
+        rows.append(row)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="distillation steps of each draft")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of paired timing per figure")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--parts", nargs="+", default=["strategies", "drafts", "confidence"],
+                        choices=["strategies", "drafts", "confidence"], help="what to measure")  # fmt: skip
+    parser.add_argument(
+        "--exit-from", type=int, help="confidence exit: first block a token may exit after (default: half the depth)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -162,30 +214,38 @@ def main() -> None:
         print(f"{name}:", flush=True)
         lm, prompts, held, train = _setup(ref, data)
         model = lm.model
-        rows = []
-        for k in (2, 4):
-            rows.append(
-                _strategy_row("prompt lookup (n-gram 3..1)", model, PromptLookupProposer(3, 1), k, prompts, args.budget)
-            )
-        n_layers = model.config.num_hidden_layers
-        for layers in sorted({1, n_layers // 2}):
-            view = layer_view(model, "model.layers", layers)
-            rows.append(
-                _strategy_row(
-                    f"early exit, first {layers} of {n_layers} blocks",
-                    model,
-                    DraftProposer(view),
-                    2,
-                    prompts,
-                    args.budget,
+        rows, drafts = [], None
+        if "strategies" in args.parts:
+            for k in (2, 4):
+                rows.append(
+                    _strategy_row(
+                        "prompt lookup (n-gram 3..1)", model, PromptLookupProposer(3, 1), k, prompts, args.budget
+                    )
                 )
-            )
-        drafts, models = _drafts(lm, held, train, args.steps)
-        for alpha, draft in models.items():
-            label = "distilled draft" if alpha else "draft trained without teacher"
-            for k in (1, 2, 3):
-                rows.append(_strategy_row(label, model, DraftProposer(draft), k, prompts, args.budget))
-        results[name] = {"rows": rows, "drafts": drafts}
+            n_layers = model.config.num_hidden_layers
+            for layers in sorted({1, n_layers // 2}):
+                view = layer_view(model, "model.layers", layers)
+                rows.append(
+                    _strategy_row(
+                        f"early exit, first {layers} of {n_layers} blocks",
+                        model,
+                        DraftProposer(view),
+                        2,
+                        prompts,
+                        args.budget,
+                    )
+                )
+        if "drafts" in args.parts:
+            drafts, models = _drafts(lm, held, train, args.steps)
+            for alpha, draft in models.items():
+                label = "distilled draft" if alpha else "draft trained without teacher"
+                for k in (1, 2, 3):
+                    rows.append(_strategy_row(label, model, DraftProposer(draft), k, prompts, args.budget))
+        confidence = None
+        if "confidence" in args.parts:
+            first = args.exit_from or max(1, model.config.num_hidden_layers // 2)
+            confidence = _confidence_rows(lm, prompts, held, args.budget, first)
+        results[name] = {"rows": rows, "drafts": drafts, "confidence": confidence}
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
 

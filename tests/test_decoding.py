@@ -199,3 +199,32 @@ def test_prompt_lookup_is_measured_on_text_prompts(tmp_path, capsys):
     assert speedup["method"] == "measured" and len(speedup["protocol"]["ci"]) == 2
     assert ("accept_rate", "batch8") not in figures  # batch 8 decodes plainly, and says so
     assert "batch 1 only" in figures[("tpot_p50_ms", "batch8")]["protocol"]["decoding"]
+
+
+def test_confidence_exit(tiny_models, tmp_path):
+    """Lossy early exit: never confident enough, it is the full model; always confident, every token runs `layers` blocks."""
+    lm = load_model(tiny_models["llama"], fast_kernels=False)
+    ctx = Context(tokenizer=lm.tokenizer)
+    model = _apply("early_exit", lm.model, ctx, mode="confidence", layers=1, threshold=0.999999)
+    setting = model.frugalm_inference["decoding"]
+    assert setting["method"] == "confidence_exit"
+    ids = _prompt()
+    plain = generate(model, ids, 16)
+    stats = DecodeStats()
+    assert decoding.exit_generate(model, ids, 16, setting, stats=stats) == plain
+    assert stats.blocks_per_tok == 2
+    with torch.no_grad():
+        torch.testing.assert_close(
+            decoding.exit_logits(model, ids, setting)[0], model(ids).logits[0], rtol=1e-4, atol=1e-4
+        )
+    eager = {**setting, "threshold": 1e-9}
+    stats = DecodeStats()
+    out = decoding.exit_generate(model, ids, 16, eager, stats=stats)
+    assert len(out) == 16 and stats.blocks_per_tok == 1
+    logits = decoding.exit_logits(model, ids, eager)
+    assert logits.shape == (1, 24, lm.model.config.vocab_size) and torch.isfinite(logits).all()
+    folder = save_variant(model, lm.tokenizer, tmp_path / "ce", {})
+    assert load_model(folder).inference["decoding"] == setting
+    gpt2 = load_model(tiny_models["gpt2"], fast_kernels=False)
+    with pytest.raises(TechniqueError, match="Llama-family"):
+        _apply("early_exit", gpt2.model, ctx, mode="confidence", layers=1)

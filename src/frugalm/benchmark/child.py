@@ -405,7 +405,7 @@ def _strategy_figures(model, w: Workload, strategy: Strategy, kv_cache, wp: dict
         total += len(plain)
     p = {**wp, "generations": len(strategy.outputs), "generated_tokens": stats.generated, "rounds": stats.rounds,
          "guesses": stats.drafted, "kept": stats.accepted, "target_forwards": stats.target_forwards,
-         "draft_forwards": stats.draft_forwards}  # fmt: skip
+         "draft_forwards": stats.draft_forwards, "blocks_per_token": stats.blocks_per_tok}  # fmt: skip
     out = [
         Measurement("target_fwd_per_tok", stats.target_fwd_per_tok, method="counted", workload=w.name, protocol=p),
         Measurement("greedy_agree_frac", agree / total, method="measured", workload=w.name, n=len(strategy.outputs),

@@ -169,8 +169,11 @@ class Strategy:
         return self.prompts[i % len(self.prompts)]
 
     def generate(self, model, ids: torch.Tensor, n_new: int, *, cache=None, clock=None, stats=None) -> list[int]:
+        stats = stats if stats is not None else self.stats
+        if self.setting.get("method") == "confidence_exit":
+            return decoding.exit_generate(model, ids, n_new, self.setting, cache=cache, stats=stats, clock=clock)
         return decoding.generate(model, ids, n_new, proposer=self.proposer, k=self.setting["k"], cache=cache,
-                                 stats=stats if stats is not None else self.stats, clock=clock)  # fmt: skip
+                                 stats=stats, clock=clock)  # fmt: skip
 
 
 def text_prompts(tokenizer, docs: list[str], length: int, device, count: int = 8) -> list[torch.Tensor]:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from frugalm.errors import ConfigError
 from frugalm.measure.metrics import Measurement
+from frugalm.runtime import decoding
 from frugalm.runtime.kv_cache import cache_factory as model_cache_factory
 from frugalm.runtime.modules import inference_settings
 from frugalm.text.encode import EncodedText, encode_documents
@@ -129,7 +130,11 @@ def score_text(
 
 
 def _window_logits(model, inputs: torch.Tensor, cache_factory) -> torch.Tensor:
-    """(B, L, V) logits of each window: one forward, or chunked prefill through a fresh cache."""
+    """(B, L, V) logits of each window: one forward, or chunked prefill through a fresh cache, or,
+    for a variant decoding with the (lossy) confidence exit, token by token through it."""
+    setting = inference_settings(model).get(decoding.SETTING) or {}
+    if setting.get("method") == "confidence_exit":
+        return decoding.exit_logits(model, inputs, setting, cache_factory)
     if cache_factory is None:
         return model(inputs).logits
     cache = cache_factory(inputs.shape[1])
@@ -207,6 +212,10 @@ def measure_quality(
 def _scoring_mode(model) -> dict:
 
     kv = inference_settings(model).get("kv_cache")
+    exit_setting = inference_settings(model).get(decoding.SETTING) or {}
+    if exit_setting.get("method") == "confidence_exit":
+        return {"scoring": "token by token through the confidence exit (teacher forcing): the lossy variant's own predictions",
+                "decoding": exit_setting, **({"kv_cache": kv} if kv else {})}  # fmt: skip
     if not kv:
         return {"scoring": "whole windows, one forward each, no cache"}
     return {

@@ -39,7 +39,7 @@ from transformers import DynamicCache
 
 SETTING = "decoding"
 """Key of the inference setting: {"method": "speculative" | "prompt_lookup" | "early_exit", "k": ..., ...}."""
-METHODS = ("speculative", "prompt_lookup", "early_exit")
+METHODS = ("speculative", "prompt_lookup", "early_exit", "confidence_exit")
 DRAFT_ATTR = "frugalm_draft"
 """Model attribute holding a speculative variant's draft model (kept out of the module tree and its state dict)."""
 DRAFT_DIR = "draft"
@@ -61,6 +61,10 @@ class DecodeStats:
     accepted: int = 0
     """Guesses kept."""
     draft_forwards: int = 0
+    blocks_run: int = 0
+    """Decoder blocks run for the generated tokens after the prompt (confidence exit: fewer than all)."""
+    exit_tokens: int = 0
+    """Tokens after the prompt decoded by the confidence exit loop."""
 
     def add(self, other: DecodeStats) -> None:
         for name in self.__dataclass_fields__:
@@ -78,6 +82,10 @@ class DecodeStats:
     @property
     def target_fwd_per_tok(self) -> float | None:
         return self.target_forwards / self.generated if self.generated else None
+
+    @property
+    def blocks_per_tok(self) -> float | None:
+        return self.blocks_run / self.exit_tokens if self.exit_tokens else None
 
 
 # --- proposers -----------------------------------------------------------------------------------
@@ -216,6 +224,99 @@ def generate(model: nn.Module, ids: torch.Tensor, n_new: int, *, proposer=None, 
     return new
 
 
+# --- confidence exit (lossy) ---------------------------------------------------------------------
+
+
+class ExitParts:
+    """The pieces of a Llama-family model the confidence exit loop runs one by one."""
+
+    def __init__(self, model: nn.Module, setting: dict):
+        self.blocks = model.get_submodule(setting["blocks"])
+        self.norm = model.get_submodule(setting["norm"])
+        self.rotary = model.get_submodule(setting["rotary"])
+        self.embed, self.head = model.get_input_embeddings(), model.get_output_embeddings()
+        self.first, self.threshold = setting["layers"], setting["threshold"]
+        attn = self.blocks[0].self_attn
+        self.kv_heads = model.config.num_key_value_heads
+        self.head_dim = getattr(attn, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+
+    def step(self, token: torch.Tensor, cache, stats: DecodeStats) -> torch.Tensor:
+        """Logits (vocab,) of one new token (1, 1) at the cache's next position, exiting at the first
+        block from `first` on whose prediction's top probability reaches `threshold`. The blocks it
+        skips still get this position's keys and values, computed from the exit's hidden state (CALM's
+        state propagation), so later tokens attend over every position in every block."""
+        position = torch.tensor([[cache.get_seq_length()]], device=token.device)
+        h = self.embed(token)
+        cos_sin = self.rotary(h, position_ids=position)
+        last = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            h = block(h, attention_mask=None, position_ids=position, past_key_values=cache, use_cache=True,
+                      position_embeddings=cos_sin)  # fmt: skip
+            if self.first <= i + 1 < last:
+                logits = self.head(self.norm(h))[0, -1]
+                if F.softmax(logits.float(), -1).max() >= self.threshold:
+                    self._propagate(h, i + 1, cos_sin, cache)
+                    stats.blocks_run += i + 1
+                    stats.exit_tokens += 1
+                    return logits
+        stats.blocks_run += last
+        stats.exit_tokens += 1
+        return self.head(self.norm(h))[0, -1]
+
+    def _propagate(self, h: torch.Tensor, start: int, cos_sin, cache) -> None:
+        cos, sin = cos_sin
+        for j in range(start, len(self.blocks)):
+            block = self.blocks[j]
+            x = block.input_layernorm(h)
+            k = block.self_attn.k_proj(x).view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            v = block.self_attn.v_proj(x).view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+            k = k * cos.unsqueeze(1) + _rotate_half(k) * sin.unsqueeze(1)
+            cache.update(k, v, j)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+@torch.inference_mode()
+def exit_generate(model: nn.Module, ids: torch.Tensor, n_new: int, setting: dict, *, cache=None,
+                  stats: DecodeStats | None = None, clock: list[tuple[float, int]] | None = None) -> list[int]:  # fmt: skip
+    """Greedy-generate `n_new` tokens with the confidence exit (lossy): the prompt runs through every
+    block, each new token exits at the first confident block (ExitParts.step)."""
+    if ids.shape[0] != 1:
+        raise ValueError(f"confidence exit decoding runs at batch 1, got a batch of {ids.shape[0]}")
+    stats = stats if stats is not None else DecodeStats()
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    parts = ExitParts(model, setting)
+    t = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    stats.target_forwards += 1
+    new = [int(out.logits[0, -1].argmax())]
+    if clock is not None:
+        clock.append((time.perf_counter() - t, 1))
+    while len(new) < n_new:
+        t = time.perf_counter()
+        new.append(int(parts.step(torch.tensor([[new[-1]]], device=ids.device), cache, stats).argmax()))
+        stats.target_forwards += 1
+        if clock is not None:
+            clock.append((time.perf_counter() - t, 1))
+    stats.generated += len(new)
+    return new
+
+
+@torch.inference_mode()
+def exit_logits(model: nn.Module, inputs: torch.Tensor, setting: dict, cache_factory=None) -> torch.Tensor:
+    """(B, L, V) logits of each window fed token by token through the confidence exit (teacher
+    forcing): what the lossy variant predicts at every position, for perplexity and fidelity."""
+    parts, rows = ExitParts(model, setting), []
+    for row in inputs:
+        cache = cache_factory(len(row)) if cache_factory else DynamicCache(config=model.config)
+        stats = DecodeStats()
+        rows.append(torch.stack([parts.step(token.view(1, 1), cache, stats) for token in row]))
+    return torch.stack(rows)
+
+
 def attach_draft(model: nn.Module, draft: nn.Module) -> None:
     """Keep `draft` with `model` without making it a submodule (it is saved in its own folder)."""
     model.__dict__[DRAFT_ATTR] = draft
@@ -237,4 +338,6 @@ def proposer_for(model: nn.Module, setting: dict):
         return PromptLookupProposer(setting.get("max_ngram", 3), setting.get("min_ngram", 1))
     if method == "early_exit":
         return DraftProposer(layer_view(model, setting["blocks"], setting["layers"]), setting.get("threshold", 0.0))
+    if method == "confidence_exit":
+        return None  # not speculation: its own loop (exit_generate)
     raise ValueError(f"unknown decoding method {method!r}; known: {', '.join(METHODS)}")
