@@ -54,3 +54,31 @@ def test_offload_refuses_what_it_cannot_do(tiny_models, tmp_path):
     quantized = get_technique("rtn_quant").apply(lm.model, get_technique("rtn_quant").config_cls(), Context())
     with pytest.raises(TechniqueError, match="packed quantized layers"):
         technique.apply(quantized, technique.config_cls(), Context())
+
+
+def test_offloaded_variant_is_measured(tiny_models, text_file, tmp_path, capsys):
+    """frugalm run: resident weights, bytes read per step and the cold step are stored; outputs match the original."""
+    import json
+
+    from frugalm.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("version: 1\nname: offloaded\nstages:\n  - technique: offload\n    max_memory_frac: 0.8\n")
+    metrics = [
+        "weights_mib",
+        "offload_read_mib_per_tok",
+        "tpot_cold_ms",
+        "tpot_p50_ms",
+        "kl_ref_nats",
+        "top1_agree_frac",
+    ]
+    args = ["run", str(recipe), str(tiny_models["llama"]), "--data", str(text_file), "--out", str(tmp_path / "v"),
+            "--store", str(tmp_path / "s.db"), "--workload", "chat", "--repetitions", "1", "--speedup", "no",
+            "--json", "--quiet", *[a for m in metrics for a in ("--metric", m)]]  # fmt: skip
+    assert main(args) == 0
+    figures = {(m["metric"], m["workload"]): m for m in json.loads(capsys.readouterr().out)["metrics"]}
+    plan = figures[("weights_mib", None)]["protocol"]["offload"]
+    assert figures[("weights_mib", None)]["value"] * 2**20 == plan["resident_bytes"]
+    assert figures[("offload_read_mib_per_tok", "chat")]["value"] * 2**20 == plan["offloaded_bytes"]
+    assert figures[("tpot_cold_ms", "chat")]["value"] > 0
+    assert figures[("kl_ref_nats", None)]["value"] == 0 and figures[("top1_agree_frac", None)]["value"] == 1

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import platform
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,22 +20,22 @@ from transformers import AutoConfig, AutoModelForCausalLM
 import frugalm
 from frugalm.errors import ConfigError, ModelError
 from frugalm.measure import compute, memory, network
-from frugalm.measure.compute import Strategy, text_prompts
+from frugalm.measure.compute import Strategy
 from frugalm.measure.cost import HardwareProfile, grams_co2e, usd
 from frugalm.measure.energy import EnergyMeter
 from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement
 from frugalm.measure.overhead import decode_overhead, shrunk_twin
 from frugalm.measure.paired import PairedConfig, competition, machine_conditions
 from frugalm.measure.quality import PerplexityProtocol, measure_quality
-from frugalm.measure.speedup import (
-    GENERATION_CALL,
-    SPEEDUP_METRICS,
-    decode_call,
-    generation_call,
-    paired_figure,
-    speedups,
-)
+from frugalm.measure.speedup import SPEEDUP_METRICS, speedups
 from frugalm.measure.stats import percentile, spread
+from frugalm.measure.strategies import (
+    decoding_protocol,
+    offload_figures,
+    strategy_figures,
+    strategy_for,
+    strategy_speedups,
+)
 from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
 from frugalm.runtime import compiled, decoding, offload
@@ -114,13 +113,13 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
 
     kv_cache = cache_factory(lm.model, lm.inference)  # the artifact's quantized KV cache, if it has one
     workloads = [Workload.from_dict(wd) for wd in spec.workloads]
-    strategies = {w.name: _strategy(lm, w, spec) for w in workloads}  # the variant's decoding strategy, batch 1
+    strategies = {w.name: strategy_for(lm, w, spec.docs) for w in workloads}  # the variant's decoding strategy, batch 1
     # Workloads before the quality passes: those allocate large logits tensors whose freed
     # memory the allocator may keep, and that would count in the next peak.
     for w in workloads:
         out += _workload(lm.model, w, lm.device, spec, profile, baseline_rss, emit, kv_cache, strategies[w.name])
     if offload.plan_of(lm.model) is not None:
-        out += _offload_figures(lm.model, workloads, Path(spec.model_path), lm.device, kv_cache, emit)
+        out += offload_figures(lm.model, workloads, Path(spec.model_path), lm.device, kv_cache, emit)
     if spec.paired:
         out += strategy_speedups(
             lm.model, workloads, strategies, PairedConfig(**spec.paired), lm.device, kv_cache, emit
@@ -144,61 +143,6 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     if _want(spec, "quality"):
         out += _quality(lm, ref, spec, emit)
     return [m for m in out if m.metric in spec.metrics], baseline_rss
-
-
-def _strategy(lm, w: Workload, spec: BenchSpec) -> Strategy | None:
-    """The variant's decoding strategy for workload `w`, with its text prompts; None where it decodes plainly."""
-    setting = lm.inference.get(decoding.SETTING)
-    if not setting or w.batch_size != 1 or w.output_tokens < 2:
-        return None
-    prompts = text_prompts(lm.tokenizer, spec.docs, w.prompt_tokens, lm.device)
-    return Strategy(setting, decoding.proposer_for(lm.model, setting), prompts)
-
-
-def strategy_speedups(model, workloads: list[Workload], strategies: dict, config: PairedConfig, device, kv_cache,
-                      emit: Emit) -> list[Measurement]:  # fmt: skip
-    """speedup_strategy per workload with a strategy: its generations against the same model's plain ones."""
-    out = []
-    for w in workloads:
-        strategy = strategies[w.name]
-        if strategy is None:
-            continue
-        emit(f"speedup_strategy on {w.name} (paired with plain greedy decoding)", 0, 1)
-        plain = generation_call(model, w, strategy.prompts, kv_cache, None)
-        out.append(paired_figure("speedup_strategy", w, generation_call(model, w, strategy.prompts, kv_cache, strategy),
-                                 plain, config, device, f"{GENERATION_CALL}; B: the same model decoding plain greedy"))  # fmt: skip
-    return out
-
-
-def _offload_figures(model, workloads: list[Workload], folder: Path, device, kv_cache, emit: Emit, steps: int = 5) -> list[Measurement]:  # fmt: skip
-    """Per workload: bytes read from the weight files by one decode step (counted), and the step timed cold."""
-    plan = offload.plan_of(model)
-    out = []
-    for w in workloads:
-        if w.output_tokens < 2:
-            continue
-        emit(f"offloaded decode on {w.name} (cold page cache)", 0, steps)
-        ids = compute.prompt_ids(model, w.batch_size, w.prompt_tokens, device)
-        step = decode_call(model, ids, kv_cache, w.prompt_tokens + w.output_tokens)
-        step()
-        before = offload.bytes_read(model)
-        step()
-        read = offload.bytes_read(model) - before
-        cold = []
-        for i in range(steps):
-            evicted = offload.evict(folder)
-            t = time.perf_counter()
-            step()
-            cold.append((time.perf_counter() - t) * 1e3)
-            emit(f"offloaded decode on {w.name} (cold page cache)", i + 1, steps)
-        p = {"workload": w.to_dict(), "plan": plan, "folder": str(folder)}
-        out += [
-            Measurement("offload_read_mib_per_tok", read / memory.MIB, method="counted", workload=w.name,
-                        protocol={**p, "counted": "bytes returned by accelerate's weight loader during one decode step"}),
-            _summary("tpot_cold_ms", w.name, cold, {**p, "evicted_bytes": evicted, "cold": "the weight files evicted "
-                     "from the OS page cache (posix_fadvise DONTNEED) before every step; one step from the prompt's cache, cropped back"}),
-        ]  # fmt: skip
-    return out
 
 
 def _compile_time(model) -> Measurement:
@@ -318,7 +262,7 @@ def _workload(
         }
         if kv
         else "DynamicCache (model dtype)",
-        **_decoding_protocol(model, w, strategy),
+        **decoding_protocol(model, w, strategy),
     }
     out = []
     if _want(spec, "computation"):
@@ -379,43 +323,7 @@ def _workload(
     )
     out += _energy_money(model, w, spec, energy, profile, wp)
     if strategy is not None:
-        out += _strategy_figures(model, w, strategy, kv_cache, wp)
-    return out
-
-
-def _decoding_protocol(model, w: Workload, strategy: Strategy | None) -> dict:
-    setting = inference_settings(model).get(decoding.SETTING)
-    if not setting:
-        return {}
-    if strategy is None:
-        return {"decoding": f"plain greedy: the variant's {setting['method']} decoding runs at batch 1 only"}
-    return {"decoding": setting, "prompts": f"{len(strategy.prompts)} prompts of {w.prompt_tokens} tokens from the evaluation text, one per repetition in turn",
-            "decode_step": "a round's time shared equally by the tokens it produced"}  # fmt: skip
-
-
-def _strategy_figures(model, w: Workload, strategy: Strategy, kv_cache, wp: dict) -> list[Measurement]:
-    """Counts of the timed generations, and their agreement with the same model's plain greedy output."""
-    stats, agree, total = strategy.stats, 0, 0
-    for i, got in enumerate(strategy.outputs):
-        cache = kv_cache(w.prompt_tokens + w.output_tokens) if kv_cache else None
-        plain = decoding.generate(
-            model, strategy.prompt(i), w.output_tokens, cache=cache
-        )  # the timed runs used prompts 0, 1, ...
-        agree += sum(a == b for a, b in zip(got, plain))
-        total += len(plain)
-    p = {**wp, "generations": len(strategy.outputs), "generated_tokens": stats.generated, "rounds": stats.rounds,
-         "guesses": stats.drafted, "kept": stats.accepted, "target_forwards": stats.target_forwards,
-         "draft_forwards": stats.draft_forwards, "blocks_per_token": stats.blocks_per_tok}  # fmt: skip
-    out = [
-        Measurement("target_fwd_per_tok", stats.target_fwd_per_tok, method="counted", workload=w.name, protocol=p),
-        Measurement("greedy_agree_frac", agree / total, method="measured", workload=w.name, n=len(strategy.outputs),
-                    protocol={**p, "compared": "position by position with plain greedy decoding of the same model and prompts"}),
-    ]  # fmt: skip
-    if stats.drafted:
-        out += [
-            Measurement("accept_rate", stats.accept_rate, method="counted", workload=w.name, protocol=p),
-            Measurement("accept_len_mean", stats.accept_len_mean, method="counted", workload=w.name, protocol=p),
-        ]
+        out += strategy_figures(model, w, strategy, kv_cache, wp)
     return out
 
 
