@@ -84,7 +84,7 @@ def test_the_variant_saves_and_loads_in_its_formats(tiny_llama, tmp_path):
 def test_errors_are_one_line(tiny_llama):
     with pytest.raises(TechniqueError) as exc:
         _apply(tiny_llama, method="rtn", budget=3.0)
-    assert "below the narrowest allocation" in error_message(exc) and "raise the budget" in error_message(exc)
+    assert "below the cheapest allocation" in error_message(exc) and "raise the budget" in error_message(exc)
     with pytest.raises(TechniqueError) as exc:
         run("mixed_precision_quant", load(tiny_llama), widths=(4, 8), group_sizes=(48,))  # divides no layer
     assert "add group size -1" in error_message(exc)
@@ -98,3 +98,18 @@ def test_a_bad_recipe_is_refused_before_loading(tmp_path, capsys):
     assert main(["validate", str(recipe)]) == 2
     err = capsys.readouterr().err
     assert "widths" in err and "budgit" in err and "budget" in err
+
+
+def test_a_ms_budget_is_spent_on_measured_latencies(tiny_llama):
+    """Budget in ms per decode step: costs are the layers' measured one-row latencies per format, on their kernels."""
+    _, change = _apply(tiny_llama, method="rtn", budget=1000.0, budget_unit="ms")
+    profile = change["latency_profile"]
+    assert profile["step_ns_float"] > 0 and set(profile["layer_ns"]) == set(change["allocation"])
+    assert all(v > 0 for d in profile["layer_ns"].values() for v in d.values())
+    assert "int8pack-bf16" in " ".join(k for d in profile["kernels"].values() for k in d.values())
+    assert change["budget_used"] <= 1000.0  # predicted ms per step
+    losses = change["sensitivity_kl_nats"]
+    assert all(change["allocation"][n] == min(d, key=d.get) for n, d in losses.items())  # no limit: least loss each
+    with pytest.raises(TechniqueError) as exc:
+        _apply(tiny_llama, method="rtn", budget=1e-6, budget_unit="ms")
+    assert "below the cheapest allocation" in error_message(exc) and "ms" in error_message(exc)

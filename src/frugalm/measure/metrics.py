@@ -248,7 +248,7 @@ _ALL = [
         True,
         "measured",
         "computation",
-        "Decode-step time of the reference over this model's from the same prompt cache, timed side by side in one process (ABBA blocks); above 1 is faster. Its 95% interval is in the protocol.",
+        "Decode-step time of the reference over this model's from the same prompt cache (for a variant with a decoding strategy, whole batch-1 generations from evaluation-text prompts, the reference decoding plainly), timed side by side in one process (ABBA blocks); above 1 is faster. Its 95% interval is in the protocol.",
         True,
     ),
     _m(
