@@ -181,13 +181,19 @@ def _entries(db: Store, trials: list[dict], portfolio) -> list[tuple[str, Run, d
     return out
 
 
+def _settings_text(plan: SearchPlan, params: dict) -> str:
+    try:
+        stages = plan.space.stages(params, plan.layout)
+    except KeyError:  # a trial killed while the sampler was still drawing its values: a partial point
+        return "cut off while its settings were drawn"
+    return " -> ".join(_stage_text(st) for st in stages) or "base model"
+
+
 def _summary(plan: SearchPlan, result, base_fig: dict, bounds) -> dict:
     objectives = plan.objectives
     reference = reference_point(base_fig, objectives)
     for t in result.trials:
-        t["settings"] = (
-            " -> ".join(_stage_text(st) for st in plan.space.stages(t["params"], plan.layout)) or "base model"
-        )
+        t["settings"] = _settings_text(plan, t["params"])
     complete = [
         t for t in result.trials if t["state"] == "complete" and all(str(o) in t["figures"] for o in objectives)
     ]
