@@ -6,8 +6,10 @@ int4 CPU kernels where the layer fits them, else the dequantizing QuantLinear) a
 float32 row, round-robin with the layer's other formats and its float original (every one once
 per round, `rounds` rounds, each sample `calls` calls), keeping the median per format. The step
 outside the targeted layers is the float model's whole step (one token from a `prompt`-token
-cache, median of `rounds` samples) minus the float layers' own times: costs add up, as the
-allocation assumes. Timing is the one thing here a stage measures: a profile that guides the
+cache, median of `rounds` samples) minus the float layers' own times. Layers cost more inside
+a model than alone, so each format's isolated latencies are scaled to match the measured step of
+the model with every layer that takes the format in it (`in_model_scale`): the sum is then exact
+for every uniform allocation and interpolates between them, as the additive allocation assumes. Timing is the one thing here a stage measures: a profile that guides the
 allocation, recorded with the stage (its seconds count as production cost); the variant's own
 decode speed is the benchmark's to measure.
 """
@@ -63,6 +65,34 @@ def layer_costs_ns(layers, formats: dict[str, list[Format]], symmetric: bool, ro
         costs[name] = {fmt: round(statistics.median(s)) for fmt, s in samples.items()}
         kernels[name] = {fmt: getattr(m, "kernel", "dequantize") for fmt, m in runs.items()}
     return costs, floats, kernels
+
+
+@torch.inference_mode()
+def in_model_scale(model: nn.Module, layers, costs: dict[str, dict[Format, int]], floats: dict[str, int],
+                   outside: int, symmetric: bool, prompt: int) -> dict[Format, float]:  # fmt: skip
+    """Per format, the factor that makes its isolated one-row latencies add up to the measured step
+    of the model with every layer that takes the format in it (the others float): layers called
+    inside a model cost more than alone (caches, allocations between calls)."""
+    scale = {}
+    for fmt in sorted({f for d in costs.values() for f in d}):
+        has = [(n, m) for n, m in layers if fmt in costs[n]]
+        originals = {n: m for n, m in has}
+        for n, m in has:
+            _swap(model, n, as_run(m, fmt, symmetric))
+        try:
+            step = step_ns(model, prompt)
+        finally:
+            for n, m in originals.items():
+                _swap(model, n, m)
+        alone = sum(costs[n][fmt] for n, _ in has)
+        rest = sum(v for n, v in floats.items() if n not in originals)
+        scale[fmt] = max(step - outside - rest, 0) / alone if alone else 1.0
+    return scale
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 @torch.inference_mode()

@@ -51,7 +51,7 @@ from frugalm.runtime.quant_linear import dequantize_groups, quantize_groups
 from frugalm.techniques import quant_gptq, quant_rtn
 from frugalm.techniques._arch import DEFAULT_TARGETS
 from frugalm.techniques._calibrate import calibrate_blocks
-from frugalm.techniques._layer_latency import layer_costs_ns, step_ns
+from frugalm.techniques._layer_latency import in_model_scale, layer_costs_ns, step_ns
 from frugalm.techniques.base import Context, Technique, record_change, select_linears
 
 Format = tuple[int, int]
@@ -224,13 +224,20 @@ def _latency_budget(model, layers, config: MixedPrecisionConfig):
     formats = {n: config.formats(weight_out_in(m).shape[1]) for n, m in layers}
     costs, floats, kernels = layer_costs_ns(layers, formats, config.symmetric)
     context = getattr(model.config, "max_position_embeddings", None) or 256
-    step = step_ns(model, prompt=min(128, context - 1))
+    prompt = min(128, context - 1)
+    step = step_ns(model, prompt)
     fixed = max(0, step - sum(floats.values()))  # the step outside the targeted layers
+    scale = in_model_scale(model, layers, costs, floats, fixed, config.symmetric, prompt)
+    alone = costs
+    costs = {n: {f: round(v * scale[f]) for f, v in d.items()} for n, d in alone.items()}
     profile = {"step_ns_float": step, "outside_layers_ns": fixed, "layer_ns_float": floats,
                "layer_ns": {n: {format_name(f): v for f, v in d.items()} for n, d in costs.items()},
+               "layer_ns_alone": {n: {format_name(f): v for f, v in d.items()} for n, d in alone.items()},
+               "in_model_scale": {format_name(f): v for f, v in scale.items()},
                "kernels": {n: {format_name(f): k for f, k in d.items()} for n, d in kernels.items()},
                "profile_s": time.perf_counter() - t0, "protocol": "one-row calls round-robin over a layer's formats, "
-               "median of 7 samples of 50 calls; the float step: one token from a 128-token cache, median of 7 x 10"}  # fmt: skip
+               "median of 7 samples of 50 calls, scaled per format to the measured step of the model with the format in every "
+               "layer that takes it; the float step: one token from a 128-token cache, median of 7 x 10"}  # fmt: skip
     return costs, config.budget * 1e6 - fixed, fixed, 1e6, profile
 
 
