@@ -228,3 +228,20 @@ def test_confidence_exit(tiny_models, tmp_path):
     gpt2 = load_model(tiny_models["gpt2"], fast_kernels=False)
     with pytest.raises(TechniqueError, match="Llama-family"):
         _apply("early_exit", gpt2.model, ctx, mode="confidence", layers=1)
+
+
+def test_the_report_says_how_a_variant_decoded():
+    from frugalm.measure.metrics import Measurement
+    from frugalm.report.build import decoding_note
+
+    p = {"decoding": {"method": "prompt_lookup", "k": 4}}
+    figures = [
+        Measurement("target_fwd_per_tok", 0.5, method="counted", workload="chat", protocol=p),
+        Measurement("accept_rate", 0.69, method="counted", workload="chat", protocol=p),
+        Measurement("greedy_agree_frac", 1.0, method="measured", workload="chat", protocol=p),
+        Measurement("speedup_strategy", 1.6, method="measured", workload="chat", protocol={"ci": [1.56, 1.65]}),
+    ]
+    note = decoding_note(figures)
+    assert note == ("prompt_lookup on chat: 0.690 of guesses kept, 0.500 forwards per token, 1.000 of tokens as plain "
+                    "greedy decoding, 1.600x [1.560, 1.650] over its own plain decoding")  # fmt: skip
+    assert decoding_note(figures[2:]) is None

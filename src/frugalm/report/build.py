@@ -89,7 +89,27 @@ def _entry(db: Store, run: Run, name: str, recipe: dict | None) -> dict:
 
 
 def _kernels(measurements: list[Measurement]) -> dict:
-    return {"kernels": kernel_line(kernel_protocol(measurements)), "speed_kernel": speed_kernel_note(measurements)}
+    return {"kernels": kernel_line(kernel_protocol(measurements)), "speed_kernel": speed_kernel_note(measurements),
+            "decoding": decoding_note(measurements)}  # fmt: skip
+
+
+def decoding_note(measurements: list[Measurement]) -> str | None:
+    """How a variant with a decoding strategy generated, per batch-1 workload, from its stored counts and ratios."""
+    by = {(m.metric, m.workload): m for m in measurements}
+    parts = []
+    for workload in sorted({w for metric, w in by if metric == "target_fwd_per_tok"}):
+        setting = by[("target_fwd_per_tok", workload)].protocol.get("decoding") or {}
+        bits = [f"{by[('target_fwd_per_tok', workload)].value:.3f} forwards per token"]
+        if ("accept_rate", workload) in by:
+            bits.insert(0, f"{by[('accept_rate', workload)].value:.3f} of guesses kept")
+        if ("greedy_agree_frac", workload) in by:
+            bits.append(f"{by[('greedy_agree_frac', workload)].value:.3f} of tokens as plain greedy decoding")
+        if ("speedup_strategy", workload) in by:
+            m = by[("speedup_strategy", workload)]
+            lo, hi = m.protocol.get("ci", [m.value, m.value])
+            bits.append(f"{m.value:.3f}x [{lo:.3f}, {hi:.3f}] over its own plain decoding")
+        parts.append(f"{setting.get('method', 'strategy')} on {workload}: " + ", ".join(bits))
+    return "; ".join(parts) or None
 
 
 def _headline_point(figures: dict, workload: str, headline: dict, field: str = "value") -> dict[str, float]:
@@ -325,6 +345,7 @@ def _variant_row(entry: dict, base_fig: dict, on_front: set, fronts: dict, workl
         "recipe": entry["recipe"],
         "kernels": entry["kernels"],
         "speed_kernel": entry["speed_kernel"],
+        "decoding": entry["decoding"],
         "changes": variant.get("changes", []),
         "produce_wall_s": variant.get("produce_wall_s"),
         "artifact": run.model_path,

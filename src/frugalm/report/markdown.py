@@ -114,7 +114,9 @@ def _kernel_lines(d: dict) -> list[str]:
         for v in d["variants"]
         if v.get("kernels")
     ]
-    return ["", "## Kernels (linear layers, by format)", "", *rows] if rows else []
+    out = ["", "## Kernels (linear layers, by format)", "", *rows] if rows else []
+    decoding = [f"- {text(v['name'])}: {text(v['decoding'])}" for v in d["variants"] if v.get("decoding")]
+    return out + (["", "## Decoding strategies (batch 1, evaluation-text prompts)", "", *decoding] if decoding else [])
 
 
 def _self_check(sc: dict) -> str:
