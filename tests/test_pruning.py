@@ -267,6 +267,17 @@ def test_n_m_with_m_not_dividing_in_features_is_a_one_line_error(tiny_llama, tec
         run(technique, load(tiny_llama), pattern="2:5")  # in_features 64 and 128
     message = error_message(exc)
     assert "M=5 to divide in_features" in message and "model.layers.0" in message
+    assert "e.g. '4:8'" in message  # an example that fits the layer
+
+
+def test_the_n_m_hint_fits_the_layer(tiny_llama):
+    from frugalm.techniques.prune_magnitude import check_groups
+
+    layer = torch.nn.Linear(150, 8)
+    with pytest.raises(TechniqueError, match=r"e\.g\. '1:2'"):
+        check_groups("wanda_prune", [("odd", layer)], (2, 4))
+    with pytest.raises(TechniqueError, match="has 151; narrow `targets`$"):
+        check_groups("wanda_prune", [("prime", torch.nn.Linear(151, 8))], (2, 4))
 
 
 @pytest.mark.parametrize("technique", ["wanda_prune", "sparsegpt_prune"])

@@ -82,8 +82,12 @@ def check_groups(technique: str, layers: list[tuple[str, nn.Module]], nm: tuple[
     for name, module in layers:
         in_features = weight_out_in(module).shape[1]
         if in_features % nm[1]:
+            fit = next((m for m in (8, 4, 2) if in_features % m == 0), None)  # an example that fits this layer
+            fix = (
+                f"use an M that divides it (e.g. '{fit // 2}:{fit}') or narrow `targets`" if fit else "narrow `targets`"
+            )
             raise TechniqueError(
-                f"{technique}: pattern '{nm[0]}:{nm[1]}' needs M={nm[1]} to divide in_features, but layer '{name}' has {in_features}; use an M that divides it (e.g. '2:4') or narrow `targets`"
+                f"{technique}: pattern '{nm[0]}:{nm[1]}' needs M={nm[1]} to divide in_features, but layer '{name}' has {in_features}; {fix}"
             )
 
 
