@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import TINY_CONFIGS, build_tiny_model
 from frugalm.cli import main
-from frugalm.errors import TechniqueError
+from frugalm.errors import ModelError, TechniqueError
 from frugalm.models import load_model, save_variant
 from frugalm.recipe import build_config
 from frugalm.registry import get_technique
@@ -130,8 +130,13 @@ def test_speculative_artifact_carries_its_draft(tiny_models, tmp_path):
         generate(again.model, ids, 16, proposer=decoding.proposer_for(again.model, again.inference["decoding"]), k=2)
         == plain
     )
+    meta_path = folder / "draft" / "frugalm.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "inference": {"decoding": meta["inference"] | {"method": "speculative"}}}))
+    with pytest.raises(ModelError, match="carries a decoding strategy of its own"):  # never a draft of a draft
+        load_model(folder)
     shutil.rmtree(folder / "draft")
-    with pytest.raises(Exception, match="draft folder"):
+    with pytest.raises(ModelError, match="draft folder"):
         load_model(folder)
 
 

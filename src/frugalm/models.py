@@ -296,6 +296,10 @@ def load_model(
             raise ModelError(
                 f"'{source.ref}' decodes speculatively but its draft folder ({decoding.DRAFT_DIR}/) is missing; the artifact is damaged: re-create it"
             )
+        if ((read_metadata(draft_dir) or {}).get("inference") or {}).get(decoding.SETTING):  # no draft of a draft
+            raise ModelError(
+                f"'{source.ref}': its draft ({decoding.DRAFT_DIR}/) carries a decoding strategy of its own; frugalm never writes that: re-create the artifact"
+            )
         decoding.attach_draft(model, load_model(draft_dir, device=device, dtype=dtype, fast_kernels=fast_kernels).model)
     return LoadedModel(model, tokenizer, source, dev, dt, inference)
 

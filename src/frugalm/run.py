@@ -97,9 +97,8 @@ def run_recipe(
         profile=config.bench.profile,
         profiles_file=config.bench.profiles_file,
     )
-    if any(
-        get_technique(s.technique).wants_training_text(s.config) for s in recipe.stages
-    ):  # the default training text
+    # the default training text, for the stages that train
+    if any(get_technique(s.technique).wants_training_text(s.config) for s in recipe.stages):
         ctx.held_out_documents, ctx.training_documents, ctx.training_source = split()
     checkpoints = out_dir.parent / f".{out_dir.name}.checkpoints"
     timings = []

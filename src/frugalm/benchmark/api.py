@@ -148,10 +148,9 @@ def _evaluated_text(source, config: BenchConfig, metrics: list[str]) -> tuple[li
 
     path = config.data if config.data is not None else DEFAULT_EVAL_PATH
     desc = describe_data(str(config.data) if config.data is not None else None, check_text_file(path))
+    # a decoding strategy generates from prompts of this text
     strategy = ((read_metadata(source.path) or {}).get("inference") or {}).get(decoding.SETTING)
-    if (
-        not any(METRICS[m].resource == "quality" for m in metrics) and not strategy
-    ):  # a strategy decodes from text prompts
+    if not any(METRICS[m].resource == "quality" for m in metrics) and not strategy:
         return [], desc
     return evaluated_documents(path, load_tokenizer(source), config.protocol.max_tokens), desc
 

@@ -38,7 +38,7 @@ from torch import nn
 from transformers import DynamicCache
 
 SETTING = "decoding"
-"""Key of the inference setting: {"method": "speculative" | "prompt_lookup" | "early_exit", "k": ..., ...}."""
+"""Key of the inference setting: {"method": one of METHODS, "k": ..., ...}."""
 METHODS = ("speculative", "prompt_lookup", "early_exit", "confidence_exit")
 DRAFT_ATTR = "frugalm_draft"
 """Model attribute holding a speculative variant's draft model (kept out of the module tree and its state dict)."""
@@ -65,10 +65,6 @@ class DecodeStats:
     """Decoder blocks run for the generated tokens after the prompt (confidence exit: fewer than all)."""
     exit_tokens: int = 0
     """Tokens after the prompt decoded by the confidence exit loop."""
-
-    def add(self, other: DecodeStats) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     @property
     def accept_rate(self) -> float | None:
@@ -178,6 +174,19 @@ def _device(model: nn.Module) -> torch.device:
 # --- the loop ------------------------------------------------------------------------------------
 
 
+def _first_token(model: nn.Module, ids: torch.Tensor, cache, stats: DecodeStats, clock) -> list[int]:
+    """The prompt's pass through every block (batch 1), filling `cache`: its greedy next token."""
+    if ids.shape[0] != 1:
+        raise ValueError(f"decoding strategies run at batch 1, got a batch of {ids.shape[0]}")
+    t = time.perf_counter()
+    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    stats.target_forwards += 1
+    first = [int(out.logits[0, -1].argmax())]
+    if clock is not None:
+        clock.append((time.perf_counter() - t, 1))
+    return first
+
+
 @torch.inference_mode()
 def generate(model: nn.Module, ids: torch.Tensor, n_new: int, *, proposer=None, k: int = 4, cache=None,
              stats: DecodeStats | None = None, clock: list[tuple[float, int]] | None = None) -> list[int]:  # fmt: skip
@@ -186,17 +195,9 @@ def generate(model: nn.Module, ids: torch.Tensor, n_new: int, *, proposer=None, 
     `crop`, e.g. a quantized one); None: a DynamicCache. Counts go into `stats`; with `clock`,
     (seconds, tokens produced) of the prompt's pass and of every round after it (each ends on a
     host read of the argmax, so the device has finished)."""
-    if ids.shape[0] != 1:
-        raise ValueError(f"speculative decoding runs at batch 1, got a batch of {ids.shape[0]}")
     stats = stats if stats is not None else DecodeStats()
     cache = cache if cache is not None else DynamicCache(config=model.config)
-    t = time.perf_counter()
-    seq = ids[0].tolist()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    stats.target_forwards += 1
-    new = [int(out.logits[0, -1].argmax())]
-    if clock is not None:
-        clock.append((time.perf_counter() - t, 1))
+    seq, new = ids[0].tolist(), _first_token(model, ids, cache, stats, clock)
     if proposer is not None:
         proposer.start()
     while len(new) < n_new:
@@ -284,17 +285,9 @@ def exit_generate(model: nn.Module, ids: torch.Tensor, n_new: int, setting: dict
                   stats: DecodeStats | None = None, clock: list[tuple[float, int]] | None = None) -> list[int]:  # fmt: skip
     """Greedy-generate `n_new` tokens with the confidence exit (lossy): the prompt runs through every
     block, each new token exits at the first confident block (ExitParts.step)."""
-    if ids.shape[0] != 1:
-        raise ValueError(f"confidence exit decoding runs at batch 1, got a batch of {ids.shape[0]}")
     stats = stats if stats is not None else DecodeStats()
     cache = cache if cache is not None else DynamicCache(config=model.config)
-    parts = ExitParts(model, setting)
-    t = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    stats.target_forwards += 1
-    new = [int(out.logits[0, -1].argmax())]
-    if clock is not None:
-        clock.append((time.perf_counter() - t, 1))
+    parts, new = ExitParts(model, setting), _first_token(model, ids, cache, stats, clock)
     while len(new) < n_new:
         t = time.perf_counter()
         new.append(int(parts.step(torch.tensor([[new[-1]]], device=ids.device), cache, stats).argmax()))

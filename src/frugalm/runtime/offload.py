@@ -91,9 +91,8 @@ def load(path: Path, setting: dict, dtype: torch.dtype) -> tuple[nn.Module, dict
     dmap, plan = device_map(skeleton, setting["blocks"], int(setting["max_memory_frac"] * total))
     plan["weights_bytes"] = total
     model = AutoModelForCausalLM.from_pretrained(path, device_map=dmap, dtype=dtype)
-    for module in model.modules():
-        loader = getattr(getattr(getattr(module, "_hf_hook", None), "weights_map", None), "dataset", None)
-        if isinstance(loader, OffloadedWeightsLoader) and not isinstance(loader, _CountingLoader):
+    for loader in _loaders(model):
+        if not isinstance(loader, _CountingLoader):
             loader.__class__ = _CountingLoader
             loader.frugalm_bytes_read = 0
     model.__dict__["frugalm_offload_plan"] = plan
@@ -110,14 +109,19 @@ class _CountingLoader(OffloadedWeightsLoader):
         return tensor
 
 
-def bytes_read(model: nn.Module) -> int:
-    """Bytes the offload hooks have read from the weight files so far (0 for a model not offloaded)."""
-    loaders = {}
+def _loaders(model: nn.Module) -> list[OffloadedWeightsLoader]:
+    """accelerate's weight loaders behind the model's offload hooks, each once."""
+    found = {}
     for module in model.modules():
         loader = getattr(getattr(getattr(module, "_hf_hook", None), "weights_map", None), "dataset", None)
-        if isinstance(loader, _CountingLoader):
-            loaders[id(loader)] = loader
-    return sum(loader.frugalm_bytes_read for loader in loaders.values())
+        if isinstance(loader, OffloadedWeightsLoader):
+            found[id(loader)] = loader
+    return list(found.values())
+
+
+def bytes_read(model: nn.Module) -> int:
+    """Bytes the offload hooks have read from the weight files so far (0 for a model not offloaded)."""
+    return sum(getattr(loader, "frugalm_bytes_read", 0) for loader in _loaders(model))
 
 
 def plan_of(model: nn.Module) -> dict | None:

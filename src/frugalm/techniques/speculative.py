@@ -73,6 +73,10 @@ def set_decoding(model: nn.Module, setting: dict) -> None:
 
 def _ready_draft(path: str, ctx: Context) -> nn.Module:
     lm = load_model(path, device=str(ctx.device), fast_kernels=False)
+    if lm.inference.get(decoding.SETTING):
+        raise TechniqueError(
+            f"speculative: draft '{path}' decodes with {lm.inference[decoding.SETTING]['method']} itself; give the draft's plain model"
+        )
     if ctx.tokenizer is not None and lm.tokenizer.get_vocab() != ctx.tokenizer.get_vocab():
         raise TechniqueError(
             f"speculative: draft '{path}' has another tokenizer ({len(lm.tokenizer)} tokens, the target {len(ctx.tokenizer)}); "
