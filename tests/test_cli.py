@@ -34,7 +34,7 @@ def test_bench_json_scorecard_is_stored(tiny_llama, text_file, tmp_path, capsys,
     monkeypatch.setenv("FRUGALM_RAPL_ROOT", str(tmp_path / "powercap"))
     assert main(["bench", str(tiny_llama), "--data", str(text_file), "--store", str(db), "--json", *QUICK]) == 0
     doc = json.loads(capsys.readouterr().out)
-    assert doc["benchmark_version"] == "frugalm-bench v3" and doc["environment"]["torch"].startswith("2.13")
+    assert doc["benchmark_version"] == "frugalm-bench v4" and doc["environment"]["torch"].startswith("2.13")
     metrics = {(m["metric"], m["workload"]): m for m in doc["metrics"]}
     for name in ("ppl_tok", "ppl_byte", "robust_ppl_ratio", "params_count", "ship_compressed_mib"):
         assert (name, None) in metrics

@@ -44,6 +44,13 @@ KERNELS = {
     "int4-gptq": {"kernels": {"dequantize": 14, "dense": 1}, "formats": {"w4a16": {"dequantize": 14}}},
     "wanda50": {"kernels": {"dense": 15}, "formats": {}},
 }
+# name -> (acc_cloze, its paired 95% interval against the baseline on the same 200 items)
+TASKS = {
+    "baseline": (0.40, None),
+    "int8": (0.39, (-0.03, 0.01)),  # within the paired interval: a tie
+    "int4-gptq": (0.36, (-0.065, -0.015)),  # worse
+    "wanda50": (0.20, (-0.25, -0.15)),  # worse
+}
 HOSTILE = "<script>alert(1)</script> \"'</script><!-- a|b"
 """A recipe name and a model path that would run as script, or break out of an attribute, a <script> or a table cell."""
 
@@ -68,6 +75,15 @@ def _measurements(values, kernels: dict | None = None) -> list[Measurement]:
             )
         )
     return out
+
+
+def _task_figure(acc: float, ci: tuple[float, float] | None) -> Measurement:
+    items = 200
+    samples = [1.0] * round(acc * items) + [0.0] * (items - round(acc * items))
+    protocol = {"task": "cloze", "items": items}
+    if ci:
+        protocol["paired"] = {"delta": acc - TASKS["baseline"][0], "ci": list(ci), "items": items}
+    return Measurement("acc_cloze", acc, method="measured", n=items, protocol=protocol, samples=samples)
 
 
 def make_fixture_db(path: Path, names: dict[str, str] | None = None, model: str = "fixture-model") -> Run:
@@ -104,7 +120,7 @@ def make_fixture_db(path: Path, names: dict[str, str] | None = None, model: str 
                 if recipe
                 else config,
             )
-            ids[name] = db.add_run(run, _measurements(values, KERNELS[key]))
+            ids[name] = db.add_run(run, _measurements(values, KERNELS[key]) + [_task_figure(*TASKS[key])])
         # The baseline measured again, last: its decode speed differs by 5% (run-to-run noise).
         control = Run(
             id="run-control",
@@ -396,3 +412,48 @@ def test_paired_speedups_decide_speed_energy_and_money(tmp_path):
     kinds = {w["kind"]: w["text"] for w in data["warnings"]}
     assert "1 of 6 runs" in kinds["competing_load"] and "chat 93%" in kinds["overhead_bound"]
     assert "paired" in data["tie_rule"]
+
+
+def test_task_ties_are_decided_by_the_paired_interval(report):
+    data, paths = report
+    verdicts = {v["name"]: v["figures"]["acc_cloze"]["verdict"] for v in data["variants"][1:]}
+    assert verdicts == {"int8": "tie", "int4-gptq": "worse", "wanda50": "worse"}
+    md = paths["md"].read_text()
+    assert "0.39 (Δ -1.0 pts [-3.0, +1.0] paired, ≈)" in md and "0.36 (Δ -4.0 pts [-6.5, -1.5] paired)" in md
+
+
+def _ranking(db_path, session, rates):
+    from frugalm.report.utility import parse_rates
+
+    with Store(db_path) as db:
+        data = build_report_data(db, session, parse_rates(rates))
+    return [row["variant"] for row in data["utility"]["ranking"]], data
+
+
+def test_utility_ranking_follows_the_rates(tmp_path):
+    session = make_fixture_db(tmp_path / "u.db")
+    quality_only = ["computation=0", "memory=0", "energy=0", "money=0", "network=0"]
+    order, data = _ranking(tmp_path / "u.db", session, quality_only)
+    assert order == ["baseline", "int8", "int4-gptq", "wanda50"]  # by task accuracy alone
+    assert data["utility"]["ranking"][0]["utility"] == pytest.approx(40.0)
+    # int4-gptq has the smallest peak memory (10 MiB against 18): a high enough memory rate puts it first
+    order, data = _ranking(tmp_path / "u.db", session, [*quality_only, "memory=20"])
+    assert order[0] == "int4-gptq"
+    row = next(r for r in data["utility"]["ranking"] if r["variant"] == "int4-gptq")
+    assert row["parts"]["memory"] == pytest.approx(-20 * math.log2(10 / 18))
+    # the fastest variant (int8: 260 tok/s against 200) first when speed is worth enough
+    assert _ranking(tmp_path / "u.db", session, [*quality_only, "computation=20"])[0][0] == "int8"
+
+
+def test_utility_rates_are_checked():
+    from frugalm.errors import ConfigError
+    from frugalm.report.utility import parse_rates
+
+    for bad, says in [
+        ("speed=2", "computation"),
+        ("memory=x", "not a number"),
+        ("memory=-1", ">= 0"),
+        ("memory", "RESOURCE=POINTS"),
+    ]:
+        with pytest.raises(ConfigError, match=says):
+            parse_rates([bad])

@@ -48,6 +48,7 @@ from frugalm.recipe import (
     recipe_to_dict,
 )
 from frugalm.report.build import build_report_data, write_reports
+from frugalm.report.utility import parse_rates
 from frugalm.search import SearchConfig
 from frugalm.search_run import plan_search, run_planned_search
 from frugalm.store import Run, Store
@@ -88,6 +89,8 @@ class OptimizeConfig:
     """Run the recipes (the portfolio) before any search; False: the search alone, from a cold start."""
     search: SearchConfig = field(default_factory=SearchConfig)
     """The adaptive search after the portfolio (`--search N`; see frugalm/search.py)."""
+    utility: tuple[str, ...] = ()
+    """Exchange rates of the report's utility ranking, RESOURCE=POINTS (points of quality per halving of the resource; defaults in report/utility.py)."""
 
 
 @dataclass
@@ -214,6 +217,7 @@ def optimize(
     source = resolve_model(model)
     recipes = _load_recipes(_recipe_paths(config.recipes)) if config.portfolio else []
     constraints = [Constraint.parse(c) for c in config.constraints]
+    parse_rates(config.utility)  # a bad rate fails now, not after the measurements
     out = _check_out_dir(config.out_dir, config.force)
     spec = prepare(source.path, config.bench)  # model, data, workloads, metrics, profile, device
     if not config.bench.speedup_workloads:  # the report judges speed on the headline (first) workload
@@ -290,6 +294,7 @@ def optimize(
                 "skipped": {v.name: v.skipped for v in variants if v.skipped},
                 "constraints": [str(c) for c in constraints],
                 "constraint_specs": list(config.constraints),
+                "utility": list(config.utility),
                 "out_dir": str(out),
                 **({"search": searched.summary} if searched else {}),
             },

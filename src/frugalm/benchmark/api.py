@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from frugalm.assets import DEFAULT_EVAL_PATH
@@ -25,6 +25,7 @@ from frugalm.measure.metrics import (
 )
 from frugalm.measure.paired import PairedConfig
 from frugalm.measure.quality import PerplexityProtocol, describe_data
+from frugalm.measure.tasks import TaskProtocol, build_items, default_tasks
 from frugalm.measure.workloads import DEFAULT_WORKLOADS, fit_to_context, get_workloads
 from frugalm.models import (
     ModelSource,
@@ -72,6 +73,8 @@ class BenchConfig:
     """YAML file of extra hardware profiles."""
     protocol: PerplexityProtocol = field(default_factory=PerplexityProtocol)
     """How quality is measured: perplexity windows, evaluated tokens, the robustness text."""
+    tasks: TaskProtocol = field(default_factory=TaskProtocol)
+    """Which tasks are scored (acc_cloze, acc_choice, acc_code) and how: items, context, choices, seed."""
     warmup: int = 1
     """Untimed warm-up repetitions per workload."""
     repetitions: int = 5
@@ -99,6 +102,7 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
     metrics = check_metric_names(config.metrics) if config.metrics else list(METRICS)
     workloads = get_workloads(config.workloads)
     config.protocol.check()
+    config.tasks.check()
     if config.repetitions < 1 or config.warmup < 0:
         raise DataError(f"repetitions must be >= 1 and warmup >= 0 (got {config.repetitions}, {config.warmup})")
     _check_threads_and_cpus(config)
@@ -132,6 +136,7 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
         cpus=list(config.cpus),
         compile_decode=config.compile,
         protocol=asdict(config.protocol),
+        tasks=asdict(_resolved_tasks(config, metrics, docs)),
         warmup=config.warmup,
         repetitions=config.repetitions,
     )
@@ -153,6 +158,23 @@ def _evaluated_text(source, config: BenchConfig, metrics: list[str]) -> tuple[li
     if not any(METRICS[m].resource == "quality" for m in metrics) and not strategy:
         return [], desc
     return evaluated_documents(path, load_tokenizer(source), config.protocol.max_tokens), desc
+
+
+def _resolved_tasks(config: BenchConfig, metrics: list[str], docs: list[str]) -> TaskProtocol:
+    """The task protocol with its tasks named: those given, or the default set for the text less
+    those it has no items for; narrowed to the metrics asked for. A task given that the text has
+    no items for fails here, in one line, before a child starts."""
+    given = config.tasks.tasks is not None
+    tasks = config.tasks.tasks if given else default_tasks(config.data is None)
+    kept = []
+    for task in (t for t in tasks if f"acc_{t}" in metrics):
+        if build_items(task, docs, config.tasks, strict=given)[0]:
+            kept.append(task)
+        elif given:
+            raise DataError(
+                f"task {task}: the evaluated text has no items for it (too few sentences or names); pass a longer text with --data, raise --eval-tokens, or drop --task {task}"
+            )
+    return replace(config.tasks, tasks=tuple(kept))
 
 
 def _check_threads_and_cpus(config: BenchConfig) -> None:

@@ -36,6 +36,7 @@ from frugalm.measure.strategies import (
     strategy_for,
     strategy_speedups,
 )
+from frugalm.measure.tasks import TaskProtocol, measure_tasks
 from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
 from frugalm.runtime import compiled, decoding, offload
@@ -71,6 +72,8 @@ class BenchSpec:
     compile_decode: bool = False
     """Install the compiled decode path (runtime/compiled) on the model measured."""
     protocol: dict = field(default_factory=dict)
+    tasks: dict = field(default_factory=dict)
+    """TaskProtocol as a dict, its tasks named (no task: none scored)."""
     warmup: int = 1
     repetitions: int = 5
 
@@ -222,7 +225,7 @@ def _quality(lm, ref, spec: BenchSpec, emit: Emit) -> list[Measurement]:
     reference = ref.model if ref is not None else None
     protocol = PerplexityProtocol(**spec.protocol)
     desc = {**spec.data_desc, "reference": spec.reference_path}
-    return measure_quality(
+    out = measure_quality(
         lm.model,
         lm.tokenizer,
         spec.docs,
@@ -232,6 +235,11 @@ def _quality(lm, ref, spec: BenchSpec, emit: Emit) -> list[Measurement]:
         reference=reference,
         progress=emit,
     )
+    tasks = TaskProtocol(**{**spec.tasks, "tasks": tuple(spec.tasks.get("tasks") or ())})
+    if tasks.tasks:
+        out += measure_tasks(lm.model, lm.tokenizer, spec.docs, tasks, data_desc=desc,
+                             context=context_length(lm.model.config), reference=reference, progress=emit)  # fmt: skip
+    return out
 
 
 def _check_same_tokenizer(tok, ref_tok, ref_path: str) -> None:

@@ -24,6 +24,7 @@ OPTIONS = [
     Option("--no-warm-start", "search.warm_start", {"action": "store_false"}),
     Option("--screen-tokens", "search.screen_tokens", {"type": int}),
     Option("--ray", "search.ray", {"metavar": "ADDRESS|local"}),
+    Option("--utility", "utility", {"action": "append", "metavar": "RESOURCE=POINTS"}, "repeatable"),
 ]
 
 

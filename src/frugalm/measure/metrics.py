@@ -13,11 +13,12 @@ from typing import Literal
 
 from frugalm.errors import ConfigError, did_you_mean, suggest
 
-BENCHMARK_VERSION = "frugalm-bench v3"
+BENCHMARK_VERSION = "frugalm-bench v4"
 """v2: paired speedups against a reference joined the scorecard. v3: the prefill speedup is
 speedup_ttft (the prompt pass and first argmax), the decode speedup is timed one step per call,
 and the energy and cost ratios derived from it (energy_ratio_decode, cost_ratio_decode) and the
-decode step's fixed-cost share (decode_overhead_frac) joined."""
+decode step's fixed-cost share (decode_overhead_frac) joined. v4: task accuracies (acc_cloze, acc_choice,
+acc_code; measure/tasks.py) joined, each item's score stored, paired against the reference."""
 Method = Literal["measured", "estimated", "counted"]
 OVERHEAD_BOUND = 0.5
 """decode_overhead_frac above this: the decode figures are called overhead-bound (the report says so)."""
@@ -166,6 +167,79 @@ _ALL = [
         "measured",
         "quality",
         "Per-byte perplexity under seeded character-level noise divided by the clean figure on the same text.",
+    ),
+    # tasks (measure/tasks.py): per-item scores stored as the figure's samples; with a reference, the
+    # paired difference and its bootstrap interval are in the figure's protocol ("paired")
+    _m(
+        "acc_cloze",
+        "fraction",
+        True,
+        "measured",
+        "quality",
+        "Last-word cloze: fraction of items whose final word the model completes exactly, greedily, from the text before it.",
+    ),
+    _m(
+        "acc_choice",
+        "fraction",
+        True,
+        "measured",
+        "quality",
+        "Multiple-choice continuation: fraction of items where the true next sentence scores the highest log-likelihood per byte among it and sentences from other documents.",
+    ),
+    _m(
+        "acc_code",
+        "fraction",
+        True,
+        "measured",
+        "quality",
+        "Identifier completion: fraction of items where the model completes, greedily and exactly, a name already used earlier in the same document.",
+    ),
+    # lm-evaluation-harness tasks (benchmark/harness.py, `frugalm eval`): the workload is
+    # "<task>:<lm-eval metric>", the spread lm-eval's stderr; with a reference, protocol["paired"]
+    _m(
+        "lm_eval_acc",
+        "fraction",
+        True,
+        "measured",
+        "quality",
+        "An lm-evaluation-harness task's accuracy-like metric in [0, 1] (acc, acc_norm, exact_match, f1, ...), as lm-eval computes it, on the model as it runs.",
+        True,
+    ),
+    _m(
+        "lm_eval_ppl",
+        "ppl",
+        False,
+        "measured",
+        "quality",
+        "An lm-evaluation-harness loglikelihood task's perplexity: exp of minus the mean log-likelihood per item (lm-eval's `perplexity`).",
+        True,
+    ),
+    _m(
+        "lm_eval_word_ppl",
+        "ppl",
+        False,
+        "measured",
+        "quality",
+        "An lm-evaluation-harness rolling-loglikelihood task's perplexity per word (lm-eval's `word_perplexity`; words split at whitespace runs).",
+        True,
+    ),
+    _m(
+        "lm_eval_byte_ppl",
+        "ppl",
+        False,
+        "measured",
+        "quality",
+        "An lm-evaluation-harness rolling-loglikelihood task's perplexity per UTF-8 byte (lm-eval's `byte_perplexity`).",
+        True,
+    ),
+    _m(
+        "lm_eval_bits_per_byte",
+        "bits/byte",
+        False,
+        "measured",
+        "quality",
+        "An lm-evaluation-harness rolling-loglikelihood task's bits per UTF-8 byte (lm-eval's `bits_per_byte`).",
+        True,
     ),
     # computation
     _m(

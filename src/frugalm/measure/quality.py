@@ -129,7 +129,7 @@ def score_text(
     return scores
 
 
-def _window_logits(model, inputs: torch.Tensor, cache_factory) -> torch.Tensor:
+def logits_as_run(model, inputs: torch.Tensor, cache_factory=None) -> torch.Tensor:
     """(B, L, V) logits of each window: one forward, or chunked prefill through a fresh cache, or,
     for a variant decoding with the (lossy) confidence exit, token by token through it."""
     setting = inference_settings(model).get(decoding.SETTING) or {}
@@ -152,7 +152,7 @@ def _score_batch(model, reference, ids, batch, length, device, scores: Scores, c
     first = torch.tensor([f - b for b, _, f in batch], device=device)
     mask = offsets[None, :] >= first[:, None]  # (B, L-1)
     targets = inputs[:, 1:]
-    logp = F.log_softmax(_window_logits(model, inputs, cache_factory)[:, :-1].float(), dim=-1)  # (B, L-1, V)
+    logp = F.log_softmax(logits_as_run(model, inputs, cache_factory)[:, :-1].float(), dim=-1)  # (B, L-1, V)
     nll = -logp.gather(-1, targets[..., None]).squeeze(-1)  # (B, L-1)
     scores.nll_sum += nll[mask].double().sum().item()
     scores.n_predicted += int(mask.sum())

@@ -31,6 +31,7 @@ from frugalm.pareto import Constraint, hypervolume, non_dominated, satisfying
 from frugalm.report.html import render_html
 from frugalm.report.markdown import render_markdown
 from frugalm.report.scorecard import kernel_line, kernel_protocol, speed_kernel_note
+from frugalm.report.utility import parse_rates, utility_ranking
 from frugalm.store import Run, Store
 
 QUALITY = "ppl_tok"
@@ -75,9 +76,15 @@ def _figures(measurements: list[Measurement]) -> dict[str, dict]:
             "n": m.n,
             "spread": m.spread,
             **({"ci": m.protocol["ci"]} if "ci" in m.protocol else {}),
+            **({"paired": _paired(m.protocol["paired"])} if "paired" in m.protocol else {}),
         }
         for m in measurements
     }
+
+
+def _paired(p: dict) -> dict:
+    """A task figure's difference to the reference on the same items, with its paired 95% interval."""
+    return {k: p[k] for k in ("delta", "ci", "ci_unpaired", "items", "discordant", "reference_value") if k in p}
 
 
 def _entry(db: Store, run: Run, name: str, recipe: dict | None) -> dict:
@@ -171,8 +178,9 @@ def _simultaneous_intervals(entries: list[dict]) -> dict | None:
     return {"variants": len(compared), "confidence": CONFIDENCE, "each": each, "method": "Bonferroni"}
 
 
-def build_report_data(db: Store, session: Run) -> dict:
-    """Everything a report shows, from the store: baseline, variants, fronts, recommendations."""
+def build_report_data(db: Store, session: Run, rates: dict[str, float] | None = None) -> dict:
+    """Everything a report shows, from the store: baseline, variants, fronts, recommendations, and the
+    utility ranking at `rates` (default: the session's own, else utility.DEFAULT_RATES)."""
     cfg = session.config
     base_run = db.get_run(cfg["baseline"])
     workload = base_run.config["workloads"][0]["name"]
@@ -192,7 +200,9 @@ def build_report_data(db: Store, session: Run) -> dict:
     for e in entries:
         for key, f in e["figures"].items():
             f["margin"] = (
-                f["spread"] or 0.0
+                (f["paired"]["ci"][1] - f["paired"]["ci"][0]) / 2
+                if "paired" in f
+                else f["spread"] or 0.0
                 if "ci" in f
                 else max(f["spread"] or 0.0, max(noise.get(key, 0.0), RESOLUTION) * abs(f["value"]))
             )
@@ -224,6 +234,7 @@ def build_report_data(db: Store, session: Run) -> dict:
         "skipped": cfg.get("skipped", {}),
         "fronts": fronts,
         "hypervolume": volumes,
+        "utility": utility_ranking(variants, headline, workload, rates or parse_rates(cfg.get("utility") or ())),
         "recommendations": _recommendations(cfg.get("constraint_specs", []), points, margins, entries, headline),
         "noise": {k: v for k, v in noise.items() if v > 0},
         "tie_rule": _tie_rule(paired, simultaneous),
@@ -356,8 +367,14 @@ def _variant_row(entry: dict, base_fig: dict, on_front: set, fronts: dict, workl
 
 def _verdict(f: dict, base: dict) -> str:
     """'better', 'worse' or 'tie' against the baseline's figure: by the interval where the figure has one
-    (a ratio to the baseline: tie when it contains the baseline's value), else by the margins."""
-    if "ci" in f and base["method"] == "reference":
+    (a ratio to the baseline: tie when it contains the baseline's value; a task accuracy's paired
+    difference to the baseline on the same items: tie when it contains 0), else by the margins."""
+    if "paired" in f:
+        lo, hi = f["paired"]["ci"]
+        if lo <= 0 <= hi:
+            return "tie"
+        above = lo > 0
+    elif "ci" in f and base["method"] == "reference":
         lo, hi = f["ci"]
         if lo <= base["value"] <= hi:
             return "tie"

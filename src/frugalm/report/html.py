@@ -312,6 +312,15 @@ def verdict(f: dict, higher_is_better: bool) -> str:
     return "better" if (f["delta_pct"] > 0) == higher_is_better else "worse"
 
 
+def delta_text(f: dict) -> str:
+    """A figure's change against the baseline: in points with the paired interval for a task
+    accuracy scored on the same items, else in percent."""
+    if f.get("paired"):
+        lo, hi = (100 * x for x in f["paired"]["ci"])
+        return f"Δ {100 * f['paired']['delta']:+.1f} pts [{lo:+.1f}, {hi:+.1f}]"
+    return f"{f['delta_pct']:+.1f}%"
+
+
 def ci_text(f: dict) -> str:
     """ " [lo, hi]" for a figure with a 95% interval ('' otherwise)."""
     return f" [{format_value(f['ci'][0])}, {format_value(f['ci'][1])}]" if f.get("ci") else ""
@@ -395,6 +404,7 @@ def render_html(data: dict) -> str:
         data_json=script_json(data),
         hv_svg=hypervolume_svg((data.get("search") or {}).get("hypervolume", [])),
         verdict=verdict,
+        delta_text=delta_text,
         ci_text=ci_text,
         figure=lambda variant, metric: _fig(variant, metric, data),
     )

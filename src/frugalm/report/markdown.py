@@ -11,6 +11,7 @@ import re
 
 from frugalm.measure.metrics import METRICS
 from frugalm.report.scorecard import format_value
+from frugalm.report.utility import TASK_METRICS
 
 _MARKDOWN_PUNCTUATION = re.compile(r"([\\`*_\[\]|~])")
 
@@ -32,7 +33,11 @@ def _cell(variant: dict, metric: str, d: dict) -> str:
     out = format_value(f["value"])
     if f.get("ci"):
         out += f" [{format_value(f['ci'][0])}, {format_value(f['ci'][1])}]"
-    if f.get("delta_pct") is not None and variant["name"] != "baseline":
+    if f.get("paired") and variant["name"] != "baseline":
+        lo, hi = (100 * x for x in f["paired"]["ci"])
+        tie = ", ≈" if f.get("verdict") == "tie" else ""
+        out += f" (Δ {100 * f['paired']['delta']:+.1f} pts [{lo:+.1f}, {hi:+.1f}] paired{tie})"
+    elif f.get("delta_pct") is not None and variant["name"] != "baseline":
         tie = f["verdict"] == "tie" if f.get("verdict") else f.get("tie")  # a paired verdict decides where present
         out += f" ({f['delta_pct']:+.1f}%{', ≈' if tie else ''})"
     out += " *est.*" if f["method"] == "estimated" else ""
@@ -97,6 +102,8 @@ def render_markdown(d: dict) -> str:
     for v in d["variants"]:
         name = text(v["name"]) + (" ★" if v["on_front"] else "")
         lines.append("| " + " | ".join([name, *[_cell(v, m, d) for m in metrics]]) + " |")
+    lines += _task_lines(d)
+    lines += utility_lines(d.get("utility"))
     lines += _kernel_lines(d)
     if d["skipped"]:
         lines += ["", "## Skipped", ""] + [f"- {text(n)}: {text(why)}" for n, why in d["skipped"].items()]
@@ -104,6 +111,37 @@ def render_markdown(d: dict) -> str:
     lines += search_lines(d.get("search"))
     lines += ["", f"Artifacts of variants on a front: {text(d['out_dir'])}/variants/. ★ = on at least one front.", ""]
     return "\n".join(lines)
+
+
+def _task_lines(d: dict) -> list[str]:
+    """Task accuracies, with each variant's paired difference to the baseline on the same items."""
+    tasks = [m for m in TASK_METRICS if any(m in v["figures"] for v in d["variants"])]
+    if not tasks:
+        return []
+    out = ["", "## Tasks (accuracy; Δ in points against the baseline on the same items, paired 95% interval)", ""]
+    out += ["| variant | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 1)]
+    return out + ["| " + " | ".join([text(v["name"]), *[_cell(v, m, d) for m in tasks]]) + " |" for v in d["variants"]]
+
+
+def utility_lines(u: dict | None) -> list[str]:
+    """The utility ranking with its rates, best first."""
+    if not u:
+        return []
+    rates = ", ".join(f"{r} {format_value(x)}" for r, x in u["rates"].items())
+    resources = list(u["resources"])
+    out = ["", "## Utility ranking", "",
+           f"{text(u['formula'])}. Rates (points per halving; `--utility RESOURCE=POINTS` changes them): {rates}. "
+           f"Q: {text(u['quality'])}. Resources: " + ", ".join(f"{r} `{m}`" for r, m in u["resources"].items()) + ".",
+           "", "| rank | variant | utility | Q | " + " | ".join(resources) + " |",
+           "|" + "---|" * (len(resources) + 4)]  # fmt: skip
+    for i, row in enumerate(u["ranking"], 1):
+        parts = [f"{row['parts'][r]:+.2f}" if r in row["parts"] else "—" for r in resources]
+        out.append(
+            f"| {i} | {text(row['variant'])} | {row['utility']:.2f} | {row['quality']:.2f} | "
+            + " | ".join(parts)
+            + " |"
+        )
+    return out
 
 
 def _kernel_lines(d: dict) -> list[str]:

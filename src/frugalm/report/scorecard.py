@@ -22,8 +22,12 @@ def format_value(value: float) -> str:
 
 
 def _spread(m: Measurement) -> str:
+    paired = m.protocol.get("paired")
+    if paired:  # a task accuracy scored against the reference on the same items
+        lo, hi = paired["ci"]
+        return f"Δ {paired['delta']:+.3f} [{lo:+.3f}, {hi:+.3f}] vs reference (n={m.n}, paired)"
     if m.spread is None:
-        return ""
+        return f"(n={m.n} items)" if m.metric.startswith("acc_") else ""
     return f"± {format_value(m.spread)} (n={m.n})"
 
 

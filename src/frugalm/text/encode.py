@@ -32,12 +32,12 @@ class EncodedText:
 
 def encode_documents(tokenizer, docs: list[str], max_tokens: int = 0) -> EncodedText:
     """Encode documents as [start] + tokens until `max_tokens`; record exactly what text was covered."""
-    start_id = _start_id(tokenizer)
+    start_id = doc_start_id(tokenizer)
     start = [start_id] if start_id is not None else []
     ids: list[int] = []
     covered: list[str] = []
     for doc in docs:
-        enc = _encode(tokenizer, doc, offsets=tokenizer.is_fast)
+        enc = encode_text(tokenizer, doc, offsets=tokenizer.is_fast)
         doc_ids = start + enc["input_ids"]
         room = max_tokens - len(ids) if max_tokens else len(doc_ids)
         if room <= len(start):
@@ -59,11 +59,11 @@ def encode_documents(tokenizer, docs: list[str], max_tokens: int = 0) -> Encoded
     return EncodedText(torch.tensor(ids, dtype=torch.long), covered, start_token)
 
 
-def _start_id(tokenizer) -> int | None:
+def doc_start_id(tokenizer) -> int | None:
     return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
-def _encode(tokenizer, doc: str, offsets: bool = False):
+def encode_text(tokenizer, doc: str, offsets: bool = False):
     return tokenizer(
         doc, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=offsets, verbose=False
     )  # frugalm windows long texts itself
@@ -96,14 +96,14 @@ def evaluated_documents(path, tokenizer, max_tokens: int) -> list[str]:
 def _documents_until(path, tokenizer, max_tokens: int, cap: int) -> list[str] | None:
     """Documents until `max_tokens` are covered (as encode_documents counts), each read up to
     `cap` characters; None when one was cut too early for its evaluated tokens to be trusted."""
-    start = 0 if _start_id(tokenizer) is None else 1
+    start = 0 if doc_start_id(tokenizer) is None else 1
     docs, n_tokens = [], 0
     documents = iter_documents(path, max_doc_chars=cap)
     try:
         for doc, complete in documents:
             if max_tokens - n_tokens <= start:  # encode_documents stops here too
                 break
-            doc_tokens = start + len(_encode(tokenizer, doc)["input_ids"])
+            doc_tokens = start + len(encode_text(tokenizer, doc)["input_ids"])
             if not complete and n_tokens + doc_tokens < max_tokens + MARGIN_TOKENS:
                 return None
             docs.append(doc)
