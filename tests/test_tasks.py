@@ -6,8 +6,8 @@ import random
 
 import pytest
 import torch
-from conftest import STORIES, TINYSTORIES, load, needs_assets
 
+from conftest import STORIES, TINYSTORIES, load, needs_assets
 from frugalm.errors import ConfigError
 from frugalm.measure.stats import bootstrap_delta
 from frugalm.measure.tasks import TaskProtocol, _encode_item, build_items, measure_tasks, score_items
