@@ -131,3 +131,54 @@ def test_tasks_separate_damage_from_noise_on_stories260k(tmp_path):
         assert int8["ci"][0] <= 0 <= int8["ci"][1], (metric, int8)
         halfwidth = lambda ci: (ci[1] - ci[0]) / 2  # noqa: E731
         assert halfwidth(int8["ci"]) <= 0.6 * halfwidth(int8["ci_unpaired"]), (metric, int8)
+
+
+def test_cascade_sweep_counts_every_threshold():
+    from frugalm.measure.cascade import ESCALATE_ALL, choose, front, sweep
+
+    small = [1.0, 0.0, 1.0, 0.0]
+    large = [1.0, 1.0, 1.0, 0.0]
+    confidence = [0.9, 0.2, 0.6, 0.2]  # two items tie at 0.2: one threshold escalates both
+    points = sweep(small, large, confidence, [1.0] * 4, [4.0] * 4)
+    assert [p["tau"] for p in points] == [0.2, 0.6, 0.9, ESCALATE_ALL]
+    assert [p["escalated"] for p in points] == [0, 0.5, 0.75, 1.0]
+    assert [p["accuracy"] for p in points] == [0.5, 0.75, 0.75, 0.75]
+    assert [p["cost_ratio"] for p in points] == [0.25, 0.75, 1.0, 1.25]  # 4 small + 4 per escalated, over 16
+    assert front(points) == points[:2]
+    assert choose(points, large_accuracy=0.75, max_drop=0.0) == points[1]
+    assert choose(points, large_accuracy=0.75, max_drop=0.3) == points[0]
+
+
+def test_cascade_variant_answers_through_its_small_model(tiny_llama, tmp_path):
+    """Items the small model is sure of are its own; the rest are the large model's; the variant reloads as a cascade."""
+    from transformers import AutoTokenizer
+
+    from frugalm.models import load_model, save_variant
+    from frugalm.runtime import cascade
+    from frugalm.runtime.modules import INFERENCE_ATTR
+    from frugalm.techniques import cascade as stage
+    from frugalm.techniques.base import Context
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    docs = PROSE * 4
+    model = load(tiny_llama)
+    ctx = Context(tokenizer=tok, training_documents=docs)
+    stage.apply(model, stage.CascadeConfig(items=20, tau=0.5, confidence="max_prob"), ctx)
+    assert ctx.changes[-1]["sweep"]["small_cost_ratio"] == pytest.approx(1.0)  # int4 weight-only: the same FLOPs
+    folder = save_variant(model, tok, tmp_path / "cascade", {})
+    again = load_model(folder)
+    assert again.inference["cascade"]["tau"] == 0.5 and (folder / "cascade" / "config.json").is_file()
+    protocol = TaskProtocol(tasks=("choice",))
+    figures = {m.metric: m for m in measure_tasks(again.model, tok, docs, protocol, data_desc={})}
+    items, _ = build_items("choice", docs, protocol)
+    small = score_items(cascade.small_of(again.model), tok, items, "choice", protocol)
+    plain = load_model(folder).model
+    setattr(plain, INFERENCE_ATTR, {})
+    large = score_items(plain, tok, items, "choice", protocol)
+    want = [lg if c < 0.5 else sm for sm, lg, c in zip(small.correct, large.correct, small.confidence["max_prob"])]
+    assert figures["acc_choice"].samples == want
+    escalated = sum(c < 0.5 for c in small.confidence["max_prob"]) / len(items)
+    assert figures["cascade_escalated_frac"].value == pytest.approx(escalated)
+    counted = score_items(plain, tok, items, "choice", protocol, flops=True).flops  # int4: the same FLOPs per item
+    up = sum(f for f, c in zip(counted, small.confidence["max_prob"]) if c < 0.5)
+    assert figures["cascade_cost_ratio"].value == pytest.approx((sum(counted) + up) / sum(counted))

@@ -14,6 +14,7 @@ from frugalm.measure.quality import score_text
 from frugalm.models import load_model, save_variant
 from frugalm.recipe import Recipe, Stage, build_config, recipe_to_dict
 from frugalm.registry import TECHNIQUES, get_technique
+from frugalm.runtime import cascade
 from frugalm.runtime.decoding import draft_of
 from frugalm.runtime.modules import inference_settings
 from frugalm.techniques._calibrate import sample_calibration
@@ -46,11 +47,16 @@ QUALITY_FLOOR = {
     "prompt_lookup": 1.0,
     "early_exit": 1.0,
     "offload": 1.0,  # weights read from disk, unchanged
+    "cascade": 1.0,  # the large model is the incoming one; the small one answers task items only
 }
 EVAL_TOKENS = 4096
 TRAINING_BUDGET = {"steps": 10, "batch_size": 4, "seq_len": 128, "warmup_steps": 2, "log_every": 5}
 """Options given to training stages (kind "training") instead of their defaults, to keep the matrix fast."""
-FAST_OPTIONS = {"mixed_precision_quant": {"probe_tokens": 512}, "speculative": TRAINING_BUDGET}
+FAST_OPTIONS = {
+    "mixed_precision_quant": {"probe_tokens": 512},
+    "speculative": TRAINING_BUDGET,
+    "cascade": {"items": 100},
+}
 """Other techniques' options that keep the matrix fast (fewer sensitivity probe tokens, a short draft distillation)."""
 
 
@@ -100,7 +106,7 @@ def test_apply_save_reload(name, setup, tmp_path):
         ctx,
     )
     change = ctx.changes[-1]
-    decoding_stage = name in ("speculative", "prompt_lookup")  # change how the model generates, no layer
+    decoding_stage = name in ("speculative", "prompt_lookup", "cascade")  # change how the model runs, no layer
     assert change["technique"] == name and (
         change["data"]["docs_in"] > 0 if technique.kind == "data" else change["layers"] or decoding_stage
     )
@@ -118,3 +124,7 @@ def test_apply_save_reload(name, setup, tmp_path):
     if name == "speculative":  # the draft travels in the artifact
         with torch.no_grad():
             assert torch.equal(draft_of(again.model)(ids).logits, draft_of(model)(ids).logits)
+    if name == "cascade":  # and so does the cascade's small model
+        assert again.inference["cascade"] == inference_settings(model)["cascade"]
+        with torch.no_grad():
+            assert torch.equal(cascade.small_of(again.model)(ids).logits, cascade.small_of(model)(ids).logits)

@@ -25,7 +25,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from frugalm.assets import DEFAULT_MODEL_DIR
 from frugalm.atomic import atomic_folder
 from frugalm.errors import ConfigError, ModelError, suggest
-from frugalm.runtime import compiled, decoding, offload
+from frugalm.runtime import cascade, compiled, decoding, offload
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.runtime.quant_linear import (
     Int8Linear,
@@ -291,17 +291,27 @@ def load_model(
     if inference.get(compiled.SETTING):
         compiled.install(model, inference[compiled.SETTING])
     if inference.get(decoding.SETTING, {}).get("method") == "speculative":
-        draft_dir = source.path / decoding.DRAFT_DIR
-        if not (draft_dir / "config.json").is_file():
-            raise ModelError(
-                f"'{source.ref}' decodes speculatively but its draft folder ({decoding.DRAFT_DIR}/) is missing; the artifact is damaged: re-create it"
-            )
-        if ((read_metadata(draft_dir) or {}).get("inference") or {}).get(decoding.SETTING):  # no draft of a draft
-            raise ModelError(
-                f"'{source.ref}': its draft ({decoding.DRAFT_DIR}/) carries a decoding strategy of its own; frugalm never writes that: re-create the artifact"
-            )
-        decoding.attach_draft(model, load_model(draft_dir, device=device, dtype=dtype, fast_kernels=fast_kernels).model)
+        draft = _companion(source, decoding.DRAFT_DIR, "decodes speculatively", device, dtype, fast_kernels)
+        decoding.attach_draft(model, draft)
+    if inference.get(cascade.SETTING):
+        cascade.attach(model, _companion(source, cascade.DIR, "is a cascade", device, dtype, fast_kernels))
     return LoadedModel(model, tokenizer, source, dev, dt, inference)
+
+
+def _companion(source: ModelSource, sub: str, what: str, device, dtype, fast_kernels: bool) -> nn.Module:
+    """The model a variant carries in its folder `sub` (a speculative draft, a cascade's small model):
+    a plain variant, never one that carries a strategy or a companion of its own (no recursion)."""
+    folder = source.path / sub
+    if not (folder / "config.json").is_file():
+        raise ModelError(
+            f"'{source.ref}' {what} but its {sub}/ folder is missing; the artifact is damaged: re-create it"
+        )
+    inner = (read_metadata(folder) or {}).get("inference") or {}
+    if inner.get(decoding.SETTING) or inner.get(cascade.SETTING):
+        raise ModelError(
+            f"'{source.ref}': its {sub}/ model carries a decoding strategy or cascade of its own; frugalm never writes that: re-create the artifact"
+        )
+    return load_model(folder, device=device, dtype=dtype, fast_kernels=fast_kernels).model
 
 
 def load_tokenizer(source: ModelSource):
@@ -371,10 +381,11 @@ def save_variant(
 
     with atomic_folder(out_dir, force=force) as tmp:
         _write_variant(model, tokenizer, tmp, metadata)
-        draft = decoding.draft_of(model)
-        if draft is not None:  # a speculative variant carries its draft, a variant folder of its own
-            (tmp / decoding.DRAFT_DIR).mkdir()
-            _write_variant(draft, tokenizer, tmp / decoding.DRAFT_DIR, {"role": "draft of the parent folder's variant"})
+        companions = ((decoding.DRAFT_DIR, decoding.draft_of(model), "draft"), (cascade.DIR, cascade.small_of(model), "cascade's small model"))  # fmt: skip
+        for sub, companion, role in companions:  # a variant folder of its own inside the artifact
+            if companion is not None:
+                (tmp / sub).mkdir()
+                _write_variant(companion, tokenizer, tmp / sub, {"role": f"{role} of the parent folder's variant"})
     return Path(out_dir).expanduser().resolve()
 
 

@@ -31,6 +31,7 @@ TECHNIQUES: dict[str, str] = {
     "masked_finetune": "frugalm.techniques.masked_finetune:TECHNIQUE",
     "full_finetune": "frugalm.techniques.full_finetune:TECHNIQUE",
     "dedup_data": "frugalm.techniques.dedup_data:TECHNIQUE",
+    "cascade": "frugalm.techniques.cascade:TECHNIQUE",
 }
 
 

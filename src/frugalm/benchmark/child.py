@@ -39,7 +39,7 @@ from frugalm.measure.strategies import (
 from frugalm.measure.tasks import TaskProtocol, measure_tasks
 from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
-from frugalm.runtime import compiled, decoding, offload
+from frugalm.runtime import cascade, compiled, decoding, offload
 from frugalm.runtime.kv_cache import cache_factory
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, kernel_summary
 from frugalm.runtime.quant_linear import format_summary
@@ -182,13 +182,15 @@ def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:
     mib = memory.MIB
     draft = decoding.draft_of(model)
     draft_bytes = memory.weights_bytes(draft) if draft is not None else 0
+    small = cascade.small_of(model)
+    small_bytes = memory.weights_bytes(small) if small is not None else 0
     out = [
         Measurement(
             "params_count", memory.params_count(model), method="counted", protocol={"tied_weights": "counted once"}
         ),
         Measurement(
             "weights_mib",
-            (memory.weights_bytes(model) + draft_bytes) / mib,
+            (memory.weights_bytes(model) + draft_bytes + small_bytes) / mib,
             method="counted",
             protocol={
                 "what": "parameters and buffers in memory",
@@ -197,6 +199,11 @@ def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:
                 **(
                     {"draft_mib": draft_bytes / mib, "draft": "the speculative draft model's, included"}
                     if draft
+                    else {}
+                ),
+                **(
+                    {"cascade_small_mib": small_bytes / mib, "cascade": "the cascade's small model's, included"}
+                    if small
                     else {}
                 ),
             },

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "optimize": "frugalm.cli.optimize",
     "report": "frugalm.cli.report",
     "export": "frugalm.cli.export",
+    "eval": "frugalm.cli.eval",
     "validate": "frugalm.cli.validate",
     "ls": "frugalm.cli.ls",
 }

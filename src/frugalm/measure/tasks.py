@@ -31,8 +31,10 @@ from __future__ import annotations
 import hashlib
 import json
 import keyword
+import math
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -40,9 +42,13 @@ import torch
 import torch.nn.functional as F
 
 from frugalm.errors import ConfigError
+from frugalm.measure import cascade as cascade_sweep
+from frugalm.measure.compute import count_flops
 from frugalm.measure.metrics import Measurement
 from frugalm.measure.quality import logits_as_run
 from frugalm.measure.stats import bootstrap_delta
+from frugalm.runtime import cascade
+from frugalm.runtime.cascade import CONFIDENCES
 from frugalm.runtime.kv_cache import cache_factory as model_cache_factory
 from frugalm.runtime.modules import inference_settings
 from frugalm.text.encode import doc_start_id, encode_text
@@ -94,12 +100,18 @@ class Item:
 
 @dataclass
 class ItemScores:
-    """Per item: its score (1 correct, 0 not), its options' log-likelihoods per byte (choice), and
-    the tokens a model ran to score it (context and options, as counted for the cascade's cost)."""
+    """Per item: its score (1 correct, 0 not), its options' log-likelihoods per byte (choice), the
+    tokens a model ran to score it (the context with the answer, and each other option), the
+    confidences of its answer (runtime/cascade.CONFIDENCES), and the FLOPs counted for it."""
 
     correct: list[float]
     option_scores: list[list[float]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    confidence: dict[str, list[float]] = field(default_factory=dict)
+    flops: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    """Wall time of the forwards, per batch, shared among its items by their unpadded tokens (not
+    meaningful from a pass that counted FLOPs: the counter slows it)."""
 
 
 def build_items(task: str, docs: list[str], protocol: TaskProtocol, strict: bool = True) -> tuple[list[Item], int]:
@@ -202,44 +214,78 @@ def _encode_item(tokenizer, item: Item, budget: int, max_len: int | None) -> tup
 
 @torch.inference_mode()
 def score_items(
-    model, tokenizer, items: list[Item], task: str, protocol: TaskProtocol, *, max_len=None, progress=None
-) -> ItemScores:
-    """Each item's score from one forward per (context + option) sequence, batched by length, as the model runs."""
+    model, tokenizer, items: list[Item], task: str, protocol: TaskProtocol, *, max_len=None, progress=None,
+    flops: bool = False,
+) -> ItemScores:  # fmt: skip
+    """Each item's score from one forward per (context + option) sequence, batched by length, as the
+    model runs; with each answer's confidences (runtime/cascade.CONFIDENCES) and, with `flops`, the
+    FLOPs each item's sequences cost (torch's counter per batch, shared by unpadded tokens)."""
     cache_factory = model_cache_factory(model, {"kv_cache": inference_settings(model).get("kv_cache")})
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().out_features
-    seqs = []  # (item, option, ids, first answer position)
+    seqs = []  # (item, option, ids, first answer position, answer bytes)
     for i, item in enumerate(items):
         ctx, options = _encode_item(tokenizer, item, protocol.context_tokens, max_len)
         for j, ans in enumerate(options):
             seqs.append((i, j, ctx + ans, len(ctx), len(item.options[j].encode("utf-8"))))
     seqs.sort(key=lambda s: len(s[2]))
-    logliks = [[0.0] * len(item.options) for item in items]
-    greedy = [True] * len(items)
-    tokens = [0] * len(items)
+    n_bytes = [[0] * len(item.options) for item in items]
+    scores = ItemScores([0.0] * len(items), [[0.0] * len(item.options) for item in items], [0] * len(items),
+                        {c: [0.0] * len(items) for c in CONFIDENCES}, [0.0] * len(items), [0.0] * len(items))  # fmt: skip
     done = 0
     while done < len(seqs):
         longest = len(seqs[min(len(seqs), done + 64) - 1][2])
         batch = seqs[done : done + max(1, min(64, (1 << 26) // (longest * vocab)))]
         length = len(batch[-1][2])
-        pad = [0] * length
-        inputs = torch.tensor([(ids + pad)[:length] for _, _, ids, _, _ in batch], device=device)
-        logits = logits_as_run(model, inputs, cache_factory)
-        for row, (i, j, ids, first, n_bytes) in enumerate(batch):
+        inputs = torch.tensor([(ids + [0] * length)[:length] for _, _, ids, _, _ in batch], device=device)
+        run = {}
+        forward = lambda: run.setdefault("logits", logits_as_run(model, inputs, cache_factory))  # noqa: B023, E731
+        t0 = time.perf_counter()
+        per_token = count_flops(forward) / inputs.numel() if flops else 0.0
+        if not flops:
+            forward()
+        elapsed = time.perf_counter() - t0
+        unpadded = sum(len(ids) for _, _, ids, _, _ in batch)
+        for row, (i, j, ids, first, size) in enumerate(batch):
             target = torch.tensor(ids[first:], device=device)
-            logp = F.log_softmax(logits[row, first - 1 : len(ids) - 1].float(), dim=-1)
-            logliks[i][j] = logp.gather(-1, target[:, None]).sum().item() / n_bytes
-            if j == 0:
-                greedy[i] = bool((logp.argmax(-1) == target).all())
-            tokens[i] += len(ids) if j == 0 else len(ids) - first
+            logp = F.log_softmax(run["logits"][row, first - 1 : len(ids) - 1].float(), dim=-1)
+            scores.option_scores[i][j] = logp.gather(-1, target[:, None]).sum().item() / size
+            n_bytes[i][j] = size
+            scores.tokens[i] += len(ids) if j == 0 else len(ids) - first
+            scores.flops[i] += per_token * len(ids)
+            scores.seconds[i] += elapsed * len(ids) / unpadded
+            if j == 0 and task != "choice":
+                scores.correct[i] = float((logp.argmax(-1) == target).all())
+                _completion_confidence(logp, scores.confidence, i)
         done += len(batch)
         if progress:
             progress(f"task {task}", done, len(seqs))
     if task == "choice":
-        correct = [float(max(range(len(s)), key=lambda k: s[k]) == 0) for s in logliks]
+        for i, s in enumerate(scores.option_scores):
+            scores.correct[i] = float(max(range(len(s)), key=lambda k: s[k]) == 0)
+            _choice_confidence(s, sum(n_bytes[i]) / len(s), scores.confidence, i)
     else:
-        correct = [float(g) for g in greedy]
-    return ItemScores(correct, logliks if task == "choice" else [], tokens)
+        scores.option_scores = []
+    return scores
+
+
+def _completion_confidence(logp: torch.Tensor, out: dict, i: int) -> None:
+    """Confidences of a greedy completion from its (tokens, vocab) log-probabilities."""
+    p = logp.exp()
+    top = p.topk(2, dim=-1).values
+    out["max_prob"][i] = logp.max(-1).values.sum().exp().item()
+    out["margin"][i] = (top[:, 0] - top[:, 1]).min().item()
+    out["entropy"][i] = 1 - (-(p * logp).sum(-1)).mean().item() / math.log(p.shape[-1])
+
+
+def _choice_confidence(per_byte: list[float], mean_bytes: float, out: dict, i: int) -> None:
+    """Confidences of a multiple-choice answer: the options' probabilities among themselves, from their
+    log-likelihoods per byte scaled to the options' mean length (same ranking as the answer's)."""
+    p = torch.softmax(torch.tensor(per_byte, dtype=torch.float64) * mean_bytes, 0)
+    top = p.topk(2).values
+    out["max_prob"][i] = top[0].item()
+    out["margin"][i] = (top[0] - top[1]).item()
+    out["entropy"][i] = 1 + (p * p.clamp_min(1e-300).log()).sum().item() / math.log(len(per_byte))
 
 
 def default_tasks(builtin_text: bool) -> tuple[str, ...]:
@@ -256,41 +302,69 @@ def measure_tasks(
     progress=None,
 ) -> list[Measurement]:  # fmt: skip
     """acc_<task> per task, each item's score as the figure's samples; with a reference, the paired
-    difference model - reference and its bootstrap intervals (paired and unpaired) in protocol["paired"]."""
+    difference model - reference and its bootstrap intervals (paired and unpaired) in protocol["paired"].
+    A cascade variant (runtime/cascade) answers its own task through the cascade, with its cost figures."""
     protocol.check()
+    setting = inference_settings(model).get(cascade.SETTING)
     out = []
     for task in protocol.tasks or ():
         items, candidates = build_items(task, docs, protocol)
         if not items:  # bench's prepare() drops or refuses such a task before the child starts
             raise ConfigError(f"task {task}: the evaluation text has no items for it; pass a longer text")
-        scores = score_items(model, tokenizer, items, task, protocol, max_len=context, progress=progress)
-        proto = {
-            **data_desc,
-            **asdict(protocol),
-            "tasks": None,
-            "task": task,
-            "items": len(items),
-            "candidates": candidates,
-            "items_sha256": items_digest(items),
-            "tokens_scored": sum(scores.tokens),
-            "scoring": "as the model runs (its kernels, its KV cache, its decoding exit)",
-        }
+        proto = {**data_desc, **asdict(protocol), "tasks": None, "task": task, "items": len(items),
+                 "candidates": candidates, "items_sha256": items_digest(items),
+                 "scoring": "as the model runs (its kernels, its KV cache, its decoding exit)"}  # fmt: skip
+        if setting and setting["task"] == task:
+            correct, figures = _through_cascade(
+                model, tokenizer, items, task, protocol, context, setting, proto, progress
+            )
+            out += figures
+        else:
+            scores = score_items(model, tokenizer, items, task, protocol, max_len=context, progress=progress)
+            correct = scores.correct
+            if setting:
+                proto["scoring"] += f"; the large model alone (the cascade routes {setting['task']} items)"
         if reference is not None:
             ref = score_items(reference, tokenizer, items, task, protocol, max_len=context, progress=progress)
-            paired = bootstrap_delta(scores.correct, ref.correct, seed=protocol.seed)
+            paired = bootstrap_delta(correct, ref.correct, seed=protocol.seed)
             proto["paired"] = {
                 **paired,
                 "reference_value": sum(ref.correct) / len(ref.correct),
                 "of": "model - reference",
             }
-        out.append(
-            Measurement(
-                f"acc_{task}",
-                sum(scores.correct) / len(items),
-                method="measured",
-                n=len(items),
-                protocol=proto,
-                samples=scores.correct,
-            )
-        )
+        out.append(Measurement(f"acc_{task}", sum(correct) / len(items), method="measured", n=len(items),
+                               protocol=proto, samples=correct))  # fmt: skip
     return out
+
+
+def _through_cascade(model, tokenizer, items, task, protocol, context, setting, proto, progress):
+    """Item scores of the cascade (the small model's answer unless its confidence is below tau), and
+    its cost figures; the sweep over every threshold on these items is stored beside them."""
+    small = cascade.small_of(model)
+    if small is None:
+        raise ValueError("this cascade variant has no small model attached (load it with load_model)")
+    s, large = (score_items(m, tokenizer, items, task, protocol, max_len=context, progress=progress, flops=True)
+                for m in (small, model))  # fmt: skip
+    cascade_sweep.time_items(
+        [small, model], [s, large], lambda m: score_items(m, tokenizer, items, task, protocol, max_len=context)
+    )
+    up = cascade.escalate(s.confidence[setting["confidence"]], setting["tau"])
+    correct = [large.correct[i] if e else s.correct[i] for i, e in enumerate(up)]
+    cost = (sum(s.flops) + sum(f for f, e in zip(large.flops, up) if e)) / sum(large.flops)
+    seconds = (sum(s.seconds) + sum(t for t, e in zip(large.seconds, up) if e)) / sum(large.seconds)
+    analysis = {c: cascade_sweep.analyse(s, large, 0.01, c) for c in ("flops", "seconds")}
+    proto["scoring"] = (
+        "through the cascade: the small model answers, the large one when the small one's confidence < tau"
+    )
+    proto["cascade"] = {**setting, "small_accuracy": analysis["flops"]["small_accuracy"],
+                        "large_accuracy": analysis["flops"]["large_accuracy"],
+                        "cost_ratio": cost, "time_ratio": seconds, "escalated_frac": sum(up) / len(up),
+                        "sweep_on_these_items": analysis}  # fmt: skip
+    cp = {"task": task, "items": len(items), "cascade": setting, "counter": "torch.utils.flop_counter.FlopCounterMode",
+          "what": "small model on every item + large model on the escalated ones, over the large model on every item"}  # fmt: skip
+    tp = {**cp, "what": "the same, in wall time of the forwards as they ran here", "timing": cascade_sweep.TIMING}
+    return correct, [
+        Measurement("cascade_cost_ratio", cost, method="counted", n=len(items), protocol=cp),
+        Measurement("cascade_time_ratio", seconds, method="measured", n=len(items), protocol=tp),
+        Measurement("cascade_escalated_frac", sum(up) / len(up), method="measured", n=len(items), protocol=cp),
+    ]
