@@ -133,7 +133,9 @@ def test_speculative_artifact_carries_its_draft(tiny_models, tmp_path):
     meta_path = folder / "draft" / "frugalm.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "inference": {"decoding": meta["inference"] | {"method": "speculative"}}}))
-    with pytest.raises(ModelError, match="carries a decoding strategy or cascade of its own"):  # never a draft of a draft
+    with pytest.raises(
+        ModelError, match="carries a decoding strategy or cascade of its own"
+    ):  # never a draft of a draft
         load_model(folder)
     shutil.rmtree(folder / "draft")
     with pytest.raises(ModelError, match="draft/ folder is missing"):

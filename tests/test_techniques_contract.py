@@ -48,6 +48,7 @@ QUALITY_FLOOR = {
     "early_exit": 1.0,
     "offload": 1.0,  # weights read from disk, unchanged
     "cascade": 1.0,  # the large model is the incoming one; the small one answers task items only
+    "prompt_pruning": 1.0,  # prompts are pruned before prefill; the text perplexity scores is not a prompt
 }
 EVAL_TOKENS = 4096
 TRAINING_BUDGET = {"steps": 10, "batch_size": 4, "seq_len": 128, "warmup_steps": 2, "log_every": 5}
@@ -106,7 +107,7 @@ def test_apply_save_reload(name, setup, tmp_path):
         ctx,
     )
     change = ctx.changes[-1]
-    decoding_stage = name in ("speculative", "prompt_lookup", "cascade")  # change how the model runs, no layer
+    decoding_stage = name in ("speculative", "prompt_lookup", "cascade", "prompt_pruning")  # how it runs, no layer
     assert change["technique"] == name and (
         change["data"]["docs_in"] > 0 if technique.kind == "data" else change["layers"] or decoding_stage
     )

@@ -32,6 +32,7 @@ TECHNIQUES: dict[str, str] = {
     "full_finetune": "frugalm.techniques.full_finetune:TECHNIQUE",
     "dedup_data": "frugalm.techniques.dedup_data:TECHNIQUE",
     "cascade": "frugalm.techniques.cascade:TECHNIQUE",
+    "prompt_pruning": "frugalm.techniques.prompt_pruning:TECHNIQUE",
 }
 
 

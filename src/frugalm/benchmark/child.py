@@ -39,7 +39,7 @@ from frugalm.measure.strategies import (
 from frugalm.measure.tasks import TaskProtocol, measure_tasks
 from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
-from frugalm.runtime import cascade, compiled, decoding, offload
+from frugalm.runtime import cascade, compiled, decoding, offload, prompt_pruning
 from frugalm.runtime.kv_cache import cache_factory
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, kernel_summary
 from frugalm.runtime.quant_linear import format_summary
@@ -278,6 +278,7 @@ def _workload(
         if kv
         else "DynamicCache (model dtype)",
         **decoding_protocol(model, w, strategy),
+        **({"prompt_pruning": pruning} if (pruning := inference_settings(model).get(prompt_pruning.SETTING)) else {}),
     }
     out = []
     if _want(spec, "computation"):

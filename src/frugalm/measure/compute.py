@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 from transformers import DynamicCache
 
 from frugalm.measure.workloads import Workload
-from frugalm.runtime import decoding
+from frugalm.runtime import decoding, prompt_pruning
 
 aten = torch.ops.aten
 
@@ -78,8 +78,8 @@ def flops_per_token(model, workload: Workload, device) -> tuple[int, int]:
     kw = forward_kwargs(model)
     out = {}
 
-    def prefill():
-        out["o"] = model(ids, use_cache=True, **kw)
+    def prefill():  # a variant that prunes its prompts: the pruning counts, per token of the prompt given
+        out["o"] = model(prompt_pruning.pruned(model, ids), use_cache=True, **kw)
 
     prefill_flops = count_flops(prefill)
     nxt = out["o"].logits[:, -1].argmax(-1, keepdim=True)
@@ -123,6 +123,7 @@ def generate_timed(model, ids: torch.Tensor, n_new: int, device, *, cache=None) 
     kw = forward_kwargs(model)
     synchronize(device)
     t0 = time.perf_counter()
+    ids = prompt_pruning.pruned(model, ids)  # a variant that prunes its prompts does it inside its time to first token
     out = model(ids, past_key_values=cache, use_cache=True, **kw)
     nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (batch, 1)
     synchronize(device)

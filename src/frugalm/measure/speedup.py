@@ -30,7 +30,7 @@ from frugalm.measure import compute
 from frugalm.measure.metrics import Measurement
 from frugalm.measure.paired import PairedConfig, competition, machine_conditions, time_paired
 from frugalm.measure.workloads import Workload
-from frugalm.runtime import decoding
+from frugalm.runtime import decoding, prompt_pruning
 
 SPEEDUP_METRICS = ("speedup_ttft", "speedup_decode")
 DERIVED_RATIOS = {"energy_ratio_decode": "energy", "cost_ratio_decode": "money"}
@@ -42,7 +42,8 @@ def ttft_call(model, ids: torch.Tensor, make_cache) -> Callable[[], None]:
 
     def run() -> None:
         with torch.no_grad():
-            out = model(ids, past_key_values=make_cache(tokens) if make_cache else None, use_cache=True, **kw)
+            pruned = prompt_pruning.pruned(model, ids)  # a variant that prunes its prompts does it in its TTFT
+            out = model(pruned, past_key_values=make_cache(tokens) if make_cache else None, use_cache=True, **kw)
             out.logits[:, -1].argmax(-1)
 
     return run
@@ -53,7 +54,7 @@ def decode_call(model, ids: torch.Tensor, make_cache, max_tokens: int | None = N
     kw = compute.forward_kwargs(model)
     cache = make_cache(max_tokens or ids.shape[1] + 1) if make_cache else None
     with torch.no_grad():
-        out = model(ids, past_key_values=cache, use_cache=True, **kw)
+        out = model(prompt_pruning.pruned(model, ids), past_key_values=cache, use_cache=True, **kw)
     cache, first = out.past_key_values, out.logits[:, -1:].argmax(-1)  # first: (batch, 1)
 
     def run() -> None:

@@ -47,7 +47,7 @@ from frugalm.measure.compute import count_flops
 from frugalm.measure.metrics import Measurement
 from frugalm.measure.quality import logits_as_run
 from frugalm.measure.stats import bootstrap_delta
-from frugalm.runtime import cascade
+from frugalm.runtime import cascade, prompt_pruning
 from frugalm.runtime.cascade import CONFIDENCES
 from frugalm.runtime.kv_cache import cache_factory as model_cache_factory
 from frugalm.runtime.modules import inference_settings
@@ -226,6 +226,9 @@ def score_items(
     seqs = []  # (item, option, ids, first answer position, answer bytes)
     for i, item in enumerate(items):
         ctx, options = _encode_item(tokenizer, item, protocol.context_tokens, max_len)
+        ctx = prompt_pruning.pruned(model, torch.tensor([ctx], device=device))[
+            0
+        ].tolist()  # a pruning variant's own context
         for j, ans in enumerate(options):
             seqs.append((i, j, ctx + ans, len(ctx), len(item.options[j].encode("utf-8"))))
     seqs.sort(key=lambda s: len(s[2]))
