@@ -89,6 +89,13 @@ class Context:
             self.progress(step, done, total)
 
 
+def check_config(technique: str, config) -> None:
+    """Raise the config's model-free problems in one line (a config built in code skips `frugalm validate`)."""
+    problems = config.problems() if hasattr(config, "problems") else []
+    if problems:
+        raise TechniqueError(f"{technique}: " + "; ".join(problems))
+
+
 def select_linears(
     model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] = ("lm_head",), *, technique: str = ""
 ) -> list[tuple[str, nn.Module]]:

@@ -30,7 +30,7 @@ from frugalm.models import context_length, load_model
 from frugalm.runtime import cascade, decoding
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.techniques import quant_rtn
-from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.base import Context, Technique, check_config, record_change
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,8 +48,11 @@ class CascadeConfig:
     items: int = 400
     """Calibration items (from the training part of the text)."""
     context_tokens: int = 128
+    """Context tokens per calibration item at most (as the benchmark's --task-context)."""
     choices: int = 4
+    """Options per multiple-choice item (as --task-choices)."""
     seed: int = 0
+    """Seed of the calibration items' sample and distractors."""
 
     def problems(self) -> list[str]:
         out = []
@@ -85,9 +88,7 @@ def _small_model(model: nn.Module, config: CascadeConfig, ctx: Context) -> tuple
 
 def apply(model: nn.Module, config: CascadeConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    problems = config.problems()
-    if problems:
-        raise TechniqueError(f"{name}: " + "; ".join(problems))
+    check_config(name, config)
     if inference_settings(model).get(cascade.SETTING):
         raise TechniqueError(f"{name}: this variant is already a cascade; a variant carries one")
     if not ctx.training_documents:

@@ -20,7 +20,7 @@ from frugalm.errors import TechniqueError
 from frugalm.runtime import compiled, decoding
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.techniques._arch import decoder_blocks
-from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.base import Context, Technique, check_config, record_change
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,9 +36,7 @@ class CompileDecodeConfig:
 
 def apply(model: nn.Module, config: CompileDecodeConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    problems = config.problems()
-    if problems:
-        raise TechniqueError(f"{name}: " + "; ".join(problems))
+    check_config(name, config)
     settings = inference_settings(model)
     if settings.get("kv_cache"):
         raise TechniqueError(

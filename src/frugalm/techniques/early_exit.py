@@ -28,7 +28,7 @@ from torch import nn
 from frugalm.errors import TechniqueError
 from frugalm.runtime import decoding
 from frugalm.techniques._arch import decoder_blocks, model_type
-from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.base import Context, Technique, check_config, record_change
 from frugalm.techniques.speculative import check_decodable, set_decoding
 
 
@@ -63,9 +63,7 @@ CONFIDENCE_ARCHS = ("llama", "qwen2")
 
 def apply(model: nn.Module, config: EarlyExitConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    problems = config.problems()
-    if problems:
-        raise TechniqueError(f"{name}: " + "; ".join(problems))
+    check_config(name, config)
     check_decodable(model, name)
     found = decoder_blocks(model)
     if found is None:

@@ -36,7 +36,7 @@ from torch import nn
 from frugalm.errors import TechniqueError
 from frugalm.runtime.kv_cache import check_fits, head_dim
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
-from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.base import Context, Technique, check_config, record_change
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,9 +64,7 @@ class KVCacheQuantConfig:
 
 def apply(model: nn.Module, config: KVCacheQuantConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    problems = config.problems()
-    if problems:
-        raise TechniqueError(f"{name}: " + "; ".join(problems))
+    check_config(name, config)
     check_fits(model, config.bits, config.group_size, name)
     if inference_settings(model).get("compiled_decode"):
         raise TechniqueError(

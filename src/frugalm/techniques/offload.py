@@ -25,7 +25,7 @@ from frugalm.runtime import compiled, offload
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.runtime.quant_linear import QuantLinear
 from frugalm.techniques._arch import decoder_blocks
-from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.base import Context, Technique, check_config, record_change
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,9 +43,7 @@ class OffloadConfig:
 
 def apply(model: nn.Module, config: OffloadConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    problems = config.problems()
-    if problems:
-        raise TechniqueError(f"{name}: " + "; ".join(problems))
+    check_config(name, config)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise TechniqueError(f"{name}: packed quantized layers are not offloaded here; offload a float variant")
     if inference_settings(model).get(compiled.SETTING):

@@ -15,9 +15,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from frugalm.errors import TechniqueError
 from frugalm.runtime import decoding
-from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.base import Context, Technique, check_config, record_change
 from frugalm.techniques.speculative import check_decodable, set_decoding
 
 
@@ -43,9 +42,7 @@ class PromptLookupConfig:
 
 def apply(model: nn.Module, config: PromptLookupConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    problems = config.problems()
-    if problems:
-        raise TechniqueError(f"{name}: " + "; ".join(problems))
+    check_config(name, config)
     check_decodable(model, name)
     setting = {"method": "prompt_lookup", "k": config.k, "max_ngram": config.max_ngram, "min_ngram": config.min_ngram}
     set_decoding(model, setting)

@@ -19,7 +19,7 @@ from frugalm.errors import TechniqueError
 from frugalm.runtime import prompt_pruning
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.techniques._arch import decoder_blocks
-from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.base import Context, Technique, check_config, record_change
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,9 +44,7 @@ class PromptPruningConfig:
 
 def apply(model: nn.Module, config: PromptPruningConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    problems = config.problems()
-    if problems:
-        raise TechniqueError(f"{name}: " + "; ".join(problems))
+    check_config(name, config)
     found = decoder_blocks(model)
     if found is None:
         raise TechniqueError(f"{name}: found no decoder blocks in {type(model).__name__} to score the prompt with")

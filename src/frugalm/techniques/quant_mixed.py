@@ -52,7 +52,7 @@ from frugalm.techniques import quant_gptq, quant_rtn
 from frugalm.techniques._arch import DEFAULT_TARGETS
 from frugalm.techniques._calibrate import calibrate_blocks
 from frugalm.techniques._layer_latency import in_model_scale, layer_costs_ns, step_ns
-from frugalm.techniques.base import Context, Technique, record_change, select_linears
+from frugalm.techniques.base import Context, Technique, check_config, record_change, select_linears
 
 Format = tuple[int, int]
 """(bits, group_size): 4 or 8 bits, in groups of that many input columns (-1: per output channel)."""
@@ -243,7 +243,7 @@ def _latency_budget(model, layers, config: MixedPrecisionConfig):
 
 def apply(model: nn.Module, config: MixedPrecisionConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    quant_rtn.check_config(name, config)
+    check_config(name, config)
     layers = select_linears(model, config.targets, technique=name)
     for layer_name, module in layers:
         in_f = weight_out_in(module).shape[1]

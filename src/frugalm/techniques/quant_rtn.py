@@ -29,7 +29,7 @@ from frugalm.errors import TechniqueError
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, weight_out_in
 from frugalm.runtime.quant_linear import QuantLinear, format_name, quantize_groups
 from frugalm.techniques._arch import DEFAULT_TARGETS
-from frugalm.techniques.base import Context, Technique, record_change, select_linears
+from frugalm.techniques.base import Context, Technique, check_config, record_change, select_linears
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,13 +85,6 @@ def quant_problems(bits: int, group_size: int, activations: str = "none", symmet
             f"activations dynamic-int8 (format w8a8-dynamic, fbgemm's kernel) needs {', '.join(needs)}; or use activations none (weight-only, w8a16 / w4a16)"
         )
     return problems
-
-
-def check_config(technique: str, config) -> None:
-    """Raise the config's model-free problems (for configs built in code, not from a recipe)."""
-    problems = config.problems()
-    if problems:
-        raise TechniqueError(f"{technique}: " + "; ".join(problems))
 
 
 def quant_targets(technique: str, config: WeightQuantOptions, model: nn.Module) -> list[tuple[str, nn.Module]]:

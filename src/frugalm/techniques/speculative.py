@@ -25,7 +25,7 @@ from frugalm.models import load_model
 from frugalm.runtime import compiled, decoding
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.techniques import distill
-from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.base import Context, Technique, check_config, record_change
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,9 +87,7 @@ def _ready_draft(path: str, ctx: Context) -> nn.Module:
 
 def apply(model: nn.Module, config: SpeculativeConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    problems = config.problems()
-    if problems:
-        raise TechniqueError(f"{name}: " + "; ".join(problems))
+    check_config(name, config)
     check_decodable(model, name)
     if config.draft is not None:
         draft = _ready_draft(config.draft, ctx)
