@@ -21,11 +21,12 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import is_flash_attn_2_available
 
 from frugalm.assets import DEFAULT_MODEL_DIR
 from frugalm.atomic import atomic_folder
 from frugalm.errors import ConfigError, ModelError, suggest
-from frugalm.runtime import cascade, compiled, decoding, offload
+from frugalm.runtime import cascade, compiled, decoding, families, offload
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.runtime.quant_linear import (
     Int8Linear,
@@ -243,10 +244,49 @@ def torch_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+"""Attention kernels a bench can ask for: transformers' matmul-softmax-matmul in Python (eager),
+torch's scaled_dot_product_attention (sdpa), the flash-attn package's kernel (CUDA only)."""
+
+
+def check_attn_implementation(name: str, config, device: torch.device) -> None:
+    """Refuse, before any model loads, an attention implementation that is unknown, that the
+    model's class does not support, or that this machine lacks (ConfigError, one line)."""
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"unknown attention implementation '{name}'{suggest(name, ATTN_IMPLEMENTATIONS)}")
+    if families.family(config) == "recurrent":
+        raise ConfigError(
+            f"attn_implementation {name}: {families.describe(config)} has no attention layers; leave the setting out"
+        )
+    try:
+        cls = AutoModelForCausalLM._model_mapping[type(config)]
+    except KeyError:
+        raise ConfigError(
+            f"attn_implementation {name}: transformers has no causal LM class for {type(config).__name__}"
+        ) from None
+    flag = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}.get(name)
+    if flag and not getattr(cls, flag, False):
+        raise ConfigError(f"attn_implementation {name}: {cls.__name__} does not support it; use eager")
+    if name == "flash_attention_2":
+        if device.type != "cuda" or not is_flash_attn_2_available():
+            raise ConfigError(
+                "attn_implementation flash_attention_2 needs a CUDA device and the flash-attn package (pip install flash-attn); use sdpa or eager"
+            )
+
+
 def load_model(
-    ref: str | os.PathLike | None = None, *, device: str = "cpu", dtype: str = "float32", fast_kernels: bool = True
+    ref: str | os.PathLike | None = None,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    fast_kernels: bool = True,
+    attn_implementation: str | None = None,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode on `device`, in `dtype`.
+
+    `attn_implementation` (eager, sdpa, flash_attention_2; see check_attn_implementation) sets the
+    attention kernel of the model and of any model it carries; None: transformers' default. A
+    recurrent model (RWKV, Mamba) gets the Transformer's cache interface (runtime/families).
 
     Packed quantized layers are rebuilt from the artifact's frugalm.json, each in its recorded
     format (inference.linear_formats). With `fast_kernels` a layer runs on the device's real
@@ -282,6 +322,9 @@ def load_model(
     if not offloaded:
         model.to(dev)
     model.eval()
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    families.install(model)
     if meta and meta.get("packed_layers"):
         set_linear_formats_(model, inference.get("linear_formats"))  # None: saved before formats were recorded
         if fast_kernels and dev.type == "cpu":
@@ -291,14 +334,17 @@ def load_model(
     if inference.get(compiled.SETTING):
         compiled.install(model, inference[compiled.SETTING])
     if inference.get(decoding.SETTING, {}).get("method") == "speculative":
-        draft = _companion(source, decoding.DRAFT_DIR, "decodes speculatively", device, dtype, fast_kernels)
+        draft = _companion(
+            source, decoding.DRAFT_DIR, "decodes speculatively", device, dtype, fast_kernels, attn_implementation
+        )
         decoding.attach_draft(model, draft)
     if inference.get(cascade.SETTING):
-        cascade.attach(model, _companion(source, cascade.DIR, "is a cascade", device, dtype, fast_kernels))
+        small = _companion(source, cascade.DIR, "is a cascade", device, dtype, fast_kernels, attn_implementation)
+        cascade.attach(model, small)
     return LoadedModel(model, tokenizer, source, dev, dt, inference)
 
 
-def _companion(source: ModelSource, sub: str, what: str, device, dtype, fast_kernels: bool) -> nn.Module:
+def _companion(source: ModelSource, sub: str, what: str, device, dtype, fast_kernels: bool, attn=None) -> nn.Module:
     """The model a variant carries in its folder `sub` (a speculative draft, a cascade's small model):
     a plain variant, never one that carries a strategy or a companion of its own (no recursion)."""
     folder = source.path / sub
@@ -311,7 +357,7 @@ def _companion(source: ModelSource, sub: str, what: str, device, dtype, fast_ker
         raise ModelError(
             f"'{source.ref}': its {sub}/ model carries a decoding strategy or cascade of its own; frugalm never writes that: re-create the artifact"
         )
-    return load_model(folder, device=device, dtype=dtype, fast_kernels=fast_kernels).model
+    return load_model(folder, device=device, dtype=dtype, fast_kernels=fast_kernels, attn_implementation=attn).model
 
 
 def load_tokenizer(source: ModelSource):

@@ -242,6 +242,8 @@ def optimize(
         asdict(config.bench.paired),
         config.bench.threads,
         config.bench.cpus,
+        # only when set, so that the keys of sessions run before the setting existed still resume
+        *([{"attn_implementation": config.bench.attn_implementation}] if config.bench.attn_implementation else []),
     ]
     out.mkdir(parents=True, exist_ok=True)
     state = _session_state(out)

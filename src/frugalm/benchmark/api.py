@@ -29,6 +29,7 @@ from frugalm.measure.tasks import TaskProtocol, build_items, default_tasks
 from frugalm.measure.workloads import DEFAULT_WORKLOADS, fit_to_context, get_workloads
 from frugalm.models import (
     ModelSource,
+    check_attn_implementation,
     check_weights,
     context_length,
     load_tokenizer,
@@ -89,6 +90,8 @@ class BenchConfig:
     """CPU cores the measuring child may run on (its affinity); empty: every core this process may use."""
     compile: bool = False
     """Decode compiled: a static KV cache and torch.compile of the one-token step, compile time reported as compile_s (a variant made with compile_decode decodes compiled anyway)."""
+    attn_implementation: str | None = None
+    """Attention kernel of the model (and of its reference): eager, sdpa, or flash_attention_2 (CUDA, with flash-attn installed); by default (None) transformers' own choice. Recorded with the run and in each workload's protocol."""
 
 
 @dataclass
@@ -110,7 +113,8 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
     torch_dtype(config.dtype)
     profile = get_profile(config.profile, device.type, config.profiles_file)
     source = resolve_model(model)
-    context = context_length(read_config(source))
+    model_config = read_config(source)
+    context = context_length(model_config)
     fitted = [fit_to_context(w, context, scale=config.scale_workloads) for w in workloads]
     unknown = sorted(set(config.speedup_workloads) - {w.name for w in workloads})
     if unknown:
@@ -118,6 +122,10 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
             f"speedup workload(s) {', '.join(unknown)} are not among the workloads measured ({', '.join(w.name for w in workloads)}); add them with --workload or drop them"
         )
     reference = resolve_model(config.reference).path if config.reference else None
+    if config.attn_implementation:
+        check_attn_implementation(config.attn_implementation, model_config, device)
+        if config.reference:
+            check_attn_implementation(config.attn_implementation, read_config(resolve_model(config.reference)), device)
     docs, data_desc = _evaluated_text(source, config, metrics)
     return BenchSpec(
         model_ref=source.ref,
@@ -135,6 +143,7 @@ def prepare(model: str | os.PathLike | None, config: BenchConfig) -> BenchSpec:
         threads=config.threads,
         cpus=list(config.cpus),
         compile_decode=config.compile,
+        attn_implementation=config.attn_implementation,
         protocol=asdict(config.protocol),
         tasks=asdict(_resolved_tasks(config, metrics, docs)),
         warmup=config.warmup,
@@ -147,15 +156,17 @@ def _evaluated_text(source, config: BenchConfig, metrics: list[str]) -> tuple[li
 
     The whole file is checked and hashed as a stream; only the documents the perplexity
     protocol evaluates (its first max_tokens tokens, which also hold the robustness text) are
-    read into memory and shipped to the child, and none when no quality metric is asked for and
-    the model has no decoding strategy (whose generations start from prompts of this text).
+    read into memory and shipped to the child, and none when no quality metric (nor the expert
+    load, read over this text) is asked for and the model has no decoding strategy (whose
+    generations start from prompts of this text).
     """
 
     path = config.data if config.data is not None else DEFAULT_EVAL_PATH
     desc = describe_data(str(config.data) if config.data is not None else None, check_text_file(path))
     # a decoding strategy generates from prompts of this text
     strategy = ((read_metadata(source.path) or {}).get("inference") or {}).get(decoding.SETTING)
-    if not any(METRICS[m].resource == "quality" for m in metrics) and not strategy:
+    wants_text = any(METRICS[m].resource == "quality" for m in metrics) or "expert_load_cv" in metrics
+    if not wants_text and not strategy:
         return [], desc
     return evaluated_documents(path, load_tokenizer(source), config.protocol.max_tokens), desc
 

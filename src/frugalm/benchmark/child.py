@@ -19,12 +19,12 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import frugalm
 from frugalm.errors import ConfigError, ModelError
-from frugalm.measure import compute, memory, network
+from frugalm.measure import compute, memory, moe, network
 from frugalm.measure.compute import Strategy
 from frugalm.measure.cost import HardwareProfile, grams_co2e, usd
 from frugalm.measure.energy import EnergyMeter
 from frugalm.measure.metrics import BENCHMARK_VERSION, METRICS, Measurement
-from frugalm.measure.overhead import decode_overhead, shrunk_twin
+from frugalm.measure.overhead import decode_overhead, overhead_skip_reason, shrunk_twin
 from frugalm.measure.paired import PairedConfig, competition, machine_conditions
 from frugalm.measure.quality import PerplexityProtocol, measure_quality
 from frugalm.measure.speedup import SPEEDUP_METRICS, speedups
@@ -39,7 +39,7 @@ from frugalm.measure.strategies import (
 from frugalm.measure.tasks import TaskProtocol, measure_tasks
 from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
-from frugalm.runtime import cascade, compiled, decoding, offload, prompt_pruning
+from frugalm.runtime import cascade, compiled, decoding, families, offload, prompt_pruning
 from frugalm.runtime.kv_cache import cache_factory
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, kernel_summary
 from frugalm.runtime.quant_linear import format_summary
@@ -71,6 +71,8 @@ class BenchSpec:
     """Workloads the speedups are timed on (empty: all)."""
     compile_decode: bool = False
     """Install the compiled decode path (runtime/compiled) on the model measured."""
+    attn_implementation: str | None = None
+    """Attention kernel the model and its reference load with (None: transformers' default)."""
     protocol: dict = field(default_factory=dict)
     tasks: dict = field(default_factory=dict)
     """TaskProtocol as a dict, its tasks named (no task: none scored)."""
@@ -101,7 +103,7 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
         torch.set_num_threads(spec.threads)
     baseline_rss = interpreter_baseline(spec.model_path)
     emit("loading model", 0, 1)
-    lm = load_model(spec.model_path, device=spec.device, dtype=spec.dtype)
+    lm = load_model(spec.model_path, device=spec.device, dtype=spec.dtype, attn_implementation=spec.attn_implementation)
     if spec.compile_decode and lm.inference.get("kv_cache"):
         raise ConfigError(
             "--compile: this variant quantizes its KV cache (kv_cache_quant), whose packed cache cannot be static; bench it without --compile"
@@ -135,7 +137,8 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
     # The reference is loaded only now, so that its memory never counts in the workloads' peaks.
     ref = None
     if spec.reference_path and (_want(spec, "quality") or want_speedups):
-        ref = load_model(spec.reference_path, device=spec.device, dtype=spec.dtype)
+        ref = load_model(spec.reference_path, device=spec.device, dtype=spec.dtype,
+                         attn_implementation=spec.attn_implementation)  # fmt: skip
         _check_same_tokenizer(lm.tokenizer, ref.tokenizer, spec.reference_path)
     if want_speedups:
         timed = [w for w in workloads if not spec.speedup_workloads or w.name in spec.speedup_workloads]
@@ -145,6 +148,9 @@ def measure_model(spec: BenchSpec, emit: Emit) -> tuple[list[Measurement], int]:
         out.append(_compile_time(lm.model))
     if _want(spec, "quality"):
         out += _quality(lm, ref, spec, emit)
+    if "expert_load_cv" in spec.metrics and families.family(lm.model) == "moe" and spec.docs:
+        emit("expert load over the evaluation text", 0, 1)
+        out += moe.load_balance(lm.model, lm.tokenizer, spec.docs, PerplexityProtocol(**spec.protocol), spec.data_desc)
     return [m for m in out if m.metric in spec.metrics], baseline_rss
 
 
@@ -168,6 +174,7 @@ def _overhead(model, spec: BenchSpec, device, kv_cache, emit: Emit) -> list[Meas
     """decode_overhead_frac per workload: the model's decode step timed against a width-shrunk twin's (measure/overhead.py)."""
     twin = shrunk_twin(model)
     if twin is None:
+        emit(f"decode overhead skipped: {overhead_skip_reason(model)}", 1, 1)
         return []
     out = []
     for wd in spec.workloads:
@@ -211,6 +218,7 @@ def _static(model, folder: Path, spec: BenchSpec) -> list[Measurement]:
         Measurement(
             "artifact_mib", memory.folder_bytes(folder) / mib, method="counted", protocol={"folder": str(folder)}
         ),
+        *([moe.active_params_figure(model)] if families.family(model) == "moe" else []),
     ]
     if _want(spec, "network"):
         files = network.artifact_files(folder)
@@ -271,6 +279,7 @@ def _workload(
         "device": str(device),
         "dtype": spec.dtype,
         **kernel_protocol(model),
+        "attn_implementation": families.attention_kernel(model),
         "kv_cache": {
             "quantized": kv,
             "kernel": "dequantize (the float past is written in place beside the window for attention, per layer and step)",
@@ -323,24 +332,23 @@ def _workload(
             protocol={**wp, **peak.protocol()},
         )
     )
-    cached = w.prompt_tokens + w.output_tokens - 1  # the last generated token is never fed back
-    out.append(
-        Measurement(
-            "kv_cache_mib",
-            timing.cache_bytes[-1] / memory.MIB,
-            method="counted",
-            workload=w.name,
-            protocol={
-                **wp,
-                "cached_tokens_per_sequence": cached,
-                "counted": "bytes of the cache's tensors after the last repetition",
-            },
-        )
-    )
+    out.append(_cache_figure(model, w, timing, wp))
     out += _energy_money(model, w, spec, energy, profile, wp)
     if strategy is not None:
         out += strategy_figures(model, w, strategy, kv_cache, wp)
     return out
+
+
+def _cache_figure(model, w: Workload, timing: compute.GenerationTiming, wp: dict) -> Measurement:
+    """kv_cache_mib (whole batch), or for a recurrent model state_mib (per sequence: its size does not grow with the context)."""
+    cached = w.prompt_tokens + w.output_tokens - 1  # the last generated token is never fed back
+    if families.family(model) == "recurrent":
+        return Measurement("state_mib", timing.cache_bytes[-1] / memory.MIB / w.batch_size, method="counted",
+                           workload=w.name, protocol={**wp, "context_tokens_per_sequence": cached,
+                           "counted": "bytes of the recurrent state's tensors after the last repetition, over the batch size"})  # fmt: skip
+    return Measurement("kv_cache_mib", timing.cache_bytes[-1] / memory.MIB, method="counted", workload=w.name,
+                       protocol={**wp, "cached_tokens_per_sequence": cached,
+                                 "counted": "bytes of the cache's tensors after the last repetition"})  # fmt: skip
 
 
 def kernel_protocol(model) -> dict:

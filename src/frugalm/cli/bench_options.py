@@ -37,6 +37,7 @@ BENCH_OPTIONS = [
     Option("--threads", "threads", {"type": int}),
     Option("--cpus", "cpus", {"type": int, "action": "append", "metavar": "N"}, "repeatable"),
     Option("--compile", "compile", {"action": "store_true"}),
+    Option("--attn-implementation", "attn_implementation", {"metavar": "NAME"}),
     Option("--speedup", "speedup", {"type": lambda text: yes_no(text), "metavar": "yes|no"}, "needs --reference"),
     Option("--speedup-workload", "speedup_workloads", {"action": "append", "metavar": "NAME"}, "repeatable"),
     Option("--speedup-target", "paired.target_halfwidth", {"type": float}),

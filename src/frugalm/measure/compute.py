@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 from transformers import DynamicCache
 
 from frugalm.measure.workloads import Workload
-from frugalm.runtime import decoding, prompt_pruning
+from frugalm.runtime import decoding, families, prompt_pruning
 
 aten = torch.ops.aten
 
@@ -50,12 +50,27 @@ def _int8_linear_flops(x_shape, packed, *args, **kwargs) -> int:
     return 2 * rows * out_f * in_f
 
 
+def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
+    """grouped_mm, how transformers 5 runs a mixture-of-experts block's experts (on CPU too): each
+    row of A (one token's choice of one expert) times its group's matrix, so the count is that of
+    the experts actually routed. (rows, k) x (groups, k, n) -> 2 rows k n; (groups, m, k) x (k, n
+    total) -> 2 m k n; (m, k total) x (k total, n) -> 2 m k n; (g, m, k) x (g, k, n) -> 2 g m k n."""
+    if len(a_shape) == 2 and len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[2]
+    if len(a_shape) == 3 and len(b_shape) == 2:
+        return 2 * a_shape[1] * a_shape[2] * b_shape[1]
+    if len(a_shape) == 2 and len(b_shape) == 2:
+        return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+    return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+
+
 # torch's counter knows the CUDA attention kernels but not the CPU one that sdpa dispatches to
-# (forward, and backward for training), nor the quantized int8 matmul.
+# (forward, and backward for training), nor the quantized int8 matmul, nor grouped_mm.
 _EXTRA_FLOP_FORMULAS = {
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
     torch.ops.quantized.linear_dynamic: _int8_linear_flops,
+    aten._grouped_mm: _grouped_mm_flops,
 }
 
 
@@ -141,14 +156,8 @@ def generate_timed(model, ids: torch.Tensor, n_new: int, device, *, cache=None) 
 
 
 def cache_bytes(cache) -> int:
-    """Bytes a KV cache holds as stored: a layer's own `cache_bytes()` (packed quantized layers), else its key and value tensors."""
-    total = 0
-    for layer in cache.layers:
-        if hasattr(layer, "cache_bytes"):
-            total += layer.cache_bytes()
-        else:
-            total += sum(t.nbytes for t in (layer.keys, layer.values) if t is not None)
-    return total
+    """Bytes a KV cache (or a recurrent model's state) holds as stored, per layer as runtime/families.layer_bytes counts them."""
+    return sum(families.layer_bytes(layer) for layer in cache.layers)
 
 
 @dataclass

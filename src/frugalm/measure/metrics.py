@@ -462,6 +462,22 @@ _ALL = [
         "Prefill throughput: prompt tokens over the batch per second of prefill time.",
         True,
     ),
+    _m(
+        "active_params_count",
+        "params",
+        False,
+        "counted",
+        "computation",
+        "Mixture-of-experts models: parameters a token runs through, all of them less the unrouted share ((experts - top_k) / experts) of every expert bank (tied weights counted once).",
+    ),
+    _m(
+        "expert_load_cv",
+        "ratio",
+        False,
+        "measured",
+        "computation",
+        "Mixture-of-experts models: how unevenly the router loads the experts over the evaluation text: per layer the coefficient of variation (std / mean) of the tokens routed to each expert, averaged over layers; 0 is perfectly even, sqrt(experts / top_k - 1) all on top_k experts.",
+    ),
     # memory
     _m("params_count", "params", False, "counted", "memory", "Number of parameters (tied weights counted once)."),
     _m(
@@ -484,6 +500,15 @@ _ALL = [
         "counted",
         "memory",
         "Bytes the KV cache holds after the workload's generation (its prompt and generated tokens, whole batch), as stored: float tensors, or packed codes + scales + zero points + the full-precision residual of a quantized cache.",
+        True,
+    ),
+    _m(
+        "state_mib",
+        "MiB",
+        False,
+        "counted",
+        "memory",
+        "Recurrent models (RWKV, Mamba), in place of kv_cache_mib: bytes of the recurrent state per sequence after the workload's generation (convolution windows and SSM or WKV states, as stored); its size does not grow with the context.",
         True,
     ),
     # energy

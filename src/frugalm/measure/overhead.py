@@ -29,15 +29,26 @@ from frugalm.measure.metrics import OVERHEAD_BOUND, Measurement
 from frugalm.measure.paired import PairedConfig, competition, machine_conditions, time_paired
 from frugalm.measure.speedup import decode_call
 from frugalm.measure.workloads import Workload
+from frugalm.runtime import families
 
 TWIN_HEAD_DIM = 4
 TIMING = PairedConfig(target_halfwidth=0.05, budget_s=3.0)
 """A classification figure (overhead-bound or not): a 5% interval is plenty."""
-_WIDTH_ATTRS = ("intermediate_size", "ffn_dim")
+_WIDTH_ATTRS = ("intermediate_size", "ffn_dim", "moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def overhead_skip_reason(model) -> str:
+    """Why `shrunk_twin` gave no twin for this model."""
+    if families.family(model) == "recurrent":
+        return f"{families.describe(model)}: the twin shrinks attention heads (4 dimensions each), which a recurrent model has none of"
+    return "the model's config cannot be shrunk to a twin (no num_attention_heads, or no wider than the twin)"
 
 
 def shrunk_twin(model) -> torch.nn.Module | None:
-    """The model's architecture at minimal width (random weights), or None where the config cannot be shrunk."""
+    """The model's architecture at minimal width (random weights), or None where the config cannot be
+    shrunk (overhead_skip_reason says why): recurrent models (RWKV, Mamba) are not shrunk."""
+    if families.family(model) == "recurrent":
+        return None
     config = copy.deepcopy(model.config)
     heads = getattr(config, "num_attention_heads", None)
     if not isinstance(heads, int) or not hasattr(config, "hidden_size"):

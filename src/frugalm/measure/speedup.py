@@ -5,7 +5,9 @@ For each workload two calls are built per model, on the workload's batch and see
   the time to first token (ttft_*) times: the prefill speedup;
 - decode: one greedy step from the prompt's cache, which is then cropped back, so every call
   decodes the same position (transformers' DynamicCache, the packed quantized cache and the
-  compiled path's static cache all crop without copying).
+  compiled path's static cache all crop without copying). A recurrent model's state (RWKV,
+  Mamba) cannot be rewound and moves on one token per call: its step costs the same at any
+  position.
 One step per call keeps the calls short, so the ABBA samples of the two models follow each
 other closely and a burst of contention on the shared machine lands on both (measured on a
 2-core VM: one-step calls reached a +-0.8% interval in 60 s where 8-step calls needed minutes
@@ -30,7 +32,7 @@ from frugalm.measure import compute
 from frugalm.measure.metrics import Measurement
 from frugalm.measure.paired import PairedConfig, competition, machine_conditions, time_paired
 from frugalm.measure.workloads import Workload
-from frugalm.runtime import decoding, prompt_pruning
+from frugalm.runtime import decoding, families, prompt_pruning
 
 SPEEDUP_METRICS = ("speedup_ttft", "speedup_decode")
 DERIVED_RATIOS = {"energy_ratio_decode": "energy", "cost_ratio_decode": "money"}
@@ -60,7 +62,7 @@ def decode_call(model, ids: torch.Tensor, make_cache, max_tokens: int | None = N
     def run() -> None:
         with torch.no_grad():
             model(first, past_key_values=cache, use_cache=True, **kw).logits[:, -1:].argmax(-1)
-        cache.crop(-1)  # back to the prompt's positions
+        families.step_back_(cache)  # back to the prompt's positions (a recurrent state just moves on)
 
     return run
 

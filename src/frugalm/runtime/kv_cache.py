@@ -18,6 +18,7 @@ from transformers.cache_utils import Cache, QuantizedLayer
 
 from frugalm.errors import TechniqueError
 from frugalm.runtime import compiled
+from frugalm.runtime.families import describe, family
 from frugalm.runtime.modules import inference_settings
 from frugalm.runtime.quant_linear import (
     pack,
@@ -192,7 +193,11 @@ def head_dim(model: nn.Module) -> int:
 
 
 def check_fits(model: nn.Module, bits: int, group_size: int, where: str) -> None:
-    """The model-dependent rules: group_size against head_dim, int4 packing, full attention only."""
+    """The model-dependent rules: a KV cache at all, group_size against head_dim, int4 packing, full attention only."""
+    if family(model) == "recurrent":
+        raise TechniqueError(
+            f"{where}: {describe(model)} models keep no KV cache but a fixed-size state, with nothing to quantize here; supported: Transformers with full attention"
+        )
     d = head_dim(model)
     if group_size < d and d % group_size:
         valid = ", ".join(str(g) for g in range(1, d + 1) if d % g == 0)

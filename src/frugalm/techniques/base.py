@@ -19,6 +19,8 @@ from torch import nn
 from frugalm.errors import TechniqueError
 from frugalm.measure.cost import get_profile
 from frugalm.measure.memory import params_count
+from frugalm.measure.moe import expert_banks
+from frugalm.runtime.families import DENSE_TYPES, describe, family
 from frugalm.runtime.modules import is_linear
 
 
@@ -102,8 +104,10 @@ def select_linears(
     """Linear-like modules whose qualified name matches any fnmatch pattern in `targets`.
 
     The output head is excluded unless named explicitly (it is tied to the embedding in many
-    small models, where changing it changes the embedding too). No match is an error.
+    small models, where changing it changes the embedding too). No match is an error, and so is a
+    model family whose weights the technique would miss (check_family).
     """
+    check_family(model, targets, technique or "stage")
     chosen = [
         (name, m)
         for name, m in model.named_modules()
@@ -117,6 +121,27 @@ def select_linears(
             f"{technique or 'stage'}: targets {list(targets)} match no linear layer of this model; its linear layers are named like {examples}"
         )
     return chosen
+
+
+def check_family(model: nn.Module, targets: tuple[str, ...], technique: str) -> None:
+    """Refuse, in one line naming the family, a model whose targeted weights a technique that changes
+    linear layers cannot reach: a recurrent model (RWKV, Mamba: blocks these techniques were never
+    checked on; RWKV rescales its output weights in place, which packed layers do not have), or a
+    mixture-of-experts model whose experts (3-D parameters, not linear layers) the targets cover:
+    they would be left unchanged while the record claimed the stage done."""
+    kind = family(model)
+    supported = (
+        f"supported: dense Transformers ({', '.join(DENSE_TYPES)}) and the attention of mixture-of-experts models"
+    )
+    if kind == "recurrent":
+        raise TechniqueError(f"{technique}: {describe(model)} models are not supported; {supported}")
+    if kind == "moe":
+        covered = [n for n, _, _ in expert_banks(model) if any(fnmatch.fnmatchcase(n, p) for p in targets)]
+        if covered:
+            raise TechniqueError(
+                f"{technique}: {describe(model)}: targets {list(targets)} cover its experts ({covered[0]}: 3-D parameters, "
+                f"not linear layers), which it would leave unchanged; {supported}: target the attention alone, e.g. targets ['*.self_attn.*']"
+            )
 
 
 def embedding_params(model: nn.Module) -> tuple[int, int]:

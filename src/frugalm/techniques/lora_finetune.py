@@ -36,7 +36,7 @@ from torch import nn
 from frugalm.errors import TechniqueError
 from frugalm.runtime.modules import is_linear
 from frugalm.runtime.quant_linear import QuantLinear, pack, unpack
-from frugalm.techniques.base import Context, Technique, record_change
+from frugalm.techniques.base import Context, Technique, check_family, record_change
 from frugalm.techniques.training_stage import TrainingOptions, run_training
 
 
@@ -72,7 +72,9 @@ def _adaptable(module: nn.Module) -> bool:
 
 
 def lora_targets(model: nn.Module, patterns: tuple[str, ...], technique: str) -> list[str]:
-    """Names of the linear (or packed quantized) layers matching any pattern; none is an error listing names."""
+    """Names of the linear (or packed quantized) layers matching any pattern; none is an error listing
+    names, and so is a family whose targeted weights LoRA would miss (base.check_family)."""
+    check_family(model, patterns, technique)
     names = [n for n, m in model.named_modules() if _adaptable(m)]
     chosen = [
         n

@@ -22,6 +22,7 @@ from torch import nn
 from frugalm.errors import TechniqueError
 from frugalm.measure.memory import weights_bytes
 from frugalm.runtime import compiled, offload
+from frugalm.runtime.families import describe, family, model_type
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.runtime.quant_linear import QuantLinear
 from frugalm.techniques._arch import decoder_blocks
@@ -46,6 +47,12 @@ def apply(model: nn.Module, config: OffloadConfig, ctx: Context) -> nn.Module:
     check_config(name, config)
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise TechniqueError(f"{name}: packed quantized layers are not offloaded here; offload a float variant")
+    if family(model) == "moe" or model_type(model) == "rwkv":
+        why = ("its experts are stored in a layout transformers converts while loading, which weights left on disk cannot be"
+               if family(model) == "moe" else "it rescales its output weights in place when it first runs, which weights left on disk cannot be")  # fmt: skip
+        raise TechniqueError(
+            f"{name}: {describe(model)} models are not supported: {why}; supported: dense Transformers, Mamba and Mamba2"
+        )
     if inference_settings(model).get(compiled.SETTING):
         raise TechniqueError(
             f"{name}: a compiled decode graph cannot read weights from disk; drop one of compile_decode and offload"

@@ -23,6 +23,7 @@ from torch import nn
 from frugalm.errors import TechniqueError
 from frugalm.models import load_model
 from frugalm.runtime import compiled, decoding
+from frugalm.runtime.families import describe, family
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.techniques import distill
 from frugalm.techniques.base import Context, Technique, check_config, record_change
@@ -56,6 +57,10 @@ class SpeculativeConfig(distill.DistillConfig):
 
 def check_decodable(model: nn.Module, name: str) -> None:
     """Refuse what a speculative decoding stage cannot run on."""
+    if family(model) == "recurrent":
+        raise TechniqueError(
+            f"{name}: {describe(model)} models are not supported: a recurrent state cannot be rewound to drop rejected guesses; supported: Transformers (dense or mixture-of-experts)"
+        )
     settings = inference_settings(model)
     if settings.get(compiled.SETTING):
         raise TechniqueError(
