@@ -18,7 +18,9 @@ BENCHMARK_VERSION = "frugalm-bench v4"
 speedup_ttft (the prompt pass and first argmax), the decode speedup is timed one step per call,
 and the energy and cost ratios derived from it (energy_ratio_decode, cost_ratio_decode) and the
 decode step's fixed-cost share (decode_overhead_frac) joined. v4: task accuracies (acc_cloze, acc_choice,
-acc_code; measure/tasks.py) joined, each item's score stored, paired against the reference."""
+acc_code; measure/tasks.py) joined, each item's score stored, paired against the reference; and for
+other families: active_params_count and expert_load_cv (mixture-of-experts), state_mib in place of
+kv_cache_mib (recurrent models), the attention implementation recorded."""
 Method = Literal["measured", "estimated", "counted"]
 OVERHEAD_BOUND = 0.5
 """decode_overhead_frac above this: the decode figures are called overhead-bound (the report says so)."""
