@@ -38,6 +38,7 @@ from frugalm.errors import ConfigError, suggest
 from frugalm.measure.metrics import BENCHMARK_VERSION
 from frugalm.measure.paired import PairedConfig
 from frugalm.measure.quality import PerplexityProtocol
+from frugalm.measure.tasks import TaskProtocol
 from frugalm.models import METADATA_FILE, ModelSource, check_weights, resolve_model
 from frugalm.pareto import Constraint
 from frugalm.recipe import (
@@ -71,6 +72,7 @@ class OptimizeConfig:
             repetitions=3,
             protocol=PerplexityProtocol(max_tokens=16_384),
             paired=PairedConfig(budget_s=4.0),
+            tasks=TaskProtocol(items=200),
         )
     )
     """Fewer repetitions and evaluated tokens than `bench`: the job measures every recipe's variant
@@ -78,7 +80,8 @@ class OptimizeConfig:
     both give the same robust_ppl_ratio of a model. Each variant is timed against the baseline in
     its measuring child (paired speedups, 95% intervals, target +-3%) on the headline (first)
     workload unless `--speedup-workload` names others, with at most 4 s per figure, so the main
-    job stays within minutes; `--speedup-budget` buys tighter intervals."""
+    job stays within minutes; `--speedup-budget` buys tighter intervals. Tasks score 200 items each
+    (bench: 400): each variant's child scores them for the variant and the baseline."""
     constraints: tuple[str, ...] = DEFAULT_CONSTRAINTS
     """Quality bounds for the recommendations, relative to the baseline ('ppl_tok<=+5%') or absolute ('peak_mem_mib<=200')."""
     keep_dominated: bool = False
