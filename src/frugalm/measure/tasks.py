@@ -29,6 +29,7 @@ optional extra; lm-eval tasks run through `frugalm eval` (benchmark/harness.py).
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import keyword
 import math
@@ -147,10 +148,11 @@ def _sentences(doc: str):
 def _cloze_candidates(docs: list[str]) -> list[tuple[int, int, str]]:
     out = []
     for d, doc in enumerate(docs):
+        eighth = next(itertools.islice(re.finditer(r"\S+", doc), 7, None), None)  # 8 words before the answer
         for start, text in _sentences(doc):
             m = _LAST_WORD.search(text)
             at = start + m.start(1) if m else 0
-            if m and len(m.group(1)) >= 2 and len(doc[:at].split()) >= 8:
+            if m and eighth is not None and len(m.group(1)) >= 2 and at >= eighth.end():
                 out.append((d, at, m.group(1)))
     return out
 
