@@ -102,12 +102,10 @@ class Item:
 @dataclass
 class ItemScores:
     """Per item: its score (1 correct, 0 not), its options' log-likelihoods per byte (choice), the
-    tokens a model ran to score it (the context with the answer, and each other option), the
     confidences of its answer (runtime/cascade.CONFIDENCES), and the FLOPs counted for it."""
 
     correct: list[float]
     option_scores: list[list[float]] = field(default_factory=list)
-    tokens: list[int] = field(default_factory=list)
     confidence: dict[str, list[float]] = field(default_factory=dict)
     flops: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
@@ -225,17 +223,17 @@ def score_items(
     cache_factory = model_cache_factory(model, {"kv_cache": inference_settings(model).get("kv_cache")})
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().out_features
+    pruning = inference_settings(model).get(prompt_pruning.SETTING)
     seqs = []  # (item, option, ids, first answer position, answer bytes)
     for i, item in enumerate(items):
         ctx, options = _encode_item(tokenizer, item, protocol.context_tokens, max_len)
-        ctx = prompt_pruning.pruned(model, torch.tensor([ctx], device=device))[
-            0
-        ].tolist()  # a pruning variant's own context
+        if pruning:  # a variant that prunes its prompts scores from its own, pruned, context
+            ctx = prompt_pruning.prune(model, torch.tensor([ctx], device=device), pruning)[0].tolist()
         for j, ans in enumerate(options):
             seqs.append((i, j, ctx + ans, len(ctx), len(item.options[j].encode("utf-8"))))
     seqs.sort(key=lambda s: len(s[2]))
     n_bytes = [[0] * len(item.options) for item in items]
-    scores = ItemScores([0.0] * len(items), [[0.0] * len(item.options) for item in items], [0] * len(items),
+    scores = ItemScores([0.0] * len(items), [[0.0] * len(item.options) for item in items],
                         {c: [0.0] * len(items) for c in CONFIDENCES}, [0.0] * len(items), [0.0] * len(items))  # fmt: skip
     done = 0
     while done < len(seqs):
@@ -256,7 +254,6 @@ def score_items(
             logp = F.log_softmax(run["logits"][row, first - 1 : len(ids) - 1].float(), dim=-1)
             scores.option_scores[i][j] = logp.gather(-1, target[:, None]).sum().item() / size
             n_bytes[i][j] = size
-            scores.tokens[i] += len(ids) if j == 0 else len(ids) - first
             scores.flops[i] += per_token * len(ids)
             scores.seconds[i] += elapsed * len(ids) / unpadded
             if j == 0 and task != "choice":
