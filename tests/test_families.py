@@ -291,7 +291,7 @@ def test_a_copy_of_a_recurrent_model_runs_on_its_own_weights(family_models):
 
 
 REFUSALS = {  # one technique per family: (technique, options, words the one-line refusal names)
-    "mixtral": ("rtn_quant", {}, ("mixtral (mixture-of-experts)", "experts", "supported")),
+    "mixtral": ("awq_quant", {}, ("mixtral (mixture-of-experts)", "experts", "supported")),
     "qwen2_moe": ("wanda_prune", {}, ("qwen2_moe (mixture-of-experts)", "supported")),
     "olmoe": ("offload", {}, ("olmoe (mixture-of-experts)", "supported")),
     "rwkv": ("kv_cache_quant", {}, ("rwkv (recurrent)", "supported")),

@@ -47,6 +47,7 @@ from transformers import AutoModelForCausalLM
 from frugalm.atomic import atomic_folder, check_output_folder
 from frugalm.errors import ModelError
 from frugalm.models import load_model, read_config
+from frugalm.runtime.experts import QuantExperts
 from frugalm.runtime.quant_linear import QuantLinear
 
 FORMAT = "compressed-tensors"
@@ -74,6 +75,12 @@ def export_compressed_tensors(artifact: str | os.PathLike, out_dir: str | os.Pat
     check_output_folder(out_dir, force=force)  # before any work: never replace a folder frugalm did not write
     lm = load_model(artifact, fast_kernels=False)
     model = lm.model
+    banks = [name for name, m in model.named_modules() if isinstance(m, QuantExperts)]
+    if banks:
+        raise ModelError(
+            f"'{artifact}' holds packed experts ('{banks[0]}'), which this {FORMAT} export does not write (it maps Linear layers; "
+            "an expert bank is one 3-D tensor per weight); keep frugalm's own artifact (load_model runs it)"
+        )
     quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     if not quantized:
         raise ModelError(

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import is_flash_attn_2_available
 
@@ -27,6 +27,7 @@ from frugalm.assets import DEFAULT_MODEL_DIR
 from frugalm.atomic import atomic_folder
 from frugalm.errors import ConfigError, ModelError, suggest
 from frugalm.runtime import cascade, compiled, decoding, families, offload
+from frugalm.runtime.experts import QuantExperts, restore_packed_experts_
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.runtime.quant_linear import (
     Int8Linear,
@@ -310,7 +311,7 @@ def load_model(
             f"'{source.ref}' is offloaded to disk (its offload stage), which runs on the CPU here; load it with --device cpu"
         )
     try:
-        if meta and meta.get("packed_layers"):
+        if meta and (meta.get("packed_layers") or meta.get("packed_experts")):
             model = _load_packed(source, meta, dt)
         elif offloaded:
             model, _ = offload.load(source.path, offloaded, dt)  # part of the weights stay on disk
@@ -438,13 +439,40 @@ def save_variant(
 def _write_variant(model: nn.Module, tokenizer, folder: Path, metadata: dict) -> None:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    layers, experts = packed_layers(model), packed_experts(model)
+    if layers or experts:
+        _write_module_weights(model, folder)
     meta = {
         "format": ARTIFACT_FORMAT,
         **metadata,
-        "packed_layers": packed_layers(model),
+        "packed_layers": layers,
+        **({"packed_experts": experts} if experts else {}),
         "inference": inference_settings(model),
     }
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2, default=str))
+
+
+def packed_experts(model: nn.Module) -> dict[str, dict]:
+    """Shapes of every packed bank of experts (runtime/experts.QuantExperts)."""
+    return {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantExperts)}
+
+
+def _write_module_weights(model: nn.Module, folder: Path) -> None:
+    """A packed variant's weights under its module names, in one file, replacing save_pretrained's.
+
+    save_pretrained renames some families' keys back to their original checkpoint layout
+    (Mixtral's experts become `block_sparse_moe.experts.N.w1`), which packed buffers do not
+    have; _load_packed loads this file as is. A tensor shared by two names (a tied head) is
+    written once, under its first name."""
+    for f in [*folder.glob("*.safetensors"), *folder.glob(_SAFETENSORS_INDEX)]:
+        f.unlink()
+    state, seen = {}, set()
+    for key, t in model.state_dict().items():
+        ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if ident not in seen:
+            seen.add(ident)
+            state[key] = t.detach().contiguous()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
 
 
 def read_metadata(path: Path) -> dict | None:
@@ -457,7 +485,8 @@ def _load_packed(source: ModelSource, meta: dict, dtype) -> nn.Module:
 
     config = read_config(source)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, spec in meta["packed_layers"].items():
+    restore_packed_experts_(model, meta.get("packed_experts") or {})
+    for name, spec in (meta.get("packed_layers") or {}).items():
         parent, _, child = name.rpartition(".")
         setattr(
             model.get_submodule(parent) if parent else model,

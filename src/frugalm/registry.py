@@ -16,6 +16,7 @@ TECHNIQUES: dict[str, str] = {
     "wanda_prune": "frugalm.techniques.prune_wanda:TECHNIQUE",
     "sparsegpt_prune": "frugalm.techniques.prune_sparsegpt:TECHNIQUE",
     "structured_prune": "frugalm.techniques.prune_structured:TECHNIQUE",
+    "expert_prune": "frugalm.techniques.prune_experts:TECHNIQUE",
     "rtn_quant": "frugalm.techniques.quant_rtn:TECHNIQUE",
     "gptq_quant": "frugalm.techniques.quant_gptq:TECHNIQUE",
     "awq_quant": "frugalm.techniques.quant_awq:TECHNIQUE",

@@ -26,37 +26,14 @@ from torch import nn
 from frugalm.measure.memory import params_count
 from frugalm.measure.metrics import Measurement
 from frugalm.models import context_length
+from frugalm.runtime.experts import bank_params, expert_banks, routers
 from frugalm.text.encode import encode_documents
-
-
-def expert_banks(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
-    """(name, module, top_k) of every bank of experts: a module whose own parameters are 3-D,
-    (experts, out, in), with `num_experts` as their leading size."""
-    top_k = getattr(model.config.get_text_config(), "num_experts_per_tok", None)
-    banks = []
-    for name, module in model.named_modules():
-        n = getattr(module, "num_experts", None)
-        own = list(module.parameters(recurse=False))
-        if isinstance(n, int) and own and all(p.dim() == 3 and p.shape[0] == n for p in own):
-            banks.append((name, module, top_k or n))
-    return banks
-
-
-def routers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every top-k router (transformers 5: returns (logits, weights, indices))."""
-    return [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(getattr(m, "top_k", None), int) and isinstance(getattr(m, "num_experts", None), int)
-        and isinstance(getattr(m, "weight", None), torch.Tensor)
-    ]  # fmt: skip
 
 
 def active_params(model: nn.Module) -> tuple[int, dict]:
     """(parameters a token runs through, the count's protocol)."""
     banks = expert_banks(model)
-    idle = sum(sum(p.numel() for p in m.parameters(recurse=False)) * (m.num_experts - k) // m.num_experts
-               for _, m, k in banks)  # fmt: skip
+    idle = sum(bank_params(m) * (m.num_experts - k) // m.num_experts for _, m, k in banks)
     protocol = {
         "what": "parameters minus the unrouted share of every expert bank: (experts - top_k) / experts of its weights",
         "expert_banks": len(banks),

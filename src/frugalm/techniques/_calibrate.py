@@ -18,18 +18,24 @@ Targeted layers outside the blocks (an explicitly named head) come last, calibra
 of the whole model (before any change when not `sequential`). The captured inputs of every batch
 are held at once: (samples, seq_len, hidden) floats, the price of not rerunning earlier blocks.
 
+A bank of experts (runtime/experts) among the layers gets an `ExpertStats`: per expert, the
+statistics of the tokens its router sent it and of its down projection's inputs (GPTQ per expert).
+
 `collect_input_stats` is the one-pass variant over the whole model (structured pruning's scores).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from frugalm.errors import DataError, TechniqueError
+from frugalm.runtime.experts import BANK_WEIGHTS, bank_weight, expert_forward, is_bank
 from frugalm.techniques._arch import decoder_blocks
 from frugalm.text.encode import encode_documents
 
@@ -63,6 +69,47 @@ class InputStats:
     def mean_abs(self) -> torch.Tensor:
         """Mean |x_j| per input feature (AWQ's activation salience)."""
         return self.abs_sum / max(1, self.tokens)
+
+
+@dataclass
+class ExpertStats:
+    """Per expert of a bank, InputStats of what each of its weights is fed: the tokens the router
+    sent it (gate_up_proj), and their act(gate) x up (down_proj)."""
+
+    want_gram: bool = False
+    experts: dict[tuple[int, str], InputStats] = field(default_factory=dict)
+
+    def observe(self, expert: int, weight: str, x: torch.Tensor) -> None:
+        self.experts.setdefault((expert, weight), InputStats(want_gram=self.want_gram)).add(x)
+
+    def of(self, expert: int, weight: str) -> InputStats:
+        """The expert's statistics for `weight` (empty when the router never sent it a token)."""
+        return self.experts.get((expert, weight)) or InputStats(want_gram=self.want_gram)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for (_, w), s in self.experts.items() if w == BANK_WEIGHTS[0])
+
+
+@contextmanager
+def observed_banks(banks: Iterable[tuple[str, nn.Module]], observe: dict | None = None, out_of: dict | None = None):
+    """While open, each bank (name, module) runs `expert_forward` with the callbacks given for its name
+    (`observe`: each expert's inputs; `out_of`: its outputs and router weights): the same
+    computation as its own eager path (an instance attribute shadows its class's forward)."""
+    banks = list(banks)
+    for name, bank in banks:
+        bank.forward = functools.partial(
+            expert_forward,
+            weight=bank_weight(bank),
+            act_fn=bank.act_fn,
+            observe=(observe or {}).get(name),
+            out_of=(out_of or {}).get(name),
+        )
+    try:
+        yield
+    finally:
+        for _, bank in banks:
+            del bank.forward
 
 
 @torch.inference_mode()
@@ -178,17 +225,22 @@ def _block_stats(step: BlockStep, gram: bool, keep_outputs: bool) -> list[BlockI
         else:
             alias[name] = first
 
-    handles = []
+    handles, banks = [], []
     for name, module in step.layers:
+        if is_bank(module):
+            step.stats[name] = ExpertStats(want_gram=gram)
+            banks.append((name, module))
+            continue
         step.stats[name] = InputStats(want_gram=gram)
         handles.append(module.register_forward_hook(lambda mod, args, out, name=name: hook(name, args[0])))
     outputs = []
     try:
-        for b in step.batches:
-            seen.clear()
-            out = block_output(step.module, b)
-            if keep_outputs:
-                outputs.append(replace(b, hidden=out))
+        with observed_banks(banks, observe={n: step.stats[n].observe for n, _ in banks}):
+            for b in step.batches:
+                seen.clear()
+                out = block_output(step.module, b)
+                if keep_outputs:
+                    outputs.append(replace(b, hidden=out))
     finally:
         for h in handles:
             h.remove()

@@ -19,7 +19,7 @@ from torch import nn
 from frugalm.errors import TechniqueError
 from frugalm.measure.cost import get_profile
 from frugalm.measure.memory import params_count
-from frugalm.measure.moe import expert_banks
+from frugalm.runtime.experts import QuantExperts, bank_problem, expert_banks
 from frugalm.runtime.families import DENSE_TYPES, describe, family
 from frugalm.runtime.modules import is_linear
 
@@ -99,15 +99,21 @@ def check_config(technique: str, config) -> None:
 
 
 def select_linears(
-    model: nn.Module, targets: tuple[str, ...], exclude: tuple[str, ...] = ("lm_head",), *, technique: str = ""
+    model: nn.Module,
+    targets: tuple[str, ...],
+    exclude: tuple[str, ...] = ("lm_head",),
+    *,
+    technique: str = "",
+    experts: bool = False,
 ) -> list[tuple[str, nn.Module]]:
     """Linear-like modules whose qualified name matches any fnmatch pattern in `targets`.
 
     The output head is excluded unless named explicitly (it is tied to the embedding in many
     small models, where changing it changes the embedding too). No match is an error, and so is a
-    model family whose weights the technique would miss (check_family).
+    model family whose weights the technique would miss (check_family). A technique that handles
+    banks of experts itself (`experts`, see select_banks) may match banks only.
     """
-    check_family(model, targets, technique or "stage")
+    check_family(model, targets, technique or "stage", experts=experts)
     chosen = [
         (name, m)
         for name, m in model.named_modules()
@@ -115,7 +121,7 @@ def select_linears(
         and any(fnmatch.fnmatchcase(name, p) for p in targets)
         and not any(fnmatch.fnmatchcase(name, p) for p in exclude if p not in targets)
     ]
-    if not chosen:
+    if not chosen and not (experts and select_banks(model, targets, technique)):
         examples = [n for n, m in model.named_modules() if is_linear(m)][:4]
         raise TechniqueError(
             f"{technique or 'stage'}: targets {list(targets)} match no linear layer of this model; its linear layers are named like {examples}"
@@ -123,24 +129,40 @@ def select_linears(
     return chosen
 
 
-def check_family(model: nn.Module, targets: tuple[str, ...], technique: str) -> None:
+def select_banks(model: nn.Module, targets: tuple[str, ...], technique: str) -> list[tuple[str, nn.Module]]:
+    """The float banks of experts (runtime/experts) whose names match `targets`; already packed ones are left out,
+    as packed linear layers are. A bank of another layout is refused in one line."""
+    chosen = []
+    for name, bank, _ in expert_banks(model):
+        if isinstance(bank, QuantExperts) or not any(fnmatch.fnmatchcase(name, p) for p in targets):
+            continue
+        problem = bank_problem(name, bank)
+        if problem:
+            raise TechniqueError(f"{technique}: {describe(model)}: {problem}")
+        chosen.append((name, bank))
+    return chosen
+
+
+def check_family(model: nn.Module, targets: tuple[str, ...], technique: str, *, experts: bool = False) -> None:
     """Refuse, in one line naming the family, a model whose targeted weights a technique that changes
     linear layers cannot reach: a recurrent model (RWKV, Mamba: blocks these techniques were never
     checked on; RWKV rescales its output weights in place, which packed layers do not have), or a
-    mixture-of-experts model whose experts (3-D parameters, not linear layers) the targets cover:
-    they would be left unchanged while the record claimed the stage done."""
+    mixture-of-experts model whose experts (3-D parameters, not linear layers) the targets cover,
+    unless the technique handles them (`experts`): they would be left unchanged while the record
+    claimed the stage done."""
     kind = family(model)
     supported = (
         f"supported: dense Transformers ({', '.join(DENSE_TYPES)}) and the attention of mixture-of-experts models"
     )
     if kind == "recurrent":
         raise TechniqueError(f"{technique}: {describe(model)} models are not supported; {supported}")
-    if kind == "moe":
+    if kind == "moe" and not experts:
         covered = [n for n, _, _ in expert_banks(model) if any(fnmatch.fnmatchcase(n, p) for p in targets)]
         if covered:
             raise TechniqueError(
                 f"{technique}: {describe(model)}: targets {list(targets)} cover its experts ({covered[0]}: 3-D parameters, "
-                f"not linear layers), which it would leave unchanged; {supported}: target the attention alone, e.g. targets ['*.self_attn.*']"
+                f"not linear layers), which it would leave unchanged; {supported}: target the attention alone, e.g. targets ['*.self_attn.*'], "
+                "or quantize the experts with rtn_quant or gptq_quant"
             )
 
 

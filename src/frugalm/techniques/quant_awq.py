@@ -300,7 +300,7 @@ def apply(model: nn.Module, config: AWQQuantConfig, ctx: Context) -> nn.Module:
             if layer_name not in scales:
                 unscaled.append(layer_name)
             new = quant_linear(module, *quantize_groups(w, config.bits, group_size, config.symmetric), config.bits)
-            count.add(w, new)
+            count.add(w.numel(), new)
             replace_module_(model, layer_name, new)
             ctx.report(name, count.layers, len(layers))
     details = {k: getattr(config, k) for k in ("bits", "activations", "symmetric", "grid", "clip")}

@@ -24,6 +24,11 @@ positive definite); inputs never seen (zero diagonal) get zero weight.
   "true-sequential" sub-block order). `sequential: false`: every layer sees the float model's
   activations.
 
+- Mixture-of-experts: each expert of a targeted bank is quantized on its own Hessian, from the
+  calibration tokens its router sent it (gate_up_proj) and their act(gate) x up (down_proj), as
+  the block runs (`_calibrate.ExpertStats`). An expert sent fewer than `min_expert_tokens` gets
+  round-to-nearest; the record lists every expert's token count and those fallbacks.
+
 Does not speed anything up by itself (same packed format and kernels as RTN); it recovers most
 of RTN's 4-bit quality loss at the price of calibration data and minutes of compute (one
 Cholesky per layer, a Python loop over columns). At 8 bits RTN is usually enough.
@@ -38,16 +43,19 @@ import torch
 from torch import nn
 
 from frugalm.errors import TechniqueError
+from frugalm.runtime.experts import BANK_WEIGHTS, is_bank
 from frugalm.runtime.modules import weight_out_in
 from frugalm.runtime.quant_linear import quantize_groups, range_params
-from frugalm.techniques._calibrate import InputStats, calibrate_blocks
+from frugalm.techniques._calibrate import ExpertStats, InputStats, calibrate_blocks
 from frugalm.techniques.base import Context, Technique
 from frugalm.techniques.quant_rtn import (
     ByteCount,
     WeightQuantOptions,
+    expert_targets,
     group_details,
     quant_linear,
     quant_targets,
+    quantize_bank,
     record_quant_change,
     replace_module_,
 )
@@ -67,6 +75,8 @@ class GPTQQuantConfig(WeightQuantOptions):
     """Columns per lazy-update block."""
     sequential: bool = True
     """Calibrate block by block on the outputs of the already quantized blocks; False: on the float model's activations."""
+    min_expert_tokens: int = 128
+    """Mixture-of-experts: an expert its router sent fewer calibration tokens than this gets round-to-nearest instead (a Hessian from so few tokens fits them, not the expert's inputs); the record lists those experts with their counts."""
 
     def problems(self) -> list[str]:
         problems = super().problems()
@@ -76,6 +86,8 @@ class GPTQQuantConfig(WeightQuantOptions):
             )
         if self.block_size < 1:
             problems.append(f"block_size must be >= 1 (e.g. 128), got {self.block_size}")
+        if self.min_expert_tokens < 0:
+            problems.append(f"min_expert_tokens must be >= 0 (e.g. 128), got {self.min_expert_tokens}")
         return problems
 
 
@@ -202,35 +214,56 @@ def layer_codes(w: torch.Tensor, stats: InputStats, config: GPTQQuantConfig):
 # --- the technique ------------------------------------------------------------------------------
 
 
+def bank_codes(bank: nn.Module, stats: ExpertStats, config: GPTQQuantConfig, routed: dict, fallback: dict):
+    """The bank packed, each expert by GPTQ on the tokens routed to it; fills `routed` (tokens per
+    expert) and `fallback` (experts under min_expert_tokens, which get round-to-nearest)."""
+    tokens = [stats.of(e, BANK_WEIGHTS[0]).tokens for e in range(bank.num_experts)]
+    few = [e for e, n in enumerate(tokens) if n < config.min_expert_tokens]
+    none = InputStats()
+
+    def codes_of(weight: str, e: int, w: torch.Tensor):
+        return layer_codes(w, none if e in few else stats.of(e, weight), config)
+
+    routed.update(dict(enumerate(tokens)))
+    fallback.update({e: tokens[e] for e in few})
+    return quantize_bank(bank, config.bits, codes_of)
+
+
 @torch.no_grad()
 def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    layers = quant_targets(name, config, model)
+    layers = quant_targets(name, config, model, experts=True)
+    banks = expert_targets(name, config, model)
     tokens = ctx.calibration_tokens(name)
-    count, done = ByteCount(), 0
-    for step in calibrate_blocks(model, layers, tokens, gram=True, sequential=config.sequential):
+    count, done, total = ByteCount(), 0, len(layers) + len(banks)
+    routed, fallback = {}, {}
+    for step in calibrate_blocks(model, layers + banks, tokens, gram=True, sequential=config.sequential):
         for layer_name, module in step.layers:
-            w = weight_out_in(module)  # (out, in)
-            q, scale, zero = layer_codes(w, step.stats[layer_name], config)
-            new = quant_linear(module, q, scale, zero, config.bits)
-            count.add(w, new)
+            if is_bank(module):
+                routed[layer_name], fallback[layer_name] = {}, {}
+                new = bank_codes(module, step.stats[layer_name], config, routed[layer_name], fallback[layer_name])
+                count.add(new.packed_params(), new)
+            else:
+                w = weight_out_in(module)  # (out, in)
+                q, scale, zero = layer_codes(w, step.stats[layer_name], config)
+                new = quant_linear(module, q, scale, zero, config.bits)
+                count.add(w.numel(), new)
             replace_module_(model, layer_name, new)
             done += 1
-            ctx.report(name, done, len(layers))
+            ctx.report(name, done, total)
     details = {
         k: getattr(config, k)
-        for k in (
-            "bits",
-            "activations",
-            "symmetric",
-            "act_order",
-            "observer",
-            "damp_percent",
-            "sequential",
-        )
+        for k in ("bits", "activations", "symmetric", "act_order", "observer", "damp_percent", "sequential")
     }
-    details |= group_details(config, layers)
-    record_quant_change(ctx, name, [n for n, _ in layers], count, model, calibration_samples=len(tokens), **details)
+    details |= group_details(config, layers, banks)
+    if banks:
+        details |= {
+            "calibration_tokens_per_expert": routed,
+            "min_expert_tokens": config.min_expert_tokens,
+            "experts_round_to_nearest": {b: f for b, f in fallback.items() if f},
+        }
+    names = [n for n, _ in layers + banks]
+    record_quant_change(ctx, name, names, count, model, calibration_samples=len(tokens), **details)
     return model
 
 

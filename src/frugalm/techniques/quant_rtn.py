@@ -26,10 +26,11 @@ import torch
 from torch import nn
 
 from frugalm.errors import TechniqueError
+from frugalm.runtime.experts import BANK_WEIGHTS, QuantExperts
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, weight_out_in
 from frugalm.runtime.quant_linear import QuantLinear, format_name, quantize_groups
 from frugalm.techniques._arch import DEFAULT_TARGETS
-from frugalm.techniques.base import Context, Technique, check_config, record_change, select_linears
+from frugalm.techniques.base import Context, Technique, check_config, record_change, select_banks, select_linears
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,23 +88,45 @@ def quant_problems(bits: int, group_size: int, activations: str = "none", symmet
     return problems
 
 
-def quant_targets(technique: str, config: WeightQuantOptions, model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The layers a weight quantization config targets in `model`, after every check that needs no calibration."""
+def quant_targets(
+    technique: str, config: WeightQuantOptions, model: nn.Module, *, experts: bool = False
+) -> list[tuple[str, nn.Module]]:
+    """The layers a weight quantization config targets in `model`, after every check that needs no calibration.
+
+    `experts`: the technique quantizes banks of experts too (expert_targets), so targets covering them are allowed."""
     check_config(technique, config)
-    layers = select_linears(model, config.targets, technique=technique)
-    check_widths(technique, layers, config.bits, config.group_for)
+    layers = select_linears(model, config.targets, technique=technique, experts=experts)
+    check_widths(technique, [(n, weight_out_in(m).shape[1]) for n, m in layers], config.bits, config.group_for)
     return layers
+
+
+def expert_targets(technique: str, config: WeightQuantOptions, model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The float banks of experts `config.targets` covers, checked like linear layers, each weight per expert."""
+    banks = select_banks(model, config.targets, technique)
+    if banks and config.activations != "none":
+        raise TechniqueError(
+            f"{technique}: experts are stored weight-only (w{config.bits}a16); activations {config.activations} applies to "
+            "linear layers only: use activations none, or leave the experts out of `targets` (e.g. ['*.self_attn.*'])"
+        )
+    widths = [(f"{n}.{w}", getattr(b, w).shape[2]) for n, b in banks for w in BANK_WEIGHTS]
+    check_widths(technique, widths, config.bits, config.group_for)
+    return banks
+
+
+def quantize_bank(bank: nn.Module, bits: int, codes_of) -> QuantExperts:
+    """A bank as packed experts: `codes_of(weight name, expert, w (out, in))` gives each expert's (q, scale, zero)."""
+    codes = {w: [codes_of(w, e, getattr(bank, w)[e]) for e in range(bank.num_experts)] for w in BANK_WEIGHTS}
+    return QuantExperts.from_codes(bank, codes, bits)
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(2, n + 1) if n % d == 0]
 
 
-def check_widths(technique: str, layers: list[tuple[str, nn.Module]], bits: int, group_for) -> None:
-    """Every layer's in_features must split into groups (`group_for(in_features)` columns; and be even
-    for int4); name the first that does not."""
-    for name, module in layers:
-        in_features = weight_out_in(module).shape[1]
+def check_widths(technique: str, widths: list[tuple[str, int]], bits: int, group_for) -> None:
+    """Every weight's in_features (given as (name, in_features)) must split into groups
+    (`group_for(in_features)` columns; and be even for int4); name the first that does not."""
+    for name, in_features in widths:
         group_size = group_for(in_features)
         if group_size > 0 and in_features % group_size:
             valid = ", ".join(str(d) for d in _divisors(in_features)[:12])
@@ -116,10 +139,16 @@ def check_widths(technique: str, layers: list[tuple[str, nn.Module]], bits: int,
             )
 
 
-def group_details(config: WeightQuantOptions, layers: list[tuple[str, nn.Module]]) -> dict:
-    """group_size for the record, and the layers it did not divide (quantized per channel) if any."""
-    fallback = [n for n, m in layers if config.group_for(weight_out_in(m).shape[1]) != config.group_size]
-    return {"group_size": config.group_size, **({"per_channel_layers": fallback} if fallback else {})}
+def group_details(
+    config: WeightQuantOptions, layers: list[tuple[str, nn.Module]], banks: list[tuple[str, nn.Module]] = ()
+) -> dict:
+    """group_size for the record, the layers (and expert weights) it did not divide (quantized per
+    channel) if any, and the banks of experts quantized."""
+    widths = [(n, weight_out_in(m).shape[1]) for n, m in layers]
+    widths += [(f"{n}.{w}", getattr(b, w).shape[2]) for n, b in banks for w in BANK_WEIGHTS]
+    fallback = [n for n, width in widths if config.group_for(width) != config.group_size]
+    experts = {"expert_banks": [n for n, _ in banks], "experts_per_bank": banks[0][1].num_experts} if banks else {}
+    return {"group_size": config.group_size, **({"per_channel_layers": fallback} if fallback else {}), **experts}
 
 
 def replace_module_(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -141,9 +170,9 @@ def quant_linear(module: nn.Module, q: torch.Tensor, scale: torch.Tensor, zero: 
     return QuantLinear.from_codes(q, scale, zero, bits, module.bias).to(module.weight.device)
 
 
-def stored_bytes(module: QuantLinear) -> int:
-    """Bytes of the quantized weight: packed codes + float16 scales + uint8 zero points."""
-    return sum(t.numel() * t.element_size() for t in (module.qweight, module.scales, module.zeros))
+def stored_bytes(module: nn.Module) -> int:
+    """Bytes of a quantized layer's (or bank's) weights: packed codes + float16 scales + uint8 zero points."""
+    return sum(t.numel() * t.element_size() for t in module.buffers(recurse=False))
 
 
 class ByteCount:
@@ -152,10 +181,10 @@ class ByteCount:
     def __init__(self) -> None:
         self.layers = self.params = self.float32_bytes = self.quant_bytes = 0
 
-    def add(self, weight: torch.Tensor, quantized: QuantLinear) -> None:
+    def add(self, params: int, quantized: nn.Module) -> None:
         self.layers += 1
-        self.params += weight.numel()
-        self.float32_bytes += weight.numel() * 4
+        self.params += params
+        self.float32_bytes += params * 4
         self.quant_bytes += stored_bytes(quantized)
 
     def details(self) -> dict:
@@ -214,25 +243,35 @@ def record_quant_change(
 @torch.no_grad()
 def apply(model: nn.Module, config: RTNQuantConfig, ctx: Context) -> nn.Module:
     name = TECHNIQUE.name
-    layers = quant_targets(name, config, model)
+    layers = quant_targets(name, config, model, experts=True)
+    banks = expert_targets(name, config, model)
     count = ByteCount()
     for i, (layer_name, module) in enumerate(layers):
         w = weight_out_in(module)  # (out, in)
         q, scale, zero = quantize_groups(w, config.bits, config.group_for(w.shape[1]), config.symmetric)
         new = quant_linear(module, q, scale, zero, config.bits)
-        count.add(w, new)
+        count.add(w.numel(), new)
         replace_module_(model, layer_name, new)
-        ctx.report(name, i + 1, len(layers))
+        ctx.report(name, i + 1, len(layers) + len(banks))
+    for i, (bank_name, bank) in enumerate(banks):
+        new = quantize_bank(
+            bank,
+            config.bits,
+            lambda _, e, w: quantize_groups(w, config.bits, config.group_for(w.shape[1]), config.symmetric),
+        )
+        count.add(new.packed_params(), new)
+        replace_module_(model, bank_name, new)
+        ctx.report(name, len(layers) + i + 1, len(layers) + len(banks))
     record_quant_change(
         ctx,
         name,
-        [n for n, _ in layers],
+        [n for n, _ in layers + banks],
         count,
         model,
         bits=config.bits,
         activations=config.activations,
         symmetric=config.symmetric,
-        **group_details(config, layers),
+        **group_details(config, layers, banks),
     )
     return model
 
