@@ -49,7 +49,11 @@ QUALITY_FLOOR = {
     "offload": 1.0,  # weights read from disk, unchanged
     "cascade": 1.0,  # the large model is the incoming one; the small one answers task items only
     "prompt_pruning": 1.0,  # prompts are pruned before prefill; the text perplexity scores is not a prompt
+    # Run on the default model upcycled to 4 identical experts (upcycled_moe): any 3 of them give the dense output.
+    "expert_prune": 1.001,
 }
+MOE_ONLY = {"expert_prune"}
+"""Techniques for mixture-of-experts models: the contract runs them on the default model upcycled (upcycled_moe)."""
 EVAL_TOKENS = 4096
 TRAINING_BUDGET = {"steps": 10, "batch_size": 4, "seq_len": 128, "warmup_steps": 2, "log_every": 5}
 """Options given to training stages (kind "training") instead of their defaults, to keep the matrix fast."""
@@ -59,6 +63,32 @@ FAST_OPTIONS = {
     "cascade": {"items": 100},
 }
 """Other techniques' options that keep the matrix fast (fewer sensitivity probe tokens, a short draft distillation)."""
+
+
+def upcycled_moe(dense):
+    """The default Llama as a Mixtral whose 4 experts (top 2) are each a copy of its MLP (sparse upcycling,
+    Komatsuzaki et al. 2022) and whose router is random: it computes what the dense model computes."""
+    from transformers import AutoModelForCausalLM, MixtralConfig
+
+    c = dense.config
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+            "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id")  # fmt: skip
+    config = MixtralConfig(**{k: getattr(c, k) for k in keep}, num_local_experts=4, num_experts_per_tok=2)
+    torch.manual_seed(0)
+    moe = AutoModelForCausalLM.from_config(config)
+    dense_state, state = dense.state_dict(), moe.state_dict()
+    for key, tensor in state.items():
+        if key in dense_state:
+            tensor.copy_(dense_state[key])
+    for i in range(c.num_hidden_layers):
+        mlp = f"model.layers.{i}.mlp."
+        gate_up = torch.cat([dense_state[mlp + "gate_proj.weight"], dense_state[mlp + "up_proj.weight"]])
+        state[mlp + "experts.gate_up_proj"].copy_(gate_up.expand(4, *gate_up.shape))
+        down = dense_state[mlp + "down_proj.weight"]
+        state[mlp + "experts.down_proj"].copy_(down.expand(4, *down.shape))
+    moe.tie_weights()
+    return moe.eval()
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +132,7 @@ def test_apply_save_reload(name, setup, tmp_path):
         calibration=calibration, tokenizer=tokenizer, training_documents=docs[n:], held_out_documents=docs[:n]
     )
     model = technique.apply(
-        lm.model,
+        upcycled_moe(lm.model) if name in MOE_ONLY else lm.model,
         technique.config_cls(**(TRAINING_BUDGET if technique.kind == "training" else FAST_OPTIONS.get(name, {}))),
         ctx,
     )
