@@ -287,3 +287,25 @@ def test_gptq_per_expert_removes_most_of_rtn_int4_damage_and_pruning_states_its_
     assert change["experts_after"] == 3 and 0 < cost < 1
     reloaded = saved_and_loaded(pruned, lm.tokenizer, tmp_path / "pruned")
     assert torch.equal(logits(reloaded, held[:4]), logits(pruned, held[:4]))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_experts_load_onto_the_cpu_kernels_and_count_alike(bits, moe_models, tmp_path):
+    from frugalm.measure.memory import params_count
+    from frugalm.runtime.experts import FastExperts
+
+    lm = load_model(moe_models["mixtral"])
+    model, _ = apply(lm.model, "rtn_quant", bits=bits, group_size=32 if bits == 4 else -1)
+    folder = save_variant(model, lm.tokenizer, tmp_path / "v", {})
+    fast, slow = load_model(folder).model, load_model(folder, fast_kernels=False).model
+    assert all(isinstance(b, FastExperts) for _, b, _ in expert_banks(fast))
+    kernel = f"int{bits}pack-bf16 decode, bf16-dequantize prefill"
+    assert kernel_summary(fast) == {kernel: 8 + 2 * 4 * 2, "dense": 1}  # attention, 2 x 4 experts x 2 weights; head
+    assert kernel_summary(slow) == {"dequantize": 8 + 2, "dense": 1}
+    a, b = logits(fast), logits(slow)
+    assert (a - b).abs().max() <= 2e-2 * b.abs().max()  # bfloat16 activations on the kernels
+    for ids in (IDS[:1, :1], IDS[:1]):  # a decode step, a prefill
+        assert compute.count_flops(lambda i=ids: fast(i)) == compute.count_flops(lambda i=ids: slow(i))
+    assert params_count(fast) == params_count(slow) and moe.active_params(fast)[0] == moe.active_params(slow)[0]
+    with pytest.raises(AssertionError, match="before swapping in fast kernels"):
+        save_variant(fast, lm.tokenizer, tmp_path / "again", {})

@@ -61,3 +61,17 @@ def test_load_model_packs_weight_only_variants_and_keeps_their_codes(tiny_llama,
     assert isinstance(layer, PackedWeightLinear) and weights_bytes(fast) > weights_bytes(slow)
     with pytest.raises(AssertionError, match="before swapping in fast kernels"):
         save_variant(fast, lm.tokenizer, tmp_path / "again", {})
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_packed_kernels_count_the_flops_of_the_matmuls_they_replace(bits, tiny_llama, tmp_path):
+    from frugalm.measure.compute import count_flops
+
+    lm = load_model(tiny_llama, fast_kernels=False)
+    run("rtn_quant", lm.model, bits=bits, group_size=-1 if bits == 8 else 32)
+    folder = save_variant(lm.model, lm.tokenizer, tmp_path / "v", {})
+    fast, slow = load_model(folder).model, load_model(folder, fast_kernels=False).model
+    assert kernel_summary(fast).get("dense") == 1  # every layer but the head on a packed kernel
+    for rows in (1, 12):  # a decode step (the packed matmul) and a prefill (bfloat16 dequantized)
+        ids = torch.randint(4, fast.config.vocab_size, (1, rows))
+        assert count_flops(lambda: fast(ids)) == count_flops(lambda: slow(ids)) > 0

@@ -27,7 +27,7 @@ from frugalm.assets import DEFAULT_MODEL_DIR
 from frugalm.atomic import atomic_folder
 from frugalm.errors import ConfigError, ModelError, suggest
 from frugalm.runtime import cascade, compiled, decoding, families, offload
-from frugalm.runtime.experts import QuantExperts, restore_packed_experts_
+from frugalm.runtime.experts import FastExperts, QuantExperts, restore_packed_experts_, to_fast_experts_
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.runtime.quant_linear import (
     Int8Linear,
@@ -326,10 +326,11 @@ def load_model(
     if attn_implementation:
         model.set_attn_implementation(attn_implementation)
     families.install(model)
-    if meta and meta.get("packed_layers"):
+    if meta and (meta.get("packed_layers") or meta.get("packed_experts")):
         set_linear_formats_(model, inference.get("linear_formats"))  # None: saved before formats were recorded
         if fast_kernels and dev.type == "cpu":
             to_fast_kernels_(model)
+            to_fast_experts_(model)
     if inference:
         setattr(model, INFERENCE_ATTR, inference)
     if inference.get(compiled.SETTING):
@@ -437,11 +438,16 @@ def save_variant(
 
 
 def _write_variant(model: nn.Module, tokenizer, folder: Path, metadata: dict) -> None:
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
     layers, experts = packed_layers(model), packed_experts(model)
-    if layers or experts:
+    if layers or experts:  # frugalm's own layout, loaded by _load_packed
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(folder)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(folder)
         _write_module_weights(model, folder)
+    else:
+        model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     meta = {
         "format": ARTIFACT_FORMAT,
         **metadata,
@@ -454,18 +460,18 @@ def _write_variant(model: nn.Module, tokenizer, folder: Path, metadata: dict) ->
 
 def packed_experts(model: nn.Module) -> dict[str, dict]:
     """Shapes of every packed bank of experts (runtime/experts.QuantExperts)."""
+    if any(isinstance(m, FastExperts) for m in model.modules()):
+        raise AssertionError("save a variant before swapping in fast kernels (to_fast_experts_)")
     return {name: m.spec() for name, m in model.named_modules() if isinstance(m, QuantExperts)}
 
 
 def _write_module_weights(model: nn.Module, folder: Path) -> None:
-    """A packed variant's weights under its module names, in one file, replacing save_pretrained's.
+    """A packed variant's weights under its module names, in one file, in place of save_pretrained's.
 
     save_pretrained renames some families' keys back to their original checkpoint layout
     (Mixtral's experts become `block_sparse_moe.experts.N.w1`), which packed buffers do not
     have; _load_packed loads this file as is. A tensor shared by two names (a tied head) is
     written once, under its first name."""
-    for f in [*folder.glob("*.safetensors"), *folder.glob(_SAFETENSORS_INDEX)]:
-        f.unlink()
     state, seen = {}, set()
     for key, t in model.state_dict().items():
         ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))

@@ -44,10 +44,25 @@ def _sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *a
 def _int8_linear_flops(x_shape, packed, *args, **kwargs) -> int:
     """fbgemm's dynamic int8 matmul: the same multiply-adds as the float one (as integer ops)."""
     out_f, in_f = packed.unpack()[0].shape
+    return 2 * _rows(x_shape) * out_f * in_f
+
+
+def _rows(x_shape) -> int:
     rows = 1
     for n in x_shape[:-1]:
         rows *= n
-    return 2 * rows * out_f * in_f
+    return rows
+
+
+def _int8pack_mm_flops(x_shape, w_shape, *args, **kwargs) -> int:
+    """ATen's weight-only int8 matmul (w8a16 decode): x (rows, in) by int8 codes (out, in)."""
+    return 2 * _rows(x_shape) * x_shape[-1] * w_shape[0]
+
+
+def _int4pack_mm_flops(x_shape, w_shape, group_size, scales_shape, *args, **kwargs) -> int:
+    """ATen's weight-only int4 matmul (w4a16 decode): x (rows, in) by packed codes whose
+    (in / group, out, 2) scales and offsets give the output width."""
+    return 2 * _rows(x_shape) * x_shape[-1] * scales_shape[1]
 
 
 def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
@@ -65,8 +80,11 @@ def _grouped_mm_flops(a_shape, b_shape, *args, **kwargs) -> int:
 
 
 # torch's counter knows the CUDA attention kernels but not the CPU one that sdpa dispatches to
-# (forward, and backward for training), nor the quantized int8 matmul, nor grouped_mm.
+# (forward, and backward for training), nor the quantized int8 matmul, nor the weight-only packed
+# matmuls, nor grouped_mm: without these a packed variant's decode step would count its head alone.
 _EXTRA_FLOP_FORMULAS = {
+    aten._weight_int8pack_mm: _int8pack_mm_flops,
+    aten._weight_int4pack_mm_for_cpu: _int4pack_mm_flops,
     aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops,
     aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_backward_flops,
     torch.ops.quantized.linear_dynamic: _int8_linear_flops,

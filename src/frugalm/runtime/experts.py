@@ -14,6 +14,8 @@ weighted by the router.
   (runtime/quant_linear): (experts, out, in x bits / 8) uint8 codes, (experts, out, groups)
   float16 scales and uint8 zero points. It computes by dequantizing the experts a forward
   routes to, one at a time (`kernel = "dequantize"`: it saves memory and storage, not time).
+  `load_model` swaps in `FastExperts` on CPU where the kernels apply: each expert on ATen's
+  packed int8/int4 kernels, as packed linear layers run (`to_fast_experts_`).
 - `keep_experts_` removes experts from a block: the bank's rows and the router's, and the
   counts they carry. Every block keeps the same number, so the model's config states it and
   transformers reloads the pruned model as a plain one.
@@ -28,7 +30,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from frugalm.errors import ModelError
-from frugalm.runtime.quant_linear import dequantize_groups, pack, unpack
+from frugalm.runtime.quant_linear import (
+    PackedWeightLinear,
+    QuantLinear,
+    dequantize_groups,
+    pack,
+    packed_eligible,
+    unpack,
+)
 
 BANK_WEIGHTS = ("gate_up_proj", "down_proj")
 """The 3-D parameters of a bank of experts (transformers 5's Mixtral, Qwen2-MoE, OLMoE)."""
@@ -38,7 +47,7 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")
 
 def is_bank(module: nn.Module) -> bool:
     """A bank of experts: a QuantExperts, or a module whose own parameters are all 3-D with `num_experts` rows."""
-    if isinstance(module, QuantExperts):
+    if isinstance(module, (QuantExperts, FastExperts)):
         return True
     n = getattr(module, "num_experts", None)
     own = list(module.parameters(recurse=False))
@@ -66,6 +75,8 @@ def bank_params(module: nn.Module) -> int:
     """Weights a bank holds (all experts), float or packed."""
     if isinstance(module, QuantExperts):
         return module.packed_params()
+    if isinstance(module, FastExperts):
+        return sum(m.packed_params() for m in module.modules() if isinstance(m, PackedWeightLinear))
     return sum(p.numel() for p in module.parameters(recurse=False))
 
 
@@ -91,14 +102,14 @@ def expert_forward(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
     top_k_weights: torch.Tensor,
-    weight: Callable[[str, int, torch.dtype], torch.Tensor],
+    linear: Callable[[str, int, torch.Tensor], torch.Tensor],
     act_fn: Callable,
     observe: Observer | None = None,
     out_of: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """The routed experts' sum for hidden (tokens, hidden), top_k_index/weights (tokens, top_k).
 
-    `weight(name, e, dtype)` gives expert e's (out, in) weight; `observe` sees each expert's
+    `linear(name, e, x)` is x times expert e's weight `name` transposed; `observe` sees each expert's
     inputs, `out_of(e, outputs, router weights)` its unweighted outputs (expert pruning's
     saliency)."""
     out = torch.zeros_like(hidden)
@@ -107,11 +118,11 @@ def expert_forward(
         x = hidden[token]
         if observe:
             observe(e, "gate_up_proj", x)
-        gate, up = F.linear(x, weight("gate_up_proj", e, x.dtype)).chunk(2, dim=-1)
+        gate, up = linear("gate_up_proj", e, x).chunk(2, dim=-1)
         h = act_fn(gate) * up
         if observe:
             observe(e, "down_proj", h)
-        y = F.linear(h, weight("down_proj", e, x.dtype))
+        y = linear("down_proj", e, h)
         routed = top_k_weights[token, slot, None]
         if out_of:
             out_of(e, y, routed)
@@ -119,11 +130,11 @@ def expert_forward(
     return out
 
 
-def bank_weight(bank: nn.Module) -> Callable[[str, int, torch.dtype], torch.Tensor]:
-    """`weight(name, expert, dtype)` of a float or packed bank, for expert_forward."""
-    if isinstance(bank, QuantExperts):
-        return bank.dequantized
-    return lambda name, e, dtype: getattr(bank, name)[e].to(dtype)
+def bank_linear(bank: nn.Module) -> Callable[[str, int, torch.Tensor], torch.Tensor]:
+    """`linear(name, expert, x)` of a float or packed bank, for expert_forward."""
+    if isinstance(bank, (QuantExperts, FastExperts)):
+        return bank.linear
+    return lambda name, e, x: F.linear(x, getattr(bank, name)[e].to(x.dtype))
 
 
 class QuantExperts(nn.Module):
@@ -172,11 +183,57 @@ class QuantExperts(nn.Module):
         q = unpack(getattr(self, f"{name}_qweight")[e], self.bits)
         return dequantize_groups(q, getattr(self, f"{name}_scales")[e], getattr(self, f"{name}_zeros")[e], dtype)
 
+    def linear(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized(name, e, x.dtype))
+
+    def expert_linear(self, name: str, e: int) -> QuantLinear:
+        """Expert e's weight `name` as a QuantLinear sharing nothing with the bank (for the CPU kernels)."""
+        out_f, in_f = self.shapes[name]
+        layer = QuantLinear(in_f, out_f, self.bits, self.group_sizes[name], bias=False)
+        for key in ("qweight", "scales", "zeros"):
+            getattr(layer, key).copy_(getattr(self, f"{name}_{key}")[e])
+        return layer
+
     def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
-        return expert_forward(hidden_states, top_k_index, top_k_weights, self.dequantized, self.act_fn)
+        return expert_forward(hidden_states, top_k_index, top_k_weights, self.linear, self.act_fn)
 
     def extra_repr(self) -> str:
         return f"experts={self.num_experts}, bits={self.bits}, group_sizes={self.group_sizes}, kernel={self.kernel}"
+
+
+class FastExperts(nn.Module):
+    """A packed bank on the CPU's weight-only kernels: each expert's two weights as a
+    `PackedWeightLinear` (runtime/quant_linear: ATen's int8/int4 packed matmuls for decode rows,
+    bfloat16 for prefill), made at load time from the stored codes, as packed linear layers are.
+    Its parameter count and kernels are its expert layers'; it is never saved (save first)."""
+
+    def __init__(self, source: QuantExperts):
+        super().__init__()
+        self.num_experts, self.bits, self.act_fn = source.num_experts, source.bits, source.act_fn
+        self.experts = nn.ModuleDict({
+            name: nn.ModuleList(PackedWeightLinear(source.expert_linear(name, e)) for e in range(self.num_experts))
+            for name in BANK_WEIGHTS
+        })  # fmt: skip
+
+    def linear(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
+        return self.experts[name][e](x)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights) -> torch.Tensor:
+        return expert_forward(hidden_states, top_k_index, top_k_weights, self.linear, self.act_fn)
+
+
+def to_fast_experts_(model: nn.Module) -> list[str]:
+    """Swap FastExperts in for every packed bank whose expert weights the CPU kernels all take
+    (runtime/quant_linear.packed_eligible); returns the names swapped. Others stay dequantized."""
+    swapped = []
+    for name, bank in list(model.named_modules()):
+        if not isinstance(bank, QuantExperts) or bank.get_buffer(f"{BANK_WEIGHTS[0]}_qweight").device.type != "cpu":
+            continue
+        if all(packed_eligible(bank.expert_linear(w, 0)) for w in BANK_WEIGHTS):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, FastExperts(bank))
+            swapped.append(name)
+    return swapped
 
 
 def restore_packed_experts_(model: nn.Module, specs: dict[str, dict]) -> None:

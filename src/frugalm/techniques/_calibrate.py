@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from frugalm.errors import DataError, TechniqueError
-from frugalm.runtime.experts import BANK_WEIGHTS, bank_weight, expert_forward, is_bank
+from frugalm.runtime.experts import BANK_WEIGHTS, bank_linear, expert_forward, is_bank
 from frugalm.techniques._arch import decoder_blocks
 from frugalm.text.encode import encode_documents
 
@@ -100,7 +100,7 @@ def observed_banks(banks: Iterable[tuple[str, nn.Module]], observe: dict | None 
     for name, bank in banks:
         bank.forward = functools.partial(
             expert_forward,
-            weight=bank_weight(bank),
+            linear=bank_linear(bank),
             act_fn=bank.act_fn,
             observe=(observe or {}).get(name),
             out_of=(out_of or {}).get(name),
