@@ -21,7 +21,15 @@ attention  eager against sdpa attention (`frugalm bench --attn-implementation`) 
            mark, reset before each, measured one after the other in this process). Timings need a
            quiet machine: run this section alone.
 
---tiny runs both on 64-wide, 2-layer models in seconds: a check that the script runs, not figures.
+experts   A mixture-of-experts model compressed per expert, as `load_model` runs it: a random-weight
+           Mixtral of 8 blocks, hidden 512, 8 experts of width 1,024 (top 2), float32, against its
+           int8 (per channel) and int4 (groups of 32) RTN variants on the CPU kernels (FastExperts)
+           and the int4 one dequantized (fast_kernels off): one decode step at the chat workload's
+           128-token context and the 128-token prompt pass, each timed paired against the float model
+           in ABBA blocks (95% intervals), and each variant's weights in memory (counted). Timings
+           need a quiet machine: run this section alone.
+
+--tiny runs every section on 64-wide, 2-layer models in seconds: a check that the script runs, not figures.
 """
 
 from __future__ import annotations
@@ -188,6 +196,62 @@ def attention_section(args) -> None:
         print(f"  {impl:<6} {peak.peak_over_baseline_mib:8.1f} MiB ({peak.method})", flush=True)
 
 
+MOE = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+           num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=2048)  # fmt: skip
+
+
+def experts_section(args) -> None:
+    import tempfile
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from frugalm.measure import compute, memory
+    from frugalm.measure.paired import PairedConfig, time_paired
+    from frugalm.measure.speedup import decode_call, ttft_call
+    from frugalm.measure.workloads import WORKLOADS
+    from frugalm.models import load_model, save_variant
+    from frugalm.registry import get_technique
+    from frugalm.runtime.modules import kernel_summary
+    from frugalm.techniques.base import Context
+
+    w = WORKLOADS["chat"]
+    root = Path(tempfile.mkdtemp(prefix="bench-moe-"))
+    tokenizer = load_model(_tiny_llama_folder()).tokenizer
+    shape = {**MOE, **(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, num_local_experts=4) if args.tiny else {})}  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", vocab_size=32000, **shape)).save_pretrained(root / "float")
+    tokenizer.save_pretrained(root / "float")
+    rtn = get_technique("rtn_quant")
+    for name, options in (("int8", dict(bits=8)), ("int4-g32", dict(bits=4, group_size=32))):
+        lm = load_model(root / "float")
+        save_variant(rtn.apply(lm.model, rtn.config_cls(**options), Context()), tokenizer, root / name, {})
+    models = {"float32": load_model(root / "float").model, "int8": load_model(root / "int8").model,
+              "int4-g32": load_model(root / "int4-g32").model,
+              "int4-g32 dequantized": load_model(root / "int4-g32", fast_kernels=False).model}  # fmt: skip
+    ids = compute.prompt_ids(models["float32"], 1, w.prompt_tokens, torch.device("cpu"))
+    config = PairedConfig(budget_s=args.budget, target_halfwidth=0.02)
+    print(f"mixture-of-experts per expert, Mixtral {shape['num_hidden_layers']} blocks x {shape['num_local_experts']} experts "
+          f"(hidden {shape['hidden_size']}, width {shape['intermediate_size']}, top 2), random weights, {torch.get_num_threads()} threads; "
+          "time(float32) / time(variant), 95% interval (paired ABBA, one process)")  # fmt: skip
+    base = models["float32"]
+    for name, model in models.items():
+        kernels = ", ".join(f"{k}: {n}" for k, n in kernel_summary(model).items())
+        print(f"  {name:<22} weights {memory.weights_bytes(model) / memory.MIB:7.1f} MiB (counted); kernels {kernels}")
+        if model is base:
+            continue
+        for label, make in (("decode step", lambda m: decode_call(m, ids, None, w.prompt_tokens + 1)),
+                            (f"prompt pass ({w.prompt_tokens})", lambda m: ttft_call(m, ids, None))):  # fmt: skip
+            fast, slow = make(model), make(base)
+            for fn in (slow, fast, slow, fast):
+                fn()
+            r = time_paired(fast, slow, config)
+            print(f"    {label:<20} {r.speedup:.3f}x [{r.ci_low:.3f}, {r.ci_high:.3f}]  ({r.n_blocks} blocks, {r.stopped_by}; "
+                  f"float {sorted(r.seconds_b)[len(r.seconds_b) // 2] * 1e3:.2f} ms, variant {sorted(r.seconds_a)[len(r.seconds_a) // 2] * 1e3:.2f} ms median)",
+                  flush=True)  # fmt: skip
+
+
 def _standin() -> Path:
     from bench_foundation import build_standin
 
@@ -213,7 +277,7 @@ def main() -> None:
     import torch
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=("state", "attention"))
+    p.add_argument("--only", choices=("state", "attention", "experts"))
     p.add_argument("--tiny", action="store_true", help="64-wide, 2-layer models: checks that the script runs")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--budget", type=float, default=60.0, help="seconds of paired timing per attention figure")
@@ -223,6 +287,8 @@ def main() -> None:
         state_section(args)
     if args.only in (None, "attention"):
         attention_section(args)
+    if args.only in (None, "experts"):
+        experts_section(args)
 
 
 if __name__ == "__main__":
