@@ -221,7 +221,9 @@ def experts_section(args) -> None:
     shape = {**MOE, **(dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                              num_key_value_heads=2, num_local_experts=4) if args.tiny else {})}  # fmt: skip
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", vocab_size=32000, **shape)).save_pretrained(root / "float")
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("mixtral", vocab_size=32000, **shape)).save_pretrained(
+        root / "float"
+    )
     tokenizer.save_pretrained(root / "float")
     rtn = get_technique("rtn_quant")
     for name, options in (("int8", dict(bits=8)), ("int4-g32", dict(bits=4, group_size=32))):
