@@ -6,9 +6,9 @@ module with two 3-D parameters, `gate_up_proj` (experts, 2 x intermediate, hidde
 weights, indices). An expert computes down(act(gate(x)) * up(x)) on the tokens routed to it,
 weighted by the router.
 
-- `expert_forward` is that computation, written once over a `weight(name, expert)` accessor, so
-  the float bank (calibration, with an observer of each expert's inputs), and the packed bank
-  run the same code. It is the eager loop over the experts hit, as transformers' "eager" experts
+- `expert_forward` is that computation, written once over a `linear(name, expert, x)` accessor,
+  so the float bank (calibration, with observers of each expert's inputs and outputs) and the
+  packed banks run the same code. It is the eager loop over the experts hit, as transformers' "eager" experts
   implementation: the FLOP counter sees exactly the routed experts' matmuls.
 - `QuantExperts` stores a bank as packed codes per expert, in the layout of `QuantLinear`
   (runtime/quant_linear): (experts, out, in x bits / 8) uint8 codes, (experts, out, groups)
@@ -46,7 +46,7 @@ EXPERT_COUNT_KEYS = ("num_local_experts", "num_experts")
 
 
 def is_bank(module: nn.Module) -> bool:
-    """A bank of experts: a QuantExperts, or a module whose own parameters are all 3-D with `num_experts` rows."""
+    """A bank of experts: a QuantExperts or FastExperts, or a module whose own parameters are all 3-D with `num_experts` rows."""
     if isinstance(module, (QuantExperts, FastExperts)):
         return True
     n = getattr(module, "num_experts", None)

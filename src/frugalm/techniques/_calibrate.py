@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from frugalm.errors import DataError, TechniqueError
-from frugalm.runtime.experts import BANK_WEIGHTS, bank_linear, expert_forward, is_bank
+from frugalm.runtime.experts import bank_linear, expert_forward, is_bank
 from frugalm.techniques._arch import decoder_blocks
 from frugalm.text.encode import encode_documents
 
@@ -85,10 +85,6 @@ class ExpertStats:
     def of(self, expert: int, weight: str) -> InputStats:
         """The expert's statistics for `weight` (empty when the router never sent it a token)."""
         return self.experts.get((expert, weight)) or InputStats(want_gram=self.want_gram)
-
-    @property
-    def tokens(self) -> int:
-        return sum(s.tokens for (_, w), s in self.experts.items() if w == BANK_WEIGHTS[0])
 
 
 @contextmanager

@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from frugalm.errors import TechniqueError
-from frugalm.runtime.experts import BANK_WEIGHTS, is_bank
+from frugalm.runtime.experts import BANK_WEIGHTS, QuantExperts, is_bank
 from frugalm.runtime.modules import weight_out_in
 from frugalm.runtime.quant_linear import quantize_groups, range_params
 from frugalm.techniques._calibrate import ExpertStats, InputStats, calibrate_blocks
@@ -214,9 +214,9 @@ def layer_codes(w: torch.Tensor, stats: InputStats, config: GPTQQuantConfig):
 # --- the technique ------------------------------------------------------------------------------
 
 
-def bank_codes(bank: nn.Module, stats: ExpertStats, config: GPTQQuantConfig, routed: dict, fallback: dict):
-    """The bank packed, each expert by GPTQ on the tokens routed to it; fills `routed` (tokens per
-    expert) and `fallback` (experts under min_expert_tokens, which get round-to-nearest)."""
+def bank_codes(bank: nn.Module, stats: ExpertStats, config: GPTQQuantConfig) -> tuple[QuantExperts, dict, dict]:
+    """(the bank packed, each expert by GPTQ on the tokens routed to it; calibration tokens per
+    expert; the experts under min_expert_tokens, which get round-to-nearest, with their tokens)."""
     tokens = [stats.of(e, BANK_WEIGHTS[0]).tokens for e in range(bank.num_experts)]
     few = [e for e, n in enumerate(tokens) if n < config.min_expert_tokens]
     none = InputStats()
@@ -224,9 +224,7 @@ def bank_codes(bank: nn.Module, stats: ExpertStats, config: GPTQQuantConfig, rou
     def codes_of(weight: str, e: int, w: torch.Tensor):
         return layer_codes(w, none if e in few else stats.of(e, weight), config)
 
-    routed.update(dict(enumerate(tokens)))
-    fallback.update({e: tokens[e] for e in few})
-    return quantize_bank(bank, config.bits, codes_of)
+    return quantize_bank(bank, config.bits, codes_of), dict(enumerate(tokens)), {e: tokens[e] for e in few}
 
 
 @torch.no_grad()
@@ -240,8 +238,7 @@ def apply(model: nn.Module, config: GPTQQuantConfig, ctx: Context) -> nn.Module:
     for step in calibrate_blocks(model, layers + banks, tokens, gram=True, sequential=config.sequential):
         for layer_name, module in step.layers:
             if is_bank(module):
-                routed[layer_name], fallback[layer_name] = {}, {}
-                new = bank_codes(module, step.stats[layer_name], config, routed[layer_name], fallback[layer_name])
+                new, routed[layer_name], fallback[layer_name] = bank_codes(module, step.stats[layer_name], config)
                 count.add(new.packed_params(), new)
             else:
                 w = weight_out_in(module)  # (out, in)
