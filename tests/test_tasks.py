@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 
 import pytest
 import torch
@@ -182,3 +184,39 @@ def test_cascade_variant_answers_through_its_small_model(tiny_llama, tmp_path):
     counted = score_items(plain, tok, items, "choice", protocol, flops=True).flops  # int4: the same FLOPs per item
     up = sum(f for f, c in zip(counted, small.confidence["max_prob"]) if c < 0.5)
     assert figures["cascade_cost_ratio"].value == pytest.approx((sum(counted) + up) / sum(counted))
+
+
+def test_the_reference_is_scored_once_per_store(tiny_llama, tmp_path):
+    """optimize's variants share one reference: its item scores are kept in the store under a key
+    of everything they depend on, and a later run with the same key uses them instead of rescoring."""
+    from frugalm.benchmark.api import BenchConfig, bench, prepare, reference_score_keys
+    from frugalm.store import Store
+
+    text = tmp_path / "prose.txt"
+    text.write_text("\n\n".join(PROSE * 3))
+    reference = shutil.copytree(tiny_llama, tmp_path / "reference")
+    config = BenchConfig(data=str(text), metrics=("acc_cloze",), tasks=TaskProtocol(tasks=("cloze",)),
+                         reference=str(reference), workloads=("chat",), warmup=0, repetitions=1)  # fmt: skip
+    first, again = (bench(tiny_llama, config, store=tmp_path / "s.db").measurements for _ in range(2))
+    (a,), (b,) = first, again
+    assert a.protocol["paired"]["reference_scored"] == "in this run"
+    assert b.protocol["paired"]["reference_scored"] == "in an earlier run (same files, items, settings)"
+    assert a.protocol["paired"] == {**b.protocol["paired"], "reference_scored": "in this run"}
+    keys = reference_score_keys(prepare(tiny_llama, config))
+    with Store(tmp_path / "s.db") as store:
+        assert store.reference_scores(keys["cloze"]) == b.samples  # the reference is a copy of the model
+    # anything the scores depend on changes the key: here the reference's files
+    os.utime(reference / "config.json", ns=(1, 1))
+    assert reference_score_keys(prepare(tiny_llama, config)) != keys
+
+
+def test_reference_scores_given_are_used_and_missing_ones_filled(tiny_llama):
+    from transformers import AutoTokenizer
+
+    model, tok = load(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+    protocol = TaskProtocol(tasks=("cloze", "choice"))
+    n = len(build_items("cloze", PROSE, protocol)[0])
+    known = {"cloze": [0.0] * n}
+    figures = measure_tasks(model, tok, PROSE, protocol, data_desc={}, reference=model, reference_scores=known)
+    assert figures[0].protocol["paired"]["reference_value"] == 0  # the scores given, not the model's
+    assert known["choice"] == figures[1].samples  # scored on the reference (the model itself) and kept

@@ -126,6 +126,11 @@ _DTYPE_BYTES = {
 }
 
 
+def folder_identity(path: Path) -> list:
+    """The files of a model folder as (name, size, mtime_ns), sorted: equal while none changes."""
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())
+
+
 def check_weights(source: ModelSource) -> None:
     """Refuse a model folder whose safetensors weights are damaged, before anything loads them.
 

@@ -39,7 +39,7 @@ from frugalm.measure.metrics import BENCHMARK_VERSION
 from frugalm.measure.paired import PairedConfig
 from frugalm.measure.quality import PerplexityProtocol
 from frugalm.measure.tasks import TaskProtocol
-from frugalm.models import METADATA_FILE, ModelSource, check_weights, resolve_model
+from frugalm.models import METADATA_FILE, ModelSource, check_weights, folder_identity, resolve_model
 from frugalm.pareto import Constraint
 from frugalm.recipe import (
     SHIPPED_DIR,
@@ -204,10 +204,6 @@ def _check_fits_memory(source: ModelSource, device: str) -> None:
         )
 
 
-def _model_identity(source: ModelSource) -> list:
-    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.path.iterdir() if f.is_file())
-
-
 def optimize(
     model: str | os.PathLike | None = None,
     config: OptimizeConfig = OptimizeConfig(),
@@ -230,7 +226,7 @@ def optimize(
     check_weights(source)  # a damaged weights file is one line now, not a failed baseline later
     settings = [
         BENCHMARK_VERSION,
-        _model_identity(source),
+        folder_identity(source.path),
         spec.data_desc,
         spec.workloads,
         spec.profile,

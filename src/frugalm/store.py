@@ -63,6 +63,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX runs_key ON runs(key, status);
         """,
     ),
+    (
+        "0003_reference_scores",
+        """
+        CREATE TABLE reference_scores (
+            key TEXT PRIMARY KEY,
+            created_at TEXT NOT NULL,
+            scores_json TEXT NOT NULL
+        );
+        """,
+    ),
 ]
 
 
@@ -250,6 +260,19 @@ class Store:
             )
             for r in rows
         ]
+
+    def reference_scores(self, key: str) -> list[float] | None:
+        """A reference model's item scores stored under `key` (see benchmark/api's reference_score_keys)."""
+        row = self.db.execute("SELECT scores_json FROM reference_scores WHERE key = ?", (key,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def add_reference_scores(self, key: str, scores: list[float]) -> None:
+        """Keep a reference's item scores for later runs; a key already stored keeps its first scores."""
+        with self._transaction():
+            self.db.execute(
+                "INSERT OR IGNORE INTO reference_scores VALUES (?,?,?)",
+                (key, time.strftime("%Y-%m-%dT%H:%M:%S%z"), json.dumps(scores)),
+            )
 
     def integrity_check(self) -> str:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]

@@ -7,10 +7,15 @@ one line, and leaves no trace in the store.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import torch
+import transformers
 
 from frugalm.assets import DEFAULT_EVAL_PATH
 from frugalm.benchmark.child import BenchSpec
@@ -25,13 +30,14 @@ from frugalm.measure.metrics import (
 )
 from frugalm.measure.paired import PairedConfig
 from frugalm.measure.quality import PerplexityProtocol, describe_data
-from frugalm.measure.tasks import TaskProtocol, build_items, default_tasks
+from frugalm.measure.tasks import TaskProtocol, build_items, default_tasks, items_digest
 from frugalm.measure.workloads import DEFAULT_WORKLOADS, fit_to_context, get_workloads
 from frugalm.models import (
     ModelSource,
     check_attn_implementation,
     check_weights,
     context_length,
+    folder_identity,
     load_tokenizer,
     read_config,
     read_metadata,
@@ -246,6 +252,8 @@ def bench(
 def _measure_and_store(
     spec: BenchSpec, config: BenchConfig, run: Run, store: Store, progress: Progress | None, extra: list[Measurement]
 ) -> BenchResult:
+    keys = reference_score_keys(spec)
+    spec.reference_scores = {t: s for t, k in keys.items() if (s := store.reference_scores(k)) is not None}
     t0 = time.perf_counter()
     try:
         payload = run_child(spec, timeout_s=config.timeout_s, progress=progress)
@@ -257,4 +265,28 @@ def _measure_and_store(
     run.environment = {**payload["environment"], "baseline_rss_bytes": payload["baseline_rss_bytes"]}
     measurements = [Measurement(**m) for m in payload["measurements"]] + extra
     store.add_run(run, measurements)
+    for task, scores in payload["reference_scores"].items():
+        if task in keys and task not in spec.reference_scores:
+            store.add_reference_scores(keys[task], scores)
     return BenchResult(run, measurements)
+
+
+def reference_score_keys(spec: BenchSpec) -> dict[str, str]:
+    """{task: the key its reference item scores are stored under}: a hash of everything those
+    scores depend on (the reference's files, the items, the task protocol, the measured model's
+    context, device, dtype, attention kernel, threads, library versions), so that a child scores
+    the reference on a task only the first time (optimize's variants all share one reference)."""
+    if not spec.reference_path or not spec.tasks.get("tasks"):
+        return {}
+    protocol = TaskProtocol(**{**spec.tasks, "tasks": tuple(spec.tasks["tasks"])})
+    context = context_length(read_config(ModelSource(spec.model_ref, Path(spec.model_path))))
+    settings = [
+        folder_identity(Path(spec.reference_path)), asdict(protocol), context, spec.device, spec.dtype,
+        spec.attn_implementation, spec.threads or torch.get_num_threads(), spec.cpus, torch.__version__,
+        transformers.__version__,
+    ]  # fmt: skip
+    keys = {}
+    for task in protocol.tasks:
+        part = [*settings, task, items_digest(build_items(task, spec.docs, protocol)[0])]
+        keys[task] = hashlib.sha256(json.dumps(part, sort_keys=True, default=str).encode()).hexdigest()
+    return keys

@@ -76,6 +76,9 @@ class BenchSpec:
     protocol: dict = field(default_factory=dict)
     tasks: dict = field(default_factory=dict)
     """TaskProtocol as a dict, its tasks named (no task: none scored)."""
+    reference_scores: dict = field(default_factory=dict)
+    """{task: the reference's item scores} from an earlier run (api.reference_score_keys); the child
+    adds the tasks it scores the reference on and sends the dict back for the store."""
     warmup: int = 1
     repetitions: int = 5
 
@@ -253,7 +256,8 @@ def _quality(lm, ref, spec: BenchSpec, emit: Emit) -> list[Measurement]:
     tasks = TaskProtocol(**{**spec.tasks, "tasks": tuple(spec.tasks.get("tasks") or ())})
     if tasks.tasks:
         out += measure_tasks(lm.model, lm.tokenizer, spec.docs, tasks, data_desc=desc,
-                             context=context_length(lm.model.config), reference=reference, progress=emit)  # fmt: skip
+                             context=context_length(lm.model.config), reference=reference,
+                             reference_scores=spec.reference_scores, progress=emit)  # fmt: skip
     return out
 
 

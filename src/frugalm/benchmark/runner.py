@@ -239,6 +239,7 @@ def child_main(spec_path: str, fd: int) -> None:
                     "measurements": [m.to_dict() for m in measurements],
                     "environment": environment(spec.device),
                     "baseline_rss_bytes": baseline,
+                    "reference_scores": spec.reference_scores,
                 }
             }
         )

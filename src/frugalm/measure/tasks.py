@@ -301,11 +301,15 @@ def items_digest(items: list[Item]) -> str:
 
 def measure_tasks(
     model, tokenizer, docs: list[str], protocol: TaskProtocol, *, data_desc: dict, context=None, reference=None,
-    progress=None,
+    reference_scores: dict[str, list[float]] | None = None, progress=None,
 ) -> list[Measurement]:  # fmt: skip
     """acc_<task> per task, each item's score as the figure's samples; with a reference, the paired
     difference model - reference and its bootstrap intervals (paired and unpaired) in protocol["paired"].
-    A cascade variant (runtime/cascade) answers its own task through the cascade, with its cost figures."""
+    A cascade variant (runtime/cascade) answers its own task through the cascade, with its cost figures.
+
+    `reference_scores` {task: item scores} are the reference's scores of these items as an earlier
+    run measured them (same model files, items and settings: the caller's key says so); a task
+    missing from it is scored on `reference` and added to it."""
     protocol.check()
     setting = inference_settings(model).get(cascade.SETTING)
     out = []
@@ -327,12 +331,19 @@ def measure_tasks(
             if setting:
                 proto["scoring"] += f"; the large model alone (the cascade routes {setting['task']} items)"
         if reference is not None:
-            ref = score_items(reference, tokenizer, items, task, protocol, max_len=context, progress=progress)
-            paired = bootstrap_delta(correct, ref.correct, seed=protocol.seed)
+            known = reference_scores is not None and len(reference_scores.get(task) or ()) == len(items)
+            if known:
+                ref_correct = reference_scores[task]
+            else:
+                ref_correct = score_items(reference, tokenizer, items, task, protocol, max_len=context, progress=progress).correct  # fmt: skip
+                if reference_scores is not None:
+                    reference_scores[task] = ref_correct
+            paired = bootstrap_delta(correct, ref_correct, seed=protocol.seed)
             proto["paired"] = {
                 **paired,
-                "reference_value": sum(ref.correct) / len(ref.correct),
+                "reference_value": sum(ref_correct) / len(ref_correct),
                 "of": "model - reference",
+                "reference_scored": "in an earlier run (same files, items, settings)" if known else "in this run",
             }
         out.append(Measurement(f"acc_{task}", sum(correct) / len(items), method="measured", n=len(items),
                                protocol=proto, samples=correct))  # fmt: skip
