@@ -8,6 +8,9 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never touch the network
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+# The suite runs on two pytest-xdist workers (README): the children they start (bench, optimize,
+# the CLI) run torch on one thread each too, so that the workers do not fight over the cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

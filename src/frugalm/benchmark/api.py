@@ -274,7 +274,7 @@ def _measure_and_store(
 def reference_score_keys(spec: BenchSpec) -> dict[str, str]:
     """{task: the key its reference item scores are stored under}: a hash of everything those
     scores depend on (the reference's files, the items, the task protocol, the measured model's
-    context, device, dtype, attention kernel, threads, library versions), so that a child scores
+    context, device, dtype, attention kernel, threads asked for, library versions), so that a child scores
     the reference on a task only the first time (optimize's variants all share one reference)."""
     if not spec.reference_path or not spec.tasks.get("tasks"):
         return {}
@@ -282,7 +282,7 @@ def reference_score_keys(spec: BenchSpec) -> dict[str, str]:
     context = context_length(read_config(ModelSource(spec.model_ref, Path(spec.model_path))))
     settings = [
         folder_identity(Path(spec.reference_path)), asdict(protocol), context, spec.device, spec.dtype,
-        spec.attn_implementation, spec.threads or torch.get_num_threads(), spec.cpus, torch.__version__,
+        spec.attn_implementation, spec.threads, spec.cpus, torch.__version__,
         transformers.__version__,
     ]  # fmt: skip
     keys = {}
