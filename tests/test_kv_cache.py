@@ -19,6 +19,9 @@ from frugalm.runtime.kv_cache import (
     cache_factory,
     make_cache,
 )
+from frugalm.runtime.kv_cache import (
+    _dequantized_cat as _DEQUANTIZED_CAT,
+)
 from frugalm.runtime.modules import inference_settings
 from frugalm.techniques.base import Context
 from frugalm.techniques.kv_cache_quant import TECHNIQUE, KVCacheQuantConfig
@@ -117,7 +120,11 @@ def test_cache_bytes_are_the_packed_storage(tiny, bits, limit):
         layer.keys.shape[-2] == window for layer in quant.layers
     )
     packed = vectors * (tokens - window) * _per_token_bytes(bits, 16)
-    assert cache_bytes(quant) == packed + vectors * window * HEAD_DIM * 4
+    # the attention workspace (one layer's keys and values in float32, grown by 1.5x), counted once
+    workspace = quant.layers[0].workspace.buffer.nbytes
+    one_layer = batch * KV_HEADS * 2 * (tokens - 1) * HEAD_DIM * 4  # as the last step read them
+    assert one_layer <= workspace <= 1.5 * one_layer and quant.layers[1].workspace is quant.layers[0].workspace
+    assert cache_bytes(quant) == packed + vectors * window * HEAD_DIM * 4 + workspace
     assert packed <= limit * vectors * (tokens - window) * HEAD_DIM * 4  # against float32, beyond the window
     assert all(isinstance(layer, PackedKVLayer) for layer in quant.layers)
 
@@ -169,15 +176,63 @@ def test_apply_save_load_round_trips_the_setting(tiny_llama, tmp_path, text_file
     )
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_one_token_steps_attend_over_the_packed_codes(tiny_llama, bits, monkeypatch):
+    # the packed-codes attention equals attention over the dequantized past, padding masks included;
+    # longer steps (a speculative verify, a prompt chunk) still read the dequantized past
+    import frugalm.runtime.kv_cache as kv
+
+    model = load_model(tiny_llama, fast_kernels=False).model
+    ids = torch.randint(4, 300, (2, 70), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(2, 70, dtype=torch.long)
+    mask[1, :6] = 0  # left padding
+    dequantized = []
+    monkeypatch.setattr(kv, "_dequantized_cat", lambda *a: dequantized.append(1) or _DEQUANTIZED_CAT(*a))
+
+    @torch.inference_mode()
+    def steps(cache):
+        model(ids[:, :50], attention_mask=mask[:, :50], past_key_values=cache, use_cache=True)
+        logits = [model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache).logits
+                  for t in range(50, 67)]  # fmt: skip
+        one_token_steps_dequantized = bool(dequantized)
+        dequantized.clear()
+        logits.append(model(ids[:, 67:], attention_mask=mask, past_key_values=cache).logits)  # three tokens
+        return torch.cat(logits, 1), one_token_steps_dequantized
+
+    packed = make_cache(model, _kv(bits, 16, 8), 0)
+    assert model.config._attn_implementation == kv.ATTENTION and packed.layers[0].attend is not None
+    fused, read_dequantized = steps(packed)
+    assert not read_dequantized and dequantized, "one-token steps read the codes, the three-token step does not"
+    plain = make_cache(model, _kv(bits, 16, 8), 0)
+    for layer in plain.layers:
+        layer.attend = None  # the dequantizing path at every step
+    reference, read_dequantized = steps(plain)
+    assert read_dequantized and torch.allclose(fused, reference, atol=1e-5, rtol=1e-4)
+
+
+def test_packed_attention_needs_one_group_per_head_vector_and_sdpa(tiny_llama):
+    import frugalm.runtime.kv_cache as kv
+
+    model = load_model(tiny_llama, fast_kernels=False).model
+    assert make_cache(model, _kv(8, 4, 8), 0).layers[0].attend is None  # 4 groups per head vector
+    assert model.config._attn_implementation == "sdpa"  # left as it was
+    model = load_model(tiny_llama, fast_kernels=False, attn_implementation="eager").model
+    assert make_cache(model, _kv(8, 16, 8), 0).layers[0].attend is None
+    assert model.config._attn_implementation == "eager" and "at every step" in kv.kernel(model, _kv()["kv_cache"])
+
+
 def test_timed_workload_runs_with_the_cache_and_counts_its_bytes(tiny):
     model, w = tiny.model, Workload("t", 48, 8, 2, "")
     plain = time_workload(model, w, CPU, warmup=0, repetitions=1)
+    made = []
     quant = time_workload(
-        model, w, CPU, warmup=0, repetitions=1, cache_factory=lambda n: make_cache(model, _kv(8, 16, 0), n)
-    )
+        model, w, CPU, warmup=0, repetitions=1,
+        cache_factory=lambda n: made.append(make_cache(model, _kv(8, 16, 0), n)) or made[-1],
+    )  # fmt: skip
     assert len(quant.decode_step_s[0]) == 7
     assert plain.cache_bytes == [(48 + 7) * 2 * KV_HEADS * LAYERS * 2 * HEAD_DIM * 4]
-    assert quant.cache_bytes[0] < 0.5 * plain.cache_bytes[0]  # 48 of 55 tokens packed (7 in the window)
+    workspace = made[-1].layers[0].workspace.buffer.nbytes  # counted too: one layer's float keys and values
+    assert quant.cache_bytes[0] - workspace < 0.5 * plain.cache_bytes[0]  # 48 of 55 tokens packed (7 in the window)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "opt", "qwen2"])

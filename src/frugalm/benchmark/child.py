@@ -41,6 +41,7 @@ from frugalm.measure.workloads import Workload
 from frugalm.models import context_length, load_model
 from frugalm.runtime import cascade, compiled, decoding, families, offload, prompt_pruning
 from frugalm.runtime.kv_cache import cache_factory
+from frugalm.runtime.kv_cache import kernel as kv_kernel
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings, kernel_summary
 from frugalm.runtime.quant_linear import format_summary
 
@@ -286,7 +287,7 @@ def _workload(
         "attn_implementation": families.attention_kernel(model),
         "kv_cache": {
             "quantized": kv,
-            "kernel": "dequantize (the float past is written in place beside the window for attention, per layer and step)",
+            "kernel": kv_kernel(model, kv),
         }
         if kv
         else "DynamicCache (model dtype)",

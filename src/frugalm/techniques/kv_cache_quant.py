@@ -2,10 +2,12 @@
 
 In the spirit of KIVI (Liu et al. 2024, arXiv:2402.02750): the newest `residual_length` tokens
 of each layer (and up to 15 more between flushes) stay in full precision; older ones are stored
-quantized and dequantized on the fly when attention reads them. It helps where the cache, not
+quantized, and attention reads them packed or dequantized on the fly. It helps where the cache, not
 the weights, fills memory: long contexts and large batches. Bytes per cached head vector against
 float32 (one group per head): int8 0.34x at head_dim 8, 0.30x at 16, 0.26x at 64; int4 0.22x,
-0.19x, 0.14x. Needs no calibration data.
+0.19x, 0.14x; decode steps over the codes add a float workspace of one layer's keys and values,
+shared by the layers and counted with the cache (1/n_layers of the float cache, up to 1.5x that
+as it grows). Needs no calibration data.
 
 Layout (`PackedKVLayer`): keys and values alike are quantized per token, in groups of
 `group_size` consecutive channels of one head vector (a group never spans heads; a group_size
@@ -20,10 +22,12 @@ and is not done here.
 `frugalm.models.inference_settings`), which `save_variant` writes into frugalm.json as
 `"inference": {"kv_cache": {...}}` and `load_model` restores. Whoever runs the model asks
 `cache_factory(model)` for a fresh cache per sequence batch (the benchmark's timed generation and
-its perplexity passes do). Attention reads the past dequantized at every step, written in place
-beside the full-precision window (runtime/kv_cache._dequantized_cat; no temporaries, no
-concatenation); that float copy lives for one layer's attention only. The cache crops (assisted decoding,
-the benchmark's step-and-restore) without re-quantizing anything.
+its perplexity passes do). A decode step attends over the packed codes directly (cast once into a
+workspace the layers share, scales applied to the scores and probabilities:
+runtime/kv_cache.packed_attention) when the group spans the head vector and the model runs sdpa;
+otherwise, and for multi-token steps, attention reads the past dequantized in place beside the
+full-precision window (runtime/kv_cache._dequantized_cat). The cache crops (assisted decoding, the
+benchmark's step-and-restore) without re-quantizing anything.
 """
 
 from __future__ import annotations
@@ -44,7 +48,7 @@ class KVCacheQuantConfig:
     bits: Literal[4, 8] = 8
     """Bits per cached key/value: 8 (near lossless) or 4 (packed two per byte)."""
     group_size: int = 64
-    """Channels of one head vector sharing a scale and zero point; must divide head_dim, or be >= head_dim (one group per head vector)."""
+    """Channels of one head vector sharing a scale and zero point; must divide head_dim, or be >= head_dim (one group per head vector, which also lets decode steps attend over the codes directly)."""
     residual_length: int = 128
     """Newest tokens per layer always kept in full precision (older ones leave in blocks of 16, see FLUSH_TOKENS)."""
 
