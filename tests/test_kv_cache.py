@@ -101,11 +101,12 @@ def test_crop_forgets_the_newest_tokens_without_requantizing(tiny, residual, kee
 
 
 def _per_token_bytes(bits: int, group: int) -> int:
-    # one head vector: packed codes + float16 scale and uint8 zero per group
-    return HEAD_DIM * bits // 8 + (HEAD_DIM // group) * 3
+    # one head vector: packed codes + float16 scale and uint8 zero per group, and where attention reads
+    # the codes (one group per head vector) the float32 scale and scale * zero it applies
+    return HEAD_DIM * bits // 8 + (HEAD_DIM // group) * 3 + (8 if group >= HEAD_DIM else 0)
 
 
-@pytest.mark.parametrize("bits, limit", [(8, 0.3), (4, 0.2)])
+@pytest.mark.parametrize("bits, limit", [(8, 0.43), (4, 0.3)])  # head_dim 16: scales weigh heavily
 def test_cache_bytes_are_the_packed_storage(tiny, bits, limit):
     model, batch, prompt, new, residual = tiny.model, 2, 80, 20, 16
     ids = torch.randint(4, 300, (batch, prompt))

@@ -74,26 +74,33 @@ def _dequantized_cat(codes, scales, zeros, window: torch.Tensor, bits: int) -> t
 @dataclass
 class PackedStates:
     """Quantized keys and values of one layer, stacked: codes (2, B, H, S, D*bits/8) uint8, scales
-    float16 and zeros uint8 (2, B, H, S, D/group). Tokens run along dim -2, the batch along dim 1."""
+    float16 and zeros uint8 (2, B, H, S, D/group). Tokens run along dim -2, the batch along dim 1.
+    `factors` (2, B, H, S, 2), in the model's dtype, only where attention reads the codes (one group
+    per head vector): each token's scale and scale * zero, derived once as it is packed rather than
+    at every step."""
 
     codes: torch.Tensor
     scales: torch.Tensor
     zeros: torch.Tensor
+    factors: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes
+        return sum(t.nbytes for t in self._fields() if t is not None)
+
+    def _fields(self) -> tuple:
+        return self.codes, self.scales, self.zeros, self.factors
 
     @property
     def tokens(self) -> int:
         return self.codes.shape[-2]
 
     def _map(self, fn) -> PackedStates:
-        return PackedStates(fn(self.codes), fn(self.scales), fn(self.zeros))
+        return PackedStates(*(None if t is None else fn(t) for t in self._fields()))
 
     def cat(self, other: PackedStates) -> PackedStates:
-        return PackedStates(*(torch.cat([a, b], dim=-2) for a, b in zip(
-            (self.codes, self.scales, self.zeros), (other.codes, other.scales, other.zeros), strict=True)))  # fmt: skip
+        return PackedStates(*(None if a is None else torch.cat([a, b], dim=-2)
+                              for a, b in zip(self._fields(), other._fields(), strict=True)))  # fmt: skip
 
     def head(self, tokens: int) -> PackedStates:
         """The first `tokens` tokens (views)."""
@@ -132,7 +139,11 @@ class PackedKVLayer(QuantizedLayer):
         assert axis == -1
         *lead, d = tensor.shape  # (..., tokens, head_dim)
         q, scale, zero = quantize_groups(tensor.reshape(-1, d), self.nbits, min(self.q_group_size, d), symmetric=False)
-        return PackedStates(pack(q, self.nbits).view(*lead, -1), scale.view(*lead, -1), zero.view(*lead, -1))
+        scale, zero = scale.view(*lead, -1), zero.view(*lead, -1)
+        factors = None
+        if self.attend is not None:  # what packed_attention applies: s and s z, as stored
+            factors = torch.cat([scale.to(tensor.dtype), scale.to(tensor.dtype) * zero], dim=-1)
+        return PackedStates(pack(q, self.nbits).view(*lead, -1), scale, zero, factors)
 
     def _dequantize(self, q: PackedStates) -> torch.Tensor:
         """The parent class's interface; `update` writes the past beside the window itself."""
@@ -166,7 +177,10 @@ class PackedKVLayer(QuantizedLayer):
     def _hand_over(self, key_states: torch.Tensor) -> bool:
         """Whether this step's attention reads the packed past itself: a one-token step of a model
         whose attention is (still) ATTENTION."""
-        return self.attend is not None and key_states.shape[-2] == 1 and self.attend._attn_implementation == ATTENTION
+        return (
+            self.attend is not None and key_states.shape[-2] == 1 and self.packed.factors is not None
+            and self.attend._attn_implementation == ATTENTION
+        )  # fmt: skip
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the newest `-tokens_to_remove` tokens (transformers' convention: a negative count), from
@@ -197,8 +211,9 @@ class PackedKVLayer(QuantizedLayer):
             self.packed = self.packed.select(idx)
 
     def cache_bytes(self) -> int:
-        """Bytes held, as stored: packed codes + float16 scales + uint8 zeros + the full-precision residual
-        window, and the attention workspace where this layer allocated it."""
+        """Bytes held, as stored: packed codes + float16 scales + uint8 zeros (+ the derived factors where
+        attention reads the codes) + the full-precision residual window, and the attention workspace
+        where this layer allocated it."""
         if not self.is_initialized:
             return 0
         packed = self.packed.nbytes if self.packed is not None else 0
@@ -225,13 +240,16 @@ class Workspace:
     include it once."""
 
     def __init__(self):
-        self.buffer, self.owner = None, None
+        self.buffer, self.owner, self.view = None, None, None
 
     def take(self, shape: tuple[int, ...], like: torch.Tensor, layer) -> torch.Tensor:
+        if self.view is not None and self.view.shape == shape and self.view.dtype == like.dtype:
+            return self.view  # the layers after the first in a step
         n = math.prod(shape)
         if self.buffer is None or self.buffer.numel() < n or self.buffer.dtype != like.dtype:
             self.buffer, self.owner = like.new_empty(max(n, int(1.5 * n) if self.buffer is not None else n)), layer
-        return self.buffer[:n].view(shape)
+        self.view = self.buffer[:n].view(shape)
+        return self.view
 
     def nbytes(self, layer) -> int:
         return self.buffer.nbytes if self.owner is layer else 0
@@ -263,8 +281,8 @@ def _packed_step_attention(step: _Step, query: torch.Tensor, mask: torch.Tensor 
     _codes_into(buf[..., :s, :], past.codes, layer.nbits)
     buf[0, ..., s:, :].copy_(step.keys)
     buf[1, ..., s:, :].copy_(step.values)
-    scale = past.scales.to(query.dtype).transpose(-1, -2)  # (2, B, H, 1, S)
-    shift = scale * past.zeros.transpose(-1, -2)  # s z
+    factors = past.factors.transpose(-1, -2)  # (2, B, H, 2, S)
+    scale, shift = factors[..., :1, :], factors[..., 1:, :]  # s and s z, (2, B, H, 1, S)
     q = query.view(b, h, rep, d) * scaling
     scores = q @ buf[0].transpose(-1, -2)  # (B, H, rep, S + R)
     scores[..., :s].mul_(scale[0]).addcmul_(q.sum(-1, keepdim=True), shift[0], value=-1)
