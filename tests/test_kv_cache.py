@@ -101,12 +101,11 @@ def test_crop_forgets_the_newest_tokens_without_requantizing(tiny, residual, kee
 
 
 def _per_token_bytes(bits: int, group: int) -> int:
-    # one head vector: packed codes + float16 scale and uint8 zero per group, and where attention reads
-    # the codes (one group per head vector) the float32 scale and scale * zero it applies
-    return HEAD_DIM * bits // 8 + (HEAD_DIM // group) * 3 + (8 if group >= HEAD_DIM else 0)
+    # one head vector: packed codes + float16 scale and uint8 zero per group
+    return HEAD_DIM * bits // 8 + (HEAD_DIM // group) * 3  # no factors below FACTORS_MIN_HEAD_DIM
 
 
-@pytest.mark.parametrize("bits, limit", [(8, 0.43), (4, 0.3)])  # head_dim 16: scales weigh heavily
+@pytest.mark.parametrize("bits, limit", [(8, 0.3), (4, 0.2)])
 def test_cache_bytes_are_the_packed_storage(tiny, bits, limit):
     model, batch, prompt, new, residual = tiny.model, 2, 80, 20, 16
     ids = torch.randint(4, 300, (batch, prompt))
@@ -177,11 +176,14 @@ def test_apply_save_load_round_trips_the_setting(tiny_llama, tmp_path, text_file
     )
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_one_token_steps_attend_over_the_packed_codes(tiny_llama, bits, monkeypatch):
+@pytest.mark.parametrize("bits, factors", [(8, False), (4, False), (8, True)])
+def test_one_token_steps_attend_over_the_packed_codes(tiny_llama, bits, factors, monkeypatch):
     # the packed-codes attention equals attention over the dequantized past, padding masks included;
     # longer steps (a speculative verify, a prompt chunk) still read the dequantized past
     import frugalm.runtime.kv_cache as kv
+
+    if factors:  # the stored scale and scale * zero of longer head vectors (head_dim 16 here)
+        monkeypatch.setattr(kv, "FACTORS_MIN_HEAD_DIM", HEAD_DIM)
 
     model = load_model(tiny_llama, fast_kernels=False).model
     ids = torch.randint(4, 300, (2, 70), generator=torch.Generator().manual_seed(3))
@@ -203,6 +205,7 @@ def test_one_token_steps_attend_over_the_packed_codes(tiny_llama, bits, monkeypa
     packed = make_cache(model, _kv(bits, 16, 8), 0)
     assert model.config._attn_implementation == kv.ATTENTION and packed.layers[0].attend is not None
     fused, read_dequantized = steps(packed)
+    assert (packed.layers[0].packed.factors is not None) == factors
     assert not read_dequantized and dequantized, "one-token steps read the codes, the three-token step does not"
     plain = make_cache(model, _kv(bits, 16, 8), 0)
     for layer in plain.layers:

@@ -35,6 +35,11 @@ from frugalm.runtime.quant_linear import (
 
 # --- the cache ----------------------------------------------------------------------------------
 
+FACTORS_MIN_HEAD_DIM = 32
+"""Head vectors at least this long keep each packed token's float scale and scale * zero (8 bytes,
+at most a quarter of its int8 codes) for attention over the codes; shorter ones derive them at
+every step (two more small ops per layer) rather than nearly double their bytes."""
+
 FLUSH_TOKENS = 16
 """Tokens leave the full-precision window in blocks of at least this many: quantizing and appending
 costs ~25 small ops per layer whatever the count, so one token per step would slow decoding by
@@ -76,8 +81,8 @@ class PackedStates:
     """Quantized keys and values of one layer, stacked: codes (2, B, H, S, D*bits/8) uint8, scales
     float16 and zeros uint8 (2, B, H, S, D/group). Tokens run along dim -2, the batch along dim 1.
     `factors` (2, B, H, S, 2), in the model's dtype, only where attention reads the codes (one group
-    per head vector): each token's scale and scale * zero, derived once as it is packed rather than
-    at every step."""
+    per head vector of FACTORS_MIN_HEAD_DIM or more channels): each token's scale and scale * zero,
+    derived once as it is packed rather than at every step."""
 
     codes: torch.Tensor
     scales: torch.Tensor
@@ -141,7 +146,7 @@ class PackedKVLayer(QuantizedLayer):
         q, scale, zero = quantize_groups(tensor.reshape(-1, d), self.nbits, min(self.q_group_size, d), symmetric=False)
         scale, zero = scale.view(*lead, -1), zero.view(*lead, -1)
         factors = None
-        if self.attend is not None:  # what packed_attention applies: s and s z, as stored
+        if self.attend is not None and d >= FACTORS_MIN_HEAD_DIM:  # what packed_attention applies: s and s z
             factors = torch.cat([scale.to(tensor.dtype), scale.to(tensor.dtype) * zero], dim=-1)
         return PackedStates(pack(q, self.nbits).view(*lead, -1), scale, zero, factors)
 
@@ -177,10 +182,7 @@ class PackedKVLayer(QuantizedLayer):
     def _hand_over(self, key_states: torch.Tensor) -> bool:
         """Whether this step's attention reads the packed past itself: a one-token step of a model
         whose attention is (still) ATTENTION."""
-        return (
-            self.attend is not None and key_states.shape[-2] == 1 and self.packed.factors is not None
-            and self.attend._attn_implementation == ATTENTION
-        )  # fmt: skip
+        return self.attend is not None and key_states.shape[-2] == 1 and self.attend._attn_implementation == ATTENTION
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the newest `-tokens_to_remove` tokens (transformers' convention: a negative count), from
@@ -281,8 +283,12 @@ def _packed_step_attention(step: _Step, query: torch.Tensor, mask: torch.Tensor 
     _codes_into(buf[..., :s, :], past.codes, layer.nbits)
     buf[0, ..., s:, :].copy_(step.keys)
     buf[1, ..., s:, :].copy_(step.values)
-    factors = past.factors.transpose(-1, -2)  # (2, B, H, 2, S)
-    scale, shift = factors[..., :1, :], factors[..., 1:, :]  # s and s z, (2, B, H, 1, S)
+    if past.factors is not None:
+        factors = past.factors.transpose(-1, -2)  # (2, B, H, 2, S)
+        scale, shift = factors[..., :1, :], factors[..., 1:, :]  # s and s z, (2, B, H, 1, S)
+    else:
+        scale = past.scales.to(query.dtype).transpose(-1, -2)
+        shift = scale * past.zeros.transpose(-1, -2)
     q = query.view(b, h, rep, d) * scaling
     scores = q @ buf[0].transpose(-1, -2)  # (B, H, rep, S + R)
     scores[..., :s].mul_(scale[0]).addcmul_(q.sum(-1, keepdim=True), shift[0], value=-1)

@@ -4,10 +4,11 @@ In the spirit of KIVI (Liu et al. 2024, arXiv:2402.02750): the newest `residual_
 of each layer (and up to 15 more between flushes) stay in full precision; older ones are stored
 quantized, and attention reads them packed or dequantized on the fly. It helps where the cache, not
 the weights, fills memory: long contexts and large batches. Bytes per cached head vector against
-float32 (one group per head): int8 0.34x at head_dim 8, 0.30x at 16, 0.26x at 64; int4 0.22x,
-0.19x, 0.14x; decode steps over the codes add a float workspace of one layer's keys and values,
-shared by the layers and counted with the cache (1/n_layers of the float cache, up to 1.5x that
-as it grows). Needs no calibration data.
+float32 (one group per head): int8 0.34x at head_dim 8, 0.30x at 16, 0.26x at 64 (0.29x with the
+8 bytes of float factors head vectors of 32 or more keep for attention over the codes); int4
+0.22x, 0.19x, 0.14x (0.17x). Decode steps over the codes add a float workspace of one layer's
+keys and values, shared by the layers and counted with the cache (1/n_layers of the float
+cache, up to 1.5x that as it grows). Needs no calibration data.
 
 Layout (`PackedKVLayer`): keys and values alike are quantized per token, in groups of
 `group_size` consecutive channels of one head vector (a group never spans heads; a group_size
