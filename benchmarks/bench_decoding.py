@@ -1,7 +1,7 @@
 """Decoding strategies side by side with plain greedy decoding, and the drafts they need.
 
     .venv/bin/python benchmarks/bench_decoding.py [--steps 400] [--budget 20] [--out FILE]
-        [--parts strategies drafts confidence]
+        [--parts strategies drafts confidence] [--models stories260K built-in]
 
 Everything in one process, one torch thread, batch 1, float32. Models: stories260K (its own
 TinyStories text) and the built-in model (Python code). Prompts: the first 128 tokens of 8
@@ -17,7 +17,9 @@ For each strategy it prints:
 Drafts: `speculative`'s distilled draft (a layer-dropped copy keeping half the blocks, trained
 `--steps` steps, batch 16 x 256 tokens, on the documents after the held-out ones, soft targets
 alpha 0.9, T 2) against the same student trained with the next-token loss only (alpha 0): their
-held-out perplexity (the 8 prompts' documents, 4,096 tokens, windows of 256) and acceptance.
+held-out perplexity (the 8 prompts' documents, 4,096 tokens, windows of 256) and acceptance; then
+the distilled draft with each round's steps compiled into one graph (CompiledDraftProposer, k 2-4;
+its compilation, tens of seconds per k, happens in the identity check, before any timing).
 
 Confidence exit (lossy, `early_exit` mode confidence): every token may exit from block
 `--exit-from` on (default half the depth) once its top probability reaches 0.5, 0.7 or 0.9; printed: blocks run per token, agreement of
@@ -196,6 +198,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="distillation steps of each draft")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of paired timing per figure")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    parser.add_argument("--models", nargs="+", default=["stories260K", "built-in"], choices=["stories260K", "built-in"])
     parser.add_argument("--parts", nargs="+", default=["strategies", "drafts", "confidence"],
                         choices=["strategies", "drafts", "confidence"], help="what to measure")  # fmt: skip
     parser.add_argument(
@@ -206,11 +209,13 @@ def main() -> None:
     import torch
 
     from frugalm.assets import DEFAULT_EVAL_PATH
-    from frugalm.runtime.decoding import DraftProposer, PromptLookupProposer, layer_view
+    from frugalm.runtime.decoding import CompiledDraftProposer, DraftProposer, PromptLookupProposer, layer_view
 
     torch.set_num_threads(1)
     results = {}
     for name, ref, data in [("stories260K", STORIES, TINYSTORIES), ("built-in", None, DEFAULT_EVAL_PATH)]:
+        if name not in args.models:
+            continue
         print(f"{name}:", flush=True)
         lm, prompts, held, train = _setup(ref, data)
         model = lm.model
@@ -241,6 +246,9 @@ def main() -> None:
                 label = "distilled draft" if alpha else "draft trained without teacher"
                 for k in (1, 2, 3):
                     rows.append(_strategy_row(label, model, DraftProposer(draft), k, prompts, args.budget))
+            for k in (2, 3, 4):  # each round's draft steps in one compiled graph (compiles once per k)
+                proposer = CompiledDraftProposer(models[0.9], k)
+                rows.append(_strategy_row("distilled draft, compiled rounds", model, proposer, k, prompts, args.budget))
         confidence = None
         if "confidence" in args.parts:
             first = args.exit_from or max(1, model.config.num_hidden_layers // 2)

@@ -80,6 +80,55 @@ def test_strategies_run_on_the_packed_kv_cache(bits, tiny_models):
             assert generate(model, ids, 40, cache=make(80), proposer=proposer, k=3) == plain
 
 
+def _talking(folder, out, noise=0.0):
+    model = _model(folder)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".layers." in name and p.dim() == 2:
+                p.mul_(8).add_(noise * p.std() * torch.randn(p.shape, generator=g))
+    model.save_pretrained(out)
+    shutil.copytree(folder, out, dirs_exist_ok=True, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    return out
+
+
+def test_compiled_draft_rounds_guess_what_the_eager_draft_guesses(tiny_models, tmp_path):
+    """`compiled: true` travels with the artifact; each round is one compiled graph making the same
+    guesses, kept and counted, as the draft stepped eagerly, and compiles once per cache length."""
+    # A random tiny model with tied embeddings repeats its last token; blocks scaled up make it talk,
+    # and a draft that is the target plus noise agrees with it often, not always.
+    lm = load_model(_talking(tiny_models["llama"], tmp_path / "target"), fast_kernels=False)
+    draft_folder = _talking(tiny_models["llama"], tmp_path / "draft-src", noise=0.3)
+    model = _apply(
+        "speculative", lm.model, Context(tokenizer=lm.tokenizer), draft=str(draft_folder), k=3, compiled=True
+    )
+    again = load_model(save_variant(model, lm.tokenizer, tmp_path / "v", {}))
+    setting = again.inference["decoding"]
+    assert setting == {"method": "speculative", "k": 3, "threshold": 0.0, "compile": True}
+    rounds, draft = decoding.proposer_for(again.model, setting), decoding.draft_of(again.model)
+    assert isinstance(rounds, decoding.CompiledDraftProposer)
+    counts = []
+    for seed, (n, threshold) in enumerate([(24, 0.0), (40, 0.0), (31, 0.3)]):
+        ids = _prompt(n, seed)
+        rounds.threshold = threshold
+        want, got = DecodeStats(), DecodeStats()
+        expected = generate(again.model, ids, 30, proposer=DraftProposer(draft, threshold), k=3, stats=want)
+        assert (
+            generate(again.model, ids, 30, proposer=rounds, k=3, stats=got)
+            == expected
+            == generate(again.model, ids, 30)
+        )
+        assert (got.rounds, got.drafted, got.accepted) == (want.rounds, want.drafted, want.accepted), seed
+        counts.append((got.accepted, got.drafted))
+    assert any(a < d for a, d in counts) and sum(a for a, _ in counts) > 0  # rounds cut short and rounds kept
+    log = decoding.compiled.compile_log(again.model)
+    assert [(r["what"], r["k"], r["cache_tokens"]) for r in log] == [("draft round", 3, 128)]  # one graph, reused
+    assert draft.config._attn_implementation == again.model.config._attn_implementation  # restored after each round
+    draft._can_compile_fullgraph = False
+    with pytest.raises(TechniqueError, match="static KV cache in one compiled graph"):
+        decoding.CompiledDraftProposer(draft, 3)
+
+
 def test_layer_view_shares_weights_and_leaves_the_model_whole(tiny_models):
     model = _model(tiny_models["llama"])
     view = layer_view(model, "model.layers", 1)

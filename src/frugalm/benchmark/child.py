@@ -166,9 +166,11 @@ def _compile_time(model) -> Measurement:
         method="measured",
         n=len(log),
         protocol={
-            "what": "wall time of the first compiled decode call per (batch, cache length) shape: compilation plus one step",
+            "what": "wall time of the first call of each compiled graph and shape: compilation plus one decode step "
+            "(compile_decode: per batch and cache length) or one round of draft guesses (speculative's compiled draft: "
+            "per k and cache length)",
             "shapes": log,
-            "mode": inference_settings(model)[compiled.SETTING]["mode"],
+            "mode": inference_settings(model).get(compiled.SETTING, {}).get("mode", "default"),
             "paid": "once per serving process and shape (inductor's on-disk cache shortens later compilations)",
         },
     )

@@ -47,12 +47,27 @@ class StaticDecodeCache(StaticCache):
                 if layer.is_initialized:
                     layer.cumulative_length.sub_(min(-tokens_to_remove, int(layer.cumulative_length)))
 
+    def rewind(self, tokens: int) -> None:
+        """Keep the first `tokens` tokens (the next write goes to position `tokens`); later slots are overwritten later."""
+        with torch.inference_mode():
+            for layer in self.layers:
+                layer.cumulative_length.fill_(tokens)
+
 
 def check_fits(model: nn.Module, where: str) -> None:
     if not getattr(model, "_can_compile_fullgraph", False):
         raise TechniqueError(
             f"{where}: {type(model).__name__} does not support a static KV cache in one compiled graph (transformers' _can_compile_fullgraph); run it without compiled decode"
         )
+    if next(model.parameters()).device.type == "cpu":
+        from torch._inductor import cpp_builder  # inductor's own compiler lookup (CXX, then g++/clang++)
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as e:  # its lookup raises its own error types, which vary between torch versions
+            raise TechniqueError(
+                f"{where}: torch.compile on CPU builds C++ and found no compiler ({type(e).__name__}); install g++ (apt install g++) or run without compiled decode"
+            ) from None
 
 
 def static_cache(model: nn.Module, max_tokens: int) -> StaticDecodeCache:
@@ -87,6 +102,13 @@ def install(model: nn.Module, settings: dict) -> nn.Module:
     model.forward = forward
     setattr(model, COMPILE_LOG_ATTR, log)
     return model
+
+
+def log_compile(model: nn.Module, record: dict) -> None:
+    """Add one compilation's record to `model`'s log (compile_log)."""
+    if COMPILE_LOG_ATTR not in model.__dict__:
+        setattr(model, COMPILE_LOG_ATTR, [])
+    getattr(model, COMPILE_LOG_ATTR).append(record)
 
 
 def compile_log(model: nn.Module) -> list[dict]:

@@ -37,6 +37,8 @@ class SpeculativeConfig(distill.DistillConfig):
     """Guesses per round (the most, when threshold > 0)."""
     threshold: float = 0.0
     """Adaptive rounds: the draft stops guessing once its top probability falls below this (0: always k guesses)."""
+    compiled: bool = False
+    """Run each round's draft steps as one compiled graph (runtime/decoding.CompiledDraftProposer): needs a C++ compiler on CPU; compiles once per process and cache length (tens of seconds, stored as compile_s)."""
     steps: int = 400
     alpha: float = 0.9
 
@@ -107,8 +109,12 @@ def apply(model: nn.Module, config: SpeculativeConfig, ctx: Context) -> nn.Modul
     draft.eval()
     for p in draft.parameters():
         p.requires_grad_(False)
+    if config.compiled:
+        compiled.check_fits(draft, f"{name} (compiled: true)")
     decoding.attach_draft(model, draft)
     setting = {"method": "speculative", "k": config.k, "threshold": config.threshold}
+    if config.compiled:
+        setting["compile"] = True
     set_decoding(model, setting)
     params = sum(p.numel() for p in draft.parameters())
     record_change(ctx, name, [], 0, model, inference={decoding.SETTING: setting}, draft_params=params,
