@@ -1,6 +1,6 @@
 """Decoding strategies side by side with plain greedy decoding, and the drafts they need.
 
-    .venv/bin/python benchmarks/bench_decoding.py [--steps 400] [--budget 20] [--out FILE]
+    .venv/bin/python benchmarks/bench_decoding.py [--steps 400] [--keep-layers 0.5] [--budget 20] [--out FILE]
         [--parts strategies drafts confidence] [--models stories260K built-in]
 
 Everything in one process, one torch thread, batch 1, float32. Models: stories260K (its own
@@ -14,11 +14,11 @@ For each strategy it prints:
 - speedup: whole generations (prefill included) decoded plainly over with the strategy, paired
   ABBA blocks cycling through the 8 prompts (measure/paired.py), with its 95% interval.
 
-Drafts: `speculative`'s distilled draft (a layer-dropped copy keeping half the blocks, trained
+Drafts: `speculative`'s distilled draft (a layer-dropped copy keeping `--keep-layers` of the blocks, trained
 `--steps` steps, batch 16 x 256 tokens, on the documents after the held-out ones, soft targets
 alpha 0.9, T 2) against the same student trained with the next-token loss only (alpha 0): their
 held-out perplexity (the 8 prompts' documents, 4,096 tokens, windows of 256) and acceptance; then
-the distilled draft with each round's steps compiled into one graph (CompiledDraftProposer, k 2-4;
+the distilled draft with each round's steps compiled into one graph (CompiledDraftProposer, k 3-5;
 its compilation, tens of seconds per k, happens in the identity check, before any timing).
 
 Confidence exit (lossy, `early_exit` mode confidence): every token may exit from block
@@ -121,7 +121,7 @@ def _f(x) -> str:
     return "-" if x is None else f"{x:.3f}"
 
 
-def _drafts(lm, held, train, steps: int) -> tuple[dict, object]:
+def _drafts(lm, held, train, steps: int, keep: float) -> tuple[dict, object]:
     import copy
 
     from frugalm.runtime.decoding import draft_of
@@ -134,7 +134,7 @@ def _drafts(lm, held, train, steps: int) -> tuple[dict, object]:
         )
         t0 = time.perf_counter()
         target = _apply("speculative", copy.deepcopy(lm.model), ctx, steps=steps, batch_size=16, seq_len=256,
-                        keep_layers=0.5, alpha=alpha, k=3)  # fmt: skip
+                        keep_layers=keep, alpha=alpha, k=3)  # fmt: skip
         draft = draft_of(target)
         drafts[alpha] = draft
         out[f"alpha={alpha}"] = {
@@ -197,6 +197,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=400, help="distillation steps of each draft")
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of paired timing per figure")
+    parser.add_argument(
+        "--keep-layers", type=float, default=0.5, help="drafts: fraction of the model's blocks they keep"
+    )
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     parser.add_argument("--models", nargs="+", default=["stories260K", "built-in"], choices=["stories260K", "built-in"])
     parser.add_argument("--parts", nargs="+", default=["strategies", "drafts", "confidence"],
@@ -241,12 +244,12 @@ def main() -> None:
                     )
                 )
         if "drafts" in args.parts:
-            drafts, models = _drafts(lm, held, train, args.steps)
+            drafts, models = _drafts(lm, held, train, args.steps, args.keep_layers)
             for alpha, draft in models.items():
                 label = "distilled draft" if alpha else "draft trained without teacher"
                 for k in (1, 2, 3):
                     rows.append(_strategy_row(label, model, DraftProposer(draft), k, prompts, args.budget))
-            for k in (2, 3, 4):  # each round's draft steps in one compiled graph (compiles once per k)
+            for k in (3, 4, 5):  # each round's draft steps in one compiled graph (compiles once per k)
                 proposer = CompiledDraftProposer(models[0.9], k)
                 rows.append(_strategy_row("distilled draft, compiled rounds", model, proposer, k, prompts, args.budget))
         confidence = None
