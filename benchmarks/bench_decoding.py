@@ -243,6 +243,10 @@ def main() -> None:
                         args.budget,
                     )
                 )
+            view = layer_view(model, "model.layers", n_layers // 2)
+            for k in (2, 3):  # the half-depth view's rounds compiled (compiles once per k)
+                label = f"early exit, first {n_layers // 2}, compiled rounds"
+                rows.append(_strategy_row(label, model, CompiledDraftProposer(view, k), k, prompts, args.budget))
         if "drafts" in args.parts:
             drafts, models = _drafts(lm, held, train, args.steps, args.keep_layers)
             for alpha, draft in models.items():

@@ -21,6 +21,7 @@ from frugalm.registry import get_technique
 from frugalm.runtime import decoding
 from frugalm.runtime.decoding import DecodeStats, DraftProposer, PromptLookupProposer, generate, layer_view
 from frugalm.runtime.kv_cache import cache_factory
+from frugalm.runtime.modules import inference_settings
 from frugalm.techniques._arch import decoder_blocks
 from frugalm.techniques.base import Context
 
@@ -129,6 +130,28 @@ def test_compiled_draft_rounds_guess_what_the_eager_draft_guesses(tiny_models, t
         decoding.CompiledDraftProposer(draft, 3)
 
 
+def test_compiled_early_exit_rounds_guess_what_the_eager_view_guesses(tiny_models, tmp_path):
+    """The early-exit view compiles like a draft: the same guesses, one graph reused, the model's own config restored."""
+    lm = load_model(_talking(tiny_models["llama"], tmp_path / "target"), fast_kernels=False)
+    model = _apply("early_exit", lm.model, Context(tokenizer=lm.tokenizer), layers=1, k=2, compiled=True)
+    setting = inference_settings(model)["decoding"]
+    rounds = decoding.proposer_for(model, setting)
+    assert (
+        isinstance(rounds, decoding.CompiledDraftProposer)
+        and decoding.proposer_for(model, setting).draft is rounds.draft
+    )
+    for seed in range(2):
+        ids = _prompt(24 + 9 * seed, seed)
+        want, got = DecodeStats(), DecodeStats()
+        expected = generate(
+            model, ids, 30, proposer=DraftProposer(layer_view(model, "model.layers", 1)), k=2, stats=want
+        )
+        assert generate(model, ids, 30, proposer=rounds, k=2, stats=got) == expected == generate(model, ids, 30)
+        assert (got.rounds, got.drafted, got.accepted) == (want.rounds, want.drafted, want.accepted), seed
+    assert [r["what"] for r in decoding.compiled.compile_log(model)] == ["draft round"]
+    assert model.config._attn_implementation != "eager"  # the blocks' config, switched only during a round
+
+
 def test_layer_view_shares_weights_and_leaves_the_model_whole(tiny_models):
     model = _model(tiny_models["llama"])
     view = layer_view(model, "model.layers", 1)
@@ -199,6 +222,7 @@ def test_bad_options_are_refused(tiny_models, tmp_path):
         ("prompt_lookup", {"k": -1}, "k must be at least 1"),
         ("early_exit", {"layers": 2}, "fewer than the model's 2 decoder blocks"),
         ("early_exit", {"threshold": 1.5}, "threshold must be in [0, 1)"),
+        ("early_exit", {"mode": "confidence", "compiled": True}, "compiled applies to mode self_speculative"),
     ]:
         technique = get_technique(name)
         config, problems = build_config(technique.config_cls, options, name)

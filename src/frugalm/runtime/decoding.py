@@ -192,20 +192,31 @@ class CompiledDraftProposer:
         options = {"cpp_wrapper": True} if _device(draft).type == "cpu" else {}
         graph = torch.compile(run, fullgraph=True, dynamic=False, options=options)
         slot, tables = _rotary_slot(draft), {}
+        # every config the draft's modules read (a layer view has its own and its blocks' model's)
+        configs = list(
+            {
+                id(c): c
+                for c in [draft.config, *(getattr(m, "config", None) for m in draft.modules())]
+                if c is not None
+            }.values()
+        )
 
         def call(tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
-            config, t, length = draft.config, time.perf_counter(), cache.layers[0].max_cache_len
+            t, length = time.perf_counter(), cache.layers[0].max_cache_len
             first = length not in tables
             if first:
                 tables[length] = _RotaryTable(getattr(*slot), length, _device(draft)) if slot else None
-            before, config._attn_implementation = config._attn_implementation, "eager"
+            before = [(config, config._attn_implementation) for config in configs]
+            for config, _ in before:
+                config._attn_implementation = "eager"
             if slot:
                 rotary = getattr(*slot)
                 setattr(*slot, tables[length])
             try:
                 out = graph(tokens, cache)
             finally:
-                config._attn_implementation = before
+                for config, implementation in before:
+                    config._attn_implementation = implementation
                 if slot:
                     setattr(*slot, rotary)
             if first:
@@ -460,6 +471,12 @@ def proposer_for(model: nn.Module, setting: dict):
     if method == "prompt_lookup":
         return PromptLookupProposer(setting.get("max_ngram", 3), setting.get("min_ngram", 1))
     if method == "early_exit":
+        if setting.get("compile"):  # one view per model, so its compiled rounds are reused
+            views = model.__dict__.setdefault("frugalm_exit_views", {})
+            key = (setting["blocks"], setting["layers"])
+            if key not in views:
+                views[key] = layer_view(model, *key)
+            return CompiledDraftProposer(views[key], setting["k"], setting.get("threshold", 0.0), log_on=model)
         return DraftProposer(layer_view(model, setting["blocks"], setting["layers"]), setting.get("threshold", 0.0))
     if method == "confidence_exit":
         return None  # not speculation: its own loop (exit_generate)

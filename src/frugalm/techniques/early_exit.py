@@ -26,7 +26,7 @@ from typing import Literal
 from torch import nn
 
 from frugalm.errors import TechniqueError
-from frugalm.runtime import decoding
+from frugalm.runtime import compiled, decoding
 from frugalm.techniques._arch import decoder_blocks, model_type
 from frugalm.techniques.base import Context, Technique, check_config, record_change
 from frugalm.techniques.speculative import check_decodable, set_decoding
@@ -42,6 +42,8 @@ class EarlyExitConfig:
     """Guesses per round (self_speculative; the most, when threshold > 0)."""
     threshold: float | None = None
     """Top probability of the exit's prediction: self_speculative stops guessing below it (default 0: never); confidence exits at or above it (default 0.9)."""
+    compiled: bool = False
+    """self_speculative: run each round's guessing steps as one compiled graph (runtime/decoding.CompiledDraftProposer), as speculative's `compiled`."""
 
     def problems(self) -> list[str]:
         problems = []
@@ -51,6 +53,10 @@ class EarlyExitConfig:
             problems.append(f"k must be at least 1 guess per round (e.g. 3), got {self.k}")
         if self.threshold is not None and not 0 <= self.threshold < 1:
             problems.append(f"threshold must be in [0, 1) (a probability), got {self.threshold}")
+        if self.mode == "confidence" and self.compiled:
+            problems.append(
+                "compiled applies to mode self_speculative (its guessing rounds); confidence exits run eagerly"
+            )
         if self.mode == "confidence" and self.threshold == 0:
             problems.append(
                 "threshold 0 would exit every token at the first exit point; give a probability in (0, 1), e.g. 0.9"
@@ -78,6 +84,9 @@ def apply(model: nn.Module, config: EarlyExitConfig, ctx: Context) -> nn.Module:
     else:
         setting = {"method": "early_exit", "layers": config.layers, "blocks": path, "k": config.k,
                    "threshold": config.threshold or 0.0}  # fmt: skip
+        if config.compiled:
+            compiled.check_fits(model, f"{name} (compiled: true)")
+            setting["compile"] = True
     set_decoding(model, setting)
     record_change(
         ctx, name, [f"{path}.{i}" for i in range(config.layers)], 0, model, inference={decoding.SETTING: setting}
