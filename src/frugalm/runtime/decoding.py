@@ -141,7 +141,7 @@ class CompiledDraftProposer:
     BUCKET = 128
 
     def __init__(self, draft: nn.Module, k: int, threshold: float = 0.0, log_on: nn.Module | None = None):
-        compiled.check_fits(draft, "speculative (compiled draft)")
+        compiled.check_fits(draft, "compiled draft rounds")
         self.draft, self.k, self.threshold, self.log_on = draft, k, threshold, log_on
         self.cache, self.fed = None, 0
 
