@@ -60,7 +60,7 @@ def check_fits(model: nn.Module, where: str) -> None:
             f"{where}: {type(model).__name__} does not support a static KV cache in one compiled graph (transformers' _can_compile_fullgraph); run it without compiled decode"
         )
     if next(model.parameters()).device.type == "cpu":
-        from torch._inductor import cpp_builder  # inductor's own compiler lookup (CXX, then g++/clang++)
+        from torch._inductor import cpp_builder  # deferred: inductor is slow to import
 
         try:
             cpp_builder.get_cpp_compiler()

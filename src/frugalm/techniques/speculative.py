@@ -96,6 +96,10 @@ def apply(model: nn.Module, config: SpeculativeConfig, ctx: Context) -> nn.Modul
     name = TECHNIQUE.name
     check_config(name, config)
     check_decodable(model, name)
+    if config.compiled and config.draft is None and config.student is None:
+        compiled.check_fits(
+            model, f"{name} (compiled: true)"
+        )  # the draft will be of its kind: refuse before training it
     if config.draft is not None:
         draft = _ready_draft(config.draft, ctx)
         made = {"draft": config.draft}
