@@ -10,6 +10,8 @@ Proposers:
 - `DraftProposer`: a smaller model with the target's tokenizer guesses greedily with its own KV
   cache (Leviathan et al. 2023, arXiv:2211.17192; Chen et al. 2023, arXiv:2302.01318). With
   `threshold` > 0 it stops guessing once its top probability falls below it (adaptive k).
+- `CompiledDraftProposer`: the same guesses, each round's draft steps run as one compiled graph on
+  a static cache (the `compiled` option of speculative and early exit; gpt-fast's approach).
 - `PromptLookupProposer`: the tokens that followed the latest earlier occurrence of the newest
   n-gram in the prompt and the output so far (Saxena 2023, "prompt lookup decoding"). No model.
 - Early exit (self-speculation, LayerSkip: Elhoushi et al. 2024, arXiv:2404.16710): a
