@@ -49,6 +49,9 @@ def test_compiled_steps_decode_what_eager_decodes(tiny_llama, compiled_variant):
     assert isinstance(cache, compiled.StaticDecodeCache)
     tokens, logits = _greedy(model, ids, 12, cache)
     ref_tokens, ref_logits = _greedy(eager, ids, 12, DynamicCache(config=eager.config))
+    # the graph ran with plain attention and a rotary table; both are switched back between calls
+    assert model.config._attn_implementation == eager.config._attn_implementation
+    assert type(model.model.rotary_emb) is type(eager.model.rotary_emb)
     assert torch.equal(tokens, ref_tokens)
     assert torch.allclose(logits, ref_logits, atol=1e-4)
     log = compiled.compile_log(model)  # 12 steps, one shape: compiled once

@@ -134,10 +134,9 @@ class CompiledDraftProposer:
     round's end. The cache holds a multiple of `BUCKET` tokens, enough for the generation, and is
     reused by every generation of that length; each (k, cache length) compiles once per process
     (tens of seconds on CPU), logged on the target (runtime/compiled.compile_log) as a cost of
-    running the variant. The prompt is read eagerly. Inside the graph attention is the plain
-    matmul-softmax form ("eager"), which inductor fuses: on stories260K's draft a round ran in
-    1.2 ms against 1.9 ms with the SDPA kernel called from the graph. Guesses are checked by the
-    target as always, so the output stays the target's greedy output.
+    running the variant. The prompt is read eagerly. The graph runs under runtime/compiled's
+    GraphSwitches (plain attention, a rotary table), as the compiled decode step does. Guesses are
+    checked by the target as always, so the output stays the target's greedy output.
     """
 
     BUCKET = 128
@@ -191,36 +190,15 @@ class CompiledDraftProposer:
                     logits = draft(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             return torch.cat(guesses, 1), torch.cat(tops, 1)
 
-        options = {"cpp_wrapper": True} if _device(draft).type == "cpu" else {}
-        graph = torch.compile(run, fullgraph=True, dynamic=False, options=options)
-        slot, tables = _rotary_slot(draft), {}
-        # every config the draft's modules read (a layer view has its own and its blocks' model's)
-        configs = list(
-            {
-                id(c): c
-                for c in [draft.config, *(getattr(m, "config", None) for m in draft.modules())]
-                if c is not None
-            }.values()
-        )
+        graph, switches = compiled.compile_graph(run, draft), {}
 
         def call(tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
             t, length = time.perf_counter(), cache.layers[0].max_cache_len
-            first = length not in tables
+            first = length not in switches
             if first:
-                tables[length] = _RotaryTable(getattr(*slot), length, _device(draft)) if slot else None
-            before = [(config, config._attn_implementation) for config in configs]
-            for config, _ in before:
-                config._attn_implementation = "eager"
-            if slot:
-                rotary = getattr(*slot)
-                setattr(*slot, tables[length])
-            try:
+                switches[length] = compiled.GraphSwitches(draft, length)
+            with switches[length]:
                 out = graph(tokens, cache)
-            finally:
-                for config, implementation in before:
-                    config._attn_implementation = implementation
-                if slot:
-                    setattr(*slot, rotary)
             if first:
                 record = {
                     "what": "draft round",
@@ -233,30 +211,6 @@ class CompiledDraftProposer:
 
         rounds[k] = call
         return call
-
-
-class _RotaryTable(nn.Module):
-    """A rotary embedding's cos and sin for positions 0..length-1, computed once by the model's own
-    module (whatever its rope type) and looked up per position. Inside a compiled graph inductor
-    otherwise inlines the cos and sin into the attention kernels and recomputes them there: on
-    stories260K's 4-block draft a round took 4.3 ms that way and 1.9 ms with the table."""
-
-    def __init__(self, rotary: nn.Module, length: int, device):
-        super().__init__()
-        cos, sin = rotary(torch.zeros(1, 1, device=device), torch.arange(length, device=device)[None])
-        self.cos, self.sin = cos[0], sin[0]
-
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, *args, **kwargs):
-        return self.cos[position_ids].to(x.dtype), self.sin[position_ids].to(x.dtype)
-
-
-def _rotary_slot(model: nn.Module) -> tuple[nn.Module, str] | None:
-    """(parent, attribute) of the model-level rotary embedding (transformers' *RotaryEmbedding), if any."""
-    for name, module in model.named_modules():
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            parent, _, attr = name.rpartition(".")
-            return model.get_submodule(parent), attr
-    return None
 
 
 class PromptLookupProposer:
