@@ -3,7 +3,9 @@
 A decode step at batch 1 is a few hundred small kernels whose Python and dispatch overhead is a
 large share of the step on CPU; compiled as one graph (inductor: fused C++ loops on CPU, Triton
 on CUDA) against a cache whose tensors never change shape, that overhead goes. Prefill (more than
-one new token) stays eager: its kernels are large and its shapes vary.
+one new token) stays eager: its kernels are large and its shapes vary. The graph runs under
+`GraphSwitches` (plain attention, a rotary table) and, on CPU, inductor's C++ wrapper
+(`compile_graph`); the compiled draft rounds of runtime/decoding use the same two.
 
 `install(model)` replaces the model's `forward` with a dispatcher: a call with one new token per
 sequence and a `StaticDecodeCache` runs the compiled graph, anything else the eager forward. The
