@@ -34,7 +34,7 @@ def test_the_default_space_holds_the_portfolio():
     inside = {p.stem for p in SHIPPED_DIR.glob("*.yaml") if space.point_of(load_recipe(p), layout) is not None}
     outside = {p.stem for p in SHIPPED_DIR.glob("*.yaml")} - inside
     # the w8a8-dynamic recipes: a format with one bits/group combination, not a slot's option
-    assert outside == {"int8", "int8-head", "wanda30-int8", "early-exit-self-spec"}, outside
+    assert outside == {"int8", "int8-head", "wanda30-int8", "spec-distilled", "early-exit-self-spec"}, outside
 
 
 def test_every_point_builds_the_recipe_it_is_found_in():
