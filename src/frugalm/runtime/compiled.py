@@ -85,18 +85,18 @@ def install(model: nn.Module, settings: dict) -> nn.Module:
     eager = model.forward
     graph = compile_graph(eager, model, settings.get("mode", "default"))
     log: list[dict] = []
-    tables: dict[int, GraphSwitches] = {}
+    switches_for: dict[tuple[int, int], GraphSwitches] = {}  # per (batch, cache length)
 
     @functools.wraps(eager)
     def forward(input_ids=None, *args, past_key_values=None, **kwargs):
         if isinstance(past_key_values, StaticDecodeCache) and input_ids is not None and input_ids.shape[1] == 1:
             length = past_key_values.layers[0].max_cache_len
-            switches = tables.get((input_ids.shape[0], length))
+            switches = switches_for.get((input_ids.shape[0], length))
             if switches is not None:
                 with switches:
                     return graph(input_ids, *args, past_key_values=past_key_values, **kwargs)
             t = time.perf_counter()
-            switches = tables[(input_ids.shape[0], length)] = GraphSwitches(model, length)
+            switches = switches_for[(input_ids.shape[0], length)] = GraphSwitches(model, length)
             with switches:
                 out = graph(input_ids, *args, past_key_values=past_key_values, **kwargs)
             log.append({"batch": input_ids.shape[0], "cache_tokens": length, "first_call_s": time.perf_counter() - t})
