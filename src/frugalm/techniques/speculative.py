@@ -97,9 +97,8 @@ def apply(model: nn.Module, config: SpeculativeConfig, ctx: Context) -> nn.Modul
     check_config(name, config)
     check_decodable(model, name)
     if config.compiled and config.draft is None and config.student is None:
-        compiled.check_fits(
-            model, f"{name} (compiled: true)"
-        )  # the draft will be of its kind: refuse before training it
+        # the distilled draft will be a copy of this model: refuse before training it
+        compiled.check_fits(model, f"{name} (compiled: true)")
     if config.draft is not None:
         draft = _ready_draft(config.draft, ctx)
         made = {"draft": config.draft}
