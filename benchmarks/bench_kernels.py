@@ -1,6 +1,6 @@
 """Weight-only int8 and int4 layers on ATen's packed CPU kernels: decode and prefill against float32, and their quality.
 
-    .venv/bin/python benchmarks/bench_kernels.py [--threads 2] [--budget 20]
+    .venv/bin/python benchmarks/bench_kernels.py [--threads 2] [--budget 20] [--only speed|quality|small]
 
 Speed, on the random-weight SmolLM2-135M stand-in (real shapes; bench_foundation.py), each variant
 loaded as it runs (frugalm.load_model: packed at load time from the stored codes) and timed
@@ -9,6 +9,13 @@ against the float32 model in one process, paired and interleaved (frugalm.measur
 call `frugalm bench --reference` times), `prefill` the 128-token prompt pass and first argmax.
 The same variant run dequantized (fast_kernels=False: the float32 path it had before) is timed
 beside it.
+
+Small layers (`--only small`): where quant_linear.SMALL_LAYER_WEIGHTS draws the line between
+CodesLinear (int8-held codes, one fused loop in a compiled graph) and the packed int4 kernel. For
+each shape, int4 group-32 codes of random weights as both layers, each compiled as a decode
+graph would be (torch.compile with inductor's C++ wrapper) into a chain of 8 one-row calls
+(out x in, then in x out, so the chain closes; 16 layers a call, which spreads the graph's own
+call overhead), timed paired and interleaved: CodesLinear's speed over the packed kernel's.
 
 Quality, on the real stories260K and the built-in model: perplexity of each variant as it runs
 (bfloat16 activations; the perplexity windows are prefill rows, so bfloat16 dequantized weights),
@@ -66,6 +73,55 @@ def speed(args) -> None:
             del model
 
 
+SMALL_SHAPES = ((64, 64), (172, 64), (192, 576), (576, 576), (1536, 576), (2048, 5632))
+"""(out, in): stories260K's attention and MLP, the 135M stand-in's k/v, q/o and MLP, a 1B-class MLP."""
+
+
+def small(args) -> None:
+    import torch
+
+    from frugalm.measure.paired import PairedConfig, time_paired
+    from frugalm.runtime.quant_linear import (
+        CodesLinear,
+        PackedWeightLinear,
+        QuantLinear,
+        packed_eligible,
+        quantize_groups,
+    )
+
+    torch.set_num_threads(args.threads)
+    config = PairedConfig(budget_s=args.budget)
+    gen = torch.Generator().manual_seed(0)
+
+    def layer(out_f: int, in_f: int) -> QuantLinear:
+        q, s, z = quantize_groups(torch.randn(out_f, in_f, generator=gen) * 0.05, 4, 32, True)
+        return QuantLinear.from_codes(q, s, z, 4, None)
+
+    def chain(a, b):
+        def run(x):
+            for _ in range(8):
+                x = b(a(x))
+            return x
+
+        graph = torch.compile(run, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
+        x = torch.randn(1, 1, a.in_features, generator=gen)
+        return lambda: graph(x)
+
+    print(f"threads {args.threads}; {config}", flush=True)
+    for out_f, in_f in SMALL_SHAPES:
+        a, b = layer(out_f, in_f), layer(in_f, out_f)
+        if not all(packed_eligible(m) for m in (a, b)):
+            print(f"{out_f}x{in_f}: the packed kernel does not take this shape (CodesLinear has no rival)", flush=True)
+            continue
+        with torch.inference_mode():
+            codes, packed = chain(CodesLinear(a), CodesLinear(b)), chain(PackedWeightLinear(a), PackedWeightLinear(b))
+            for fn in (codes, packed, codes, packed):
+                fn()
+            r = time_paired(codes, packed, config)
+        print(f"{out_f}x{in_f} (+ {in_f}x{out_f}), {out_f * in_f:,} weights: CodesLinear / packed int4 decode speed "
+              f"{r.speedup:.3f}x [{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n_blocks} blocks, {r.stopped_by})", flush=True)  # fmt: skip
+
+
 def quality(args) -> None:
     import tempfile
 
@@ -118,13 +174,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of paired timing per figure at most")
-    parser.add_argument("--only", choices=("speed", "quality"), default=None)
+    parser.add_argument("--only", choices=("speed", "quality", "small"), default=None)
     parser.add_argument("--variants", nargs="*", default=list(SPEED), choices=SPEED, help="variants to time")
     args = parser.parse_args()
-    if args.only != "quality":
+    if args.only in (None, "speed"):
         speed(args)
-    if args.only != "speed":
+    if args.only in (None, "quality"):
         quality(args)
+    if args.only in (None, "small"):
+        small(args)
 
 
 if __name__ == "__main__":

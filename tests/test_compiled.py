@@ -6,12 +6,15 @@ import pytest
 import torch
 from transformers import DynamicCache
 
+from conftest import run
 from frugalm.benchmark.api import BenchConfig, bench
 from frugalm.cli import main
 from frugalm.errors import TechniqueError
 from frugalm.models import load_model, save_variant
 from frugalm.runtime import compiled
 from frugalm.runtime.kv_cache import cache_factory
+from frugalm.runtime.modules import kernel_summary
+from frugalm.runtime.quant_linear import CodesLinear
 from frugalm.techniques.base import Context
 from frugalm.techniques.compile_decode import TECHNIQUE, CompileDecodeConfig
 from frugalm.techniques.kv_cache_quant import TECHNIQUE as KV
@@ -62,6 +65,22 @@ def test_compiled_steps_decode_what_eager_decodes(tiny_llama, compiled_variant):
         again = model(tokens[:, 9:10], past_key_values=cache, use_cache=True).logits[:, -1]
     assert torch.allclose(again, logits[:, 9], atol=1e-4)
     assert len(compiled.compile_log(model)) == 1
+
+
+def test_an_int4_variants_compiled_steps_run_its_small_layers_as_fused_loops(tiny_llama, tmp_path):
+    """Its layers are small (quant_linear.CodesLinear): inside the graph each is one multiply-and-sum over
+    its int8-held codes; the tokens are the eager path's (the same model on a DynamicCache runs eager)."""
+    lm = load_model(tiny_llama, fast_kernels=False)
+    run("rtn_quant", lm.model, bits=4, group_size=32)
+    model = TECHNIQUE.apply(lm.model, CompileDecodeConfig(), Context())
+    model = load_model(save_variant(model, lm.tokenizer, tmp_path / "int4", {})).model
+    assert kernel_summary(model) == {CodesLinear.kernel: 14, "dense": 1}
+    ids = torch.randint(4, 300, (2, 20), generator=torch.Generator().manual_seed(1))
+    tokens, logits = _greedy(model, ids, 8, cache_factory(model)(20 + 8))
+    ref_tokens, ref_logits = _greedy(model, ids, 8, DynamicCache(config=model.config))
+    assert len(compiled.compile_log(model)) == 1  # the graph ran, not the eager forward
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.allclose(logits, ref_logits, atol=1e-4)
 
 
 def test_compiled_decode_and_a_quantized_cache_refuse_each_other(tiny_llama):

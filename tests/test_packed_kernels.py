@@ -1,4 +1,5 @@
-"""Weight-only layers on ATen's packed CPU kernels (runtime/quant_linear.PackedWeightLinear): numerics, eligibility, loading."""
+"""Weight-only layers on ATen's packed CPU kernels (runtime/quant_linear.PackedWeightLinear) and small ones as
+CodesLinear: numerics, eligibility, loading, the fused loop in a compiled graph."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from frugalm.measure.memory import weights_bytes
 from frugalm.models import load_model, save_variant
 from frugalm.runtime import quant_linear
 from frugalm.runtime.modules import kernel_summary
-from frugalm.runtime.quant_linear import PackedWeightLinear, QuantLinear, packed_eligible, quantize_groups
+from frugalm.runtime.quant_linear import CodesLinear, PackedWeightLinear, QuantLinear, packed_eligible, quantize_groups
 
 
 def _layer(bits: int, group_size: int, symmetric: bool, out_f: int = 96, in_f: int = 128, seed: int = 0) -> QuantLinear:
@@ -45,7 +46,13 @@ def test_layers_the_kernels_cannot_take_stay_dequantized():
     assert not packed_eligible(dynamic)  # w8a8-dynamic goes to fbgemm, not here
 
 
-def test_load_model_packs_weight_only_variants_and_keeps_their_codes(tiny_llama, tmp_path):
+@pytest.fixture
+def as_large(monkeypatch):
+    """The tiny models' layers loaded as large ones are: on the packed kernels, not CodesLinear."""
+    monkeypatch.setattr(quant_linear, "SMALL_LAYER_WEIGHTS", 0)
+
+
+def test_load_model_packs_weight_only_variants_and_keeps_their_codes(tiny_llama, tmp_path, as_large):
     lm = load_model(tiny_llama, fast_kernels=False)
     run("rtn_quant", lm.model, bits=4, group_size=32, symmetric=False)
     folder = save_variant(lm.model, lm.tokenizer, tmp_path / "int4", {})
@@ -63,15 +70,52 @@ def test_load_model_packs_weight_only_variants_and_keeps_their_codes(tiny_llama,
         save_variant(fast, lm.tokenizer, tmp_path / "again", {})
 
 
+@pytest.mark.parametrize("large", [True, False])
 @pytest.mark.parametrize("bits", [8, 4])
-def test_the_packed_kernels_count_the_flops_of_the_matmuls_they_replace(bits, tiny_llama, tmp_path):
+def test_the_fast_layers_count_the_flops_of_the_matmuls_they_replace(bits, large, tiny_llama, tmp_path, monkeypatch):
     from frugalm.measure.compute import count_flops
 
+    if large:
+        monkeypatch.setattr(quant_linear, "SMALL_LAYER_WEIGHTS", 0)
     lm = load_model(tiny_llama, fast_kernels=False)
     run("rtn_quant", lm.model, bits=bits, group_size=-1 if bits == 8 else 32)
     folder = save_variant(lm.model, lm.tokenizer, tmp_path / "v", {})
     fast, slow = load_model(folder).model, load_model(folder, fast_kernels=False).model
-    assert kernel_summary(fast).get("dense") == 1  # every layer but the head on a packed kernel
+    kernel = (
+        PackedWeightLinear(next(m for m in slow.modules() if isinstance(m, QuantLinear))).kernel
+        if large
+        else CodesLinear.kernel
+    )
+    assert kernel_summary(fast) == {kernel: 14, "dense": 1}  # every layer but the head on a fast layer
     for rows in (1, 12):  # a decode step (the packed matmul) and a prefill (bfloat16 dequantized)
         ids = torch.randint(4, fast.config.vocab_size, (1, rows))
         assert count_flops(lambda: fast(ids)) == count_flops(lambda: slow(ids)) > 0
+
+
+@pytest.mark.parametrize("bits,group_size,symmetric", [(4, 32, False), (4, -1, True), (8, -1, True), (4, 16, False)])
+def test_small_layers_compute_their_codes_in_float_eager_and_in_one_compiled_loop(bits, group_size, symmetric):
+    """CodesLinear: QuantLinear's numerics from int8-held codes, in eager calls and inside a compiled graph."""
+    source = _layer(bits, group_size, symmetric, out_f=100, in_f=64)  # shapes and groups the packed kernels refuse
+    layer = quant_linear.fast_layer(source, fbgemm=False)
+    assert isinstance(layer, CodesLinear) and layer.codes.dtype == torch.int8
+    assert torch.equal(layer.dequantized_weight(), source.dequantized_weight())  # the codes themselves are exact
+    torch._dynamo.reset()  # the cases share this function's code: without it they would add up to dynamo's recompile limit
+    graph = torch.compile(lambda x: layer(x), fullgraph=True, dynamic=False)
+    for rows in (1, 3, 40):  # decode rows take the fused loop when compiled; 40 rows a matmul either way
+        x = torch.randn(rows, 1, source.in_features)
+        with torch.inference_mode():
+            ref, eager, compiled = source(x), layer(x), graph(x)
+        assert torch.equal(eager, ref)  # the same dequantize-then-matmul
+        assert compiled.shape == ref.shape and (compiled - ref).abs().max() <= 1e-5 * ref.abs().max(), rows
+
+
+def test_which_fast_layer_a_quantized_layer_gets():
+    small, large = _layer(4, 32, False), _layer(4, 32, False, out_f=1024, in_f=512)
+    assert isinstance(quant_linear.fast_layer(small, fbgemm=False), CodesLinear)
+    assert isinstance(quant_linear.fast_layer(large, fbgemm=False), PackedWeightLinear)  # 512K weights
+    assert quant_linear.fast_layer(_layer(8, -1, False), fbgemm=False) is None  # asymmetric int8 leaves int8 as q - z
+    assert quant_linear.fast_layer(_layer(4, 16, False, out_f=1024, in_f=512), fbgemm=False) is None  # large, no kernel
+    dynamic = _layer(8, -1, True)
+    dynamic.activations = "dynamic-int8"
+    assert isinstance(quant_linear.fast_layer(dynamic, fbgemm=True), quant_linear.Int8Linear)
+    assert quant_linear.fast_layer(dynamic, fbgemm=False) is None

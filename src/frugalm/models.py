@@ -30,6 +30,7 @@ from frugalm.runtime import cascade, compiled, decoding, families, offload
 from frugalm.runtime.experts import FastExperts, QuantExperts, restore_packed_experts_, to_fast_experts_
 from frugalm.runtime.modules import INFERENCE_ATTR, inference_settings
 from frugalm.runtime.quant_linear import (
+    CodesLinear,
     Int8Linear,
     PackedWeightLinear,
     QuantLinear,
@@ -411,7 +412,7 @@ def packed_layers(model: nn.Module) -> dict[str, dict]:
 
     layers = {}
     for name, m in model.named_modules():
-        if isinstance(m, (Int8Linear, PackedWeightLinear)):
+        if isinstance(m, (Int8Linear, PackedWeightLinear, CodesLinear)):
             raise AssertionError("save a variant before swapping in fast kernels (to_fast_kernels_)")
         if isinstance(m, QuantLinear):
             layers[name] = {

@@ -25,8 +25,11 @@ kernel on x86 CPUs, used for w8a8-dynamic layers. `PackedWeightLinear` runs the 
 formats on ATen's CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), packed at
 load time from the stored codes so artifacts stay portable. Those kernels are fast only with
 bfloat16 activations, so a fast weight-only layer computes in bfloat16 (16-bit activations, as
-the format's name says) and returns the model's dtype; its quality is measured that way.
-`to_fast_kernels_` swaps both in where they apply.
+the format's name says) and returns the model's dtype; its quality is measured that way. A small
+weight-only layer (at most `SMALL_LAYER_WEIGHTS` weights) is a `CodesLinear` instead: its codes
+held as int8, computed in the model's dtype, one fused loop inside a compiled decode graph (at
+that size a packed kernel's call and conversions cost more than its bytes save). `fast_layer`
+chooses, `to_fast_kernels_` swaps them all in.
 """
 
 from __future__ import annotations
@@ -293,6 +296,72 @@ class PackedWeightLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}"
 
 
+SMALL_LAYER_WEIGHTS = 2**18
+"""Weight-only layers with at most this many weights run as `CodesLinear`. Measured at batch-1 decode
+in compiled graphs (2 threads, this 2-core AVX2 machine, benchmarks/bench_kernels.py --only small):
+the fused loop over int8 codes ran 64x64 and 192x576 layers faster than the packed int4 kernel,
+576x576 as fast, 1536x576 and 576x1536 slower; in stories260K's whole decode graph, every layer a
+CodesLinear decoded at 0.95-0.99x of float32 where the packed kernel gave 0.68-0.72x."""
+
+
+class CodesLinear(nn.Module):
+    """A small weight-only layer computing in the model's dtype from its codes held as int8 (see module doc).
+
+    Holds q - z per weight (int4 codes and any zero point, or int8 symmetric ones, fit int8) and the
+    stored float16 scales: 1 byte per weight in memory (a packed int4 layer holds 1.5, QuantLinear
+    0.5). Numerics are QuantLinear's (dequantize, then a float matmul) up to summation order. Inside
+    a compiled graph, a call of at most DECODE_ROWS rows is written as one multiply-and-sum, which
+    inductor turns into a single loop that reads each code once; everywhere else the layer
+    dequantizes per call and runs a dense matmul.
+    """
+
+    kernel = "int8-codes: fused loop (compiled decode), dequantize (else)"
+
+    def __init__(self, source: QuantLinear):
+        super().__init__()
+        assert codes_fit(source), "int4, or int8 with zero point 128, so that q - z fits int8"
+        self.in_features, self.out_features, self.bits = source.in_features, source.out_features, source.bits
+        self.group_size, self.activations = source.group_size, "none"
+        q = unpack(source.qweight, source.bits).to(torch.int16)
+        self.register_buffer(
+            "codes", (q - source.zeros.to(torch.int16).repeat_interleave(source.group_size, 1)).to(torch.int8)
+        )
+        self.register_buffer("scales", source.scales.clone())
+        self.bias = source.bias
+
+    @property
+    def format(self) -> str:
+        return format_name(self.bits, "none")
+
+    def packed_params(self) -> int:
+        return self.in_features * self.out_features
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        out_f, groups = self.scales.shape
+        w = self.codes.view(out_f, groups, -1).to(dtype) * self.scales[..., None].to(dtype)
+        return w.view(out_f, self.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features
+        if torch.compiler.is_compiling() and rows <= DECODE_ROWS:
+            out_f, groups = self.scales.shape
+            w = self.codes.view(out_f, groups, -1).to(x.dtype) * self.scales[..., None].to(x.dtype)
+            y = (x.reshape(rows, 1, groups, -1) * w).sum((-1, -2)).reshape(*x.shape[:-1], out_f)
+        else:
+            y = F.linear(x, self.dequantized_weight(x.dtype))
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel=int8-codes"
+
+
+def codes_fit(module: QuantLinear) -> bool:
+    """Weight-only, and q - z fits int8: any int4 layer, or int8 with zero point 128 (symmetric)."""
+    if module.activations != "none":
+        return False
+    return module.bits == 4 or (module.bits == 8 and bool((module.zeros == 128).all()))
+
+
 KERNEL_GROUPS = (256, 128, 64, 32)
 """Group sizes ATen's int4 CPU kernel takes."""
 
@@ -323,12 +392,23 @@ def fbgemm_eligible(module: QuantLinear) -> bool:
     return module.bits == 8 and module.group_size == module.in_features and bool((module.zeros == 128).all())
 
 
-def to_fast_kernels_(model: nn.Module) -> list[str]:
-    """Swap the CPU's speed kernels in: w8a8-dynamic layers onto fbgemm (Int8Linear) where the CPU
-    has it, and weight-only layers that ATen's packed kernels take onto PackedWeightLinear.
+def fast_layer(module: QuantLinear, fbgemm: bool) -> nn.Module | None:
+    """The module a CPU runs `module` on (see module doc), or None where it stays dequantized:
+    w8a8-dynamic on fbgemm (Int8Linear) where the CPU has it; a small weight-only layer as
+    CodesLinear; a larger one that ATen's packed kernels take as PackedWeightLinear."""
+    if module.activations == "dynamic-int8":
+        assert not fbgemm or fbgemm_eligible(module), "w8a8-dynamic needs int8 per-channel symmetric weights"
+        return Int8Linear(module) if fbgemm else None
+    if module.in_features * module.out_features <= SMALL_LAYER_WEIGHTS and codes_fit(module):
+        return CodesLinear(module)
+    return PackedWeightLinear(module) if packed_eligible(module) else None
 
-    Returns the names of swapped modules. Other weight-only layers (say int4 in groups of 16) keep
-    running dequantized, and the scorecard says so ("no speed kernel").
+
+def to_fast_kernels_(model: nn.Module) -> list[str]:
+    """Swap the CPU's speed kernels in (`fast_layer`); returns the names of swapped modules.
+
+    Other weight-only layers (say large int4 ones in groups of 16) keep running dequantized, and
+    the scorecard says so ("no speed kernel").
     """
     fbgemm = has_fbgemm()
     if fbgemm:
@@ -337,12 +417,8 @@ def to_fast_kernels_(model: nn.Module) -> list[str]:
     for name, module in list(model.named_modules()):
         if not isinstance(module, QuantLinear) or module.qweight.device.type != "cpu":
             continue
-        if module.activations == "dynamic-int8" and fbgemm:
-            assert fbgemm_eligible(module), f"{name}: w8a8-dynamic needs int8 per-channel symmetric weights"
-            fast = Int8Linear(module)
-        elif packed_eligible(module):
-            fast = PackedWeightLinear(module)
-        else:
+        fast = fast_layer(module, fbgemm)
+        if fast is None:
             continue
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, fast)
@@ -371,7 +447,11 @@ def format_summary(model: nn.Module) -> dict[str, dict[str, int]]:
     """Quantized layers by format, then by the kernel that runs them: {"w8a8-dynamic": {"fbgemm": 14}}."""
     out: dict[str, dict[str, int]] = {}
     for m in model.modules():
-        fmt = getattr(m, "format", None) if isinstance(m, (QuantLinear, Int8Linear, PackedWeightLinear)) else None
+        fmt = (
+            getattr(m, "format", None)
+            if isinstance(m, (QuantLinear, Int8Linear, PackedWeightLinear, CodesLinear))
+            else None
+        )
         if fmt:
             kernels = out.setdefault(fmt, {})
             kernels[m.kernel] = kernels.get(m.kernel, 0) + 1

@@ -1,8 +1,9 @@
 """Decode latency of linear layers per stored format, measured here, for budgets in ms per token.
 
 A decode step at batch 1 runs every linear layer on one row. Each candidate format of a layer is
-built as a saved variant would run it (runtime/quant_linear: PackedWeightLinear on ATen's int8 and
-int4 CPU kernels where the layer fits them, else the dequantizing QuantLinear) and timed on one
+built as a saved variant would run it (runtime/quant_linear.fast_layer: CodesLinear for small
+layers, PackedWeightLinear on ATen's int8 and int4 CPU kernels where the layer fits them, else the
+dequantizing QuantLinear) and timed on one
 float32 row, round-robin with the layer's other formats and its float original (every one once
 per round, `rounds` rounds, each sample `calls` calls), keeping the median per format. The step
 outside the targeted layers is the float model's whole step (one token from a `prompt`-token
@@ -24,7 +25,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from frugalm.runtime.modules import weight_out_in
-from frugalm.runtime.quant_linear import PackedWeightLinear, QuantLinear, packed_eligible, quantize_groups
+from frugalm.runtime.quant_linear import QuantLinear, fast_layer, quantize_groups
 
 Format = tuple[int, int]
 
@@ -42,7 +43,7 @@ def as_run(module: nn.Module, fmt: Format, symmetric: bool) -> nn.Module:
     q, scale, zero = quantize_groups(w, fmt[0], fmt[1], symmetric)
     bias = getattr(module, "bias", None)
     layer = QuantLinear.from_codes(q, scale, zero, fmt[0], bias)
-    return PackedWeightLinear(layer) if packed_eligible(layer) else layer
+    return fast_layer(layer, fbgemm=False) or layer  # weight-only: fbgemm does not apply
 
 
 @torch.inference_mode()
