@@ -296,12 +296,12 @@ class PackedWeightLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}"
 
 
-SMALL_LAYER_WEIGHTS = 2**18
-"""Weight-only layers with at most this many weights run as `CodesLinear`. Measured at batch-1 decode
-in compiled graphs (2 threads, this 2-core AVX2 machine, benchmarks/bench_kernels.py --only small):
-the fused loop over int8 codes ran 64x64 and 192x576 layers faster than the packed int4 kernel,
-576x576 as fast, 1536x576 and 576x1536 slower; in stories260K's whole decode graph, every layer a
-CodesLinear decoded at 0.95-0.99x of float32 where the packed kernel gave 0.68-0.72x."""
+SMALL_LAYER_WEIGHTS = 200_000
+"""Weight-only layers with at most this many weights run as `CodesLinear`: near where it stops
+beating the packed int4 kernel at batch-1 decode in a compiled graph, measured on this 2-core AVX2
+machine at 2 threads (benchmarks/bench_kernels.py --only small, chains of int4 group-32 layers,
+paired): 1.09x the packed kernel's speed at 64x64, 1.17x at 192x576 (110,592 weights), 0.90x at
+576x576 (331,776), 0.76x at 1536x576, 0.42x at 2048x5632; the two middle points cross near 200,000."""
 
 
 class CodesLinear(nn.Module):
