@@ -10,8 +10,9 @@ call `frugalm bench --reference` times), `prefill` the 128-token prompt pass and
 The same variant run dequantized (fast_kernels=False: the float32 path it had before) is timed
 beside it.
 
-Small layers (`--only small`): where quant_linear.SMALL_LAYER_WEIGHTS draws the line between
-CodesLinear (int8-held codes, one fused loop in a compiled graph) and the packed int4 kernel. For
+Small layers (`--only small`): where quant_linear.SMALL_LAYER_WEIGHTS draws the line between the
+fused loop over int8-held codes in a compiled graph (quant_linear.fused_rows, as CodesLinear
+runs it) and the packed int4 kernel. For
 each shape, int4 group-32 codes of random weights as both layers, each compiled as a decode
 graph would be (torch.compile with inductor's C++ wrapper) into a chain of 8 one-row calls
 (out x in, then in x out, so the chain closes; 16 layers a call, which spreads the graph's own
@@ -120,7 +121,10 @@ def small(args) -> None:
             print(f"{out_f}x{in_f}: the packed kernel does not take this shape (CodesLinear has no rival)", flush=True)
             continue
         with torch.inference_mode():
-            codes, packed = chain(CodesLinear(a), CodesLinear(b)), chain(PackedWeightLinear(a), PackedWeightLinear(b))
+            rivals = [PackedWeightLinear(a), PackedWeightLinear(b)]
+            for m in rivals:
+                m.fused = False  # the packed kernel itself, whatever the layer's size
+            codes, packed = chain(CodesLinear(a), CodesLinear(b)), chain(*rivals)
             for fn in (codes, packed, codes, packed):
                 fn()
             r = time_paired(codes, packed, config)

@@ -68,10 +68,11 @@ def test_compiled_steps_decode_what_eager_decodes(tiny_llama, compiled_variant):
 
 
 def test_an_int4_variants_compiled_steps_run_its_small_layers_as_fused_loops(tiny_llama, tmp_path):
-    """Its layers are small (quant_linear.CodesLinear): inside the graph each is one multiply-and-sum over
-    its int8-held codes; the tokens are the eager path's (the same model on a DynamicCache runs eager)."""
+    """Groups of 16, which the packed kernel refuses (quant_linear.CodesLinear): inside the graph each layer
+    is one multiply-and-sum over its int8-held codes; the tokens are the eager path's (the same model on
+    a DynamicCache runs eager), both float32 over the same codes."""
     lm = load_model(tiny_llama, fast_kernels=False)
-    run("rtn_quant", lm.model, bits=4, group_size=32)
+    run("rtn_quant", lm.model, bits=4, group_size=16)
     model = TECHNIQUE.apply(lm.model, CompileDecodeConfig(), Context())
     model = load_model(save_variant(model, lm.tokenizer, tmp_path / "int4", {})).model
     assert kernel_summary(model) == {CodesLinear.kernel: 14, "dense": 1}

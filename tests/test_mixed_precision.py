@@ -106,9 +106,7 @@ def test_a_ms_budget_is_spent_on_measured_latencies(tiny_llama):
     profile = change["latency_profile"]
     assert profile["step_ns_float"] > 0 and set(profile["layer_ns"]) == set(change["allocation"])
     assert all(v > 0 for d in profile["layer_ns"].values() for v in d.values())
-    assert "int8-codes" in " ".join(
-        k for d in profile["kernels"].values() for k in d.values()
-    )  # small layers: CodesLinear
+    assert "int8pack-bf16" in " ".join(k for d in profile["kernels"].values() for k in d.values())
     assert change["budget_used"] <= 1000.0  # predicted ms per step
     losses = change["sensitivity_kl_nats"]
     assert all(change["allocation"][n] == min(d, key=d.get) for n, d in losses.items())  # no limit: least loss each

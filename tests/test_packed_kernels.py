@@ -81,12 +81,9 @@ def test_the_fast_layers_count_the_flops_of_the_matmuls_they_replace(bits, large
     run("rtn_quant", lm.model, bits=bits, group_size=-1 if bits == 8 else 32)
     folder = save_variant(lm.model, lm.tokenizer, tmp_path / "v", {})
     fast, slow = load_model(folder).model, load_model(folder, fast_kernels=False).model
-    kernel = (
-        PackedWeightLinear(next(m for m in slow.modules() if isinstance(m, QuantLinear))).kernel
-        if large
-        else CodesLinear.kernel
-    )
-    assert kernel_summary(fast) == {kernel: 14, "dense": 1}  # every layer but the head on a fast layer
+    kernel = PackedWeightLinear(next(m for m in slow.modules() if isinstance(m, QuantLinear))).kernel
+    assert kernel_summary(fast) == {kernel: 14, "dense": 1}  # every layer but the head on a packed kernel
+    assert ("fused loop" in kernel) != large
     for rows in (1, 12):  # a decode step (the packed matmul) and a prefill (bfloat16 dequantized)
         ids = torch.randint(4, fast.config.vocab_size, (1, rows))
         assert count_flops(lambda: fast(ids)) == count_flops(lambda: slow(ids)) > 0
@@ -109,11 +106,24 @@ def test_small_layers_compute_their_codes_in_float_eager_and_in_one_compiled_loo
         assert compiled.shape == ref.shape and (compiled - ref).abs().max() <= 1e-5 * ref.abs().max(), rows
 
 
+def test_small_packed_layers_decode_through_the_fused_loop_when_compiled():
+    source = _layer(4, 32, False)
+    layer = PackedWeightLinear(source)
+    assert layer.fused and "fused loop" in layer.kernel
+    torch._dynamo.reset()
+    graph = torch.compile(lambda x: layer(x), fullgraph=True, dynamic=False)
+    x = torch.randn(2, 1, source.in_features)
+    with torch.inference_mode():
+        ref, compiled = source(x), graph(x)
+    assert (compiled - ref).abs().max() <= 1e-5 * ref.abs().max()  # float32 over the codes, not the bfloat16 kernel
+
+
 def test_which_fast_layer_a_quantized_layer_gets():
     small, large = _layer(4, 32, False), _layer(4, 32, False, out_f=1024, in_f=512)
-    assert isinstance(quant_linear.fast_layer(small, fbgemm=False), CodesLinear)
-    assert isinstance(quant_linear.fast_layer(large, fbgemm=False), PackedWeightLinear)  # 512K weights
-    assert quant_linear.fast_layer(_layer(8, -1, False), fbgemm=False) is None  # asymmetric int8 leaves int8 as q - z
+    assert quant_linear.fast_layer(small, fbgemm=False).fused  # PackedWeightLinear, the fused loop when compiled
+    assert not quant_linear.fast_layer(large, fbgemm=False).fused  # 512K weights: the packed kernel throughout
+    assert isinstance(quant_linear.fast_layer(_layer(4, 32, False, out_f=100), fbgemm=False), CodesLinear)
+    assert quant_linear.fast_layer(_layer(8, -1, False, out_f=100), fbgemm=False) is None  # q - z leaves int8
     assert quant_linear.fast_layer(_layer(4, 16, False, out_f=1024, in_f=512), fbgemm=False) is None  # large, no kernel
     dynamic = _layer(8, -1, True)
     dynamic.activations = "dynamic-int8"

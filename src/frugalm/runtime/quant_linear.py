@@ -25,11 +25,13 @@ kernel on x86 CPUs, used for w8a8-dynamic layers. `PackedWeightLinear` runs the 
 formats on ATen's CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), packed at
 load time from the stored codes so artifacts stay portable. Those kernels are fast only with
 bfloat16 activations, so a fast weight-only layer computes in bfloat16 (16-bit activations, as
-the format's name says) and returns the model's dtype; its quality is measured that way. A small
-weight-only layer (at most `SMALL_LAYER_WEIGHTS` weights) is a `CodesLinear` instead: its codes
-held as int8, computed in the model's dtype, one fused loop inside a compiled decode graph (at
-that size a packed kernel's call and conversions cost more than its bytes save). `fast_layer`
-chooses, `to_fast_kernels_` swaps them all in.
+the format's name says) and returns the model's dtype; its quality is measured that way. Inside a
+compiled decode graph a small layer (at most `SMALL_LAYER_WEIGHTS` weights) skips the packed
+kernel: its int8-held codes become one fused multiply-and-sum loop in the model's dtype
+(`fused_rows`), where the kernel's call and conversions cost more than its bytes save. A small
+weight-only layer the packed kernels refuse (say 172 rows) is a `CodesLinear`: int8-held codes,
+dequantized per call, the same fused loop when compiled. `fast_layer` chooses, `to_fast_kernels_`
+swaps them all in.
 """
 
 from __future__ import annotations
@@ -226,6 +228,24 @@ decode. More rows (prefill) dequantize to bfloat16 once per call and run a dense
 measured faster there than the packed kernels (benchmarks/bench_kernels.py)."""
 
 
+SMALL_LAYER_WEIGHTS = 200_000
+"""Weight-only layers with at most this many weights decode through `fused_rows` in a compiled graph:
+near where it stops beating the packed int4 kernel at batch-1 decode in a compiled graph, measured on this 2-core AVX2
+machine at 2 threads (benchmarks/bench_kernels.py --only small, chains of int4 group-32 layers,
+paired): 1.09x the packed kernel's speed at 64x64, 1.17x at 192x576 (110,592 weights), 0.90x at
+576x576 (331,776), 0.76x at 1536x576, 0.42x at 2048x5632; the two middle points cross near 200,000."""
+
+
+def fused_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias) -> torch.Tensor:
+    """x @ W.T for a few rows, W = codes (out, in; int8, zero point removed) x scales (out, groups),
+    written as one multiply-and-sum so that inductor generates a single loop reading each code once
+    (eager, this would materialize the product: only compiled graphs call it). In x's dtype."""
+    (out_f, groups), rows = scales.shape, x.numel() // codes.shape[1]
+    w = codes.view(out_f, groups, -1).to(x.dtype) * scales[..., None].to(x.dtype)
+    y = (x.reshape(rows, 1, groups, -1) * w).sum((-1, -2)).reshape(*x.shape[:-1], out_f)
+    return y + bias.to(y.dtype) if bias is not None else y
+
+
 class PackedWeightLinear(nn.Module):
     """A w8a16 or w4a16 layer on ATen's packed CPU kernels, computing in bfloat16 (see module doc).
 
@@ -245,6 +265,9 @@ class PackedWeightLinear(nn.Module):
         self.group_size, self.activations = source.group_size, "none"
         # per phase: decode rows on the packed kernel, prefill rows on bfloat16 weights dequantized per call
         self.kernel = f"{'int8pack' if source.bits == 8 else 'int4pack'}-bf16 decode, bf16-dequantize prefill"
+        self.fused = source.in_features * source.out_features <= SMALL_LAYER_WEIGHTS
+        if self.fused:
+            self.kernel += ", fused loop in compiled decode"
         q = unpack(source.qweight, source.bits)
         if source.bits == 8:
             self.register_buffer("codes", (q.to(torch.int16) - 128).to(torch.int8))
@@ -279,6 +302,8 @@ class PackedWeightLinear(nn.Module):
         return w.view(out_f, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused and torch.compiler.is_compiling() and x.numel() <= DECODE_ROWS * self.in_features:
+            return fused_rows(x, self.codes if self.bits == 8 else self.signed_codes, self.scales, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).bfloat16()
         if x2.shape[0] <= DECODE_ROWS:
@@ -296,23 +321,14 @@ class PackedWeightLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}"
 
 
-SMALL_LAYER_WEIGHTS = 200_000
-"""Weight-only layers with at most this many weights run as `CodesLinear`: near where it stops
-beating the packed int4 kernel at batch-1 decode in a compiled graph, measured on this 2-core AVX2
-machine at 2 threads (benchmarks/bench_kernels.py --only small, chains of int4 group-32 layers,
-paired): 1.09x the packed kernel's speed at 64x64, 1.17x at 192x576 (110,592 weights), 0.90x at
-576x576 (331,776), 0.76x at 1536x576, 0.42x at 2048x5632; the two middle points cross near 200,000."""
-
-
 class CodesLinear(nn.Module):
-    """A small weight-only layer computing in the model's dtype from its codes held as int8 (see module doc).
+    """A small weight-only layer the packed kernels refuse, computing in the model's dtype from its codes held as int8.
 
     Holds q - z per weight (int4 codes and any zero point, or int8 symmetric ones, fit int8) and the
-    stored float16 scales: 1 byte per weight in memory (a packed int4 layer holds 1.5, QuantLinear
-    0.5). Numerics are QuantLinear's (dequantize, then a float matmul) up to summation order. Inside
-    a compiled graph, a call of at most DECODE_ROWS rows is written as one multiply-and-sum, which
-    inductor turns into a single loop that reads each code once; everywhere else the layer
-    dequantizes per call and runs a dense matmul.
+    stored float16 scales: 1 byte per weight in memory (QuantLinear holds 0.5, and unpacks nibbles
+    and subtracts zero points at every call). Numerics are QuantLinear's (dequantize, then a float
+    matmul) up to summation order. Inside a compiled graph, a call of at most DECODE_ROWS rows is
+    `fused_rows`; everywhere else the layer dequantizes per call and runs a dense matmul.
     """
 
     kernel = "int8-codes: fused loop (compiled decode), dequantize (else)"
@@ -342,13 +358,9 @@ class CodesLinear(nn.Module):
         return w.view(out_f, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if torch.compiler.is_compiling() and rows <= DECODE_ROWS:
-            out_f, groups = self.scales.shape
-            w = self.codes.view(out_f, groups, -1).to(x.dtype) * self.scales[..., None].to(x.dtype)
-            y = (x.reshape(rows, 1, groups, -1) * w).sum((-1, -2)).reshape(*x.shape[:-1], out_f)
-        else:
-            y = F.linear(x, self.dequantized_weight(x.dtype))
+        if torch.compiler.is_compiling() and x.numel() <= DECODE_ROWS * self.in_features:
+            return fused_rows(x, self.codes, self.scales, self.bias)
+        y = F.linear(x, self.dequantized_weight(x.dtype))
         return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def extra_repr(self) -> str:
@@ -394,14 +406,15 @@ def fbgemm_eligible(module: QuantLinear) -> bool:
 
 def fast_layer(module: QuantLinear, fbgemm: bool) -> nn.Module | None:
     """The module a CPU runs `module` on (see module doc), or None where it stays dequantized:
-    w8a8-dynamic on fbgemm (Int8Linear) where the CPU has it; a small weight-only layer as
-    CodesLinear; a larger one that ATen's packed kernels take as PackedWeightLinear."""
+    w8a8-dynamic on fbgemm (Int8Linear) where the CPU has it; a weight-only layer that ATen's
+    packed kernels take as PackedWeightLinear; a small one they refuse as CodesLinear."""
     if module.activations == "dynamic-int8":
         assert not fbgemm or fbgemm_eligible(module), "w8a8-dynamic needs int8 per-channel symmetric weights"
         return Int8Linear(module) if fbgemm else None
-    if module.in_features * module.out_features <= SMALL_LAYER_WEIGHTS and codes_fit(module):
-        return CodesLinear(module)
-    return PackedWeightLinear(module) if packed_eligible(module) else None
+    if packed_eligible(module):
+        return PackedWeightLinear(module)
+    small = module.in_features * module.out_features <= SMALL_LAYER_WEIGHTS
+    return CodesLinear(module) if small and codes_fit(module) else None
 
 
 def to_fast_kernels_(model: nn.Module) -> list[str]:
