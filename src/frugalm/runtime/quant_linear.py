@@ -246,7 +246,40 @@ def fused_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias)
     return y + bias.to(y.dtype) if bias is not None else y
 
 
-class PackedWeightLinear(nn.Module):
+def signed_codes(source: QuantLinear) -> torch.Tensor:
+    """q - z per weight as int8 (out, in): fits for int4 with any zero point and int8 with zero point 128."""
+    q = unpack(source.qweight, source.bits).to(torch.int16)
+    return (q - source.zeros.to(torch.int16).repeat_interleave(source.group_size, dim=1)).to(torch.int8)
+
+
+def dequantize_signed(codes: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
+    out_f, groups = scales.shape
+    return (codes.view(out_f, groups, -1).to(dtype) * scales[..., None].to(dtype)).view(out_f, -1)
+
+
+class _WeightOnlyLayer(nn.Module):
+    """What the CPU's weight-only layers share: QuantLinear's shape and format, its bias, the weights it holds."""
+
+    kernel: str
+
+    def __init__(self, source: QuantLinear):
+        super().__init__()
+        self.in_features, self.out_features, self.bits = source.in_features, source.out_features, source.bits
+        self.group_size, self.activations = source.group_size, "none"
+        self.bias = source.bias
+
+    @property
+    def format(self) -> str:
+        return format_name(self.bits, "none")
+
+    def packed_params(self) -> int:
+        return self.in_features * self.out_features
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}"
+
+
+class PackedWeightLinear(_WeightOnlyLayer):
     """A w8a16 or w4a16 layer on ATen's packed CPU kernels, computing in bfloat16 (see module doc).
 
     int8: per-channel symmetric codes (zero point 128) as int8 with one scale per row,
@@ -260,17 +293,14 @@ class PackedWeightLinear(nn.Module):
     """
 
     def __init__(self, source: QuantLinear):
-        super().__init__()
-        self.in_features, self.out_features, self.bits = source.in_features, source.out_features, source.bits
-        self.group_size, self.activations = source.group_size, "none"
+        super().__init__(source)
         # per phase: decode rows on the packed kernel, prefill rows on bfloat16 weights dequantized per call
         self.kernel = f"{'int8pack' if source.bits == 8 else 'int4pack'}-bf16 decode, bf16-dequantize prefill"
         self.fused = source.in_features * source.out_features <= SMALL_LAYER_WEIGHTS
         if self.fused:
             self.kernel += ", fused loop in compiled decode"
-        q = unpack(source.qweight, source.bits)
         if source.bits == 8:
-            self.register_buffer("codes", (q.to(torch.int16) - 128).to(torch.int8))
+            self.register_buffer("codes", signed_codes(source))
             self.register_buffer("scales", source.scales.clone())  # (out, 1) float16
             self.register_buffer("kernel_scales", source.scales[:, 0].bfloat16())
         else:
@@ -278,28 +308,16 @@ class PackedWeightLinear(nn.Module):
             repeat = source.group_size // self.kernel_group  # a wider group is exactly several blocks sharing its scale
             scales = source.scales.float().repeat_interleave(repeat, dim=1)
             offsets = (8 - source.zeros.float().repeat_interleave(repeat, dim=1)) * scales
-            self.register_buffer("codes", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 8))
+            q = unpack(source.qweight, source.bits).to(torch.int32)
+            self.register_buffer("codes", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8))
             self.register_buffer("kernel_scales", torch.stack([scales.t(), offsets.t()], -1).bfloat16().contiguous())
             # Prefill dequantizes from int8 codes minus zero point: one conversion and one multiply per
             # call, where unpacking nibbles and subtracting zero points made prefill 0.65x float32.
-            self.register_buffer("signed_codes", (q.to(torch.int16) - source.zeros.repeat_interleave(
-                source.group_size, dim=1).to(torch.int16)).to(torch.int8))  # fmt: skip
+            self.register_buffer("signed_codes", signed_codes(source))
             self.register_buffer("scales", source.scales.clone())
-        self.bias = source.bias
-
-    @property
-    def format(self) -> str:
-        return format_name(self.bits, "none")
-
-    def packed_params(self) -> int:
-        return self.in_features * self.out_features
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        if self.bits == 8:
-            return self.codes.to(dtype) * self.scales.to(dtype)
-        out_f, groups = self.scales.shape
-        w = self.signed_codes.view(out_f, groups, -1).to(dtype) * self.scales[..., None].to(dtype)
-        return w.view(out_f, self.in_features)
+        return dequantize_signed(self.codes if self.bits == 8 else self.signed_codes, self.scales, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused and torch.compiler.is_compiling() and x.numel() <= DECODE_ROWS * self.in_features:
@@ -317,11 +335,8 @@ class PackedWeightLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel={self.kernel}"
 
-
-class CodesLinear(nn.Module):
+class CodesLinear(_WeightOnlyLayer):
     """A small weight-only layer the packed kernels refuse, computing in the model's dtype from its codes held as int8.
 
     Holds q - z per weight (int4 codes and any zero point, or int8 symmetric ones, fit int8) and the
@@ -334,37 +349,19 @@ class CodesLinear(nn.Module):
     kernel = "int8-codes: fused loop (compiled decode), dequantize (else)"
 
     def __init__(self, source: QuantLinear):
-        super().__init__()
+        super().__init__(source)
         assert codes_fit(source), "int4, or int8 with zero point 128, so that q - z fits int8"
-        self.in_features, self.out_features, self.bits = source.in_features, source.out_features, source.bits
-        self.group_size, self.activations = source.group_size, "none"
-        q = unpack(source.qweight, source.bits).to(torch.int16)
-        self.register_buffer(
-            "codes", (q - source.zeros.to(torch.int16).repeat_interleave(source.group_size, 1)).to(torch.int8)
-        )
+        self.register_buffer("codes", signed_codes(source))
         self.register_buffer("scales", source.scales.clone())
-        self.bias = source.bias
-
-    @property
-    def format(self) -> str:
-        return format_name(self.bits, "none")
-
-    def packed_params(self) -> int:
-        return self.in_features * self.out_features
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
-        out_f, groups = self.scales.shape
-        w = self.codes.view(out_f, groups, -1).to(dtype) * self.scales[..., None].to(dtype)
-        return w.view(out_f, self.in_features)
+        return dequantize_signed(self.codes, self.scales, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and x.numel() <= DECODE_ROWS * self.in_features:
             return fused_rows(x, self.codes, self.scales, self.bias)
         y = F.linear(x, self.dequantized_weight(x.dtype))
         return y + self.bias.to(y.dtype) if self.bias is not None else y
-
-    def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group_size={self.group_size}, kernel=int8-codes"
 
 
 def codes_fit(module: QuantLinear) -> bool:
@@ -460,11 +457,7 @@ def format_summary(model: nn.Module) -> dict[str, dict[str, int]]:
     """Quantized layers by format, then by the kernel that runs them: {"w8a8-dynamic": {"fbgemm": 14}}."""
     out: dict[str, dict[str, int]] = {}
     for m in model.modules():
-        fmt = (
-            getattr(m, "format", None)
-            if isinstance(m, (QuantLinear, Int8Linear, PackedWeightLinear, CodesLinear))
-            else None
-        )
+        fmt = getattr(m, "format", None) if isinstance(m, (QuantLinear, Int8Linear, _WeightOnlyLayer)) else None
         if fmt:
             kernels = out.setdefault(fmt, {})
             kernels[m.kernel] = kernels.get(m.kernel, 0) + 1
