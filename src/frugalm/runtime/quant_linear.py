@@ -230,7 +230,7 @@ measured faster there than the packed kernels (benchmarks/bench_kernels.py)."""
 
 SMALL_LAYER_WEIGHTS = 200_000
 """Weight-only layers with at most this many weights decode through `fused_rows` in a compiled graph:
-near where it stops beating the packed int4 kernel at batch-1 decode in a compiled graph, measured on this 2-core AVX2
+about where the fused loop stops beating the packed int4 kernel there, measured on this 2-core AVX2
 machine at 2 threads (benchmarks/bench_kernels.py --only small, chains of int4 group-32 layers,
 paired): 1.09x the packed kernel's speed at 64x64, 1.17x at 192x576 (110,592 weights), 0.90x at
 576x576 (331,776), 0.76x at 1536x576, 0.42x at 2048x5632; the two middle points cross near 200,000."""

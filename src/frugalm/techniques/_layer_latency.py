@@ -1,11 +1,11 @@
 """Decode latency of linear layers per stored format, measured here, for budgets in ms per token.
 
 A decode step at batch 1 runs every linear layer on one row. Each candidate format of a layer is
-built as a saved variant would run it (runtime/quant_linear.fast_layer: CodesLinear for small
-layers, PackedWeightLinear on ATen's int8 and int4 CPU kernels where the layer fits them, else the
-dequantizing QuantLinear) and timed on one
-float32 row, round-robin with the layer's other formats and its float original (every one once
-per round, `rounds` rounds, each sample `calls` calls), keeping the median per format. The step
+built as a saved variant would run it eagerly (runtime/quant_linear.fast_layer: PackedWeightLinear
+on ATen's int8 and int4 CPU kernels where the layer fits them, CodesLinear for small layers they
+refuse, else the dequantizing QuantLinear) and timed on one float32 row, round-robin with the
+layer's other formats and its float original (every one once per round, `rounds` rounds, each
+sample `calls` calls), keeping the median per format. The step
 outside the targeted layers is the float model's whole step (one token from a `prompt`-token
 cache, median of `rounds` samples) minus the float layers' own times. Layers cost more inside
 a model than alone, so each format's isolated latencies are scaled to match the measured step of
