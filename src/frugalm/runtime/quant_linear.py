@@ -232,8 +232,10 @@ SMALL_LAYER_WEIGHTS = 200_000
 """Weight-only layers with at most this many weights decode through `fused_rows` in a compiled graph:
 about where the fused loop stops beating the packed int4 kernel there, measured on this 2-core AVX2
 machine at 2 threads (benchmarks/bench_kernels.py --only small, chains of int4 group-32 layers,
-paired): 1.09x the packed kernel's speed at 64x64, 1.17x at 192x576 (110,592 weights), 0.90x at
-576x576 (331,776), 0.76x at 1536x576, 0.42x at 2048x5632; the two middle points cross near 200,000."""
+paired; two runs): 1.09-1.21x the packed kernel's speed at 64x64, 1.10-1.17x at 192x576 (110,592
+weights), 0.86-0.90x at 576x576 (331,776), 0.75-0.76x at 1536x576, 0.37-0.42x at 2048x5632; the
+two middle points cross between 170,000 and 210,000. Eager calls keep the packed kernel (the same
+bench: dequantizing per call ran at 0.83x of its speed at 64x64, 0.36x at 192x576)."""
 
 
 def fused_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias) -> torch.Tensor:
