@@ -1,6 +1,6 @@
 """The decode step's own speed: compiled against eager, against the bandwidth limit, and the quantized KV cache's cost.
 
-    .venv/bin/python benchmarks/bench_decode.py [--threads 2] [--budget 20] [--only compiled|kv]
+    .venv/bin/python benchmarks/bench_decode.py [--threads 2] [--budget 20] [--only compiled|guards|kv]
 
 On the random-weight SmolLM2-135M stand-in (real shapes; bench_foundation.py), timed with the
 calls `frugalm bench --reference` times (frugalm.measure.speedup: one greedy step at batch 1,
@@ -15,6 +15,11 @@ compiled  The compiled decode path (runtime/compiled: static KV cache, torch.com
           step (median of its paired samples) over bandwidth / weight bytes read per token, with
           the read bandwidth measured here (torch.sum over 1 GiB, median of 7), for the eager
           and the compiled float32 step.
+guards    What dynamo's guards cost the compiled step: stories260K (real, shared assets) and the
+          stand-in, float32, each compiled twice in this process, once keeping every guard dynamo
+          makes and once as shipped (runtime/compiled.call_guards: the call's guards only), the
+          same one-step call (chat shape), paired: the ratio is the shipped step's speed over
+          the fully guarded one's. The guards kept and dropped are counted.
 kv        The packed int8 and int4 KV caches (techniques/kv_cache_quant, group 64, 128 recent
           tokens in float) against the float cache at the long workload (1,536-token prompt):
           the decode step's paired ratio, and the cache's bytes (counted; the packed cache's
@@ -34,7 +39,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compression_speed import build_variant  # noqa: E402
-from bench_foundation import build_standin, read_bandwidth_gbs  # noqa: E402
+from bench_foundation import STORIES, build_standin, read_bandwidth_gbs  # noqa: E402
 
 PACKED = ("w8a16", "int4-g32", "int4-g32+head")
 
@@ -97,6 +102,50 @@ def compiled_section(args, base) -> None:
         )
 
 
+def guards_section(args, base) -> None:
+    import torch
+
+    from frugalm.measure.paired import PairedConfig
+    from frugalm.measure.speedup import decode_call
+    from frugalm.models import load_model
+    from frugalm.runtime import compiled
+    from frugalm.runtime.kv_cache import cache_factory
+
+    config = PairedConfig(budget_s=args.budget)
+    print(
+        f"compiled decode step at batch 1 from a 128-token prompt (cache for 192): the call's guards vs every guard; {config}"
+    )
+    shipped = compiled.call_guards
+    for name, folder in (("stories260K", STORIES), ("135M stand-in", base)):
+        calls, kept = {}, {}
+        for kind in ("every guard", "the call's"):
+            decisions = kept[kind] = []
+
+            def counted(model_as, kind=kind, decisions=decisions):
+                choose = shipped(model_as) if kind == "the call's" else lambda entries: [True] * len(entries)
+
+                def keep(entries):
+                    decisions.extend(choose(entries))
+                    return decisions[-len(entries) :]
+
+                return keep
+
+            compiled.call_guards = counted  # this model's graph only
+            try:
+                model = load_model(folder).model
+                compiled.install(model, {"mode": "default"})
+                ids = torch.randint(5, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+                calls[kind] = decode_call(
+                    model, ids, cache_factory(model, {compiled.SETTING: {"mode": "default"}}), 192
+                )
+                calls[kind]()  # compiles (the filter runs here)
+            finally:
+                compiled.call_guards = shipped
+        decisions = kept["the call's"]
+        print(f"{name}: {sum(decisions)} of {len(decisions)} guards kept (counted)")
+        _timed(f"{name}: the call's guards / every guard", calls["the call's"], calls["every guard"], config)
+
+
 def kv_section(args, base) -> None:
     import torch
 
@@ -130,7 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per paired figure")
-    parser.add_argument("--only", choices=("compiled", "kv"))
+    parser.add_argument("--only", choices=("compiled", "guards", "kv"))
     args = parser.parse_args()
     import torch
 
@@ -139,6 +188,8 @@ def main() -> None:
     print(f"threads {args.threads}")
     if args.only in (None, "compiled"):
         compiled_section(args, base)
+    if args.only in (None, "guards"):
+        guards_section(args, base)
     if args.only in (None, "kv"):
         kv_section(args, base)
 

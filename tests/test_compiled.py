@@ -1,6 +1,7 @@
 """The compiled decode path: same tokens as eager, one compilation per shape on record, the stage and bench option."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -126,3 +127,49 @@ def test_bench_compile_refuses_a_quantized_cache_variant_in_one_line(tiny_llama,
     config = BenchConfig(data=str(text_file), workloads=("chat",), repetitions=1, warmup=0, compile=True)
     with pytest.raises(FrugalmError, match="without --compile"):
         bench(folder, config, store=tmp_path / "s.db")
+
+
+def test_each_model_runs_its_own_graph_and_only_the_calls_guards_are_checked(tiny_llama):
+    """Graphs keep the call's guards only (compiled.call_guards): a second model of the same class whose
+    graph differs from the first's in a constant alone (its norms' epsilon, which no guard kept checks)
+    still gets its own graph, also from a one-token prompt (its first step fills an empty cache); a model
+    in training mode runs eager."""
+    first, second = load_model(tiny_llama).model, load_model(tiny_llama).model
+    for module in second.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = 0.5
+    ids = torch.randint(4, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    refs = [_greedy(m, ids, 6, DynamicCache(config=m.config)) for m in (first, second)]
+    assert not torch.allclose(refs[0][1], refs[1][1], atol=1e-2)
+    for model, (ref_tokens, ref_logits) in zip((first, second), refs, strict=True):
+        compiled.install(model, {"mode": "default"})
+        tokens, logits = _greedy(model, ids, 6, compiled.static_cache(model, 12 + 6))
+        assert torch.equal(tokens, ref_tokens)
+        assert torch.allclose(logits, ref_logits, atol=1e-4)
+    tokens, logits = _greedy(second, ids[:, :1], 4, compiled.static_cache(second, 1 + 4))
+    ref_tokens, ref_logits = _greedy(second, ids[:, :1], 4, DynamicCache(config=second.config))  # eager
+    assert torch.equal(tokens, ref_tokens)
+    assert torch.allclose(logits, ref_logits, atol=1e-4)
+    shapes = len(compiled.compile_log(second))
+    second.train()
+    _greedy(second, ids, 2, compiled.static_cache(second, 12 + 2))  # a new cache length, not compiled
+    assert len(compiled.compile_log(second)) == shapes
+
+
+def test_the_guard_filter_drops_the_models_objects_and_globals_and_keeps_the_calls():
+    entry = lambda kind, name, is_global=False: SimpleNamespace(guard_type=kind, name=name, is_global=is_global)  # noqa: E731
+    keep = compiled.call_guards("draft")
+    cases = [
+        (entry("TENSOR_MATCH", "draft._modules['lm_head']._parameters['weight']"), True),  # a cast model compiles again
+        (entry("DUPLICATE_INPUT", "draft._modules['a']._parameters['weight']"), True),
+        (entry("CONSTANT_MATCH", "draft._modules['norm'].variance_epsilon"), False),
+        (entry("TYPE_MATCH", "dict(type(draft)).__dict__['forward']"), False),
+        (entry("EMPTY_NN_MODULE_HOOKS_DICT", "draft._forward_hooks"), False),
+        (entry("MODULE_MATCH", "G['__import_torch']", is_global=True), False),
+        (entry("CONSTANT_MATCH", "cache.layers[0].is_initialized"), True),
+        (entry("TYPE_MATCH", "dict(type(cache)).__dict__['crop']"), True),
+        (entry("CONSTANT_MATCH", "kwargs['logits_to_keep']"), True),
+        (entry("GRAD_MODE", ""), True),
+        (entry("CONSTANT_MATCH", "drafts.k"), True),  # another variable, not the model's
+    ]
+    assert keep([e for e, _ in cases]) == [kept for _, kept in cases]

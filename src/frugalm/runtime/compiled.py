@@ -23,6 +23,7 @@ restorable (`crop`) and the compile time on record.
 from __future__ import annotations
 
 import functools
+import re
 import time
 
 import torch
@@ -83,13 +84,14 @@ def install(model: nn.Module, settings: dict) -> nn.Module:
         return model
     check_fits(model, SETTING)
     eager = model.forward
-    graph = compile_graph(eager, model, settings.get("mode", "default"))
+    graph = compile_graph(eager, model, settings.get("mode", "default"), model_as="self")
     log: list[dict] = []
     switches_for: dict[tuple[int, int], GraphSwitches] = {}  # per (batch, cache length)
 
     @functools.wraps(eager)
     def forward(input_ids=None, *args, past_key_values=None, **kwargs):
-        if isinstance(past_key_values, StaticDecodeCache) and input_ids is not None and input_ids.shape[1] == 1:
+        if (isinstance(past_key_values, StaticDecodeCache) and input_ids is not None and input_ids.shape[1] == 1
+                and not model.training):  # fmt: skip
             length = past_key_values.layers[0].max_cache_len
             switches = switches_for.get((input_ids.shape[0], length))
             if switches is not None:
@@ -109,14 +111,54 @@ def install(model: nn.Module, settings: dict) -> nn.Module:
     return model
 
 
-def compile_graph(fn, model: nn.Module, mode: str = "default"):
-    """`torch.compile(fn)` as one static-shape graph; on CPU with inductor's C++ wrapper, which calls
-    the kernels from C++: with the default Python wrapper a stories260K step spent more time
-    reinterpreting buffers and checking strides in Python (~200 calls per step) than in its kernels."""
-    options = {"cpp_wrapper": True} if next(model.parameters()).device.type == "cpu" else {}
-    if mode != "default":
-        return torch.compile(fn, mode=mode, fullgraph=True, dynamic=False)  # a mode and options exclude each other
-    return torch.compile(fn, fullgraph=True, dynamic=False, options=options)
+def compile_graph(fn, model: nn.Module, mode: str = "default", *, model_as: str):
+    """`torch.compile(fn)` as one static-shape graph of `model`, which `fn` reaches by the name
+    `model_as` (its `self`, or a closure's variable), with these choices:
+
+    - on CPU, inductor's C++ wrapper, which calls the kernels from C++: with the default Python
+      wrapper a stories260K step spent more time reinterpreting buffers and checking strides in
+      Python (~200 calls per step) than in its kernels;
+    - guards on the call only (`call_guards`): the model is taken as it was when the graph was
+      made;
+    - compilations of its own (`isolate_recompiles`): entries are kept per code object, and two
+      models' forwards share one, so one model's call must never find a graph traced on another.
+    """
+    from torch._inductor import list_mode_options  # deferred: inductor is slow to import (~1.4 s)
+
+    options = {**list_mode_options(mode), "guard_filter_fn": call_guards(model_as)}
+    if next(model.parameters()).device.type == "cpu":
+        options["cpp_wrapper"] = True
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=options, isolate_recompiles=True)
+
+
+def call_guards(model_as: str):
+    """A guard filter (torch.compile's guard_filter_fn) that keeps the guards on the call and drops
+    those on the model's Python objects and on globals.
+
+    Kept: every tensor's (shape, dtype, device, strides, aliasing; the model's parameters
+    included, so a model cast or moved after compiling compiles again), the global state (grad
+    mode, default device, ...), and the other arguments' (the cache's layers and flags, the
+    keyword arguments). Dropped: ~1,400 guards on stories260K's modules, hooks, config values and
+    imported functions, re-checked on every call (transformers' configs answer through a Python
+    `__getattribute__`): their checks took ~0.3 ms of a ~1.3 ms step
+    (`benchmarks/bench_decode.py --only guards`). So hooks added, modules swapped or the config
+    changed after the first call are not seen; frugalm makes the graph from the model as it runs.
+    """
+
+    def keep(entries) -> list[bool]:
+        return [
+            e.guard_type in ("TENSOR_MATCH", "DUPLICATE_INPUT")
+            or not e.name
+            or (not e.is_global and _root(e.name) != model_as)
+            for e in entries
+        ]
+
+    return keep
+
+
+def _root(source: str) -> str:
+    """The variable a guard's source starts from: "draft" in "dict(type(draft)...)['x']" or "draft._modules[...]"."""
+    return re.match(r"(?:\w+\()*(\w*)", source).group(1)
 
 
 class GraphSwitches:

@@ -190,7 +190,7 @@ class CompiledDraftProposer:
                     logits = draft(token, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
             return torch.cat(guesses, 1), torch.cat(tops, 1)
 
-        graph, switches = compiled.compile_graph(run, draft), {}
+        graph, switches = compiled.compile_graph(run, draft, model_as="draft"), {}
 
         def call(tokens: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
             t, length = time.perf_counter(), cache.layers[0].max_cache_len
