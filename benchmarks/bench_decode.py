@@ -1,6 +1,6 @@
 """The decode step's own speed: compiled against eager, against the bandwidth limit, and the quantized KV cache's cost.
 
-    .venv/bin/python benchmarks/bench_decode.py [--threads 2] [--budget 20] [--only compiled|guards|kv]
+    .venv/bin/python benchmarks/bench_decode.py [--threads 2] [--budget 20] [--only compiled|guards|kv] [--variants float32 ...]
 
 On the random-weight SmolLM2-135M stand-in (real shapes; bench_foundation.py), timed with the
 calls `frugalm bench --reference` times (frugalm.measure.speedup: one greedy step at batch 1,
@@ -12,9 +12,9 @@ compiled  The compiled decode path (runtime/compiled: static KV cache, torch.com
           the chat workload's shape (128-token prompt, cache for 192 tokens), for float32 and
           the packed weight-only variants of bench_kernels.py. Compile time (measured, first
           call) is printed beside each. Then the fraction of the bandwidth limit: tok/s of the
-          step (median of its paired samples) over bandwidth / weight bytes read per token, with
-          the read bandwidth measured here (torch.sum over 1 GiB, median of 7), for the eager
-          and the compiled float32 step.
+          step paired against reading the weights' bytes once (torch.sum over a float32 tensor
+          of that size), for the eager and the compiled float32 step: the ratio, read time
+          over step time, is the step's fraction of the bandwidth limit, with its interval.
 guards    What dynamo's guards cost the compiled step: stories260K (real, shared assets) and the
           stand-in, float32, each compiled twice in this process, once keeping every guard dynamo
           makes and once as shipped (runtime/compiled.call_guards: the call's guards only), the
@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compression_speed import build_variant  # noqa: E402
-from bench_foundation import STORIES, build_standin, read_bandwidth_gbs  # noqa: E402
+from bench_foundation import STORIES, build_standin  # noqa: E402
 
 PACKED = ("w8a16", "int4-g32", "int4-g32+head")
 
@@ -73,8 +73,10 @@ def compiled_section(args, base) -> None:
     tokens = 128 + 64
     ref = decode_call(eager, ids, None, tokens)
     print(f"decode step at batch 1 from a 128-token prompt vs eager float32 (DynamicCache); {config}")
-    float_result = None
+    float_call = None
     for name in ("float32", *PACKED):
+        if name not in args.variants:
+            continue
         folder = base if name == "float32" else build_variant(base, name)[0]
         model = load_model(folder).model
         if name != "float32":
@@ -85,21 +87,21 @@ def compiled_section(args, base) -> None:
         t = time.perf_counter()
         call()
         print(f"  ({name}: compiled in {time.perf_counter() - t:.1f} s, measured: first call)")
-        r = _timed(f"{name} compiled", call, ref, config)
+        _timed(f"{name} compiled", call, ref, config)
         if name == "float32":
-            float_result = r
-        del model
-    bw, bw_sd = read_bandwidth_gbs()
+            float_call = call
+        del model, call
+    if float_call is None:
+        return
     weights = weights_bytes(eager)
-    limit = bw * 1e9 / weights
-    eager_s = statistics.median(float_result.seconds_b)  # per-call seconds
-    compiled_s = statistics.median(float_result.seconds_a)
-    print(f"\nread bandwidth (torch.sum over 1 GiB float32, median of 7): {bw:.2f} ± {bw_sd:.2f} GB/s; "
-          f"float32 weights {weights / 1e6:.1f} MB per token; limit {limit:.2f} tok/s")  # fmt: skip
-    for label, s in (("eager", eager_s), ("compiled", compiled_s)):
-        print(
-            f"float32 {label:<8} decode {1 / s:.2f} tok/s (median of paired samples) = {1 / s / limit:.2f} of the bandwidth limit"
-        )
+    block = torch.ones(weights // 4)  # as many bytes as the float32 weights a step reads
+    block.sum()  # paged in
+    print(f"\nthe bandwidth limit, paired: one torch.sum over {weights / 1e6:.1f} MB of float32 (the weights' bytes) "
+          f"against one float32 step; the ratio is the step's fraction of the limit (read time / step time)")  # fmt: skip
+    for label, call in (("eager", ref), ("compiled", float_call)):
+        r = _timed(f"float32 {label} step vs reading its weights", call, block.sum, config)
+        print(f"  {1 / statistics.median(r.seconds_a):.2f} tok/s against a limit of {1 / statistics.median(r.seconds_b):.2f} "
+              f"tok/s ({weights / statistics.median(r.seconds_b) / 1e9:.2f} GB/s), medians")  # fmt: skip
 
 
 def guards_section(args, base) -> None:
@@ -180,6 +182,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per paired figure")
     parser.add_argument("--only", choices=("compiled", "guards", "kv"))
+    parser.add_argument("--variants", nargs="*", default=("float32", *PACKED), help="compiled section: which variants")
     args = parser.parse_args()
     import torch
 
