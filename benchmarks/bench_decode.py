@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_compression_speed import build_variant  # noqa: E402
 from bench_foundation import STORIES, build_standin  # noqa: E402
 
-PACKED = ("w8a16", "int4-g32", "int4-g32+head")
+PACKED = ("w8a16", "w8a16+head", "int4-g32", "int4-g32+head")
 
 
 def _timed(label, call, ref, config):
