@@ -129,11 +129,23 @@ def test_bench_compile_refuses_a_quantized_cache_variant_in_one_line(tiny_llama,
         bench(folder, config, store=tmp_path / "s.db")
 
 
-def test_each_model_runs_its_own_graph_and_only_the_calls_guards_are_checked(tiny_llama):
-    """Graphs keep the call's guards only (compiled.call_guards): a second model of the same class whose
-    graph differs from the first's in a constant alone (its norms' epsilon, which no guard kept checks)
-    still gets its own graph, also from a one-token prompt (its first step fills an empty cache); a model
-    in training mode runs eager."""
+def test_each_model_runs_its_own_graph_and_only_the_calls_guards_are_checked(tiny_llama, monkeypatch):
+    """Graphs keep the call's guards only (compiled.call_guards): on a real graph the filter drops the
+    model's guards (dynamo's names for them are what it expects) and keeps every tensor's; a second
+    model of the same class whose graph differs from the first's in a constant alone (its norms'
+    epsilon, which no guard kept checks) still gets its own graph, also from a one-token prompt (its
+    first step fills an empty cache); a model in training mode runs eager."""
+    seen, shipped = [], compiled.call_guards
+
+    def recorded(model_as):
+        def keep(entries):
+            kept = shipped(model_as)(entries)
+            seen.extend(zip(entries, kept, strict=True))
+            return kept
+
+        return keep
+
+    monkeypatch.setattr(compiled, "call_guards", recorded)
     first, second = load_model(tiny_llama).model, load_model(tiny_llama).model
     for module in second.modules():
         if hasattr(module, "variance_epsilon"):
@@ -146,6 +158,11 @@ def test_each_model_runs_its_own_graph_and_only_the_calls_guards_are_checked(tin
         tokens, logits = _greedy(model, ids, 6, compiled.static_cache(model, 12 + 6))
         assert torch.equal(tokens, ref_tokens)
         assert torch.allclose(logits, ref_logits, atol=1e-4)
+    dropped = [e for e, kept in seen if not kept]
+    assert all(kept for e, kept in seen if e.guard_type == "TENSOR_MATCH")
+    assert len(dropped) > len(seen) / 2
+    assert any(e.guard_type == "EMPTY_NN_MODULE_HOOKS_DICT" for e in dropped)
+    assert any(kept and e.name.startswith("kwargs") for e, kept in seen)  # the cache's
     tokens, logits = _greedy(second, ids[:, :1], 4, compiled.static_cache(second, 1 + 4))
     ref_tokens, ref_logits = _greedy(second, ids[:, :1], 4, DynamicCache(config=second.config))  # eager
     assert torch.equal(tokens, ref_tokens)
