@@ -127,8 +127,9 @@ def guards_section(args, base) -> None:
                 choose = shipped(model_as) if kind == "the call's" else lambda entries: [True] * len(entries)
 
                 def keep(entries):
-                    decisions.extend(choose(entries))
-                    return decisions[-len(entries) :]
+                    kept = choose(entries)
+                    decisions.extend(kept)
+                    return kept
 
                 return keep
 
@@ -182,7 +183,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds per paired figure")
     parser.add_argument("--only", choices=("compiled", "guards", "kv"))
-    parser.add_argument("--variants", nargs="*", default=("float32", *PACKED), help="compiled section: which variants")
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        default=("float32", *PACKED),
+        choices=("float32", *PACKED),
+        help="compiled section: which variants",
+    )
     args = parser.parse_args()
     import torch
 

@@ -230,12 +230,17 @@ measured faster there than the packed kernels (benchmarks/bench_kernels.py)."""
 
 SMALL_LAYER_WEIGHTS = 200_000
 """Weight-only layers with at most this many weights decode through `fused_rows` in a compiled graph:
-about where the fused loop stops beating the packed int4 kernel there, measured on this 2-core AVX2
-machine at 2 threads (benchmarks/bench_kernels.py --only small, chains of int4 group-32 layers,
+about where the fused loop stops beating the packed int4 kernel there, measured on this 2-core machine
+(AVX-512) at 2 threads (benchmarks/bench_kernels.py --only small, chains of int4 group-32 layers,
 paired; two runs): 1.09-1.21x the packed kernel's speed at 64x64, 1.10-1.17x at 192x576 (110,592
 weights), 0.86-0.90x at 576x576 (331,776), 0.75-0.76x at 1536x576, 0.37-0.42x at 2048x5632; the
 two middle points cross between 170,000 and 210,000. Eager calls keep the packed kernel (the same
 bench: dequantizing per call ran at 0.83x of its speed at 64x64, 0.36x at 192x576)."""
+
+
+def is_small(module: nn.Module) -> bool:
+    """At most SMALL_LAYER_WEIGHTS weights: decoded through `fused_rows` inside compiled graphs."""
+    return module.in_features * module.out_features <= SMALL_LAYER_WEIGHTS
 
 
 def fused_rows(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias) -> torch.Tensor:
@@ -298,7 +303,7 @@ class PackedWeightLinear(_WeightOnlyLayer):
         super().__init__(source)
         # per phase: decode rows on the packed kernel, prefill rows on bfloat16 weights dequantized per call
         self.kernel = f"{'int8pack' if source.bits == 8 else 'int4pack'}-bf16 decode, bf16-dequantize prefill"
-        self.fused = source.in_features * source.out_features <= SMALL_LAYER_WEIGHTS
+        self.fused = is_small(source)
         if self.fused:
             self.kernel += ", fused loop in compiled decode"
         if source.bits == 8:
@@ -412,8 +417,7 @@ def fast_layer(module: QuantLinear, fbgemm: bool) -> nn.Module | None:
         return Int8Linear(module) if fbgemm else None
     if packed_eligible(module):
         return PackedWeightLinear(module)
-    small = module.in_features * module.out_features <= SMALL_LAYER_WEIGHTS
-    return CodesLinear(module) if small and codes_fit(module) else None
+    return CodesLinear(module) if is_small(module) and codes_fit(module) else None
 
 
 def to_fast_kernels_(model: nn.Module) -> list[str]:
