@@ -11,7 +11,8 @@ compiled  The compiled decode path (runtime/compiled: static KV cache, torch.com
           one-token step) against the eager float32 model with transformers' DynamicCache, on
           the chat workload's shape (128-token prompt, cache for 192 tokens), for float32 and
           the packed weight-only variants of bench_kernels.py. Compile time (measured, first
-          call) is printed beside each. Then the fraction of the bandwidth limit: tok/s of the
+          call) is printed beside each, and each compiled packed variant is also paired against
+          the compiled float32 step (when float32 is among the variants). Then the fraction of the bandwidth limit: tok/s of the
           step paired against reading the weights' bytes once (torch.sum over a float32 tensor
           of that size), for the eager and the compiled float32 step: the ratio, read time
           over step time, is the step's fraction of the bandwidth limit, with its interval.
@@ -90,6 +91,8 @@ def compiled_section(args, base) -> None:
         _timed(f"{name} compiled", call, ref, config)
         if name == "float32":
             float_call = call
+        elif float_call is not None:
+            _timed(f"{name} compiled vs float32 compiled", call, float_call, config)
         del model, call
     if float_call is None:
         return

@@ -13,6 +13,7 @@ from frugalm.measure.quality import PerplexityProtocol, measure_quality, score_t
 from frugalm.measure.workloads import Workload
 from frugalm.models import load_model, save_variant
 from frugalm.recipe import build_config
+from frugalm.runtime import cpu_kernels
 from frugalm.runtime.kv_cache import (
     FLUSH_TOKENS,
     PackedKVLayer,
@@ -120,10 +121,14 @@ def test_cache_bytes_are_the_packed_storage(tiny, bits, limit):
         layer.keys.shape[-2] == window for layer in quant.layers
     )
     packed = vectors * (tokens - window) * _per_token_bytes(bits, 16)
-    # the attention workspace (one layer's keys and values in float32, grown by 1.5x), counted once
-    workspace = quant.layers[0].workspace.buffer.nbytes
-    one_layer = batch * KV_HEADS * 2 * (tokens - 1) * HEAD_DIM * 4  # as the last step read them
-    assert one_layer <= workspace <= 1.5 * one_layer and quant.layers[1].workspace is quant.layers[0].workspace
+    assert quant.layers[1].workspace is quant.layers[0].workspace
+    if cpu_kernels.available():  # attention reads the codes as bytes: no float workspace
+        assert quant.layers[0].workspace.buffer is None
+        workspace = 0
+    else:  # the attention workspace (one layer's keys and values in float32, grown by 1.5x), counted once
+        workspace = quant.layers[0].workspace.buffer.nbytes
+        one_layer = batch * KV_HEADS * 2 * (tokens - 1) * HEAD_DIM * 4  # as the last step read them
+        assert one_layer <= workspace <= 1.5 * one_layer
     assert cache_bytes(quant) == packed + vectors * window * HEAD_DIM * 4 + workspace
     assert packed <= limit * vectors * (tokens - window) * HEAD_DIM * 4  # against float32, beyond the window
     assert all(isinstance(layer, PackedKVLayer) for layer in quant.layers)
@@ -176,12 +181,17 @@ def test_apply_save_load_round_trips_the_setting(tiny_llama, tmp_path, text_file
     )
 
 
-@pytest.mark.parametrize("bits, factors", [(8, False), (4, False), (8, True)])
-def test_one_token_steps_attend_over_the_packed_codes(tiny_llama, bits, factors, monkeypatch):
+@pytest.mark.parametrize(
+    "bits, factors, kernels", [(8, False, True), (8, False, False), (4, False, True), (8, True, True)]
+)
+def test_one_token_steps_attend_over_the_packed_codes(tiny_llama, bits, factors, kernels, monkeypatch):
     # the packed-codes attention equals attention over the dequantized past, padding masks included;
-    # longer steps (a speculative verify, a prompt chunk) still read the dequantized past
+    # longer steps (a speculative verify, a prompt chunk) still read the dequantized past. The codes
+    # go through frugalm's CPU kernel where it builds (no float workspace), else torch ops (kernels False).
     import frugalm.runtime.kv_cache as kv
 
+    if not kernels:
+        monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     if factors:  # the stored scale and scale * zero of longer head vectors (head_dim 16 here)
         monkeypatch.setattr(kv, "FACTORS_MIN_HEAD_DIM", HEAD_DIM)
 
@@ -206,6 +216,8 @@ def test_one_token_steps_attend_over_the_packed_codes(tiny_llama, bits, factors,
     assert model.config._attn_implementation == kv.ATTENTION and packed.layers[0].attend is not None
     fused, read_dequantized = steps(packed)
     assert (packed.layers[0].packed.factors is not None) == factors
+    on_bytes = cpu_kernels.available()
+    assert (packed.layers[0].workspace.buffer is None) == on_bytes, "the kernels read the codes with no workspace"
     assert not read_dequantized and dequantized, "one-token steps read the codes, the three-token step does not"
     plain = make_cache(model, _kv(bits, 16, 8), 0)
     for layer in plain.layers:
@@ -235,7 +247,8 @@ def test_timed_workload_runs_with_the_cache_and_counts_its_bytes(tiny):
     )  # fmt: skip
     assert len(quant.decode_step_s[0]) == 7
     assert plain.cache_bytes == [(48 + 7) * 2 * KV_HEADS * LAYERS * 2 * HEAD_DIM * 4]
-    workspace = made[-1].layers[0].workspace.buffer.nbytes  # counted too: one layer's float keys and values
+    buffer = made[-1].layers[0].workspace.buffer  # counted too where there is one (no frugalm CPU kernels)
+    workspace = 0 if buffer is None else buffer.nbytes
     assert quant.cache_bytes[0] - workspace < 0.5 * plain.cache_bytes[0]  # 48 of 55 tokens packed (7 in the window)
 
 

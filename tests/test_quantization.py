@@ -26,6 +26,7 @@ from conftest import (
 from frugalm.errors import TechniqueError
 from frugalm.recipe import parse_recipe
 from frugalm.registry import get_technique
+from frugalm.runtime import cpu_kernels
 from frugalm.runtime.modules import inference_settings, is_linear, kernel_summary, weight_out_in
 from frugalm.runtime.quant_linear import (
     Int8Linear,
@@ -50,6 +51,9 @@ from frugalm.techniques.quant_rtn import stored_bytes
 
 ARCHS = sorted(TINY_CONFIGS)
 QUANT = ["rtn_quant", "gptq_quant", "awq_quant"]
+
+INT8_DECODE = "frugalm-int8-rows" if cpu_kernels.available() else "int8pack"
+"""The kernel w8a16 layers decode on: frugalm's where it builds (here), ATen's otherwise."""
 
 
 def correlated_inputs(n=1024, width=128, seed=0, outliers=()):
@@ -119,7 +123,7 @@ def test_w8a16_is_weight_only_and_never_runs_on_fbgemm(tiny_llama, technique):
     change = run(technique, model, bits=8)  # activations: none is the default
     assert change["format"] == "w8a16"
     assert inference_settings(model)["linear_formats"] == {"w8a16": change["layers"]}
-    to_fast_kernels_(model)  # weight-only: ATen's int8pack kernel (bfloat16 activations) where it applies, never fbgemm
+    to_fast_kernels_(model)  # weight-only: the int8 decode kernel (bfloat16 activations) where it applies, never fbgemm
     assert {getattr(m, "format", None) for m in model.modules() if getattr(m, "bits", None)} == {"w8a16"}
     assert "fbgemm" not in kernel_summary(model)
 
@@ -182,7 +186,7 @@ def test_load_model_runs_each_format_on_its_own_kernel(tiny_llama, tmp_path):
     )
     assert list(read_metadata(artifacts["w8a8-dynamic"])["inference"]["linear_formats"]) == ["w8a8-dynamic"]
     assert kernel_summary(load_model(artifacts["w8a16"]).model) == {
-        "int8pack-bf16 decode, bf16-dequantize prefill, fused loop in compiled decode": 14,  # small layers
+        f"{INT8_DECODE}-bf16 decode, bf16-dequantize prefill, fused loop in compiled decode": 14,  # small layers
         "dense": 1,
     }  # never fbgemm
     fast = load_model(artifacts["w8a8-dynamic"]).model

@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count
 from transformers import DynamicCache
 
 from frugalm.measure.workloads import Workload
-from frugalm.runtime import decoding, families, prompt_pruning
+from frugalm.runtime import cpu_kernels, decoding, families, prompt_pruning
 
 aten = torch.ops.aten
 
@@ -93,7 +93,10 @@ _EXTRA_FLOP_FORMULAS = {
 
 
 def count_flops(fn: Callable[[], object]) -> int:
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+    formulas = dict(_EXTRA_FLOP_FORMULAS)
+    if cpu_kernels.loaded():  # frugalm's int8 decode kernel: the int8pack matmul's contract, so its count
+        formulas[torch.ops.frugalm.int8_rows] = _int8pack_mm_flops
+    with FlopCounterMode(display=False, custom_mapping=formulas) as counter:
         fn()
     return counter.get_total_flops()
 

@@ -25,7 +25,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from frugalm.errors import TechniqueError
-from frugalm.runtime import compiled
+from frugalm.runtime import compiled, cpu_kernels
 from frugalm.runtime.families import describe, family
 from frugalm.runtime.modules import inference_settings
 from frugalm.runtime.quant_linear import (
@@ -279,6 +279,8 @@ def _packed_step_attention(step: _Step, query: torch.Tensor, mask: torch.Tensor 
     b, hq, _, d = query.shape
     h, s, r = past.codes.shape[2], past.tokens, step.keys.shape[-2]
     rep = hq // h
+    if query.dtype == torch.float32 and query.device.type == "cpu" and cpu_kernels.available():
+        return _codes_step_attention(step, query.view(b, h, rep, d) * scaling, mask).view(b, hq, 1, d).transpose(1, 2)
     buf = layer.workspace.take((2, b, h, s + r, d), query, layer)
     _codes_into(buf[..., :s, :], past.codes, layer.nbits)
     buf[0, ..., s:, :].copy_(step.keys)
@@ -299,6 +301,25 @@ def _packed_step_attention(step: _Step, query: torch.Tensor, mask: torch.Tensor 
     correction = p[..., :s] @ shift[1].transpose(-1, -2)  # (B, H, rep, 1)
     p[..., :s].mul_(scale[1])
     return (p @ buf[1]).sub_(correction).view(b, hq, 1, d).transpose(1, 2)
+
+
+def _codes_step_attention(step: _Step, q: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, H, rep, D): `_packed_step_attention` in one call of frugalm's CPU kernel, which scores and
+    mixes the codes as bytes (cpu_kernels.codes_attention): no workspace, no cast pass, no small
+    ops. Same algebra; q is already scaled, (B, H, rep, D)."""
+    past = step.past
+    if past.factors is not None:  # (2, B, H, S, 2): s and s z, in the model's dtype (float32 here)
+        scale, shift = past.factors[..., 0], past.factors[..., 1]
+    else:  # one group per head vector
+        scale = past.scales[..., 0].float()
+        shift = scale * past.zeros[..., 0]
+    if mask is not None:  # (B, 1 or Hq, 1, S + R) -> additive float (B, 1 or H, 1 or rep, S + R)
+        b, h = q.shape[:2]
+        mask = mask.reshape(b, h if mask.shape[1] > 1 else 1, -1, mask.shape[-1])
+        mask = torch.where(mask, 0.0, float("-inf")) if mask.dtype == torch.bool else mask.float()
+    return torch.ops.frugalm.codes_attention(
+        q, past.codes, scale, shift, step.keys, step.values, mask, step.layer.nbits
+    )
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -22,10 +22,11 @@ dtype and calling a dense matmul: correct everywhere, faster nowhere (`kernel = 
 a w8a8-dynamic QuantLinear quantizes its input first (an emulation of fbgemm: same numerics, no
 speed). `Int8Linear` runs fbgemm's int8 matmul instead (`kernel = "fbgemm"`): a real speed
 kernel on x86 CPUs, used for w8a8-dynamic layers. `PackedWeightLinear` runs the weight-only
-formats on ATen's CPU kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), packed at
-load time from the stored codes so artifacts stay portable. Those kernels are fast only with
-bfloat16 activations, so a fast weight-only layer computes in bfloat16 (16-bit activations, as
-the format's name says) and returns the model's dtype; its quality is measured that way. Inside a
+formats on CPU kernels: int4 on ATen's `_weight_int4pack_mm_for_cpu`, int8 on frugalm's
+`int8_rows` (same contract and rounding as ATen's `_weight_int8pack_mm`, which it falls back to
+where it cannot be built; see cpu_kernels.py for why), packed at load time from the stored codes so
+artifacts stay portable. Those kernels are fast only with bfloat16 activations, so a fast
+weight-only layer computes in bfloat16 (16-bit activations, as the format's name says) and returns the model's dtype; its quality is measured that way. Inside a
 compiled decode graph a small layer (at most `SMALL_LAYER_WEIGHTS` weights) skips the packed
 kernel: its int8-held codes become one fused multiply-and-sum loop in the model's dtype
 (`fused_rows`), where the kernel's call and conversions cost more than its bytes save. A small
@@ -41,6 +42,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from frugalm.runtime import cpu_kernels
 
 ACTIVATIONS = ("none", "dynamic-int8")
 """How a quantized layer treats its input: float (weight-only) or quantized per forward (fbgemm's dynamic int8)."""
@@ -287,10 +290,10 @@ class _WeightOnlyLayer(nn.Module):
 
 
 class PackedWeightLinear(_WeightOnlyLayer):
-    """A w8a16 or w4a16 layer on ATen's packed CPU kernels, computing in bfloat16 (see module doc).
+    """A w8a16 or w4a16 layer on packed CPU kernels, computing in bfloat16 (see module doc).
 
     int8: per-channel symmetric codes (zero point 128) as int8 with one scale per row,
-    `_weight_int8pack_mm`. int4: tinygemm's CPU layout (`_convert_weight_to_int4pack_for_cpu`) with
+    frugalm's `int8_rows` (or ATen's `_weight_int8pack_mm`). int4: tinygemm's CPU layout (`_convert_weight_to_int4pack_for_cpu`) with
     per-group (scale, offset) where w = (q - 8) * scale + offset, offset = (8 - z) * scale (any zero
     point). The kernels take bfloat16 scales, which round the stored float16 ones: part of the
     bfloat16 path whose perplexity the benchmark measures. Prefill rows dequantize per call from
@@ -302,7 +305,10 @@ class PackedWeightLinear(_WeightOnlyLayer):
     def __init__(self, source: QuantLinear):
         super().__init__(source)
         # per phase: decode rows on the packed kernel, prefill rows on bfloat16 weights dequantized per call
-        self.kernel = f"{'int8pack' if source.bits == 8 else 'int4pack'}-bf16 decode, bf16-dequantize prefill"
+        ours = source.bits == 8 and cpu_kernels.available()
+        self.int8_op = torch.ops.frugalm.int8_rows if ours else torch.ops.aten._weight_int8pack_mm
+        decode = "int4pack" if source.bits == 4 else "frugalm-int8-rows" if ours else "int8pack"
+        self.kernel = f"{decode}-bf16 decode, bf16-dequantize prefill"
         self.fused = is_small(source)
         if self.fused:
             self.kernel += ", fused loop in compiled decode"
@@ -333,7 +339,7 @@ class PackedWeightLinear(_WeightOnlyLayer):
         x2 = x.reshape(-1, shape[-1]).bfloat16()
         if x2.shape[0] <= DECODE_ROWS:
             if self.bits == 8:
-                y = torch.ops.aten._weight_int8pack_mm(x2, self.codes, self.kernel_scales)
+                y = self.int8_op(x2, self.codes, self.kernel_scales)
             else:
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.codes, self.kernel_group, self.kernel_scales)
         else:
