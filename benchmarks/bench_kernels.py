@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 layers on ATen's packed CPU kernels: decode and prefill against float32, and their quality.
+"""Weight-only int8 and int4 layers on their packed CPU kernels (int8: frugalm's int8_rows, int4: ATen's): decode and prefill against float32, and their quality.
 
     .venv/bin/python benchmarks/bench_kernels.py [--threads 2] [--budget 20] [--only speed|quality|small]
 

@@ -21,6 +21,7 @@ from frugalm.export import export_compressed_tensors
 from frugalm.measure import compute, moe
 from frugalm.models import load_model, save_variant
 from frugalm.registry import get_technique
+from frugalm.runtime import cpu_kernels
 from frugalm.runtime.experts import BANK_WEIGHTS, QuantExperts, expert_banks
 from frugalm.runtime.modules import kernel_summary
 from frugalm.runtime.quant_linear import quantize_groups
@@ -299,7 +300,8 @@ def test_packed_experts_load_onto_the_cpu_kernels_and_count_alike(bits, moe_mode
     folder = save_variant(model, lm.tokenizer, tmp_path / "v", {})
     fast, slow = load_model(folder).model, load_model(folder, fast_kernels=False).model
     assert all(isinstance(b, FastExperts) for _, b, _ in expert_banks(fast))
-    kernel = f"int{bits}pack-bf16 decode, bf16-dequantize prefill, fused loop in compiled decode"  # small layers
+    decode = "frugalm-int8-rows" if bits == 8 and cpu_kernels.available() else f"int{bits}pack"
+    kernel = f"{decode}-bf16 decode, bf16-dequantize prefill, fused loop in compiled decode"  # small layers
     assert kernel_summary(fast) == {kernel: 8 + 2 * 4 * 2, "dense": 1}  # attention, 2 x 4 experts x 2 weights; head
     assert kernel_summary(slow) == {"dequantize": 8 + 2, "dense": 1}
     a, b = logits(fast), logits(slow)

@@ -49,8 +49,7 @@ ISA_FLAGS = {
 @functools.cache
 def available() -> bool:
     """Build (first call on a machine) and load the kernel; False, with the reason logged, where it cannot be."""
-    # deferred: the extension builder imports setuptools and probes compilers; only decode needs it
-    from torch.utils import cpp_extension
+    from torch.utils import cpp_extension  # deferred: it imports setuptools; only the first build needs it
 
     isa = torch.backends.cpu.get_cpu_capability()
     try:

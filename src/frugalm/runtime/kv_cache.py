@@ -4,7 +4,9 @@ The newest `residual_length` tokens of each layer (and up to 15 more between flu
 full precision; older ones are stored quantized per token in groups of channels. A one-token
 (decode) step attends over the packed codes themselves where the model's attention allows
 (`packed_attention`: one group per head vector, a model on sdpa, which make_cache switches to
-ATTENTION); other steps read the past dequantized, written in place beside the window
+ATTENTION): on a float32 CPU model in one call of frugalm's kernel (cpu_kernels.codes_attention,
+which reads each code once, as a byte), elsewhere with torch ops over the codes cast into a
+shared workspace; other steps read the past dequantized, written in place beside the window
 (`_dequantized_cat`). A variant whose frugalm.json says `"inference": {"kv_cache": ...}` (or
 `{"compiled_decode": ...}`: a static cache) runs with `cache_factory(model)`'s caches, whoever
 measures or serves it.
@@ -365,7 +367,9 @@ def kernel(model: nn.Module, kv: dict) -> str:
     dequantized = "the past dequantized in place beside the full-precision window, then the model's attention"
     if _text_config(model)._attn_implementation != ATTENTION:
         return f"{dequantized}, at every step"
-    return (f"one-token steps: attention over the packed codes (cast once; scales applied to the scores and "
+    how = ("frugalm's CPU kernel, which scores and mixes the codes as bytes" if cpu_kernels.available()
+           else "cast once")  # fmt: skip
+    return (f"one-token steps: attention over the packed codes ({how}; scales applied to the scores and "
             f"probabilities; runtime/kv_cache.packed_attention); longer steps: {dequantized}")  # fmt: skip
 
 
