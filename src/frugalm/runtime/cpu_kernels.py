@@ -21,7 +21,7 @@ one. These read each code once, as a byte.
 
 It is C++ built on first use with torch's extension builder (ninja and the C++ compiler that
 torch.compile's inductor also needs), once per machine and CPU capability, into torch's
-extension folder. Where it cannot be built (no compiler), `available()` is False: w8a16 layers
+extension folder (a build per CPU capability and torch version). Where it cannot be built (no compiler), `available()` is False: w8a16 layers
 keep ATen's kernel and the KV cache its torch-op path; the kernel names in the scorecard say
 which ran.
 """
@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -60,7 +61,8 @@ def available() -> bool:
         pass  # a system ninja may still be on PATH
     try:
         cpp_extension.load(
-            name=f"frugalm_cpu_kernels_{isa.lower()}",
+            # one build per CPU capability and torch version: a build against another torch's ABI must not load
+            name=f"frugalm_cpu_kernels_{isa.lower()}_torch{re.sub(r'[^0-9a-zA-Z]', '_', torch.__version__)}",
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS.get(isa, [])],
             extra_ldflags=["-fopenmp"],
