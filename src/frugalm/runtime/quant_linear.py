@@ -24,12 +24,13 @@ speed). `Int8Linear` runs fbgemm's int8 matmul instead (`kernel = "fbgemm"`): a 
 kernel on x86 CPUs, used for w8a8-dynamic layers. `PackedWeightLinear` runs the weight-only
 formats on CPU kernels: int4 on ATen's `_weight_int4pack_mm_for_cpu`, int8 on frugalm's
 `int8_rows` (same contract and rounding as ATen's `_weight_int8pack_mm`, which it falls back to
-where it cannot be built; see cpu_kernels.py for why), packed at load time from the stored codes so
-artifacts stay portable. Those kernels are fast only with bfloat16 activations, so a fast
-weight-only layer computes in bfloat16 (16-bit activations, as the format's name says) and returns the model's dtype; its quality is measured that way. Inside a
-compiled decode graph a small layer (at most `SMALL_LAYER_WEIGHTS` weights) skips the packed
-kernel: its int8-held codes become one fused multiply-and-sum loop in the model's dtype
-(`fused_rows`), where the kernel's call and conversions cost more than its bytes save. A small
+where it cannot be built; see cpu_kernels.py for why), packed at load time from the stored
+codes so artifacts stay portable. Those kernels are fast only with bfloat16 activations, so a
+fast weight-only layer computes in bfloat16 (16-bit activations, as the format's name says) and
+returns the model's dtype; its quality is measured that way. Inside a compiled decode graph a
+small layer (at most `SMALL_LAYER_WEIGHTS` weights) skips the packed kernel: its int8-held codes
+become one fused multiply-and-sum loop in the model's dtype (`fused_rows`), where the kernel's
+call and conversions cost more than its bytes save. A small
 weight-only layer the packed kernels refuse (say 172 rows) is a `CodesLinear`: int8-held codes,
 dequantized per call, the same fused loop when compiled. `fast_layer` chooses, `to_fast_kernels_`
 swaps them all in.
@@ -292,9 +293,9 @@ class _WeightOnlyLayer(nn.Module):
 class PackedWeightLinear(_WeightOnlyLayer):
     """A w8a16 or w4a16 layer on packed CPU kernels, computing in bfloat16 (see module doc).
 
-    int8: per-channel symmetric codes (zero point 128) as int8 with one scale per row,
-    frugalm's `int8_rows` (or ATen's `_weight_int8pack_mm`). int4: tinygemm's CPU layout (`_convert_weight_to_int4pack_for_cpu`) with
-    per-group (scale, offset) where w = (q - 8) * scale + offset, offset = (8 - z) * scale (any zero
+    int8: per-channel symmetric codes (zero point 128) as int8 with one scale per row, frugalm's
+    `int8_rows` (or ATen's `_weight_int8pack_mm`). int4: tinygemm's CPU layout
+    (`_convert_weight_to_int4pack_for_cpu`) with per-group (scale, offset) where w = (q - 8) * scale + offset, offset = (8 - z) * scale (any zero
     point). The kernels take bfloat16 scales, which round the stored float16 ones: part of the
     bfloat16 path whose perplexity the benchmark measures. Prefill rows dequantize per call from
     int8 codes (minus the zero point), which an int4 layer therefore holds beside tinygemm's layout
