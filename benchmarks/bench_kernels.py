@@ -1,6 +1,6 @@
 """Weight-only int8 and int4 layers on their packed CPU kernels (int8: frugalm's int8_rows, int4: ATen's): decode and prefill against float32, and their quality.
 
-    .venv/bin/python benchmarks/bench_kernels.py [--threads 2] [--budget 20] [--only speed|quality|small]
+    .venv/bin/python benchmarks/bench_kernels.py [--threads 2] [--budget 20] [--only speed|quality|small|int8]
 
 Speed, on the random-weight SmolLM2-135M stand-in (real shapes; bench_foundation.py), each variant
 loaded as it runs (frugalm.load_model: packed at load time from the stored codes) and timed
@@ -19,6 +19,10 @@ a call, which spreads the graph's own call overhead), timed paired and interleav
 loop's speed over the packed kernel's. Then the same layers called eagerly on one row (20 calls
 a sample, paired): CodesLinear dequantizing per call against the packed kernel, which is why
 eager calls keep the kernel.
+
+int8 (`--only int8`): frugalm's int8_rows against ATen's _weight_int8pack_mm on one row of the
+stand-in's int8 layer shapes, the same codes, paired and interleaved; each call cycles through
+copies of the layer (256 MiB of codes) so the weights come from memory, as in a decode step.
 
 Quality, on the real stories260K and the built-in model: perplexity of each variant as it runs
 (bfloat16 activations; the perplexity windows are prefill rows, so bfloat16 dequantized weights),
@@ -135,6 +139,46 @@ def small(args) -> None:
               f"dequantized per call / packed int4 kernel {e.speedup:.3f}x [{e.ci_low:.3f}, {e.ci_high:.3f}]", flush=True)  # fmt: skip
 
 
+INT8_SHAPES = ((576, 576), (1536, 576), (576, 1536), (49152, 576))
+"""(out, in): the 135M stand-in's q/o, gate/up, down and output head."""
+
+
+def int8(args) -> None:
+    import statistics
+
+    import torch
+
+    from frugalm.measure.paired import PairedConfig, time_paired
+    from frugalm.runtime import cpu_kernels
+
+    if not cpu_kernels.available():
+        print("frugalm's CPU kernels could not be built here: nothing to compare")
+        return
+    torch.set_num_threads(args.threads)
+    config = PairedConfig(budget_s=args.budget)
+    gen = torch.Generator().manual_seed(0)
+    print(f"threads {args.threads}; {config}", flush=True)
+    for out_f, in_f in INT8_SHAPES:
+        # copies of the layer cycled through, 256 MiB of codes in all: each call reads its weights from
+        # memory, as a decode step reads each layer once, not from a cache warmed by the call before
+        copies = max(1, (256 << 20) // (out_f * in_f))
+        ws = [torch.randint(-128, 128, (out_f, in_f), generator=gen, dtype=torch.int8) for _ in range(copies)]
+        scale = (torch.rand(out_f, generator=gen) * 0.01).bfloat16()
+        x = torch.randn(1, in_f, generator=gen).bfloat16()
+
+        def calls(op):
+            return lambda: [op(x, w, scale) for w in ws]
+
+        ours, aten = calls(torch.ops.frugalm.int8_rows), calls(torch.ops.aten._weight_int8pack_mm)
+        for fn in (ours, aten, ours, aten):
+            fn()
+        r = time_paired(ours, aten, config)
+        gbs = [out_f * in_f * copies / statistics.median(t) / 1e9 for t in (r.seconds_a, r.seconds_b)]
+        print(f"{out_f}x{in_f}, one row, {copies} copies: int8_rows / ATen int8pack {r.speedup:.3f}x "
+              f"[{r.ci_low:.3f}, {r.ci_high:.3f}] ({r.n_blocks} blocks, {r.stopped_by}); codes read at {gbs[0]:.1f} "
+              f"against {gbs[1]:.1f} GB/s (from the medians)", flush=True)  # fmt: skip
+
+
 def quality(args) -> None:
     import tempfile
 
@@ -187,7 +231,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--budget", type=float, default=20.0, help="seconds of paired timing per figure at most")
-    parser.add_argument("--only", choices=("speed", "quality", "small"), default=None)
+    parser.add_argument("--only", choices=("speed", "quality", "small", "int8"), default=None)
     parser.add_argument("--variants", nargs="*", default=list(SPEED), choices=SPEED, help="variants to time")
     args = parser.parse_args()
     if args.only in (None, "speed"):
@@ -196,6 +240,8 @@ def main() -> None:
         quality(args)
     if args.only in (None, "small"):
         small(args)
+    if args.only in (None, "int8"):
+        int8(args)
 
 
 if __name__ == "__main__":

@@ -182,7 +182,8 @@ def test_apply_save_load_round_trips_the_setting(tiny_llama, tmp_path, text_file
 
 
 @pytest.mark.parametrize(
-    "bits, factors, kernels", [(8, False, True), (8, False, False), (4, False, True), (8, True, True)]
+    "bits, factors, kernels",
+    [(8, False, True), (8, False, False), (4, False, True), (4, False, False), (8, True, True)],
 )
 def test_one_token_steps_attend_over_the_packed_codes(tiny_llama, bits, factors, kernels, monkeypatch):
     # the packed-codes attention equals attention over the dequantized past, padding masks included;

@@ -2,27 +2,29 @@
 
 `int8_rows`: a few rows (decode) of a w8a16 layer. ATen's `_weight_int8pack_mm` is the only int8
 weight-only CPU kernel torch ships, and at one row it is compute-bound well below memory
-bandwidth (measured here: ~9-10 GB/s of int8 codes streamed from memory, where float32 `F.linear`
-reads 16-20 GB/s), so int8 decode gained 1.3-1.5x over float32 where its bytes promise 4x.
-Inductor's C++ GEMM template does better but only on weights frozen into the graph as constants
-(a second copy of every weight); torchao's int8 weight-only CPU path is that same inductor
+bandwidth (benchmarks/bench_kernels.py --only int8: 9.6-12.9 GB/s of int8 codes read from
+memory at the stand-in's layer shapes, where bench_decode.py's paired bandwidth limit reads
+15-17 GB/s), so int8 decode gained 1.3-1.5x over float32 where its bytes promise 4x. Inductor's
+C++ GEMM template does better but only on weights frozen into the graph as constants (a second
+copy of every weight); torchao's int8 weight-only CPU path is that same inductor
 lowering. This kernel keeps ATen's contract (bfloat16 activations in and out, int8 codes [N, K],
 one bfloat16 scale per row, float32 accumulation, the same rounding: equal outputs, tested) on
 the same stored codes, and differs in three ways that make it faster at one row: four weight
 rows share each load of the activations, the activations are widened to float32 once per call
-rather than per row, and it prefetches the weight stream 4 KiB ahead (measured 1.2-1.6x ATen's
-kernel on the stand-in's layer shapes, cold or hot).
+rather than per row, and it prefetches the weight stream 4 KiB ahead (the same bench, paired and
+interleaved on the same codes: 1.37-1.60x ATen's kernel, 13.2-20.8 GB/s of codes).
 
-`u8_scores`, `u8_mix`: one query token's attention over an int8 KV cache's codes (q . c and
-sum_t p_t c_t, scales applied by the caller; runtime/kv_cache). Written with torch ops, the codes
-must first be cast to a float workspace (a write and a read of four bytes per value) before two
-matmuls read them again: at long contexts that made the int8 cache barely faster than the float
-one. These read each code once, as a byte.
+`codes_attention`: one query token's attention over a packed KV cache's codes (int8, or int4 two
+per byte; runtime/kv_cache). Written with torch ops, the codes must first be cast to a float
+workspace (a write and a read of four bytes per value) before two matmuls read them again, in
+~17 small ops per layer: at long contexts that made the int8 cache slower than the float one.
+This is one call per layer that reads each code once, as a byte (see the .cpp for the split
+softmax it uses).
 
-It is C++ built on first use with torch's extension builder (ninja and the C++ compiler that
-torch.compile's inductor also needs), once per machine and CPU capability, into torch's
-extension folder (a build per CPU capability and torch version). Where it cannot be built (no compiler), `available()` is False: w8a16 layers
-keep ATen's kernel and the KV cache its torch-op path; the kernel names in the scorecard say
+They are C++ built on first use with torch's extension builder (ninja and the C++ compiler that
+torch.compile's inductor also needs), once per machine, CPU capability and torch version, into
+torch's extension folder. Where they cannot be built (no compiler), `available()` is False:
+w8a16 layers keep ATen's kernel and the KV cache its torch-op path; the kernel names in the scorecard say
 which ran.
 """
 
@@ -71,7 +73,7 @@ def available() -> bool:
         )
     except Exception as e:  # noqa: BLE001 - any build failure (no compiler, no ninja, ...) means ATen's kernel
         log.warning(
-            "frugalm's CPU kernels could not be built (%s); w8a16 layers use ATen's kernel, int8 KV caches torch ops",
+            "frugalm's CPU kernels could not be built (%s); w8a16 layers use ATen's kernel, packed KV caches torch ops",
             str(e).splitlines()[0] if str(e) else type(e).__name__,
         )
         return False
